@@ -1,0 +1,75 @@
+"""Pipeline parameters: the knobs an execution can be started with.
+
+The same list becomes SageMaker `ParameterString/Integer/Float` objects and the local runner's
+`--param Name=Value` settings. Defaults come from a profile (pipeline/profiles.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: type  # str, int or float
+    default: object
+    help: str
+
+    def parse(self, text: str) -> object:
+        """Turn a `Name=Value` string from the command line into this parameter's type."""
+        try:
+            return self.type(text)
+        except ValueError:
+            raise ValueError(
+                f"parameter {self.name} expects {self.type.__name__}, got {text!r}"
+            ) from None
+
+
+APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("InputDataUrl", str, "s3://aft-vbi-pds/",
+              "ABID data: S3 prefix or local folder (ABID bucket layout or one folder per count)"),
+    Parameter("ManifestUrl", str, "",
+              "file_list.json-style manifest selecting images; empty = every labelled image"),
+    Parameter("ProcessingInstanceType", str, "ml.m5.xlarge", "instance type of processing jobs"),
+    Parameter("ProcessingInstanceCount", int, 1, "instances per processing job"),
+    Parameter("TrainingInstanceType", str, "ml.g4dn.xlarge", "instance type of training and trials"),
+    Parameter("TrainingInstanceCount", int, 1, "instances per training job (DDP when > 1)"),
+    Parameter("InferenceInstanceType", str, "ml.m5.large", "instance type of the staging endpoint"),
+    Parameter("TuningMaxJobs", int, 20, "tuning trials in all"),
+    Parameter("TuningMaxParallelJobs", int, 2, "tuning trials at once"),
+    Parameter("Arch", str, "resnet50", "torchvision ResNet architecture"),
+    Parameter("ImageSize", int, 224, "square crop the network sees, in pixels"),
+    Parameter("ResizeShortSide", int, 256, "Preprocess resizes each photo's short side to this"),
+    Parameter("TrialDataFraction", float, 0.1, "fraction of the training split each trial uses"),
+    Parameter("TrialEpochs", int, 1, "epochs per tuning trial"),
+    Parameter("Epochs", int, 10, "epochs of the final training job"),
+    Parameter("Seed", int, 42, "seed for the split and the training runs"),
+    Parameter("AccuracyThreshold", float, 0.3, "test accuracy a model needs to be registered"),
+    Parameter("ModelApprovalStatus", str, "PendingManualApproval",
+              "status of the new model version: " + " | ".join(APPROVAL_STATUSES)),
+    Parameter("ModelPackageGroupName", str, "bin-count", "model registry group"),
+    Parameter("StagingEndpointName", str, "bin-count-staging", "endpoint the new model is deployed to"),
+    Parameter("KmsKeyId", str, "", "KMS key for job volumes and outputs; empty = none"),
+    Parameter("SubnetIds", str, "", "comma-separated VPC subnets for jobs; empty = no VPC"),
+    Parameter("SecurityGroupIds", str, "", "comma-separated security groups, with SubnetIds"),
+)
+
+BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def parse_assignments(items: list[str]) -> dict[str, object]:
+    """`["Epochs=3", "Arch=resnet18"]` -> typed dict, with errors that name the problem."""
+    values: dict[str, object] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param expects Name=Value, got {item!r}")
+        if name not in BY_NAME:
+            raise ValueError(f"unknown parameter {name!r}; known: {', '.join(BY_NAME)}")
+        values[name] = BY_NAME[name].parse(text)
+    status = values.get("ModelApprovalStatus")
+    if status is not None and status not in APPROVAL_STATUSES:
+        raise ValueError(f"ModelApprovalStatus must be one of {APPROVAL_STATUSES}, got {status!r}")
+    return values

@@ -1,0 +1,14 @@
+"""Register: a new model version with evaluation.json attached as its model metrics."""
+from steps.base import Code, Param, RegisterStep, StepOutput
+from steps.evaluate import EVALUATION
+
+STEP = RegisterStep(
+    name="Register",
+    description="New version in the model package group; status from ModelApprovalStatus.",
+    model=StepOutput("Train", "model"),
+    metrics=StepOutput("Evaluate", EVALUATION.output),
+    metrics_file=EVALUATION.path,
+    model_package_group=Param("ModelPackageGroupName"),
+    approval_status=Param("ModelApprovalStatus"),
+    code=Code("inference", "inference.py"),
+)

@@ -1,0 +1,39 @@
+"""Train: the training script with the best trial's hyperparameters; checkpoints each epoch."""
+from steps.base import Code, MetricDefinition, Param, StepOutput, TrainingStep, TunedValue
+
+CODE = Code("train", "train.py", extra_files=("inference/inference.py",))
+
+# The lines train.py prints every epoch, read by SageMaker and the local tuner alike.
+METRICS = (
+    MetricDefinition("train:loss", r"train:loss=([0-9.]+)"),
+    MetricDefinition("validation:loss", r"validation:loss=([0-9.]+)"),
+    MetricDefinition("validation:accuracy", r"validation:accuracy=([0-9.]+)"),
+    MetricDefinition("validation:rmse", r"validation:rmse=([0-9.]+)"),
+)
+
+CHANNELS = (
+    ("train", StepOutput("Preprocess", "train")),
+    ("validation", StepOutput("Preprocess", "validation")),
+)
+
+COMMON_HYPERPARAMETERS = (
+    ("arch", Param("Arch")),
+    ("image_size", Param("ImageSize")),
+    ("seed", Param("Seed")),
+    ("pretrained", "auto"),
+)
+
+STEP = TrainingStep(
+    name="Train",
+    description="Train on the whole training split with the best trial's hyperparameters.",
+    code=CODE,
+    channels=CHANNELS,
+    hyperparameters=(
+        *COMMON_HYPERPARAMETERS,
+        ("epochs", Param("Epochs")),
+        ("lr", TunedValue("Tune", "lr")),
+        ("batch_size", TunedValue("Tune", "batch_size")),
+    ),
+    metric_definitions=METRICS,
+    checkpoints=True,
+)
