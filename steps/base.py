@@ -71,13 +71,14 @@ class Code:
     see `stage_source`).
     """
 
-    source_dir: str  # relative to scripts/
+    source_dir: str  # relative to root
     entry_point: str
-    extra_files: tuple[str, ...] = ()  # relative to scripts/
+    extra_files: tuple[str, ...] = ()  # relative to root
+    root: Path = SCRIPTS
 
     @property
     def path(self) -> Path:
-        return SCRIPTS / self.source_dir
+        return self.root / self.source_dir
 
     @property
     def requirements(self) -> Path:
@@ -90,7 +91,7 @@ class Code:
             for p in sorted(self.path.rglob("*"))
             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
         ]
-        found += [(SCRIPTS / extra, Path(extra).name) for extra in self.extra_files]
+        found += [(self.root / extra, Path(extra).name) for extra in self.extra_files]
         return found
 
 

@@ -1,0 +1,67 @@
+"""Step environments: one virtual environment per requirements.txt, on top of the project's.
+
+A step container installs its requirements.txt on top of the framework image. Locally the
+"image" is the project's own environment: each step environment is a venv whose site-packages
+also see the project's (a .pth file), so pip installs only what the step adds. Environments are
+built once and cached by the hash of the requirements file and the interpreter.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+
+class StepEnvironmentError(RuntimeError):
+    """A step's requirements could not be installed."""
+
+
+def env_key(requirements: Path | None) -> str:
+    digest = hashlib.sha256(sys.executable.encode())
+    if requirements is not None and requirements.is_file():
+        digest.update(requirements.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def python_for(requirements: Path | None, envs_dir: Path, log=print) -> Path:
+    """The interpreter of the environment for `requirements`, building it on first use."""
+    env_dir = envs_dir / env_key(requirements)
+    python = env_dir / "bin" / "python"
+    ready = env_dir / ".ready"
+    if ready.exists():
+        return python
+
+    log(f"building step environment {env_dir.name} from {requirements or 'no requirements'}")
+    # Build beside the final place and rename, so two runs building at once never share a half-made env.
+    building = env_dir.with_name(f"{env_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    venv.EnvBuilder(clear=True, with_pip=False, symlinks=True).create(building)
+    python = building / "bin" / "python"
+    site = Path(subprocess.check_output(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip())
+    # Layer the project's environment under the step's own packages (.pth entries come after it).
+    parent_sites = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (site / "_invmon_base.pth").write_text("\n".join(sorted(parent_sites)) + "\n")
+    if requirements is not None and requirements.is_file():
+        # The project's pip installs into the step env; satisfied requirements cost no download.
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+             "--disable-pip-version-check", "-r", str(requirements)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise StepEnvironmentError(
+                f"installing {requirements} failed:\n{result.stderr.strip()[-2000:]}"
+            )
+    (building / ".ready").write_text(str(requirements or ""))
+    try:
+        building.rename(env_dir)
+    except OSError:  # another run finished the same environment first
+        shutil.rmtree(building, ignore_errors=True)
+    return env_dir / "bin" / "python"

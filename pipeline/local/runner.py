@@ -1,0 +1,358 @@
+"""The local runner: executes the DAG in steps/ on this machine.
+
+Every run has a folder, $INVMON_HOME/runs/<run id>/, with run.json (parameters, each step's
+status, outputs, properties and errors) and one folder per step (its staged code, log and
+outputs). A failed run keeps everything its finished steps produced and can be resumed from the
+failed step; steps declared `cache=True` reuse an earlier identical result.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from pipeline.local import envs, jobs
+from pipeline.local.cache import StepCache, cache_key, fingerprint, link_tree
+from pipeline.local.plan import execution_plan, gated_steps
+from pipeline.local.tuner import Tuner
+from steps.base import (ConditionStep, Dag, DeployStep, FailStep, JsonGet, Param, ProcessingStep,
+                        RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
+
+SYNTHETIC_PER_CLASS = 300
+
+
+class RunFailed(RuntimeError):
+    """The run stopped at a failed step (the step's error is the message)."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def json_path(document: dict, path: str):
+    """`a.b.c` lookup, as SageMaker's JsonGet reads a PropertyFile."""
+    value = document
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(f"{path!r} not found (missing {key!r})")
+        value = value[key]
+    return value
+
+
+class LocalRun:
+    def __init__(self, home: Path, dag: Dag, state: dict, echo: Callable[[str], None] = print):
+        self.home = home
+        self.dag = dag
+        self.state = state
+        self.dir = home / "runs" / state["id"]
+        self.params = state["parameters"]
+        self.plan = {s["name"]: s for s in execution_plan(dag)["steps"]}
+        self.gates = gated_steps(dag)
+        self.cache = StepCache(home / "cache")
+        self._echo = echo
+
+    # -- creation and persistence ----------------------------------------------------------------
+    @classmethod
+    def create(cls, home: Path, dag: Dag, parameters: dict, profile: str, echo=print) -> "LocalRun":
+        run_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        state = {
+            "id": run_id, "created_at": now(), "profile": profile, "parameters": dict(parameters),
+            "status": "Executing", "failure": "",
+            "steps": {name: {"status": "Pending"} for name in dag.names},
+        }
+        run = cls(home, dag, state, echo)
+        run.dir.mkdir(parents=True)
+        run.save()
+        return run
+
+    @classmethod
+    def load(cls, home: Path, dag: Dag, run_id: str, echo=print) -> "LocalRun":
+        path = home / "runs" / run_id / "run.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no run {run_id!r} under {home / 'runs'}")
+        return cls(home, dag, json.loads(path.read_text()), echo)
+
+    def save(self) -> None:
+        tmp = self.dir / "run.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        tmp.replace(self.dir / "run.json")
+
+    def echo(self, step: str, message: str) -> None:
+        line = f"{datetime.now():%H:%M:%S} {step:<14}| {message}"
+        self._echo(line)
+        with open(self.dir / "run.log", "a") as log:
+            log.write(line + "\n")
+
+    # -- the loop --------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        """Run every step not yet succeeded, in order. Returns the final state."""
+        self.state["status"], self.state["failure"] = "Executing", ""
+        self.save()
+        for step in self.dag.steps:
+            record = self.state["steps"][step.name]
+            if record["status"] == "Succeeded":
+                continue
+            if not self._on_taken_branch(step.name):
+                record.update(status="Skipped", reason="not on the condition's taken branch")
+                self.save()
+                continue
+            record.clear()
+            record.update(status="Executing", started_at=now())
+            self.save()
+            started = time.monotonic()
+            try:
+                self._run_step(step, record)
+            except Exception as exc:  # noqa: BLE001 - any step error ends the run, recorded
+                record.update(status="Failed", error=str(exc), seconds=round(time.monotonic() - started, 1),
+                              ended_at=now())
+                self.state.update(status="Failed", failure=f"{step.name}: {exc}")
+                self.echo(step.name, f"FAILED: {exc}")
+                self.save()
+                return self.state
+            record.update(status="Succeeded", seconds=round(time.monotonic() - started, 1), ended_at=now())
+            self.echo(step.name, f"{record['status'].lower()} in {record['seconds']:.0f}s"
+                      + (f" (cached from run {record['reused_from']})" if record.get("reused_from") else ""))
+            self.save()
+        self.state["status"] = "Succeeded"
+        self.save()
+        return self.state
+
+    def _on_taken_branch(self, name: str) -> bool:
+        if name not in self.gates:
+            return True
+        condition, branch = self.gates[name]
+        outcome = self.state["steps"][condition].get("properties", {}).get("outcome")
+        return outcome is branch
+
+    def _run_step(self, step, record: dict) -> None:
+        handlers = {
+            ProcessingStep: self._processing, TuningStep: self._tuning, TrainingStep: self._training,
+            ConditionStep: self._condition, RegisterStep: self._register, DeployStep: self._deploy,
+            FailStep: self._fail,
+        }
+        self.echo(step.name, "started")
+        handlers[type(step)](step, record)
+
+    # -- value resolution ------------------------------------------------------------------------
+    def value(self, v) -> object:
+        if isinstance(v, Param):
+            return self.params[v.name]
+        if isinstance(v, TunedValue):
+            tuned = self.state["steps"][v.tuning_step]["properties"]["TunedHyperParameters"]
+            return tuned[v.name]
+        if isinstance(v, JsonGet):
+            report = self.state["steps"][v.step]["properties"][v.property_file]
+            return json_path(report, v.json_path)
+        return v
+
+    def output_path(self, ref: StepOutput) -> Path:
+        record = self.state["steps"][ref.step]
+        if ref.output not in record.get("outputs", {}):
+            raise RuntimeError(f"{ref} is not available: step {ref.step} has not produced it")
+        return self.dir / ref.step / record["outputs"][ref.output]
+
+    def source_path(self, source, optional: bool) -> Path | None:
+        if isinstance(source, StepOutput):
+            return self.output_path(source)
+        text = str(self.value(source)).strip()
+        if not text:
+            if optional:
+                return None
+            raise ValueError(f"parameter {source.name} is empty")
+        if text.startswith("s3://"):
+            raise ValueError(f"parameter {source.name}={text}: the local runner reads local folders; "
+                             "run S3 data on SageMaker (invmon upsert/start) or download it first")
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"parameter {source.name}: {path} does not exist")
+        return path.resolve()
+
+    def python(self, code) -> Path:
+        return envs.python_for(code.requirements, self.home / "envs",
+                               log=lambda m: self.echo("env", m))
+
+    # -- caching ---------------------------------------------------------------------------------
+    def _cached(self, step, record: dict, settings: dict, inputs: dict[str, Path | None]) -> bool:
+        """Reuse an identical earlier result when the step is cacheable. Sets record["cache_key"]."""
+        if not getattr(step, "cache", False):
+            return False
+        prints = {name: (fingerprint(p) if p is not None else None) for name, p in inputs.items()}
+        key = cache_key(step.name, step.code if hasattr(step, "code") else step.training.code,
+                        settings, prints)
+        record["cache_key"] = key
+        hit = self.cache.lookup(step.name, key)
+        if hit is None:
+            return False
+        step_dir = self.dir / step.name
+        shutil.rmtree(step_dir, ignore_errors=True)
+        link_tree(Path(hit["step_dir"]), step_dir)
+        record.update(outputs=hit["outputs"], properties=hit["properties"], reused_from=hit["run"])
+        return True
+
+    def _remember(self, step, record: dict) -> None:
+        if record.get("cache_key"):
+            self.cache.store(step.name, record["cache_key"], {
+                "run": self.state["id"], "step_dir": str(self.dir / step.name),
+                "outputs": record.get("outputs", {}), "properties": record.get("properties", {}),
+            })
+
+    # -- step kinds ------------------------------------------------------------------------------
+    def _processing(self, step: ProcessingStep, record: dict) -> None:
+        step_dir = self.dir / step.name
+        local = jobs.processing_paths(step_dir)
+        sources = {i.name: self.source_path(i.source, i.optional) for i in step.inputs}
+        arguments = [str(self.value(a)) for a in step.arguments]
+        if self._cached(step, record, {"arguments": arguments}, sources):
+            return
+        shutil.rmtree(step_dir, ignore_errors=True)
+        for i in step.inputs:
+            jobs.link_input(sources[i.name], Path(local(i.destination)))
+        for o in step.outputs:
+            Path(local(o.source)).mkdir(parents=True, exist_ok=True)
+        jobs.run_script(
+            self.python(step.code), step.code, step_dir, [local(a) for a in arguments], {},
+            step_dir / "log.txt", echo=lambda line: self.echo(step.name, line),
+        )
+        record["outputs"] = {o.name: str(Path(local(o.source)).relative_to(step_dir)) for o in step.outputs}
+        properties = {}
+        for pf in step.property_files:
+            path = step_dir / record["outputs"][pf.output] / pf.path
+            if not path.exists():
+                raise FileNotFoundError(f"{step.name} did not write its property file {pf.path}")
+            properties[pf.name] = json.loads(path.read_text())
+        record["properties"] = properties
+        self._remember(step, record)
+
+    def _training_job(self, step: TrainingStep, job_dir: Path, hyperparameters: dict[str, str],
+                      echo, should_stop=None) -> jobs.JobResult:
+        """One training job (the Train step or a tuning trial) in `job_dir`."""
+        channels = {name: self.output_path(src) for name, src in step.channels}
+        model_dir, output_dir = job_dir / "model_dir", job_dir / "output" / "data"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        model_dir.mkdir(parents=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        job_name = f"{self.state['id']}-{job_dir.relative_to(self.dir).as_posix().replace('/', '-')}"
+        env = jobs.training_env(channels, model_dir, output_dir, job_name, hyperparameters)
+        # Checkpoints survive a failed attempt, so a retried job resumes (SageMaker syncs them to S3).
+        args = jobs.hyperparameter_args(hyperparameters) + ["--checkpoint_dir", str(job_dir / "checkpoints")]
+        result = jobs.run_script(self.python(step.code), step.code, job_dir, args, env,
+                                 job_dir / "log.txt", metrics=step.metric_definitions, echo=echo,
+                                 should_stop=should_stop)
+        if not result.stopped_early:
+            jobs.tar_model(model_dir, job_dir / "model" / "model.tar.gz")
+        return result
+
+    def _hyperparameters(self, step: TrainingStep) -> dict[str, str]:
+        return {name: str(self.value(v)) for name, v in step.hyperparameters}
+
+    def _training(self, step: TrainingStep, record: dict) -> None:
+        step_dir = self.dir / step.name
+        hyperparameters = self._hyperparameters(step)
+        self.echo(step.name, f"hyperparameters {hyperparameters}")
+        result = self._training_job(step, step_dir, hyperparameters,
+                                    echo=lambda line: self.echo(step.name, line))
+        record["outputs"] = {"model": "model"}
+        record["properties"] = {
+            "HyperParameters": hyperparameters,
+            "FinalMetricDataList": {name: values[-1] for name, values in result.metrics.items()},
+        }
+
+    def _tuning(self, step: TuningStep, record: dict) -> None:
+        step_dir = self.dir / step.name
+        static = self._hyperparameters(step.training)
+        max_jobs, max_parallel = int(self.value(step.max_jobs)), int(self.value(step.max_parallel_jobs))
+        settings = {"static": static, "max_jobs": max_jobs, "max_parallel": max_parallel,
+                    "plan": self.plan[step.name]}
+        inputs = {name: self.output_path(src) for name, src in step.training.channels}
+        if self._cached(step, record, settings, inputs):
+            return
+        shutil.rmtree(step_dir, ignore_errors=True)
+        tuner = Tuner(step, max_jobs, max_parallel, seed=int(self.params.get("Seed", 0)),
+                      log=lambda m: self.echo(step.name, m))
+
+        def run_trial(trial, should_stop):
+            hyperparameters = {**static, **trial.hyperparameters}
+            return self._training_job(
+                step.training, step_dir / "trials" / f"{trial.index:03d}", hyperparameters,
+                echo=lambda line: self.echo(f"{step.name}#{trial.index}", line), should_stop=should_stop,
+            )
+
+        best = tuner.run(run_trial)
+        summary = tuner.summary()
+        (step_dir / "tuning.json").write_text(json.dumps(summary, indent=2))
+        record["outputs"] = {}
+        record["properties"] = {"TunedHyperParameters": best.hyperparameters,
+                                "BestObjective": best.objective, "BestTrial": best.index,
+                                "Trials": len(tuner.trials)}
+        self._remember(step, record)
+
+    def _condition(self, step: ConditionStep, record: dict) -> None:
+        left, right = float(self.value(step.left)), float(self.value(step.right))
+        outcome = left >= right
+        record["properties"] = {"outcome": outcome, "left": left, "right": right}
+        self.echo(step.name, f"{step.left.json_path} = {left:.4f} >= {step.right.name} = {right} -> {outcome}")
+
+    def _register(self, step: RegisterStep, record: dict) -> None:
+        from pipeline.registry import open_registry
+
+        artifact = self.output_path(step.model) / "model.tar.gz"
+        metrics = json.loads((self.output_path(step.metrics) / step.metrics_file).read_text())
+        # The registry keeps its own copy: a run folder may be deleted, a model version may not.
+        store = self.home / "artifacts" / fingerprint(artifact)[:16]
+        store.mkdir(parents=True, exist_ok=True)
+        if not (store / "model.tar.gz").exists():
+            shutil.copy2(artifact, store / "model.tar.gz")
+        version = open_registry(self.home).register(
+            str(self.value(step.model_package_group)), str(store / "model.tar.gz"), metrics,
+            status=str(self.value(step.approval_status)), run_id=self.state["id"],
+            description=f"run {self.state['id']} ({self.state['profile']} profile)",
+        )
+        record["properties"] = {"group": version.group, "version": version.version,
+                                "status": version.status, "artifact": version.artifact_uri}
+        self.echo(step.name, f"registered {version.group} version {version.version} ({version.status})")
+
+    def _deploy(self, step: DeployStep, record: dict) -> None:
+        from pipeline.registry import open_registry
+
+        registered = self.state["steps"][step.register_step]["properties"]
+        name = str(self.value(step.endpoint_name))
+        endpoint = open_registry(self.home).deploy(name, registered["group"], registered["version"],
+                                                   require_approved=False)
+        record["properties"] = {"endpoint": endpoint.name, "group": endpoint.group,
+                                "version": endpoint.version}
+        self.echo(step.name, f"endpoint {name} now serves {endpoint.group} version {endpoint.version}; "
+                  f"start it with: invmon serve --endpoint {name}")
+
+    def _fail(self, step: FailStep, record: dict) -> None:
+        parts = []
+        for part in step.message:
+            value = self.value(part)
+            parts.append(f"{float(value):.4f}" if isinstance(part, JsonGet) else str(value))
+        raise RunFailed("".join(parts))
+
+
+def synthetic_data(home: Path, seed: int, echo=print) -> Path:
+    """The embedded default data, generated once per seed under $INVMON_HOME/data."""
+    from pipeline import synth
+
+    out = home / "data" / f"synthetic-seed{seed}-{SYNTHETIC_PER_CLASS}"
+    if not (out / ".complete").exists():
+        echo(f"generating the embedded synthetic dataset ({5 * SYNTHETIC_PER_CLASS} photos) in {out}")
+        shutil.rmtree(out, ignore_errors=True)
+        synth.write_dataset(out, per_class=SYNTHETIC_PER_CLASS, seed=seed)
+        (out / ".complete").write_text(now())
+    return out
+
+
+def list_runs(home: Path) -> list[dict]:
+    runs = []
+    for path in sorted((home / "runs").glob("*/run.json")):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            continue  # a run folder being written right now
+    return runs

@@ -1,0 +1,70 @@
+"""The end-of-run summary: what a user wants to know once `invmon run` stops."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def summarize(state: dict, run_dir: Path) -> str:
+    steps = state["steps"]
+    lines = [f"Run {state['id']}: {state['status']} (profile {state['profile']})"]
+    if state.get("failure"):
+        lines.append(f"  failure: {state['failure']}")
+
+    report = None
+    outputs = steps.get("Preprocess", {}).get("outputs", {})
+    if "report" in outputs:
+        report = _read_json(run_dir / "Preprocess" / outputs["report"] / "data_report.json")
+    if report:
+        splits = report.get("splits") or report.get("counts_per_split") or {}
+        for split, counts in splits.items():
+            if isinstance(counts, dict):
+                per_class = counts.get("per_class", counts)
+                total = counts.get("total", sum(v for v in per_class.values() if isinstance(v, int)))
+                shown = " ".join(f"{k}:{v}" for k, v in sorted(per_class.items()) if k != "total")
+                lines.append(f"  data {split:<10} {total:>6} photos  ({shown})")
+        rejected = report.get("rejected") or report.get("rejections") or []
+        if rejected:
+            lines.append(f"  data rejected   {len(rejected):>6} photos (reasons in the data report)")
+
+    tune = steps.get("Tune", {}).get("properties", {})
+    if tune.get("TunedHyperParameters"):
+        lines.append(f"  best hyperparameters {tune['TunedHyperParameters']} "
+                     f"(validation accuracy {tune['BestObjective']:.4f}, {tune['Trials']} trials)")
+
+    evaluation = steps.get("Evaluate", {}).get("properties", {}).get("EvaluationReport")
+    if evaluation:
+        accuracy = evaluation["multiclass_classification_metrics"]["accuracy"]["value"]
+        rmse = evaluation["regression_metrics"]["rmse"]["value"]
+        lines.append(f"  test accuracy {accuracy:.4f}   test RMSE {rmse:.4f}")
+        robustness = evaluation.get("robustness") or {}
+        if robustness:
+            shown = "  ".join(f"{name} {m['accuracy']:.3f}" for name, m in robustness.items())
+            lines.append(f"  accuracy under corruptions: {shown}")
+
+    condition = steps.get("CheckAccuracy", {}).get("properties")
+    if condition:
+        verdict = "passed" if condition["outcome"] else "FAILED"
+        lines.append(f"  accuracy gate {verdict}: {condition['left']:.4f} >= {condition['right']}")
+
+    registered = steps.get("Register", {}).get("properties")
+    if registered:
+        lines.append(f"  registered model {registered['group']} version {registered['version']} "
+                     f"({registered['status']})")
+    deployed = steps.get("Deploy", {}).get("properties")
+    if deployed:
+        lines.append(f"  staging endpoint {deployed['endpoint']} -> version {deployed['version']} "
+                     f"(serve it: invmon serve --endpoint {deployed['endpoint']})")
+
+    took = sum(s.get("seconds", 0) for s in steps.values())
+    lines.append(f"  step time {took:.0f}s; artifacts and logs in {run_dir}")
+    if state["status"] == "Failed":
+        lines.append(f"  resume from the failed step: invmon run --resume {state['id']}")
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""The local runner on a small DAG of tiny real scripts: contract, failure, resume, caching.
+
+The scripts are real programs run as subprocesses in step environments, exactly as the
+pipeline's own steps are; they are small so that the runner's behaviour is what is tested.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.local.runner import LocalRun
+from steps.base import (PROCESSING_BASE, Code, ConditionStep, Dag, DeployStep, FailStep, JsonGet,
+                        MetricDefinition, Param, ProcessingInput, ProcessingOutput, ProcessingStep,
+                        PropertyFile, RegisterStep, StepOutput, TrainingStep)
+
+COUNT_SCRIPT = """
+import argparse, json, pathlib, os
+p = argparse.ArgumentParser()
+p.add_argument("--input"); p.add_argument("--manifest"); p.add_argument("--output"); p.add_argument("--tag")
+a = p.parse_args()
+files = sorted(x.name for x in pathlib.Path(a.input).iterdir())
+manifest = sorted(x.name for x in pathlib.Path(a.manifest).iterdir())
+out = pathlib.Path(a.output) / "result"
+(out / "files.json").write_text(json.dumps({"files": files, "manifest": manifest, "tag": a.tag}))
+# Count executions in a file outside the run, so tests can see whether the step really ran.
+counter = pathlib.Path(os.environ["RUN_COUNTER"])
+counter.write_text(str(int(counter.read_text() or 0) + 1) if counter.exists() else "1")
+print(f"counted {len(files)} files")
+"""
+
+TRAIN_SCRIPT = """
+import argparse, json, os, pathlib, sys
+p = argparse.ArgumentParser()
+p.add_argument("--lr", type=float); p.add_argument("--checkpoint_dir")
+a = p.parse_args()
+if pathlib.Path(os.environ["FAIL_FLAG"]).exists():
+    sys.exit("training failed on purpose")
+seen = json.loads((pathlib.Path(os.environ["SM_CHANNEL_TRAIN"]) / "files.json").read_text())
+model = pathlib.Path(os.environ["SM_MODEL_DIR"])
+(model / "weights.json").write_text(json.dumps({"lr": a.lr, "files": seen["files"]}))
+print(f"epoch=1 validation:accuracy={min(a.lr * 10, 1):.4f}")
+"""
+
+EVAL_SCRIPT = """
+import argparse, json, pathlib, tarfile
+p = argparse.ArgumentParser(); p.add_argument("--model"); p.add_argument("--output")
+a = p.parse_args()
+with tarfile.open(pathlib.Path(a.model) / "model.tar.gz") as tar:
+    weights = json.load(tar.extractfile("weights.json"))
+report = {"multiclass_classification_metrics": {"accuracy": {"value": weights["lr"] * 10}},
+          "regression_metrics": {"rmse": {"value": 1.0}}}
+(pathlib.Path(a.output) / "evaluation.json").write_text(json.dumps(report))
+"""
+
+
+def write_script(root: Path, folder: str, source: str) -> Code:
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / folder / "main.py").write_text(textwrap.dedent(source))
+    (root / folder / "requirements.txt").write_text("")
+    return Code(folder, "main.py", root=root)
+
+
+def small_dag(root: Path, cache: bool = True) -> Dag:
+    data, manifest, out = f"{PROCESSING_BASE}/input/data", f"{PROCESSING_BASE}/input/manifest", f"{PROCESSING_BASE}/output"
+    evaluation = PropertyFile("EvaluationReport", "evaluation", "evaluation.json")
+    accuracy = JsonGet("Evaluate", "EvaluationReport", "multiclass_classification_metrics.accuracy.value")
+    return Dag((
+        ProcessingStep(
+            "Count", write_script(root, "count", COUNT_SCRIPT),
+            inputs=(ProcessingInput("data", Param("InputDataUrl"), data),
+                    ProcessingInput("manifest", Param("ManifestUrl"), manifest, optional=True)),
+            outputs=(ProcessingOutput("result", f"{out}/result"),),
+            arguments=("--input", data, "--manifest", manifest, "--output", out, "--tag", Param("Tag")),
+            cache=cache,
+        ),
+        TrainingStep(
+            "Train", write_script(root, "train", TRAIN_SCRIPT),
+            channels=(("train", StepOutput("Count", "result")),),
+            hyperparameters=(("lr", Param("Lr")),),
+            metric_definitions=(MetricDefinition("validation:accuracy", r"validation:accuracy=([0-9.]+)"),),
+        ),
+        ProcessingStep(
+            "Evaluate", write_script(root, "evaluate", EVAL_SCRIPT),
+            inputs=(ProcessingInput("model", StepOutput("Train", "model"), f"{PROCESSING_BASE}/model"),),
+            outputs=(ProcessingOutput("evaluation", f"{PROCESSING_BASE}/evaluation"),),
+            arguments=("--model", f"{PROCESSING_BASE}/model", "--output", f"{PROCESSING_BASE}/evaluation"),
+            property_files=(evaluation,),
+        ),
+        ConditionStep("Check", left=accuracy, right=Param("Threshold"),
+                      if_true=("Register", "Deploy"), if_false=("TooLow",)),
+        RegisterStep("Register", model=StepOutput("Train", "model"), metrics=StepOutput("Evaluate", "evaluation"),
+                     metrics_file="evaluation.json", model_package_group=Param("Group"),
+                     approval_status=Param("Status"), code=Code("evaluate", "main.py", root=root)),
+        DeployStep("Deploy", register_step="Register", endpoint_name=Param("Endpoint"),
+                   instance_type=Param("Tag")),
+        FailStep("TooLow", message=("accuracy ", accuracy, " is below Threshold ", Param("Threshold"))),
+    ))
+
+
+@pytest.fixture
+def setup(tmp_path, invmon_home, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (data / name).write_bytes(b"x")
+    monkeypatch.setenv("RUN_COUNTER", str(tmp_path / "count-runs"))
+    monkeypatch.setenv("FAIL_FLAG", str(tmp_path / "fail-flag"))
+    params = {"InputDataUrl": str(data), "ManifestUrl": "", "Tag": "t1", "Lr": 0.06,
+              "Threshold": 0.5, "Group": "toy", "Status": "PendingManualApproval", "Endpoint": "toy-staging"}
+    return tmp_path, invmon_home, params
+
+
+def new_run(setup, dag=None, **overrides):
+    tmp_path, home, params = setup
+    return LocalRun.create(home, dag or small_dag(tmp_path / "scripts"), {**params, **overrides}, "test",
+                           echo=lambda line: None)
+
+
+def runs_of_count_step(tmp_path: Path) -> int:
+    return int((tmp_path / "count-runs").read_text())
+
+
+def test_full_run_follows_the_container_contract(setup):
+    tmp_path, home, _ = setup
+    state = new_run(setup).execute()
+    assert state["status"] == "Succeeded", state["failure"]
+    run_dir = home / "runs" / state["id"]
+    # Processing: container paths were rewritten, the optional manifest was an empty folder.
+    seen = json.loads((run_dir / "Count" / state["steps"]["Count"]["outputs"]["result"] / "files.json").read_text())
+    assert seen == {"files": ["a.jpg", "b.jpg", "c.jpg"], "manifest": [], "tag": "t1"}
+    # Training: hyperparameters as arguments, channel via SM_CHANNEL_TRAIN, SM_MODEL_DIR tarred.
+    with tarfile.open(run_dir / "Train" / "model" / "model.tar.gz") as tar:
+        assert json.load(tar.extractfile("weights.json")) == {"lr": 0.06, "files": ["a.jpg", "b.jpg", "c.jpg"]}
+    assert state["steps"]["Train"]["properties"]["FinalMetricDataList"] == {"validation:accuracy": 0.6}
+    # Condition true: registered in the real SQLite registry and deployed to staging.
+    assert state["steps"]["Check"]["properties"] == {"outcome": True, "left": 0.6, "right": 0.5}
+    assert state["steps"]["TooLow"]["status"] == "Skipped"
+    from pipeline.registry import open_registry
+
+    registry = open_registry(home)
+    version = registry.get("toy", state["steps"]["Register"]["properties"]["version"])
+    assert version.status == "PendingManualApproval"
+    assert version.metrics["multiclass_classification_metrics"]["accuracy"]["value"] == 0.6
+    assert Path(version.artifact_uri).is_file()
+    assert registry.get_endpoint("toy-staging").version == version.version
+
+
+def test_gate_failure_names_metric_and_threshold_and_registers_nothing(setup):
+    tmp_path, home, _ = setup
+    state = new_run(setup, Lr=0.02).execute()
+    assert state["status"] == "Failed"
+    assert state["failure"] == "TooLow: accuracy 0.2000 is below Threshold 0.5"
+    assert state["steps"]["Register"]["status"] == "Skipped"
+    assert state["steps"]["Deploy"]["status"] == "Skipped"
+    from pipeline.registry import open_registry
+
+    assert open_registry(home).list_versions("toy") == []
+
+
+def test_failed_step_keeps_earlier_outputs_and_resume_skips_finished_steps(setup):
+    tmp_path, home, _ = setup
+    (tmp_path / "fail-flag").write_text("1")
+    run = new_run(setup, dag=small_dag(tmp_path / "scripts", cache=False))
+    state = run.execute()
+    assert state["status"] == "Failed"
+    assert state["steps"]["Train"]["status"] == "Failed"
+    assert "training failed on purpose" in state["steps"]["Train"]["error"]
+    assert state["steps"]["Evaluate"]["status"] == "Pending"
+    count_output = run.dir / "Count" / "processing" / "output" / "result" / "files.json"
+    assert count_output.exists(), "a failed step must leave what earlier steps produced"
+    assert runs_of_count_step(tmp_path) == 1
+
+    (tmp_path / "fail-flag").unlink()
+    resumed = LocalRun.load(home, small_dag(tmp_path / "scripts", cache=False), state["id"], echo=lambda l: None)
+    state = resumed.execute()
+    assert state["status"] == "Succeeded", state["failure"]
+    assert runs_of_count_step(tmp_path) == 1, "resume must not redo a finished step"
+    assert state["steps"]["Register"]["status"] == "Succeeded"
+
+
+def test_cache_reuses_unchanged_steps_and_reruns_changed_ones(setup):
+    tmp_path, home, _ = setup
+    first = new_run(setup).execute()
+    assert runs_of_count_step(tmp_path) == 1
+
+    second = new_run(setup).execute()
+    assert second["status"] == "Succeeded"
+    assert second["steps"]["Count"]["reused_from"] == first["id"]
+    assert runs_of_count_step(tmp_path) == 1, "an unchanged cached step must not run again"
+    reused = home / "runs" / second["id"] / "Count" / "processing" / "output" / "result" / "files.json"
+    assert reused.exists(), "a reused step's outputs must be in the new run's folder"
+
+    # A changed argument, a changed input file and changed code each make the step run again.
+    new_run(setup, Tag="t2").execute()
+    assert runs_of_count_step(tmp_path) == 2
+    (tmp_path / "data" / "a.jpg").write_bytes(b"changed")
+    new_run(setup).execute()
+    assert runs_of_count_step(tmp_path) == 3
+    dag = small_dag(tmp_path / "scripts")
+    script = tmp_path / "scripts" / "count" / "main.py"
+    script.write_text(script.read_text() + "\n# edited\n")
+    new_run(setup, dag=dag).execute()
+    assert runs_of_count_step(tmp_path) == 4
+
+
+def test_missing_input_folder_fails_the_step_with_a_clear_error(setup):
+    state = new_run(setup, InputDataUrl="/nonexistent/photos").execute()
+    assert state["status"] == "Failed"
+    assert state["failure"] == "Count: parameter InputDataUrl: /nonexistent/photos does not exist"
+
+
+def test_s3_input_is_refused_locally_with_advice(setup):
+    state = new_run(setup, InputDataUrl="s3://aft-vbi-pds/").execute()
+    assert "the local runner reads local folders" in state["failure"]
