@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tarfile
 from pathlib import Path
 
 from pipeline.cli import CommandError
@@ -268,44 +266,39 @@ def cmd_serve(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from pipeline.endpoint import ArtifactError, EndpointError, load_model, predict_local, predict_remote
+
     missing = [str(p) for p in args.photos if not p.is_file()]
     if missing:
         raise CommandError(f"no such photo: {', '.join(missing)}")
     if args.url:
-        from pipeline.endpoint import predict_remote
-
-        answers = [(photo, predict_remote(args.url, photo)) for photo in args.photos]
+        def predict(photo: Path) -> dict:
+            return predict_remote(args.url, photo)
     else:
-        answers = _predict_locally(args)
+        # Loaded once through the artifact's own code/inference.py, exactly as the endpoint does.
+        artifact, label = _resolve_model(args)
+        try:
+            model = load_model(artifact, model_version=label)
+        except ArtifactError as exc:
+            raise CommandError(str(exc)) from None
+
+        def predict(photo: Path) -> dict:
+            return predict_local(artifact, photo, model=model)
+
     failed = 0
-    for photo, answer in answers:
-        if "error" in answer:
+    for photo in args.photos:
+        try:
+            answer = predict(photo)
+        except EndpointError as exc:
             failed += 1
-            print(f"{photo}: error: {answer['error']}")
-        elif args.json:
+            print(f"{photo}: error: {exc}", file=sys.stderr)
+            continue
+        if args.json:
             print(json.dumps({"photo": str(photo), **answer}))
         else:
             confidence = answer["probabilities"][str(answer["count"])]
             print(f"{photo}: {answer['count']} items (p={confidence:.2f}, model {answer['model_version']})")
     return 1 if failed else 0
-
-
-def _predict_locally(args) -> list[tuple[Path, dict]]:
-    """Load the model through its own code/inference.py, exactly as the endpoint does."""
-    from pipeline.endpoint import load_artifact
-
-    artifact, label = _resolve_model(args)
-    inference, model = load_artifact(artifact, model_version=label)
-    answers = []
-    for photo in args.photos:
-        content_type = "image/png" if photo.suffix.lower() == ".png" else "image/jpeg"
-        try:
-            image = inference.input_fn(photo.read_bytes(), content_type)
-        except inference.InvalidInput as exc:
-            answers.append((photo, {"error": str(exc)}))
-            continue
-        answers.append((photo, json.loads(inference.output_fn(inference.predict_fn(image, model)))))
-    return answers
 
 
 def cmd_data_synth(args) -> int:

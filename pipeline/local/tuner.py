@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from steps.base import CategoricalRange, ContinuousRange, TuningStep
+from steps.base import ContinuousRange, TuningStep
 
 RANDOM_STARTS = 2
 CANDIDATES = 2048

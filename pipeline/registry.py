@@ -1,0 +1,314 @@
+"""The local model registry: model package groups, versions, approval status and endpoints.
+
+The local back-end of the SageMaker Model Registry, on SQLite (stdlib sqlite3). Several
+processes may use one registry file at once (a pipeline run registering while a reviewer
+approves): the database runs in WAL mode with a busy timeout, and every write is one
+`BEGIN IMMEDIATE` transaction, so two runs registering at the same moment get distinct,
+consecutive version numbers.
+
+Endpoints are records of which model version an endpoint name serves. An endpoint named like a
+production endpoint (see `is_production`) may only point at an Approved version.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+STATUSES = ("PendingManualApproval", "Approved", "Rejected")
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+# "bin-count-production", "bin-count-prod", "prod-bin-count", "production".
+PRODUCTION_NAME = re.compile(r"(^|[-_.])prod(uction)?($|[-_.])", re.IGNORECASE)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    group_name   TEXT    NOT NULL,
+    version      INTEGER NOT NULL,
+    status       TEXT    NOT NULL CHECK (status IN ('PendingManualApproval', 'Approved', 'Rejected')),
+    artifact_uri TEXT    NOT NULL,
+    metrics      TEXT    NOT NULL DEFAULT '{}',
+    created_at   TEXT    NOT NULL,
+    updated_at   TEXT    NOT NULL,
+    run_id       TEXT,
+    description  TEXT    NOT NULL DEFAULT '',
+    note         TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (group_name, version)
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    name       TEXT    PRIMARY KEY,
+    group_name TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    updated_at TEXT    NOT NULL,
+    FOREIGN KEY (group_name, version) REFERENCES model_versions (group_name, version)
+);
+"""
+
+
+class RegistryError(Exception):
+    """A registry request that cannot be done; the message names the group, version or rule."""
+
+
+class NotFoundError(RegistryError, LookupError):
+    """No such model version or endpoint."""
+
+
+@dataclass
+class ModelVersion:
+    group: str
+    version: int
+    status: str
+    artifact_uri: str
+    metrics: dict = field(default_factory=dict)
+    created_at: str = ""
+    updated_at: str = ""
+    run_id: str | None = None
+    description: str = ""
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}/{self.version}"
+
+
+@dataclass
+class Endpoint:
+    name: str
+    group: str
+    version: int
+    updated_at: str
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("INVMON_HOME", ".invmon"))
+
+
+def open_registry(home: str | os.PathLike | None = None) -> "LocalRegistry":
+    return LocalRegistry(Path(home if home is not None else default_home()) / "registry.db")
+
+
+def is_production(endpoint_name: str) -> bool:
+    return bool(PRODUCTION_NAME.search(endpoint_name))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise RegistryError(f"unknown approval status {status!r}; use one of {', '.join(STATUSES)}")
+
+
+def _version_number(version: int | str) -> int:
+    try:
+        number = int(version)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(version).strip() != str(number):
+        raise RegistryError(f"model version must be a whole number from 1, got {version!r}")
+    return number
+
+
+def _version_from_row(row: sqlite3.Row) -> ModelVersion:
+    return ModelVersion(
+        group=row["group_name"], version=row["version"], status=row["status"],
+        artifact_uri=row["artifact_uri"], metrics=json.loads(row["metrics"]),
+        created_at=row["created_at"], updated_at=row["updated_at"], run_id=row["run_id"],
+        description=row["description"], note=row["note"],
+    )
+
+
+def _endpoint_from_row(row: sqlite3.Row) -> Endpoint:
+    return Endpoint(name=row["name"], group=row["group_name"], version=row["version"],
+                    updated_at=row["updated_at"])
+
+
+class LocalRegistry:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._ready = False
+
+    # ------------------------------------------------------------------ connection
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection per call: nothing is shared between threads or processes."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN ourselves, so each write is exactly one transaction.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if not self._ready:
+                self._create_schema(conn)
+                self._ready = True
+            yield conn
+        finally:
+            conn.close()
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        # WAL: readers never block the writer, and writers queue on the busy timeout.
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Statement by statement: executescript() would commit our transaction first.
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                conn.execute(statement)
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            found = row[0]
+            if found is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif found > SCHEMA_VERSION:
+                raise RegistryError(f"{self.path} has registry schema {found}, newer than this "
+                                    f"invmon understands ({SCHEMA_VERSION}); upgrade invmon")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so a
+        read-then-insert (the next version number) cannot interleave with another writer."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        with self._connect() as conn:
+            return conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+
+    # ------------------------------------------------------------------ model versions
+
+    def register(self, group: str, artifact_uri: str, metrics: dict | None = None,
+                 status: str = "PendingManualApproval", run_id: str | None = None,
+                 description: str = "") -> ModelVersion:
+        """Add the next version (1, 2, 3, ...) of `group`."""
+        if not group:
+            raise RegistryError("model package group name is empty")
+        _check_status(status)
+        metrics_json = json.dumps(metrics or {})
+        now = _now()
+        with self._write() as conn:
+            (version,) = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM model_versions WHERE group_name = ?",
+                (group,)).fetchone()
+            conn.execute(
+                "INSERT INTO model_versions (group_name, version, status, artifact_uri, metrics,"
+                " created_at, updated_at, run_id, description) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (group, version, status, str(artifact_uri), metrics_json, now, now, run_id,
+                 description))
+        return ModelVersion(group, version, status, str(artifact_uri), json.loads(metrics_json),
+                            now, now, run_id, description, "")
+
+    def list_versions(self, group: str | None = None) -> list[ModelVersion]:
+        with self._connect() as conn:
+            if group is None:
+                rows = conn.execute("SELECT * FROM model_versions ORDER BY group_name, version")
+            else:
+                rows = conn.execute("SELECT * FROM model_versions WHERE group_name = ? "
+                                    "ORDER BY version", (group,))
+            return [_version_from_row(r) for r in rows.fetchall()]
+
+    def get(self, group: str, version: int) -> ModelVersion:
+        with self._connect() as conn:
+            return self._get(conn, group, version)
+
+    def _get(self, conn: sqlite3.Connection, group: str, version: int) -> ModelVersion:
+        version = _version_number(version)
+        row = conn.execute("SELECT * FROM model_versions WHERE group_name = ? AND version = ?",
+                           (group, version)).fetchone()
+        if row is None:
+            known = [r[0] for r in conn.execute(
+                "SELECT version FROM model_versions WHERE group_name = ? ORDER BY version", (group,))]
+            hint = (f"versions of {group!r}: {', '.join(map(str, known))}" if known
+                    else f"no model package group {group!r} in {self.path}")
+            raise NotFoundError(f"model version {group}/{version} not found ({hint})")
+        return _version_from_row(row)
+
+    def set_status(self, group: str, version: int, status: str, note: str = "") -> ModelVersion:
+        _check_status(status)
+        with self._write() as conn:
+            self._get(conn, group, version)
+            conn.execute("UPDATE model_versions SET status = ?, note = ?, updated_at = ? "
+                         "WHERE group_name = ? AND version = ?",
+                         (status, note, _now(), group, int(version)))
+            return self._get(conn, group, version)
+
+    def latest(self, group: str, status: str | None = None) -> ModelVersion | None:
+        """The highest version of `group` (with `status`, if given), or None."""
+        if status is not None:
+            _check_status(status)
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT * FROM model_versions WHERE group_name = ? AND (? IS NULL OR status = ?) "
+                "ORDER BY version DESC LIMIT 1", (group, status, status)).fetchone()
+            return _version_from_row(row) if row else None
+
+    def groups(self) -> list[str]:
+        with self._connect() as conn:
+            return [r[0] for r in conn.execute(
+                "SELECT DISTINCT group_name FROM model_versions ORDER BY group_name")]
+
+    # ------------------------------------------------------------------ endpoints
+
+    def deploy(self, name: str, group: str, version: int,
+               require_approved: bool | None = None) -> Endpoint:
+        """Point endpoint `name` at `group/version` (create or update).
+
+        `require_approved` defaults to whether `name` is a production endpoint name; a
+        production endpoint requires an Approved version whatever the caller passes.
+        """
+        if not name:
+            raise RegistryError("endpoint name is empty")
+        need_approval = bool(require_approved) or is_production(name)
+        with self._write() as conn:
+            # Checked inside the write transaction: the status cannot change under us.
+            model = self._get(conn, group, version)
+            if need_approval and model.status != "Approved":
+                why = "a production endpoint" if is_production(name) else "this deployment"
+                raise RegistryError(
+                    f"cannot deploy {group}/{version} to endpoint {name!r}: its status is "
+                    f"{model.status}, and {why} serves only Approved models "
+                    f"(approve it first: invmon models approve {group} {version})")
+            now = _now()
+            conn.execute(
+                "INSERT INTO endpoints (name, group_name, version, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET group_name = excluded.group_name, "
+                "version = excluded.version, updated_at = excluded.updated_at",
+                (name, group, int(version), now))
+        return Endpoint(name, group, int(version), now)
+
+    def set_endpoint(self, name: str, group: str, version: int) -> Endpoint:
+        """Create or update an endpoint record; production names still require Approved."""
+        return self.deploy(name, group, version, require_approved=False)
+
+    def get_endpoint(self, name: str) -> Endpoint:
+        with self._connect() as conn:
+            row = conn.execute("SELECT * FROM endpoints WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                known = [r[0] for r in conn.execute("SELECT name FROM endpoints ORDER BY name")]
+                raise NotFoundError(f"no endpoint named {name!r} "
+                                    f"(known: {', '.join(known) or 'none'})")
+            return _endpoint_from_row(row)
+
+    def list_endpoints(self) -> list[Endpoint]:
+        with self._connect() as conn:
+            rows = conn.execute("SELECT * FROM endpoints ORDER BY name")
+            return [_endpoint_from_row(r) for r in rows]

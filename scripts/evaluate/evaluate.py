@@ -1,0 +1,444 @@
+"""Evaluate step: score the test split through the model's own serving code.
+
+The model artifact is loaded exactly as an endpoint loads it: model.tar.gz is extracted, its
+`code/inference.py` imported, and every test photo goes through `input_fn` as the raw file
+bytes with an image content type, then `predict_fn` (one call per batch). What this script
+measures is therefore what the endpoint serves.
+
+Writes <output>/evaluation.json in the SageMaker model-quality layout (the pipeline's
+PropertyFile; CheckAccuracy reads `multiclass_classification_metrics.accuracy.value`), and
+<output>/predictions.csv with one row per scored photo.
+
+Standard deviations (how far the metric could move on another test set of the same size):
+  accuracy (overall and per corruption): binomial standard error sqrt(a * (1 - a) / n);
+  rmse and weighted precision/recall/f1: bootstrap standard error, 1000 resamples of the test
+  set drawn with --seed.
+
+Robustness: each photo is also corrupted (Gaussian blur, Gaussian noise, low light, JPEG
+quality 10) at fixed severities with seeded noise, re-encoded and sent through input_fn again,
+like a real request carrying a bad photo. Blur and noise scale with the photo's short side so
+a severity means the same at any preprocessing size.
+
+Plain CLI: it never imports pipeline/ or steps/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+# Set before the artifact's code imports torch. Spinning OpenMP workers collapse on a shared,
+# busy CPU (a batch took 40x longer on 2 loaded cores); passive waiting costs little elsewhere.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+MODEL = "/opt/ml/processing/model"
+TEST = "/opt/ml/processing/test"
+OUTPUT = "/opt/ml/processing/evaluation"
+CLASSES = (1, 2, 3, 4, 5)
+BOOTSTRAP_SAMPLES = 1000
+CONTENT_TYPE_BY_SUFFIX = {".png": "image/png"}  # everything else is sent as image/jpeg
+
+# Fixed severities: the numbers behind each robustness figure, written into the report.
+SEVERITY = {
+    "blur": {"sigma_fraction_of_short_side": 0.015},
+    "noise": {"sigma": 0.10},  # on the 0..1 pixel scale
+    "low_light": {"brightness": 0.35, "gamma": 1.5},
+    "jpeg": {"quality": 10},
+}
+CORRUPTIONS = tuple(SEVERITY)
+
+
+class EvaluationError(Exception):
+    """A problem with the inputs (missing model, empty test set...): reported, no traceback."""
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def find_tarball(model: Path) -> Path:
+    if model.is_file():
+        return model
+    if model.is_dir():
+        tarball = model / "model.tar.gz"
+        if tarball.is_file():
+            return tarball
+        found = ", ".join(sorted(p.name for p in model.iterdir())) or "nothing"
+        raise EvaluationError(f"--model {model}: the folder holds no model.tar.gz (found: {found})")
+    raise EvaluationError(f"--model {model}: no such file or folder "
+                          "(expected model.tar.gz or a folder holding it)")
+
+
+def safe_extract(tarball: Path, dest: Path) -> None:
+    """Extract model.tar.gz, refusing members that would land outside `dest`."""
+    try:
+        with tarfile.open(tarball, "r:*") as tar:
+            for member in tar.getmembers():
+                name = PurePosixPath(member.name)
+                if name.is_absolute() or ".." in name.parts:
+                    raise EvaluationError(f"{tarball}: unsafe member path {member.name!r}")
+                if not (member.isfile() or member.isdir()):
+                    raise EvaluationError(f"{tarball}: member {member.name!r} is not a plain file "
+                                          "or folder (links and devices are refused)")
+            tar.extractall(dest, filter="data")  # second line of defence (PEP 706)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise EvaluationError(f"{tarball}: not a readable model.tar.gz ({exc})") from None
+
+
+def import_inference(code_dir: Path) -> ModuleType:
+    """Import the artifact's own code/inference.py, as the serving container does."""
+    path = code_dir / "inference.py"
+    if not path.is_file():
+        raise EvaluationError("the model artifact has no code/inference.py (the serving code)")
+    sys.path.insert(0, str(code_dir))  # the serving container puts code/ on the path too
+    spec = importlib.util.spec_from_file_location("artifact_inference", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise EvaluationError(f"the artifact's code/inference.py failed to import "
+                              f"({type(exc).__name__}: {exc})") from None
+    for fn in ("model_fn", "input_fn", "predict_fn"):
+        if not callable(getattr(module, fn, None)):
+            raise EvaluationError(f"code/inference.py in the artifact defines no {fn}()")
+    return module
+
+
+def model_id(model_dir: Path) -> str | None:
+    config = model_dir / "model_config.json"
+    try:
+        return json.loads(config.read_text()).get("model_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# --------------------------------------------------------------------------- test set
+
+
+@dataclass
+class Photo:
+    path: Path
+    name: str  # relative to the test folder, for reports
+    label: int
+
+
+def list_test_set(test: Path) -> list[Photo]:
+    """Photos under <test>/<count>/, count 1..5. Other entries (manifest.csv...) are ignored."""
+    if not test.is_dir():
+        raise EvaluationError(f"--test {test}: no such folder (expected <count>/<id>.jpg folders)")
+    photos = []
+    for folder in sorted(test.iterdir()):
+        if not (folder.is_dir() and folder.name.isdigit() and int(folder.name) in CLASSES):
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                photos.append(Photo(path, f"{folder.name}/{path.name}", int(folder.name)))
+    if not photos:
+        raise EvaluationError(f"--test {test}: no photos in class folders "
+                              f"{', '.join(map(str, CLASSES))} (expected <count>/<id>.jpg)")
+    return photos
+
+
+def content_type(path: Path) -> str:
+    return CONTENT_TYPE_BY_SUFFIX.get(path.suffix.lower(), "image/jpeg")
+
+
+# --------------------------------------------------------------------------- corruptions
+
+
+def corrupt(image: Image.Image, kind: str, seed: int, key: str) -> tuple[bytes, str]:
+    """Corrupt a decoded photo and re-encode it: (request body, content type).
+
+    Blur, noise and low light are re-encoded losslessly (PNG) so that only the named
+    corruption is measured; the JPEG corruption *is* the encoding.
+    """
+    image = image.convert("RGB")
+    if kind == "jpeg":
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=SEVERITY["jpeg"]["quality"])
+        return buffer.getvalue(), "image/jpeg"
+    if kind == "blur":
+        sigma = max(1.0, SEVERITY["blur"]["sigma_fraction_of_short_side"] * min(image.size))
+        image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
+    elif kind == "noise":
+        # Seeded per photo (not per batch), so results do not depend on --batch-size.
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        pixels = pixels + rng.normal(0.0, SEVERITY["noise"]["sigma"], pixels.shape)
+        image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+    elif kind == "low_light":
+        s = SEVERITY["low_light"]
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        pixels = s["brightness"] * pixels ** s["gamma"]
+        image = Image.fromarray((pixels * 255.0 + 0.5).astype(np.uint8))
+    else:
+        raise ValueError(f"unknown corruption {kind!r}")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=0)  # speed over size: it never leaves memory
+    return buffer.getvalue(), "image/png"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def binomial_sd(accuracy: float, n: int) -> float:
+    return math.sqrt(accuracy * (1.0 - accuracy) / n) if n else 0.0
+
+
+def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((y_pred - y_true) ** 2))) if len(y_true) else float("nan")
+
+
+def weighted_prf(y_true: np.ndarray, y_pred: np.ndarray,
+                 labels: list[int]) -> tuple[float, float, float]:
+    """Support-weighted precision, recall and F1 (scikit-learn's 'weighted' average)."""
+    precision = recall = f1 = 0.0
+    n = len(y_true)
+    for label in labels:
+        support = int(np.sum(y_true == label))
+        if not support:
+            continue
+        tp = int(np.sum((y_true == label) & (y_pred == label)))
+        predicted = int(np.sum(y_pred == label))
+        p = tp / predicted if predicted else 0.0
+        r = tp / support
+        precision += support / n * p
+        recall += support / n * r
+        f1 += support / n * (2 * p * r / (p + r) if p + r else 0.0)
+    return precision, recall, f1
+
+
+def bootstrap_sd(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int],
+                 seed: int) -> dict[str, float]:
+    """Bootstrap standard errors of rmse and the weighted precision/recall/f1."""
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    samples = {"rmse": [], "weighted_precision": [], "weighted_recall": [], "weighted_f1": []}
+    for _ in range(BOOTSTRAP_SAMPLES):
+        idx = rng.integers(0, n, n)
+        t, p = y_true[idx], y_pred[idx]
+        samples["rmse"].append(rmse(t, p))
+        prf = weighted_prf(t, p, labels)
+        for key, value in zip(("weighted_precision", "weighted_recall", "weighted_f1"), prf):
+            samples[key].append(value)
+    return {key: float(np.std(values, ddof=1)) if n > 1 else 0.0 for key, values in samples.items()}
+
+
+def metric(value: float, sd: float) -> dict:
+    return {"value": round(float(value), 6), "standard_deviation": round(float(sd), 6)}
+
+
+def build_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int], seed: int) -> dict:
+    n = len(y_true)
+    accuracy = float(np.mean(y_true == y_pred))
+    sds = bootstrap_sd(y_true, y_pred, labels, seed)
+    precision, recall, f1 = weighted_prf(y_true, y_pred, labels)
+    confusion = {
+        str(t): {str(p): int(np.sum((y_true == t) & (y_pred == p))) for p in labels} for t in labels
+    }
+    per_class = {}
+    for label in labels:
+        mask = y_true == label
+        support = int(mask.sum())
+        per_class[str(label)] = {
+            "support": support,
+            "accuracy": round(float(np.mean(y_pred[mask] == label)), 6) if support else None,
+            "rmse": round(rmse(y_true[mask], y_pred[mask]), 6) if support else None,
+        }
+    return {
+        "multiclass_classification_metrics": {
+            "accuracy": metric(accuracy, binomial_sd(accuracy, n)),
+            "weighted_precision": metric(precision, sds["weighted_precision"]),
+            "weighted_recall": metric(recall, sds["weighted_recall"]),
+            "weighted_f1": metric(f1, sds["weighted_f1"]),
+            "confusion_matrix": confusion,
+        },
+        "regression_metrics": {"rmse": metric(rmse(y_true, y_pred), sds["rmse"])},
+        "per_class": per_class,
+    }
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scores:
+    names: list[str] = field(default_factory=list)
+    y_true: list[int] = field(default_factory=list)
+    y_pred: list[int] = field(default_factory=list)
+    corrupted: dict[str, list[int]] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    model_version: str | None = None
+
+
+def predict_counts(inference: ModuleType, model, images: list) -> tuple[list[int], str | None]:
+    predictions = inference.predict_fn(images, model)
+    version = predictions[0].get("model_version") if predictions else None
+    return [int(p["count"]) for p in predictions], version
+
+
+def score(inference: ModuleType, model, photos: list[Photo], batch_size: int,
+          corruptions: list[str], seed: int) -> Scores:
+    """Decode each photo through input_fn, predict in batches, and again per corruption."""
+    invalid = getattr(inference, "InvalidInput", ValueError)
+    scores = Scores(corrupted={kind: [] for kind in corruptions})
+    started = time.monotonic()
+    for start in range(0, len(photos), batch_size):
+        batch, images = [], []
+        for photo in photos[start:start + batch_size]:
+            try:
+                images.append(inference.input_fn(photo.path.read_bytes(), content_type(photo.path)))
+                batch.append(photo)
+            except (invalid, OSError, ValueError) as exc:
+                scores.skipped.append({"path": photo.name, "reason": str(exc)})
+                print(f"skipped {photo.name}: {exc}", flush=True)
+        if not images:
+            continue
+        counts, version = predict_counts(inference, model, images)
+        scores.model_version = scores.model_version or version
+        scores.names += [p.name for p in batch]
+        scores.y_true += [p.label for p in batch]
+        scores.y_pred += counts
+        for kind in corruptions:
+            corrupted = []
+            for photo, image in zip(batch, images):
+                body, ctype = corrupt(image, kind, seed, photo.name)
+                corrupted.append(inference.input_fn(body, ctype))
+            scores.corrupted[kind] += predict_counts(inference, model, corrupted)[0]
+        done = min(start + batch_size, len(photos))
+        print(f"scored {done}/{len(photos)} photos ({time.monotonic() - started:.1f}s)", flush=True)
+    return scores
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_corruptions(text: str) -> list[str]:
+    if text.strip().lower() == "all":
+        return list(CORRUPTIONS)
+    if text.strip().lower() in ("none", ""):
+        return []
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CORRUPTIONS]
+    if unknown:
+        raise EvaluationError(f"--corruptions: unknown {', '.join(unknown)}; "
+                              f"choose from {', '.join(CORRUPTIONS)}, 'all' or 'none'")
+    return names
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    corruptions = parse_corruptions(args.corruptions)
+    if args.batch_size < 1:
+        raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
+    tarball = find_tarball(Path(args.model))
+    photos = list_test_set(Path(args.test))
+    with tempfile.TemporaryDirectory(prefix="invmon-eval-") as tmp:
+        model_dir = Path(tmp)
+        safe_extract(tarball, model_dir)
+        inference = import_inference(model_dir / "code")
+        try:
+            model = inference.model_fn(str(model_dir))
+        except Exception as exc:  # a broken artifact is an input problem: say what broke
+            raise EvaluationError(f"{tarball}: the artifact's model_fn could not load it "
+                                  f"({type(exc).__name__}: {exc})") from None
+        print(f"evaluating {tarball} on {len(photos)} photos from {args.test}"
+              f" (corruptions: {', '.join(corruptions) or 'none'})", flush=True)
+        scores = score(inference, model, photos, args.batch_size, corruptions, args.seed)
+        identity = model_id(model_dir) or scores.model_version
+    if not scores.y_true:
+        raise EvaluationError(f"--test {args.test}: none of the {len(photos)} photos could be decoded")
+
+    y_true, y_pred = np.array(scores.y_true), np.array(scores.y_pred)
+    labels = sorted(set(CLASSES) | set(scores.y_true) | set(scores.y_pred))
+    report = build_report(y_true, y_pred, labels, args.seed)
+    robustness = {}
+    for kind, predicted in scores.corrupted.items():
+        acc = float(np.mean(np.array(predicted) == y_true))
+        robustness[kind] = {"accuracy": round(acc, 6),
+                            "accuracy_standard_deviation": round(binomial_sd(acc, len(y_true)), 6),
+                            "rmse": round(rmse(y_true, np.array(predicted)), 6),
+                            "severity": SEVERITY[kind]}
+    report.update({
+        "robustness": robustness,
+        "test_images": len(y_true),
+        "skipped": scores.skipped,
+        "model_id": identity,
+        "standard_deviation": {
+            "accuracy": "binomial standard error sqrt(a*(1-a)/n)",
+            "other": f"bootstrap standard error, {BOOTSTRAP_SAMPLES} resamples, seed {args.seed}",
+        },
+    })
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(output / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "prediction", *corruptions])
+        for i, name in enumerate(scores.names):
+            writer.writerow([name, scores.y_true[i], scores.y_pred[i],
+                             *(scores.corrupted[kind][i] for kind in corruptions)])
+    return report
+
+
+def summary(report: dict) -> str:
+    acc = report["multiclass_classification_metrics"]["accuracy"]
+    err = report["regression_metrics"]["rmse"]
+    lines = [
+        f"model {report['model_id']}: {report['test_images']} test photos, "
+        f"{len(report['skipped'])} skipped",
+        f"accuracy {acc['value']:.4f} (sd {acc['standard_deviation']:.4f}), "
+        f"rmse {err['value']:.4f} (sd {err['standard_deviation']:.4f})",
+        "per class: " + ", ".join(
+            f"{label}: n={c['support']} acc=" + ("-" if c["accuracy"] is None else f"{c['accuracy']:.3f}")
+            for label, c in report["per_class"].items()),
+    ]
+    for kind, r in report["robustness"].items():
+        lines.append(f"under {kind}: accuracy {r['accuracy']:.4f}, rmse {r['rmse']:.4f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=MODEL, help="model.tar.gz, or a folder holding it")
+    parser.add_argument("--test", default=TEST, help="test split: <count>/<id>.jpg folders")
+    parser.add_argument("--output", default=OUTPUT, help="where evaluation.json is written")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--corruptions", default="all",
+                        help=f"comma-separated subset of {','.join(CORRUPTIONS)}, 'all' or 'none'")
+    parser.add_argument("--seed", type=int, default=0, help="noise corruption and bootstrap seed")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = evaluate(args)
+    except EvaluationError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    # name=value lines, the form the pipeline's log readers parse.
+    print(f"accuracy={report['multiclass_classification_metrics']['accuracy']['value']}")
+    print(f"rmse={report['regression_metrics']['rmse']['value']}")
+    print(f"wrote {Path(args.output) / 'evaluation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
