@@ -235,7 +235,7 @@ def cmd_models_reject(args) -> int:
 def _resolve_model(args) -> tuple[Path, str]:
     """(artifact path, version label) for --endpoint / --version, default the staging endpoint."""
     from pipeline.parameters import BY_NAME
-    from pipeline.registry import open_registry
+    from pipeline.registry import NotFoundError, open_registry
 
     registry = open_registry(invmon_home())
     group = _group(args)
@@ -243,10 +243,11 @@ def _resolve_model(args) -> tuple[Path, str]:
         version = _registry_call(registry.get, group, args.version)
     else:
         name = args.endpoint or str(BY_NAME["StagingEndpointName"].default)
-        endpoint = registry.get_endpoint(name)
-        if endpoint is None:
-            raise CommandError(f"no local endpoint {name!r}: run `invmon run` to deploy one, "
-                               "or pick a model with --version")
+        try:
+            endpoint = registry.get_endpoint(name)
+        except NotFoundError:
+            raise CommandError(f"no local endpoint {name!r}: `invmon run` deploys the staging one, "
+                               "`invmon models approve` the production one; or pick --version") from None
         version = _registry_call(registry.get, endpoint.group, endpoint.version)
         if name == PRODUCTION_ENDPOINT and version.status != "Approved":
             raise CommandError(f"{name} points at version {version.version}, which is {version.status}")

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from pipeline.home import invmon_home
 from typing import Iterator
 
 STATUSES = ("PendingManualApproval", "Approved", "Rejected")
@@ -88,12 +90,8 @@ class Endpoint:
     updated_at: str
 
 
-def default_home() -> Path:
-    return Path(os.environ.get("INVMON_HOME", ".invmon"))
-
-
 def open_registry(home: str | os.PathLike | None = None) -> "LocalRegistry":
-    return LocalRegistry(Path(home if home is not None else default_home()) / "registry.db")
+    return LocalRegistry(Path(home if home is not None else invmon_home()) / "registry.db")
 
 
 def is_production(endpoint_name: str) -> bool:

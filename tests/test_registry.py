@@ -7,8 +7,10 @@ from datetime import datetime
 
 import pytest
 
+from pipeline.home import invmon_home as invmon_home_dir
+
 from pipeline.registry import (Endpoint, LocalRegistry, ModelVersion, NotFoundError, RegistryError,
-                               default_home, is_production, open_registry)
+                               is_production, open_registry)
 
 METRICS = {"multiclass_classification_metrics":
            {"accuracy": {"value": 0.71, "standard_deviation": 0.02}}}
@@ -160,7 +162,7 @@ def test_production_serves_only_approved_versions(registry):
 
 
 def test_open_registry_uses_invmon_home(invmon_home):
-    assert default_home() == invmon_home
+    assert invmon_home_dir() == invmon_home.resolve()
     registry = open_registry()
     registry.register("bin-count", "/m.tar.gz", {})
     assert (invmon_home / "registry.db").is_file()
