@@ -1,1 +1,8 @@
 """The bin-count pipeline as a whole: parameters, profiles, executors, registry, endpoint, CLI."""
+
+
+def get_pipeline(*args, **kwargs):
+    """The SageMaker pipeline (see pipeline/sagemaker_pipeline.py); the SDK loads only when called."""
+    from pipeline.sagemaker_pipeline import get_pipeline as build
+
+    return build(*args, **kwargs)

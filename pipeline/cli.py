@@ -18,15 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="invmon", description="Count items in warehouse bin photos: pipeline, registry, endpoint."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from pipeline import cli_local
+    from pipeline import cli_aws, cli_local
 
     cli_local.add_commands(commands)
-    try:
-        from pipeline import cli_aws
-    except ImportError:  # pragma: no cover - only while cli_aws is being written
-        cli_aws = None
-    if cli_aws is not None:
-        cli_aws.add_commands(commands)
+    cli_aws.add_commands(commands)
     return parser
 
 

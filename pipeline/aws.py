@@ -1,0 +1,384 @@
+"""The AWS side of `invmon`: upsert/start/follow SageMaker pipeline executions, and the
+SageMaker Model Registry back-end of the model registry.
+
+Plain boto3 here (start, status, executions, registry): only building and upserting the
+definition needs the SageMaker SDK (pipeline/sagemaker_pipeline.py). Every function takes the
+client it uses, so tests can hand in moto's or a scripted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from pipeline.parameters import BY_NAME
+from pipeline.registry import STATUSES, ModelVersion, NotFoundError, RegistryError
+
+TERMINAL = ("Succeeded", "Failed", "Stopped")
+
+
+class AwsError(Exception):
+    """An AWS request that cannot be made or did not succeed; the message says what to do."""
+
+
+def resolve_region(explicit: str | None = None) -> str:
+    region = explicit or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise AwsError("no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION")
+    return region
+
+
+def client(service: str, region: str):
+    """A boto3 client; boto3 itself honours AWS_ENDPOINT_URL(_<SERVICE>) (e.g. a moto server)."""
+    import boto3
+
+    return boto3.Session(region_name=region).client(service)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a botocore error: code and message, no traceback."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        err = response["Error"]
+        return f"{err.get('Code', 'Error')}: {err.get('Message', '')}".strip()
+    return str(exc) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _missing_pipeline(exc) -> bool:
+    # ResourceNotFound on AWS; moto answers ValidationException "Could not find pipeline".
+    message = describe_error(exc)
+    return message.startswith("ResourceNotFound") or "Could not find pipeline" in message
+
+
+def pipeline_exists(sm, pipeline_name: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        sm.describe_pipeline(PipelineName=pipeline_name)
+        return True
+    except ClientError as exc:
+        if _missing_pipeline(exc):
+            return False
+        raise
+
+
+def upsert(pipeline, role_arn: str, description: str | None = None) -> dict:
+    """Create the pipeline or update it; returns {"PipelineArn", "created": bool}."""
+    from pipeline.sagemaker_pipeline import parallelism_config
+
+    existed = pipeline_exists(pipeline.sagemaker_session.sagemaker_client, pipeline.name)
+    response = pipeline.upsert(role_arn=role_arn, description=description,
+                               parallelism_config=parallelism_config())
+    return {"PipelineArn": response["PipelineArn"], "created": not existed}
+
+
+def deployed_definition(sm, pipeline_name: str) -> dict:
+    from botocore.exceptions import ClientError
+
+    try:
+        described = sm.describe_pipeline(PipelineName=pipeline_name)
+    except ClientError as exc:
+        if not _missing_pipeline(exc):
+            raise
+        raise AwsError(f"no pipeline {pipeline_name!r} in this account and region: "
+                       "create it first with `invmon upsert --role-arn ARN`") from None
+    text = described.get("PipelineDefinition")
+    return json.loads(text) if text else {}
+
+
+def execution_display_name(commit_id: str) -> str:
+    """A display name the API accepts ([a-zA-Z0-9](-*[a-zA-Z0-9]){0,81}) naming the commit."""
+    clean = re.sub(r"[^a-zA-Z0-9]+", "-", commit_id).strip("-")[:12] or "unknown"
+    return f"commit-{clean}"
+
+
+def start(sm, pipeline_name: str, parameters: dict | None = None, commit_id: str | None = None,
+          display_name: str | None = None) -> str:
+    """Start an execution with `parameters` (typed, see parse_assignments); returns its ARN.
+
+    The commit id goes into the execution's display name (commit-<first 12>) and, whole, into
+    its description ("CommitId=<sha>"), where the console and list-executions show it.
+    """
+    from pipeline.sagemaker_pipeline import MAX_ENDPOINT_NAME, MAX_PARALLEL_STEPS, fixed_parameters
+
+    parameters = parameters or {}
+    definition = deployed_definition(sm, pipeline_name)
+    declared = {p["Name"]: p for p in definition.get("Parameters", [])}
+    fixed = fixed_parameters(definition)
+    for name, value in parameters.items():
+        if name not in declared:
+            raise AwsError(f"pipeline {pipeline_name!r} has no parameter {name!r} (upsert it again "
+                           f"to bring its definition up to date)")
+        if name in fixed and str(value) != str(declared[name].get("DefaultValue", "")):
+            raise AwsError(f"cannot override {name} at start: {fixed[name]}")
+        if BY_NAME[name].type is str and value == "" and declared[name].get("DefaultValue") not in ("", None):
+            raise AwsError(f"{name} cannot be empty at start (the definition passes it to an AWS API "
+                           f"field that needs a value); to drop an optional setting, upsert with "
+                           f"--param {name}=")
+        if name == "StagingEndpointName" and len(str(value)) > MAX_ENDPOINT_NAME:
+            raise AwsError(f"StagingEndpointName may have at most {MAX_ENDPOINT_NAME} characters "
+                           f"(the endpoint config is named <endpoint>-<execution id>)")
+    kwargs = {
+        "PipelineName": pipeline_name,
+        "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in parameters.items()],
+        "ParallelismConfiguration": {"MaxParallelExecutionSteps": MAX_PARALLEL_STEPS},
+    }
+    if commit_id:
+        kwargs["PipelineExecutionDisplayName"] = display_name or execution_display_name(commit_id)
+        kwargs["PipelineExecutionDescription"] = f"CommitId={commit_id}"
+    elif display_name:
+        kwargs["PipelineExecutionDisplayName"] = display_name
+    return sm.start_pipeline_execution(**kwargs)["PipelineExecutionArn"]
+
+
+def latest_execution(sm, pipeline_name: str) -> str:
+    if not pipeline_exists(sm, pipeline_name):
+        raise AwsError(f"no pipeline {pipeline_name!r} in this account and region")
+    found = sm.list_pipeline_executions(PipelineName=pipeline_name, SortBy="CreationTime",
+                                        SortOrder="Descending", MaxResults=1)
+    summaries = found.get("PipelineExecutionSummaries", [])
+    if not summaries:
+        raise AwsError(f"pipeline {pipeline_name!r} has no executions yet: `invmon start`")
+    return summaries[0]["PipelineExecutionArn"]
+
+
+def execution_steps(sm, execution_arn: str) -> list[dict]:
+    """All steps of an execution, in the order they started."""
+    steps, token = [], None
+    while True:
+        kwargs = {"PipelineExecutionArn": execution_arn, "SortOrder": "Ascending"}
+        if token:
+            kwargs["NextToken"] = token
+        page = sm.list_pipeline_execution_steps(**kwargs)
+        steps += page.get("PipelineExecutionSteps", [])
+        token = page.get("NextToken")
+        if not token:
+            return steps
+
+
+def _step_line(step: dict) -> str:
+    status = step.get("StepStatus", "?")
+    extra = ""
+    cache = step.get("CacheHitResult") or {}
+    if cache.get("SourcePipelineExecutionArn"):
+        extra = f" (cache hit: {cache['SourcePipelineExecutionArn'].rsplit('/', 1)[-1]})"
+    attempts = step.get("AttemptCount") or 0
+    if attempts > 1:
+        extra += f" (attempt {attempts})"
+    if step.get("FailureReason"):
+        extra += f": {step['FailureReason']}"
+    return f"{step.get('StepName', '?'):<24} {status}{extra}"
+
+
+@dataclass
+class Outcome:
+    status: str
+    failure_reason: str = ""
+    failed_step: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "Succeeded"
+
+
+def follow(sm, execution_arn: str, poll_seconds: float = 30.0, out: Callable[[str], None] = print,
+           sleep: Callable[[float], None] = time.sleep, timeout_s: float | None = None) -> Outcome:
+    """Poll the execution, print each step's status changes, return how it ended."""
+    seen: dict[str, tuple] = {}
+    started = time.monotonic()
+    while True:
+        for step in execution_steps(sm, execution_arn):
+            key = (step.get("StepStatus"), step.get("AttemptCount"), step.get("FailureReason"))
+            if seen.get(step.get("StepName")) != key:
+                seen[step.get("StepName")] = key
+                out(f"{datetime.now().strftime('%H:%M:%S')}  {_step_line(step)}")
+        execution = sm.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
+        status = execution.get("PipelineExecutionStatus", "?")
+        if status in TERMINAL:
+            outcome = Outcome(status, execution.get("FailureReason", ""))
+            if status != "Succeeded":
+                failed = [s for s in execution_steps(sm, execution_arn) if s.get("StepStatus") == "Failed"]
+                if failed:
+                    outcome.failed_step = failed[-1].get("StepName", "")
+                    outcome.failure_reason = failed[-1].get("FailureReason") or outcome.failure_reason
+            return outcome
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            raise AwsError(f"execution still {status} after {timeout_s:.0f}s: {execution_arn}")
+        sleep(poll_seconds)
+
+
+def status_report(sm, execution_arn: str) -> str:
+    execution = sm.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
+    lines = [f"execution {execution_arn}",
+             f"  status:  {execution.get('PipelineExecutionStatus', '?')}"]
+    for key, label in (("PipelineExecutionDisplayName", "name"),
+                       ("PipelineExecutionDescription", "note"),
+                       ("CreationTime", "started"), ("LastModifiedTime", "updated"),
+                       ("FailureReason", "failure")):
+        if execution.get(key):
+            lines.append(f"  {label + ':':<8} {execution[key]}")
+    try:
+        steps = execution_steps(sm, execution_arn)
+    except Exception as exc:  # an endpoint without ListPipelineExecutionSteps (moto) still shows the rest
+        lines.append(f"  steps:   not available ({describe_error(exc).splitlines()[0][:200]})")
+        return "\n".join(lines)
+    lines.append("  steps:" if steps else "  steps:   none started yet")
+    lines += [f"    {_step_line(s)}" for s in steps]
+    return "\n".join(lines)
+
+
+def executions_report(sm, pipeline_name: str, max_results: int = 20) -> str:
+    if not pipeline_exists(sm, pipeline_name):
+        raise AwsError(f"no pipeline {pipeline_name!r} in this account and region")
+    found = sm.list_pipeline_executions(PipelineName=pipeline_name, SortBy="CreationTime",
+                                        SortOrder="Descending", MaxResults=max_results)
+    summaries = found.get("PipelineExecutionSummaries", [])
+    if not summaries:
+        return f"pipeline {pipeline_name} has no executions yet"
+    lines = [f"{'STARTED':<26} {'STATUS':<10} {'NAME':<20} ARN"]
+    for s in summaries:
+        started = s.get("StartTime")
+        started = started.isoformat(timespec="seconds") if hasattr(started, "isoformat") else str(started or "")
+        lines.append(f"{started:<26} {s.get('PipelineExecutionStatus', '?'):<10} "
+                     f"{(s.get('PipelineExecutionDisplayName') or '-'):<20} {s['PipelineExecutionArn']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+def _iso(value) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.isoformat()
+    return str(value or "")
+
+
+class SageMakerRegistry:
+    """The SageMaker Model Registry with the LocalRegistry's methods and ModelVersion records.
+
+    A model package group is a group; its versioned model packages are the versions. Metrics
+    are the evaluation.json the Register step attached (ModelMetrics.ModelQuality.Statistics).
+    Errors are RegistryError/NotFoundError, as with the local back-end.
+    """
+
+    def __init__(self, region: str | None = None, sagemaker_client=None, s3_client=None):
+        if sagemaker_client is None:
+            try:
+                region = resolve_region(region)
+            except AwsError as exc:
+                raise RegistryError(str(exc)) from None
+        self.sm = sagemaker_client or client("sagemaker", region)
+        self._s3 = s3_client
+        self._region = region
+
+    @property
+    def s3(self):
+        if self._s3 is None:
+            self._s3 = client("s3", self._region or self.sm.meta.region_name)
+        return self._s3
+
+    def _call(self, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            message = describe_error(exc)
+            if message.startswith("ResourceNotFound") or "does not exist" in message:
+                raise NotFoundError(f"SageMaker Model Registry: {message}") from None
+            raise RegistryError(f"SageMaker Model Registry: {message}") from None
+        except BotoCoreError as exc:
+            raise RegistryError(f"SageMaker Model Registry: {exc}") from None
+
+    def groups(self) -> list[str]:
+        names, token = [], None
+        while True:
+            kwargs = {"NextToken": token} if token else {}
+            page = self._call(self.sm.list_model_package_groups, **kwargs)
+            names += [g["ModelPackageGroupName"] for g in page.get("ModelPackageGroupSummaryList", [])]
+            token = page.get("NextToken")
+            if not token:
+                return sorted(names)
+
+    def _summaries(self, group: str, status: str | None = None) -> list[dict]:
+        found, token = [], None
+        while True:
+            kwargs = {"ModelPackageGroupName": group, "ModelPackageType": "Versioned"}
+            if status:
+                kwargs["ModelApprovalStatus"] = status
+            if token:
+                kwargs["NextToken"] = token
+            page = self._call(self.sm.list_model_packages, **kwargs)
+            found += page.get("ModelPackageSummaryList", [])
+            token = page.get("NextToken")
+            if not token:
+                return sorted(found, key=lambda s: s.get("ModelPackageVersion", 0))
+
+    def _metrics(self, package: dict) -> dict:
+        uri = (((package.get("ModelMetrics") or {}).get("ModelQuality") or {})
+               .get("Statistics") or {}).get("S3Uri")
+        if not uri or not uri.startswith("s3://"):
+            return {}
+        bucket, _, key = uri[5:].partition("/")
+        try:
+            return json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except Exception as exc:  # the version still lists; say why its metrics are missing
+            return {"unavailable": f"{uri}: {describe_error(exc)}"}
+
+    def _version(self, arn: str) -> ModelVersion:
+        p = self._call(self.sm.describe_model_package, ModelPackageName=arn)
+        containers = (p.get("InferenceSpecification") or {}).get("Containers") or [{}]
+        return ModelVersion(
+            group=p.get("ModelPackageGroupName", ""),
+            version=int(p.get("ModelPackageVersion", 0)),
+            status=p.get("ModelApprovalStatus", ""),
+            artifact_uri=containers[0].get("ModelDataUrl", ""),
+            metrics=self._metrics(p),
+            created_at=_iso(p.get("CreationTime")),
+            updated_at=_iso(p.get("LastModifiedTime") or p.get("CreationTime")),
+            run_id=(p.get("MetadataProperties") or {}).get("GeneratedBy"),
+            description=p.get("ModelPackageDescription", "") or "",
+            note=p.get("ApprovalDescription", "") or "",
+        )
+
+    def list_versions(self, group: str | None = None) -> list[ModelVersion]:
+        groups = [group] if group is not None else self.groups()
+        return [self._version(s["ModelPackageArn"]) for g in groups for s in self._summaries(g)]
+
+    def _arn(self, group: str, version) -> str:
+        try:
+            number = int(version)
+        except (TypeError, ValueError):
+            raise RegistryError(f"model version must be a whole number from 1, got {version!r}") from None
+        for s in self._summaries(group):
+            if int(s.get("ModelPackageVersion", 0)) == number:
+                return s["ModelPackageArn"]
+        raise NotFoundError(f"model version {group}/{number} not found in the SageMaker Model Registry")
+
+    def get(self, group: str, version: int) -> ModelVersion:
+        return self._version(self._arn(group, version))
+
+    def set_status(self, group: str, version: int, status: str, note: str = "") -> ModelVersion:
+        if status not in STATUSES:
+            raise RegistryError(f"unknown approval status {status!r}; use one of {', '.join(STATUSES)}")
+        arn = self._arn(group, version)
+        kwargs = {"ModelPackageArn": arn, "ModelApprovalStatus": status}
+        if note:
+            kwargs["ApprovalDescription"] = note
+        self._call(self.sm.update_model_package, **kwargs)
+        return self._version(arn)
+
+    def latest(self, group: str, status: str | None = None) -> ModelVersion | None:
+        if status is not None and status not in STATUSES:
+            raise RegistryError(f"unknown approval status {status!r}; use one of {', '.join(STATUSES)}")
+        summaries = self._summaries(group, status)
+        return self._version(summaries[-1]["ModelPackageArn"]) if summaries else None

@@ -1,0 +1,886 @@
+"""The bin-count DAG as a SageMaker pipeline (SageMaker Python SDK v3).
+
+`get_pipeline()` is the SageMaker project-template entry point. It reads nothing but the step
+declarations (`steps.DAG`), pipeline/parameters.py and a profile's defaults, and translates each
+declaration type into SDK v3 objects:
+
+    ProcessingStep -> FrameworkProcessor (PyTorch image, the step's own source + requirements)
+    TuningStep     -> HyperparameterTuner over a ModelTrainer, tuner.tune() -> TuningStep
+    TrainingStep   -> ModelTrainer.train() -> TrainingStep (checkpoints + managed spot)
+    ConditionStep  -> ConditionStep(ConditionGreaterThanOrEqualTo(JsonGet, parameter))
+    FailStep       -> FailStep(Join(message parts))
+    RegisterStep   -> ModelBuilder.register() -> ModelStep (ModelMetrics = evaluation.json)
+    DeployStep     -> ModelBuilder.build() -> ModelStep "<name>-Model",
+                      EndpointConfigStep "<name>-EndpointConfig", EndpointStep "<name>"
+
+Helper steps a declaration needs are named "<declaration>-<part>", so the declared DAG can be
+read back from the definition (tests/test_parity.py does).
+
+Every SDK import is inside a function: importing sagemaker.mlops creates boto3 clients at import
+time and fails without a region, and the local path of `invmon` must not need the SDK at all.
+
+Code staging. The SDK uploads code while it builds the definition, by default under keys named
+after timestamped job names, so every build would be a new definition. Here each step's code is
+a reproducible sourcedir.tar.gz (stage_source, so train.py has inference.py beside it) and every
+upload goes through `StagingSession`, which keys it by content
+(s3://BUCKET/PIPELINE/code/<name>-<sha256 prefix>/...); the SDK's own runproc.sh is keyed by its
+hash and its fixed install_requirements.py helper by the step's job prefix. So the definition
+only changes when the code does: step caching (Preprocess, Tune) survives an upsert of
+unchanged code, and a cached step never reuses results computed by other code. With
+`offline_dir`, the same files are written under that folder instead and any AWS call the SDK
+attempts raises `OfflineError`: `invmon definition` builds the exact definition `invmon upsert`
+would (tests/test_sagemaker_definition.py compares them), with no network and no AWS account.
+
+Empty-string parameter defaults. A few parameters mean "not used" when empty (KmsKeyId,
+ManifestUrl, SubnetIds, SecurityGroupIds). An empty string must never reach the AWS APIs (an
+empty S3Uri or subnet is rejected when the job is created, and an empty KMS key id is not "no
+key"), and a pipeline cannot drop a field at run time, so these are decided when the
+definition is built (at upsert, from the profile or `--param`):
+  - KmsKeyId: empty -> no KMS fields at all; set -> output, processing-volume and endpoint
+    KMS fields are wired to the KmsKeyId parameter (so an execution may switch keys).
+  - ManifestUrl (an optional input in steps/): empty -> Preprocess has no manifest input (the
+    script finds nothing at --manifest, as with the local runner's empty folder); set -> the
+    input reads the ManifestUrl parameter.
+  - SubnetIds/SecurityGroupIds: a pipeline cannot split a string into a list at run time, so
+    the VPC config holds the literal lists given at build time; the parameters stay in the
+    definition as a record. `invmon start` refuses overrides that the definition cannot honour
+    (see `fixed_parameters`).
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import steps as declared
+from pipeline import profiles
+from pipeline.parameters import APPROVAL_STATUSES, BY_NAME, PARAMETERS
+from steps import base
+
+# Framework images (SageMaker PyTorch DLCs). The training image also runs the processing steps,
+# so Preprocess/Evaluate get the same torch/torchvision as training.
+PYTORCH_TRAINING = ("2.10", "py313")
+PYTORCH_INFERENCE = ("2.6", "py312")
+# CPU or GPU image is chosen from the build-time instance type (an image cannot follow a
+# run-time parameter). A GPU image still runs on a CPU instance; the reverse loses the GPU.
+
+CACHE_EXPIRY = "P30D"
+MAX_PARALLEL_STEPS = 2  # ParallelismConfiguration sent with create/update and each start
+# Endpoint configs are named <StagingEndpointName>-<12-char execution id>, at most 63 chars.
+MAX_ENDPOINT_NAME = 50
+PROCESSING_MAX_RUNTIME_S = 4 * 3600
+TRIAL_MAX_RUNTIME_S = 2 * 3600
+TRAINING_MAX_RUNTIME_S = 24 * 3600
+SPOT_MAX_WAIT_S = 2 * TRAINING_MAX_RUNTIME_S  # MaxWaitTime must be >= MaxRuntime
+PROCESSING_VOLUME_GB = 50
+TRAINING_VOLUME_GB = 50
+SERVING_CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image"]
+SERVING_RESPONSE_TYPES = ["application/json"]
+# Used for `invmon definition` when no role/bucket is given: the definition is complete and
+# valid, but only `invmon upsert --role-arn ...` makes one that can run.
+PLACEHOLDER_ROLE = "arn:aws:iam::000000000000:role/invmon-definition-placeholder"
+PLACEHOLDER_BUCKET = "invmon-definition-placeholder"
+
+# Parameters whose value is fixed into the definition's structure when it is built.
+KMS_PARAMETER = "KmsKeyId"
+VPC_PARAMETERS = ("SubnetIds", "SecurityGroupIds")
+
+
+class OfflineError(RuntimeError):
+    """The SDK tried to call AWS while the definition was being built offline."""
+
+
+class DefinitionError(ValueError):
+    """A declaration or parameter value that cannot become a SageMaker definition."""
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def _clean_copy(src: Path, dest: Path) -> None:
+    """Copy a file or folder, leaving out bytecode caches (they differ between machines)."""
+    if src.is_dir():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                        dirs_exist_ok=True)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's (relative path, bytes) pairs in sorted order."""
+    h = hashlib.sha256()
+    path = Path(path)
+    if path.is_dir():
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(item.relative_to(path).as_posix().encode() + b"\0")
+            h.update(item.read_bytes() + b"\0")
+    else:
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def build_source_tarball(code: base.Code, dest_dir: Path) -> Path:
+    """`sourcedir.tar.gz` of a step's code, staged as its container sees it (stage_source).
+
+    Byte-for-byte reproducible (sorted members, zero mtimes/owners, no gzip timestamp), so its
+    digest names the code, not the checkout it came from.
+    """
+    staged = base.stage_source(code, dest_dir / "src")
+    tarball = dest_dir / "sourcedir.tar.gz"
+    with open(tarball, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for item in sorted(p for p in staged.rglob("*") if p.is_file()):
+            info = tarfile.TarInfo(item.relative_to(staged).as_posix())
+            data = item.read_bytes()
+            info.size, info.mtime, info.mode = len(data), 0, 0o755 if os.access(item, os.X_OK) else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return tarball
+
+
+def _is_pipeline_variable(value) -> bool:
+    from sagemaker.core.helper.pipeline_variable import PipelineVariable
+
+    return isinstance(value, PipelineVariable)
+
+
+_SESSION_CLASS = None
+
+
+def _staging_session_class():
+    """PipelineSession with content-addressed (and optionally offline) uploads."""
+    global _SESSION_CLASS
+    if _SESSION_CLASS is not None:
+        return _SESSION_CLASS
+    from sagemaker.core.workflow.pipeline_context import PipelineSession
+
+    class StagingSession(PipelineSession):
+        def __init__(self, *, boto_session, default_bucket, code_prefix, offline_dir=None):
+            super().__init__(boto_session=boto_session, default_bucket=default_bucket)
+            self.code_prefix = code_prefix.strip("/")
+            self.offline_dir = Path(offline_dir) if offline_dir is not None else None
+
+        # The SDK passes a hard-coded regional STS endpoint_url here, which overrides
+        # AWS_ENDPOINT_URL; a plain client keeps boto3's own endpoint resolution.
+        def account_id(self) -> str:
+            return self.boto_session.client("sts").get_caller_identity()["Account"]
+
+        def generate_default_sagemaker_bucket_name(self, boto_session):
+            account = boto_session.client("sts").get_caller_identity()["Account"]
+            return f"sagemaker-{boto_session.region_name}-{account}"
+
+        def default_bucket(self):
+            if self.offline_dir is not None:
+                # The real one checks (and may create) the bucket: not offline.
+                return self._default_bucket_name_override
+            return super().default_bucket()
+
+        def upload_data(self, path, bucket=None, key_prefix="data", callback=None, extra_args=None):
+            with tempfile.TemporaryDirectory(prefix="invmon-upload-") as tmp:
+                src = Path(path)
+                clean = Path(tmp) / src.name
+                _clean_copy(src, clean)
+                key_prefix = key_prefix.strip("/")
+                if not key_prefix.startswith(self.code_prefix + "/"):
+                    leaf = key_prefix.rsplit("/", 1)[-1] or "data"
+                    key_prefix = f"{self.code_prefix}/{leaf}-{content_digest(clean)[:16]}"
+                if extra_args:  # a run-time parameter cannot encrypt a build-time upload
+                    extra_args = {k: v for k, v in extra_args.items() if not _is_pipeline_variable(v)}
+                    if "SSEKMSKeyId" not in extra_args:
+                        extra_args.pop("ServerSideEncryption", None)
+                if self.offline_dir is None:
+                    return super().upload_data(str(clean), bucket=bucket, key_prefix=key_prefix,
+                                               callback=callback, extra_args=extra_args or None)
+                bucket = bucket or self.default_bucket()
+                target = self.offline_dir / bucket / key_prefix
+                if clean.is_dir():
+                    _clean_copy(clean, target)
+                    return f"s3://{bucket}/{key_prefix}"
+                _clean_copy(clean, target / clean.name)
+                return f"s3://{bucket}/{key_prefix}/{clean.name}"
+
+        def upload_string_as_file_body(self, body, bucket, key, kms_key=None):
+            if _is_pipeline_variable(kms_key):
+                kms_key = None  # see upload_data
+            if self.offline_dir is None:
+                return super().upload_string_as_file_body(body, bucket, key, kms_key=kms_key)
+            target = self.offline_dir / bucket / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(body if isinstance(body, bytes) else body.encode())
+            return f"s3://{bucket}/{key}"
+
+    _SESSION_CLASS = StagingSession
+    return StagingSession
+
+
+def _refuse_aws_call(event_name=None, **_):
+    operation = (event_name or "").split(".", 1)[-1]
+    raise OfflineError(
+        f"the SageMaker SDK tried to call AWS ({operation}) while building the definition "
+        "offline; this build needs AWS access: run `invmon upsert` with credentials and a region")
+
+
+def sdk_import_region(region: str) -> None:
+    """Importing sagemaker.mlops/serve builds boto3 clients from the default region at import
+    time (NoRegionError without one), and botocore reads AWS_DEFAULT_REGION, not AWS_REGION:
+    give the process `region` unless it has a default region already."""
+    os.environ.setdefault("AWS_DEFAULT_REGION", region)
+
+
+def make_session(region: str, bucket: str | None, pipeline_name: str,
+                 offline_dir: str | os.PathLike | None = None, boto_session=None):
+    """A StagingSession for `region`. Offline (offline_dir given) it never calls AWS.
+
+    boto3 reads AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_SAGEMAKER / AWS_ENDPOINT_URL_S3 itself, and
+    every client the SDK makes comes from this boto session, so a local endpoint (moto's server)
+    serves all of them.
+    """
+    import boto3
+
+    if boto_session is None:
+        boto_session = boto3.Session(region_name=region)
+    if offline_dir is not None:
+        if not bucket:
+            raise DefinitionError("an offline build needs a bucket name for the S3 URIs it writes")
+        # before-call runs ahead of signing and sending: no credentials, no network.
+        boto_session.events.register("before-call", _refuse_aws_call)
+    cls = _staging_session_class()
+    return cls(boto_session=boto_session, default_bucket=bucket,
+               code_prefix=f"{pipeline_name}/code", offline_dir=offline_dir)
+
+
+OFFLINE_ENVIRONMENT = {
+    # The SDK simulates IAM policies for the role unless told not to: an AWS call.
+    "SAGEMAKER_VALIDATE_ROLE": "false",
+    # Without credentials botocore asks the EC2 metadata service for some, per client.
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@contextlib.contextmanager
+def telemetry_disabled():
+    """No SDK telemetry for the block: it is an HTTP request to AWS (a background thread, and a
+    synchronous one in sagemaker.serve). The SDK's own switch, TelemetryOptOut in its config
+    file, makes every config lookup re-validate the whole config schema (~0.3 s each, 70+ per
+    build), so the senders are replaced by no-ops here instead."""
+    import sagemaker.core.telemetry.telemetry_logging as core_telemetry
+    import sagemaker.serve.utils.telemetry_logger as serve_telemetry
+
+    saved = (core_telemetry._send_telemetry_request, serve_telemetry._send_telemetry)
+    core_telemetry._send_telemetry_request = lambda *a, **k: None
+    serve_telemetry._send_telemetry = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        core_telemetry._send_telemetry_request, serve_telemetry._send_telemetry = saved
+
+
+@contextlib.contextmanager
+def offline_environment(offline: bool = True):
+    """Environment for an offline build (restored afterwards); a no-op when not offline."""
+    if not offline:
+        yield
+        return
+    old = {name: os.environ.get(name) for name in OFFLINE_ENVIRONMENT}
+    os.environ.update(OFFLINE_ENVIRONMENT)
+    try:
+        with telemetry_disabled():
+            yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def parameter_values(profile: str = "full", overrides: dict | None = None) -> dict:
+    """The profile's defaults with `overrides` (already typed, see parse_assignments) applied."""
+    values = profiles.defaults(profile)
+    for name, value in (overrides or {}).items():
+        if name not in BY_NAME:
+            raise DefinitionError(f"unknown parameter {name!r}; known: {', '.join(BY_NAME)}")
+        values[name] = value
+    return values
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def fixed_parameters(definition: dict) -> dict[str, str]:
+    """Parameters an execution of `definition` cannot override, with the reason.
+
+    Read from a built definition (e.g. describe_pipeline's), so `invmon start` can refuse an
+    override the running pipeline would silently ignore.
+    """
+    defaults = {p["Name"]: p.get("DefaultValue") for p in definition.get("Parameters", [])}
+    fixed = {}
+    for name in VPC_PARAMETERS:
+        fixed[name] = (f"{name} is fixed when the pipeline is upserted (a pipeline cannot turn a "
+                       f"string into a subnet/security-group list at run time); "
+                       f"re-run `invmon upsert --param {name}=...`")
+    for name in (KMS_PARAMETER, *_optional_input_parameters(declared.DAG)):
+        if defaults.get(name) in ("", None):
+            fixed[name] = (f"{name} was empty when the pipeline was upserted, so the definition "
+                           f"has no field for it; re-run `invmon upsert --param {name}=...`")
+    return fixed
+
+
+def _optional_input_parameters(dag: base.Dag) -> list[str]:
+    names = []
+    for step in dag.steps:
+        if isinstance(step, base.ProcessingStep):
+            names += [i.source.name for i in step.inputs
+                      if i.optional and isinstance(i.source, base.Param)]
+    return names
+
+
+def _pipeline_parameter_objects(values: dict) -> dict:
+    from sagemaker.core.workflow.parameters import (ParameterFloat, ParameterInteger,
+                                                    ParameterString)
+
+    made = {}
+    for p in PARAMETERS:
+        value = values[p.name]
+        if p.type is int:
+            made[p.name] = ParameterInteger(name=p.name, default_value=int(value))
+        elif p.type is float:
+            made[p.name] = ParameterFloat(name=p.name, default_value=float(value))
+        else:
+            enum = list(APPROVAL_STATUSES) if p.name == "ModelApprovalStatus" else None
+            made[p.name] = ParameterString(name=p.name, default_value=str(value), enum_values=enum)
+    return made
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+def _job_prefix(pipeline_name: str, step_name: str, limit: int) -> str:
+    """`<pipeline>-<step>` trimmed to `limit`: SageMaker appends its own unique suffix."""
+    import re
+
+    name = re.sub(r"[^a-zA-Z0-9-]", "-", f"{pipeline_name}-{step_name}").strip("-")
+    return name[:limit].rstrip("-")
+
+
+@dataclass
+class _Build:
+    dag: base.Dag
+    pipeline_name: str
+    region: str
+    role: str
+    bucket: str
+    session: object
+    values: dict
+    params: dict
+    workdir: Path
+    sm_steps: dict = field(default_factory=dict)  # declaration name -> SDK step
+    property_files: dict = field(default_factory=dict)  # (step, name) -> PropertyFile
+    staged: dict = field(default_factory=dict)  # Code -> S3 URI of its sourcedir.tar.gz
+
+    # ---- shared settings
+
+    @property
+    def kms(self):
+        return self.params[KMS_PARAMETER] if self.values[KMS_PARAMETER] else None
+
+    def vpc(self) -> tuple[list[str], list[str]] | None:
+        subnets, groups = (_split_list(self.values[n]) for n in VPC_PARAMETERS)
+        if bool(subnets) != bool(groups):
+            raise DefinitionError("SubnetIds and SecurityGroupIds go together: set both or neither")
+        return (subnets, groups) if subnets else None
+
+    def retry_policies(self, kind: str) -> list:
+        from sagemaker.mlops.workflow.retry import (SageMakerJobExceptionTypeEnum,
+                                                    SageMakerJobStepRetryPolicy,
+                                                    StepExceptionTypeEnum, StepRetryPolicy)
+
+        # Throttling and service faults: every step that calls an API can retry them.
+        policies = [StepRetryPolicy(
+            exception_types=[StepExceptionTypeEnum.THROTTLING, StepExceptionTypeEnum.SERVICE_FAULT],
+            interval_seconds=10, backoff_rate=2.0, max_attempts=5)]
+        if kind == "job":
+            # No capacity for the instance type (spot included), or an account limit hit
+            # while creating the job: wait and try again rather than fail the execution.
+            policies.append(SageMakerJobStepRetryPolicy(
+                exception_types=[SageMakerJobExceptionTypeEnum.RESOURCE_LIMIT],
+                failure_reason_types=[SageMakerJobExceptionTypeEnum.CAPACITY_ERROR,
+                                      SageMakerJobExceptionTypeEnum.INTERNAL_ERROR],
+                interval_seconds=60, backoff_rate=2.0, max_attempts=5))
+        return policies
+
+    def cache(self, decl):
+        from sagemaker.mlops.workflow.steps import CacheConfig
+
+        return CacheConfig(enable_caching=True, expire_after=CACHE_EXPIRY) if decl.cache else None
+
+    def image(self, scope: str, instance_type: str) -> str:
+        from sagemaker.core import image_uris
+
+        version, py = PYTORCH_TRAINING if scope == "training" else PYTORCH_INFERENCE
+        return image_uris.retrieve("pytorch", region=self.region, version=version, py_version=py,
+                                   instance_type=instance_type, image_scope=scope)
+
+    def execution_uri(self, *parts):
+        """s3://BUCKET/PIPELINE/<execution id>/<parts...>: one place per execution."""
+        from sagemaker.core.workflow.execution_variables import ExecutionVariables
+        from sagemaker.core.workflow.functions import Join
+
+        return Join(on="/", values=["s3:/", self.bucket, self.pipeline_name,
+                                    ExecutionVariables.PIPELINE_EXECUTION_ID, *parts])
+
+    def stage_code(self, code: base.Code) -> str:
+        """Upload (or stage offline) the step's sourcedir.tar.gz; returns its S3 URI."""
+        if code in self.staged:  # Tune's trials and Train run the same code
+            return self.staged[code]
+        if not (code.path / code.entry_point).is_file():
+            raise DefinitionError(f"{code.path / code.entry_point} does not exist (entry point of "
+                                  f"scripts/{code.source_dir})")
+        tmp = Path(tempfile.mkdtemp(prefix=f"{code.source_dir}-", dir=self.workdir))
+        tarball = build_source_tarball(code, tmp)
+        key_prefix = f"{self.pipeline_name}/code/{code.source_dir}-{content_digest(tarball)[:16]}"
+        self.staged[code] = self.session.upload_data(str(tarball), bucket=self.bucket,
+                                                     key_prefix=key_prefix)
+        return self.staged[code]
+
+    # ---- values
+
+    def value(self, v, *, as_string: bool = False):
+        """A declared Value/Source/TunedValue as what the SDK takes."""
+        if isinstance(v, base.Param):
+            param = self.params[v.name]
+            # API string fields (hyperparameters, container arguments) need a string at run
+            # time; Std:Join converts an Integer/Float parameter.
+            return param.to_string() if as_string and BY_NAME[v.name].type is not str else param
+        if isinstance(v, base.StepOutput):
+            return self.output_uri(v)
+        if isinstance(v, base.TunedValue):
+            tuner = self.sm_steps[v.tuning_step]
+            return tuner.properties.BestTrainingJob.TunedHyperParameters[v.name]
+        if isinstance(v, bool):
+            return str(v).lower()
+        return str(v) if as_string else v
+
+    def build_time_value(self, v):
+        return self.values[v.name] if isinstance(v, base.Param) else v
+
+    def output_uri(self, ref: base.StepOutput):
+        decl = self.dag[ref.step]
+        step = self.sm_steps[ref.step]
+        if isinstance(decl, base.ProcessingStep):
+            if ref.output not in [o.name for o in decl.outputs]:
+                raise DefinitionError(f"{ref} is not an output of step {ref.step}")
+            return step.properties.ProcessingOutputConfig.Outputs[ref.output].S3Output.S3Uri
+        if isinstance(decl, base.TrainingStep) and ref.output == "model":
+            return step.properties.ModelArtifacts.S3ModelArtifacts
+        raise DefinitionError(f"cannot read {ref}: step {ref.step} has no output {ref.output!r}")
+
+    def json_get(self, ref: base.JsonGet):
+        from sagemaker.core.workflow.functions import JsonGet
+
+        return JsonGet(step_name=ref.step, property_file=self.property_files[(ref.step, ref.property_file)],
+                       json_path=ref.json_path)
+
+    # ---- step translations
+
+    def processing(self, decl: base.ProcessingStep):
+        from sagemaker.core.network import NetworkConfig
+        from sagemaker.core.processing import FrameworkProcessor
+        from sagemaker.core.shapes import (ProcessingInput, ProcessingOutput, ProcessingS3Input,
+                                           ProcessingS3Output)
+        from sagemaker.core.workflow.properties import PropertyFile
+        from sagemaker.mlops.workflow.steps import ProcessingStep
+
+        vpc = self.vpc()
+        prefix = _job_prefix(self.pipeline_name, decl.name, 40)
+        processor = FrameworkProcessor(
+            image_uri=self.image("training", self.values["ProcessingInstanceType"]),
+            role=self.role,
+            instance_type=self.params["ProcessingInstanceType"],
+            instance_count=self.params["ProcessingInstanceCount"],
+            volume_size_in_gb=PROCESSING_VOLUME_GB,
+            volume_kms_key=self.kms,
+            output_kms_key=self.kms,
+            max_runtime_in_seconds=PROCESSING_MAX_RUNTIME_S,
+            base_job_name=prefix,
+            code_location=f"s3://{self.bucket}",  # helper scripts: <bucket>/<job prefix>/source/
+            sagemaker_session=self.session,
+            network_config=NetworkConfig(subnets=vpc[0], security_group_ids=vpc[1]) if vpc else None,
+        )
+        inputs = []
+        for item in decl.inputs:
+            if item.optional and isinstance(item.source, base.Param) and not self.values[item.source.name]:
+                continue  # see the module docstring: empty = no input (the script gets an empty path)
+            inputs.append(ProcessingInput(input_name=item.name, s3_input=ProcessingS3Input(
+                s3_uri=self.value(item.source), local_path=item.destination,
+                s3_data_type="S3Prefix", s3_input_mode="File")))
+        outputs = [ProcessingOutput(output_name=o.name, s3_output=ProcessingS3Output(
+            s3_uri=self.execution_uri(decl.name, o.name), local_path=o.source,
+            s3_upload_mode="EndOfJob")) for o in decl.outputs]
+        arguments = [self.value(arg, as_string=True) for arg in decl.arguments]
+        source = self.stage_code(decl.code)
+        step_args = processor.run(
+            code=decl.code.entry_point, source_dir=source,
+            requirements="requirements.txt" if decl.code.requirements.is_file() else None,
+            inputs=inputs, outputs=outputs, arguments=arguments,
+            # A fixed job name keeps the helper-script URIs stable (the SDK derives them from
+            # it); the service still gives every job a unique name from this prefix.
+            job_name=prefix,
+        )
+        files = [PropertyFile(name=p.name, output_name=p.output, path=p.path) for p in decl.property_files]
+        for f in files:
+            self.property_files[(decl.name, f.name)] = f
+        return ProcessingStep(name=decl.name, step_args=step_args, description=decl.description or None,
+                              property_files=files or None, cache_config=self.cache(decl),
+                              retry_policies=self.retry_policies("job"))
+
+    def trainer(self, decl: base.TrainingStep, *, step_name: str, trial: bool):
+        """A ModelTrainer for `decl`, run as pipeline step `step_name` (Tune for the trials)."""
+        from sagemaker.core.training.configs import (CheckpointConfig, Compute, MetricDefinition,
+                                                     Networking, OutputDataConfig, SourceCode,
+                                                     StoppingCondition)
+        from sagemaker.train import ModelTrainer
+
+        vpc = self.vpc()
+        spot = decl.checkpoints and not trial  # only a job that resumes from checkpoints
+        trainer = ModelTrainer(
+            training_image=self.image("training", self.values["TrainingInstanceType"]),
+            role=self.role,
+            sagemaker_session=self.session,
+            base_job_name=_job_prefix(self.pipeline_name, step_name, 40),
+            source_code=SourceCode(
+                source_dir=self.stage_code(decl.code), entry_script=decl.code.entry_point,
+                requirements="requirements.txt" if decl.code.requirements.is_file() else None),
+            compute=Compute(
+                instance_type=self.params["TrainingInstanceType"],
+                instance_count=self.params["TrainingInstanceCount"],
+                volume_size_in_gb=TRAINING_VOLUME_GB,
+                # No VolumeKmsKeyId: GPU instances (g4dn, g5, p3dn...) have local NVMe storage,
+                # which the API refuses a volume key for (it is hardware-encrypted).
+                enable_managed_spot_training=spot or None),
+            stopping_condition=StoppingCondition(
+                max_runtime_in_seconds=TRIAL_MAX_RUNTIME_S if trial else TRAINING_MAX_RUNTIME_S,
+                max_wait_time_in_seconds=SPOT_MAX_WAIT_S if spot else None),
+            output_data_config=OutputDataConfig(
+                s3_output_path=self.execution_uri(step_name),
+                kms_key_id=self.kms, compression_type="GZIP"),
+            checkpoint_config=CheckpointConfig(
+                s3_uri=self.execution_uri(step_name, "checkpoints"),
+                local_path="/opt/ml/checkpoints") if decl.checkpoints else None,
+            networking=Networking(subnets=vpc[0], security_group_ids=vpc[1]) if vpc else None,
+            hyperparameters={name: self.value(v, as_string=True) for name, v in decl.hyperparameters},
+        )
+        trainer = trainer.with_metric_definitions(
+            [MetricDefinition(name=m.name, regex=m.regex) for m in decl.metric_definitions])
+        return trainer
+
+    def channels(self, decl: base.TrainingStep) -> list:
+        from sagemaker.core.training.configs import InputData
+
+        return [InputData(channel_name=name, data_source=self.value(src)) for name, src in decl.channels]
+
+    def training(self, decl: base.TrainingStep):
+        trainer = self.trainer(decl, step_name=decl.name, trial=False)
+        step_args = trainer.train(input_data_config=self.channels(decl))
+        return _prefixed_step_classes()[0](
+            name=decl.name, step_args=step_args, description=decl.description or None,
+            retry_policies=self.retry_policies("job"),
+            job_prefix=_job_prefix(self.pipeline_name, decl.name, 40))
+
+    def tuning(self, decl: base.TuningStep):
+        from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter
+        from sagemaker.train.tuner import HyperparameterTuner
+
+        trainer = self.trainer(decl.training, step_name=decl.name, trial=True)
+        ranges = {}
+        for r in decl.ranges:
+            if isinstance(r, base.ContinuousRange):
+                ranges[r.name] = ContinuousParameter(r.min_value, r.max_value, scaling_type=r.scaling)
+            else:
+                ranges[r.name] = CategoricalParameter(list(r.values))
+        tuner = HyperparameterTuner(
+            model_trainer=trainer,
+            objective_metric_name=decl.objective_metric,
+            objective_type=decl.objective_type,
+            hyperparameter_ranges=ranges,
+            metric_definitions=[{"Name": m.name, "Regex": m.regex}
+                                for m in decl.training.metric_definitions],
+            strategy=decl.strategy,
+            early_stopping_type=decl.early_stopping,
+            # SDK 3.27's ResourceLimits shape takes ints only: build with the build-time values,
+            # then PrefixedTuningStep puts the parameters back in the request.
+            max_jobs=self.build_time_value(decl.max_jobs),
+            max_parallel_jobs=self.build_time_value(decl.max_parallel_jobs),
+            base_tuning_job_name=_job_prefix(self.pipeline_name, decl.name, 19),
+        )
+        step_args = tuner.tune(inputs=self.channels(decl.training))
+        return _prefixed_step_classes()[1](
+            name=decl.name, step_args=step_args, description=decl.description or None,
+            cache_config=self.cache(decl), retry_policies=self.retry_policies("job"),
+            job_prefix=_job_prefix(self.pipeline_name, decl.name, 19),
+            resource_limits={"MaxNumberOfTrainingJobs": self.value(decl.max_jobs),
+                             "MaxParallelTrainingJobs": self.value(decl.max_parallel_jobs)})
+
+    def model_builder(self, model_uri):
+        from sagemaker.serve.model_builder import ModelBuilder
+
+        return ModelBuilder(
+            image_uri=self.image("inference", self.values["InferenceInstanceType"]),
+            s3_model_data_url=model_uri,
+            role_arn=self.role,
+            sagemaker_session=self.session,
+            log_level=None,  # its default resets the SDK's shared logger to DEBUG
+            # model.tar.gz carries code/inference.py (DESIGN: self-contained artifact): the
+            # serving container runs it from the model directory, nothing is repacked.
+            env_vars={"SAGEMAKER_PROGRAM": self.dag_register_code().entry_point,
+                      "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+                      "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                      "SAGEMAKER_REGION": self.region},
+        )
+
+    def dag_register_code(self) -> base.Code:
+        for step in self.dag.steps:
+            if isinstance(step, base.RegisterStep):
+                return step.code
+        return base.Code("inference", "inference.py")
+
+    def register(self, decl: base.RegisterStep):
+        from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
+        from sagemaker.core.workflow.functions import Join
+        from sagemaker.mlops.workflow.model_step import ModelStep
+
+        metrics_uri = Join(on="/", values=[self.output_uri(decl.metrics), decl.metrics_file])
+        builder = self.model_builder(self.output_uri(decl.model))
+        step_args = builder.register(
+            model_package_group_name=self.params[decl.model_package_group.name],
+            approval_status=self.params[decl.approval_status.name],
+            content_types=SERVING_CONTENT_TYPES,
+            response_types=SERVING_RESPONSE_TYPES,
+            inference_instances=[self.params["InferenceInstanceType"]],
+            transform_instances=[self.params["InferenceInstanceType"]],
+            model_metrics=ModelMetrics(model_statistics=MetricsSource(
+                content_type="application/json", s3_uri=metrics_uri)),
+        )
+        return ModelStep(name=decl.name, step_args=step_args, description=decl.description or None,
+                         retry_policies=self.retry_policies("api"))
+
+    def deploy(self, decl: base.DeployStep) -> list:
+        from sagemaker.core.workflow.execution_variables import ExecutionVariables
+        from sagemaker.core.workflow.functions import Join
+        from sagemaker.mlops.workflow.endpoint_step import EndpointConfigStep, EndpointStep
+        from sagemaker.mlops.workflow.model_step import ModelStep
+
+        register_step = self.sm_steps[decl.register_step]
+        # Serve what was registered: the model data comes from the Register step's package
+        # (same image and environment), which also orders Deploy after Register.
+        registered = register_step.properties.InferenceSpecification.Containers[0].ModelDataUrl
+        builder = self.model_builder(registered)
+        model_step = ModelStep(name=f"{decl.name}-Model",
+                               step_args=builder.build(
+                                   model_name=_job_prefix(self.pipeline_name, decl.name, 40)),
+                               retry_policies=self.retry_policies("api"))
+        endpoint_name = self.params[decl.endpoint_name.name]
+        config_args = self.session.create_endpoint_config(
+            # A new config per execution: the endpoint switches over to it.
+            name=Join(on="-", values=[endpoint_name, ExecutionVariables.PIPELINE_EXECUTION_ID]),
+            production_variants=[{
+                "VariantName": "AllTraffic",
+                "ModelName": model_step.properties.ModelName,
+                "InitialInstanceCount": 1,
+                "InstanceType": self.params[decl.instance_type.name],
+            }],
+            kms_key=self.kms,
+        )
+        config_step = EndpointConfigStep(name=f"{decl.name}-EndpointConfig", step_args=config_args,
+                                         retry_policies=self.retry_policies("api"))
+        endpoint_args = self.session.create_endpoint(
+            endpoint_name=endpoint_name, config_name=config_step.properties.EndpointConfigName)
+        endpoint_step = EndpointStep(name=decl.name, step_args=endpoint_args,
+                                     description=decl.description or None)
+        return [model_step, config_step, endpoint_step]
+
+    def fail(self, decl: base.FailStep):
+        from sagemaker.core.workflow.functions import Join
+        from sagemaker.mlops.workflow.fail_step import FailStep
+
+        parts = [self.json_get(p) if isinstance(p, base.JsonGet) else self.value(p) for p in decl.message]
+        return FailStep(name=decl.name, error_message=Join(on="", values=parts),
+                        description=decl.description or None)
+
+    def condition(self, decl: base.ConditionStep, branches: dict):
+        from sagemaker.core.workflow.conditions import ConditionGreaterThanOrEqualTo
+        from sagemaker.mlops.workflow.condition_step import ConditionStep
+
+        return ConditionStep(
+            name=decl.name, description=decl.description or None,
+            conditions=[ConditionGreaterThanOrEqualTo(left=self.json_get(decl.left),
+                                                      right=self.value(decl.right))],
+            if_steps=[s for name in decl.if_true for s in branches[name]],
+            else_steps=[s for name in decl.if_false for s in branches[name]],
+        )
+
+
+_STEP_CLASSES: dict = {}
+
+
+def _prefixed_step_classes():
+    """Training/Tuning steps that keep the job-name prefix in the definition.
+
+    With use_custom_job_prefix the service names each job "<prefix>-<suffix>", but the v3
+    ModelTrainer and HyperparameterTuner drop the name under a PipelineSession. The tuning
+    step also gets its run-time resource limits back (see _Build.tuning).
+    """
+    if _STEP_CLASSES:
+        return _STEP_CLASSES["Training"], _STEP_CLASSES["Tuning"]
+    from sagemaker.mlops.workflow.steps import TrainingStep, TuningStep
+
+    class PrefixedTrainingStep(TrainingStep):
+        def __init__(self, *args, job_prefix: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.job_prefix = job_prefix
+
+        @property
+        def arguments(self):
+            request = super().arguments
+            request.setdefault("TrainingJobName", self.job_prefix)
+            return request
+
+    class PrefixedTuningStep(TuningStep):
+        def __init__(self, *args, job_prefix: str, resource_limits: dict, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.job_prefix = job_prefix
+            self.resource_limits = resource_limits
+
+        @property
+        def arguments(self):
+            request = super().arguments
+            request.setdefault("HyperParameterTuningJobName", self.job_prefix)
+            request["HyperParameterTuningJobConfig"]["ResourceLimits"].update(self.resource_limits)
+            return request
+
+    _STEP_CLASSES.update(Training=PrefixedTrainingStep, Tuning=PrefixedTuningStep)
+    return PrefixedTrainingStep, PrefixedTuningStep
+
+
+def _gated(dag: base.Dag) -> set[str]:
+    return {name for s in dag.steps if isinstance(s, base.ConditionStep)
+            for name in (*s.if_true, *s.if_false)}
+
+
+def get_pipeline(
+    region: str,
+    role: str,
+    default_bucket: str | None = None,
+    pipeline_name: str = "bin-count",
+    profile: str = "full",
+    sagemaker_session=None,
+    parameter_overrides: dict | None = None,
+    offline_dir: str | os.PathLike | None = None,
+    dag: base.Dag | None = None,
+):
+    """The bin-count pipeline, built from steps.DAG (or `dag`) with `profile`'s defaults.
+
+    `sagemaker_session`: a PipelineSession to use as is (a StagingSession is made otherwise).
+    `offline_dir`: build without AWS, staging code under this folder (see the module doc).
+    """
+    sdk_import_region(region)
+    with offline_environment(offline_dir is not None):
+        return _build_pipeline(region, role, default_bucket, pipeline_name, profile,
+                               sagemaker_session, parameter_overrides, offline_dir,
+                               dag or declared.DAG)
+
+
+def _build_pipeline(region, role, default_bucket, pipeline_name, profile, sagemaker_session,
+                    parameter_overrides, offline_dir, dag):
+    from sagemaker.core.workflow.pipeline_definition_config import PipelineDefinitionConfig
+    from sagemaker.mlops.workflow.pipeline import Pipeline
+
+    values = parameter_values(profile, parameter_overrides)
+    bucket = default_bucket or (PLACEHOLDER_BUCKET if offline_dir is not None else None)
+    if sagemaker_session is None:
+        session = make_session(region, bucket, pipeline_name, offline_dir)
+        # Online, the SDK's default_bucket() creates the bucket when it is missing.
+        bucket = session.default_bucket()
+    else:
+        session = sagemaker_session
+        bucket = bucket or session.default_bucket()
+    workdir = Path(tempfile.mkdtemp(prefix="invmon-sagemaker-"))
+    try:
+        build = _Build(dag=dag, pipeline_name=pipeline_name, region=region, role=role,
+                       bucket=bucket, session=session, values=values,
+                       params=_pipeline_parameter_objects(values), workdir=workdir)
+        steps = _translate(build, dag)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # staged code is uploaded by now
+    pipeline = Pipeline(
+        name=pipeline_name,
+        parameters=list(build.params.values()),
+        steps=steps,
+        sagemaker_session=session,
+        # Keeps the job names set above ("<pipeline>-<step>") as prefixes of the real ones.
+        pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=True),
+    )
+    pipeline._invmon_offline = offline_dir is not None
+    return pipeline
+
+
+def _translate(build: _Build, dag: base.Dag) -> list:
+    """The SDK steps for the declarations, as the pipeline's top-level step list."""
+    build.vpc()  # fail early on half a VPC config
+    if len(str(build.values["StagingEndpointName"])) > MAX_ENDPOINT_NAME:
+        raise DefinitionError(f"StagingEndpointName may have at most {MAX_ENDPOINT_NAME} characters "
+                              "(the endpoint config is named <endpoint>-<execution id>)")
+
+    branches: dict[str, list] = {}  # declaration name -> the SDK steps it became
+    conditions = []
+    for decl in dag.steps:
+        if isinstance(decl, base.ProcessingStep):
+            made = [build.processing(decl)]
+        elif isinstance(decl, base.TuningStep):
+            made = [build.tuning(decl)]
+        elif isinstance(decl, base.TrainingStep):
+            made = [build.training(decl)]
+        elif isinstance(decl, base.RegisterStep):
+            made = [build.register(decl)]
+        elif isinstance(decl, base.DeployStep):
+            made = build.deploy(decl)
+        elif isinstance(decl, base.FailStep):
+            made = [build.fail(decl)]
+        elif isinstance(decl, base.ConditionStep):
+            conditions.append(decl)  # built once its branch steps exist
+            continue
+        else:
+            raise DefinitionError(f"no SageMaker translation for {type(decl).__name__} {decl.name}")
+        build.sm_steps[decl.name] = made[-1]
+        branches[decl.name] = made
+    for decl in conditions:
+        build.sm_steps[decl.name] = build.condition(decl, branches)
+        branches[decl.name] = [build.sm_steps[decl.name]]
+
+    # Steps inside a condition's branches must not also be listed at the top level.
+    gated = _gated(dag)
+    return [s for decl in dag.steps if decl.name not in gated for s in branches[decl.name]]
+
+
+def definition(pipeline) -> str:
+    """pipeline.definition(), offline-safe when the pipeline was built offline."""
+    with offline_environment(getattr(pipeline, "_invmon_offline", False)):
+        return pipeline.definition()
+
+
+def parallelism_config():
+    from sagemaker.mlops.workflow.parallelism_config import ParallelismConfiguration
+
+    return ParallelismConfiguration(max_parallel_execution_steps=MAX_PARALLEL_STEPS)

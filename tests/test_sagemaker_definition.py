@@ -1,0 +1,331 @@
+"""The SageMaker pipeline definition: built from steps/ with SDK v3, under moto, with no network.
+
+Assertions are on the definition JSON, the document SageMaker runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+
+import pytest
+
+from aws_testing import (BUCKET, REGION, ROLE, NetworkGuard, all_steps, aws_env,
+                         default_offline_definition, offline_build, patched_environ)
+from pipeline import profiles
+from pipeline.parameters import APPROVAL_STATUSES, PARAMETERS
+
+TYPES = {str: "String", int: "Integer", float: "Float"}
+
+
+@pytest.fixture(scope="module")
+def moto_build():
+    """Build and serialize the pipeline under moto; returns (definition, {S3 key: bytes})."""
+    import boto3
+    from moto import mock_aws
+
+    from pipeline import sagemaker_pipeline as sp
+
+    with patched_environ(aws_env()), mock_aws(), NetworkGuard() as guard:
+        boto3.Session(region_name=REGION).client("s3").create_bucket(Bucket=BUCKET)
+        with sp.telemetry_disabled():  # the SDK's own reporting, not part of the build
+            pipeline = sp.get_pipeline(REGION, ROLE, default_bucket=BUCKET)
+            text = sp.definition(pipeline)
+        s3 = boto3.Session(region_name=REGION).client("s3")
+        objects = {o["Key"]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+                   for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    return json.loads(text), objects, guard.attempts
+
+
+@pytest.fixture(scope="module")
+def definition(moto_build):
+    return moto_build[0]
+
+
+@pytest.fixture(scope="module")
+def steps(definition):
+    return all_steps(definition)
+
+
+def get(name: str) -> dict:
+    return {"Get": name}
+
+
+def test_built_without_network(moto_build):
+    assert moto_build[2] == []
+
+
+def test_parameters_and_defaults_come_from_parameters_py_and_the_profile(definition):
+    params = definition["Parameters"]
+    assert [p["Name"] for p in params] == [p.name for p in PARAMETERS]
+    full = profiles.defaults("full")
+    for declared, built in zip(PARAMETERS, params):
+        assert built["Type"] == TYPES[declared.type], declared.name
+        assert built["DefaultValue"] == full[declared.name], declared.name
+    approval = next(p for p in params if p["Name"] == "ModelApprovalStatus")
+    assert approval["DefaultValue"] == "PendingManualApproval"
+    assert approval["EnumValues"] == list(APPROVAL_STATUSES)
+
+
+def test_step_types_and_branches(definition, steps):
+    assert [(s["Name"], s["Type"]) for s in definition["Steps"]] == [
+        ("Preprocess", "Processing"), ("Tune", "Tuning"), ("Train", "Training"),
+        ("Evaluate", "Processing"), ("CheckAccuracy", "Condition")]
+    condition = steps["CheckAccuracy"]["Arguments"]
+    assert [(s["Name"], s["Type"]) for s in condition["IfSteps"]] == [
+        ("Register", "RegisterModel"), ("Deploy-Model", "Model"),
+        ("Deploy-EndpointConfig", "EndpointConfig"), ("Deploy", "Endpoint")]
+    assert [(s["Name"], s["Type"]) for s in condition["ElseSteps"]] == [("AccuracyTooLow", "Fail")]
+
+
+def test_train_hyperparameters_are_wired_from_the_best_tuning_job(steps):
+    train = steps["Train"]["Arguments"]["HyperParameters"]
+    assert train["lr"] == get("Steps.Tune.BestTrainingJob.TunedHyperParameters['lr']")
+    assert train["batch_size"] == get("Steps.Tune.BestTrainingJob.TunedHyperParameters['batch_size']")
+    # Integer parameters become strings at run time (hyperparameters are a string map).
+    assert train["epochs"] == {"Std:Join": {"On": "", "Values": [get("Parameters.Epochs")]}}
+    assert train["arch"] == get("Parameters.Arch")
+    static = steps["Tune"]["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert "lr" not in static and "batch_size" not in static  # those are tuned
+    assert static["epochs"] == {"Std:Join": {"On": "", "Values": [get("Parameters.TrialEpochs")]}}
+    assert static["data_fraction"] == {"Std:Join": {"On": "", "Values": [get("Parameters.TrialDataFraction")]}}
+    assert static["sagemaker_program"] == "train.py"
+
+
+def test_tuning_job(steps):
+    from steps.train import METRICS
+
+    args = steps["Tune"]["Arguments"]
+    config = args["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Bayesian"
+    assert config["TrainingJobEarlyStoppingType"] == "Auto"
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize",
+                                                          "MetricName": "validation:accuracy"}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": get("Parameters.TuningMaxJobs"),
+                                        "MaxParallelTrainingJobs": get("Parameters.TuningMaxParallelJobs")}
+    ranges = config["ParameterRanges"]
+    assert ranges["ContinuousParameterRanges"] == [
+        {"Name": "lr", "MinValue": "0.001", "MaxValue": "0.1", "ScalingType": "Logarithmic"}]
+    assert ranges["CategoricalParameterRanges"] == [
+        {"Name": "batch_size", "Values": ["32", "64", "128", "256", "512"]}]
+    declared = [{"Name": m.name, "Regex": m.regex} for m in METRICS]
+    assert args["TrainingJobDefinition"]["AlgorithmSpecification"]["MetricDefinitions"] == declared
+    assert steps["Train"]["Arguments"]["AlgorithmSpecification"]["MetricDefinitions"] == declared
+
+
+def test_train_checkpoints_for_managed_spot(steps):
+    args = steps["Train"]["Arguments"]
+    checkpoint = args["CheckpointConfig"]
+    assert checkpoint["LocalPath"] == "/opt/ml/checkpoints"
+    assert checkpoint["S3Uri"]["Std:Join"]["Values"][:3] == ["s3:/", BUCKET, "bin-count"]
+    assert checkpoint["S3Uri"]["Std:Join"]["Values"][-2:] == ["Train", "checkpoints"]
+    assert args["EnableManagedSpotTraining"] is True
+    stop = args["StoppingCondition"]
+    assert stop["MaxWaitTimeInSeconds"] >= stop["MaxRuntimeInSeconds"]
+    # Trials are short and do not resume: no checkpoints there.
+    assert "CheckpointConfig" not in steps["Tune"]["Arguments"]["TrainingJobDefinition"]
+
+
+def test_evaluate_property_file_and_condition(steps):
+    assert steps["Evaluate"]["PropertyFiles"] == [
+        {"PropertyFileName": "EvaluationReport", "OutputName": "evaluation", "FilePath": "evaluation.json"}]
+    outputs = steps["Evaluate"]["Arguments"]["ProcessingOutputConfig"]["Outputs"]
+    assert [o["OutputName"] for o in outputs] == ["evaluation"]
+    (condition,) = steps["CheckAccuracy"]["Arguments"]["Conditions"]
+    assert condition == {
+        "Type": "GreaterThanOrEqualTo",
+        "LeftValue": {"Std:JsonGet": {
+            "PropertyFile": get("Steps.Evaluate.PropertyFiles.EvaluationReport"),
+            "Path": "multiclass_classification_metrics.accuracy.value"}},
+        "RightValue": get("Parameters.AccuracyThreshold"),
+    }
+
+
+def test_fail_message_carries_measured_accuracy_and_threshold(steps):
+    message = steps["AccuracyTooLow"]["Arguments"]["ErrorMessage"]["Std:Join"]
+    values = message["Values"]
+    assert {"Std:JsonGet": {"PropertyFile": get("Steps.Evaluate.PropertyFiles.EvaluationReport"),
+                            "Path": "multiclass_classification_metrics.accuracy.value"}} in values
+    assert get("Parameters.AccuracyThreshold") in values
+    text = "".join(v for v in values if isinstance(v, str))
+    assert "below AccuracyThreshold" in text
+
+
+def test_register_with_evaluation_metrics_and_approval_parameter(steps):
+    args = steps["Register"]["Arguments"]
+    assert args["ModelApprovalStatus"] == get("Parameters.ModelApprovalStatus")
+    assert args["ModelPackageGroupName"] == get("Parameters.ModelPackageGroupName")
+    stats = args["ModelMetrics"]["ModelQuality"]["Statistics"]
+    assert stats["ContentType"] == "application/json"
+    assert stats["S3Uri"] == {"Std:Join": {"On": "/", "Values": [
+        get("Steps.Evaluate.ProcessingOutputConfig.Outputs['evaluation'].S3Output.S3Uri"),
+        "evaluation.json"]}}
+    (container,) = args["InferenceSpecification"]["Containers"]
+    assert container["ModelDataUrl"] == get("Steps.Train.ModelArtifacts.S3ModelArtifacts")
+    assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
+    assert "pytorch-inference" in container["Image"]
+
+
+def test_deploy_creates_or_updates_the_staging_endpoint_from_the_registered_model(steps):
+    model = steps["Deploy-Model"]["Arguments"]["PrimaryContainer"]
+    assert model["ModelDataUrl"] == get("Steps.Register.InferenceSpecification.Containers[0].ModelDataUrl")
+    config = steps["Deploy-EndpointConfig"]["Arguments"]
+    (variant,) = config["ProductionVariants"]
+    assert variant["ModelName"] == get("Steps.Deploy-Model.ModelName")
+    assert variant["InstanceType"] == get("Parameters.InferenceInstanceType")
+    assert config["EndpointConfigName"]["Std:Join"]["Values"] == [
+        get("Parameters.StagingEndpointName"), get("Execution.PipelineExecutionId")]
+    endpoint = steps["Deploy"]["Arguments"]
+    assert endpoint["EndpointName"] == get("Parameters.StagingEndpointName")
+    assert endpoint["EndpointConfigName"] == get("Steps.Deploy-EndpointConfig.EndpointConfigName")
+
+
+def test_caching_on_the_data_and_tuning_steps_only(steps):
+    for name in ("Preprocess", "Tune"):
+        assert steps[name]["CacheConfig"]["Enabled"] is True
+        assert steps[name]["CacheConfig"]["ExpireAfter"]
+    for name in ("Train", "Evaluate"):
+        assert "CacheConfig" not in steps[name]
+
+
+def test_retry_policies_for_throttling_and_capacity(steps):
+    def exception_types(name):
+        return {t for p in steps[name].get("RetryPolicies", []) for t in p["ExceptionType"]}
+
+    for name in ("Preprocess", "Tune", "Train", "Evaluate"):
+        assert {"Step.THROTTLING", "SageMaker.CAPACITY_ERROR", "SageMaker.RESOURCE_LIMIT"} <= exception_types(name)
+    for name in ("Register", "Deploy-Model", "Deploy-EndpointConfig"):
+        assert "Step.THROTTLING" in exception_types(name)
+    for policy in steps["Train"]["RetryPolicies"]:
+        assert policy["MaxAttempts"] >= 2 and policy["BackoffRate"] > 1
+
+
+def test_job_names_show_pipeline_and_step(steps):
+    assert steps["Preprocess"]["Arguments"]["ProcessingJobName"] == "bin-count-Preprocess"
+    assert steps["Evaluate"]["Arguments"]["ProcessingJobName"] == "bin-count-Evaluate"
+    assert steps["Tune"]["Arguments"]["HyperParameterTuningJobName"] == "bin-count-Tune"
+    assert steps["Train"]["Arguments"]["TrainingJobName"] == "bin-count-Train"
+    assert steps["Deploy-Model"]["Arguments"]["ModelName"] == "bin-count-Deploy"
+
+
+def _tar_names(data: bytes) -> set[str]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return set(tar.getnames())
+
+
+def test_code_is_staged_with_requirements_and_inference_beside_train(moto_build, steps):
+    _, objects, _ = moto_build
+    channels = {c["ChannelName"]: c for c in steps["Train"]["Arguments"]["InputDataConfig"]}
+    code_uri = channels["code"]["DataSource"]["S3DataSource"]["S3Uri"]
+    key = code_uri.removeprefix(f"s3://{BUCKET}/")
+    assert key.startswith("bin-count/code/train-") and key.endswith("/sourcedir.tar.gz")
+    assert {"train.py", "inference.py", "requirements.txt"} <= _tar_names(objects[key])
+    static = steps["Tune"]["Arguments"]["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert static["sagemaker_submit_directory"] == code_uri  # the trials run the same code
+
+    inputs = {i["InputName"]: i["S3Input"]["S3Uri"] for i in steps["Preprocess"]["Arguments"]["ProcessingInputs"]}
+    prefix = inputs["code"].removeprefix(f"s3://{BUCKET}/")
+    assert {"preprocess.py", "requirements.txt"} <= _tar_names(objects[prefix + "sourcedir.tar.gz"])
+    runproc = objects[inputs["entrypoint"].removeprefix(f"s3://{BUCKET}/")].decode()
+    assert "install_requirements.py requirements.txt" in runproc and "preprocess.py" in runproc
+    # Every S3 URI the definition names was uploaded.
+    text = json.dumps(steps)
+    for uri in (code_uri, inputs["aux"], inputs["entrypoint"]):
+        assert uri.removeprefix(f"s3://{BUCKET}/") in objects, uri
+    assert text.count("s3://") >= 6
+
+
+def test_offline_build_is_the_same_definition_with_the_same_files(moto_build, tmp_path):
+    moto_definition, objects, _ = moto_build
+    offline = offline_build(tmp_path)
+    assert offline == moto_definition
+    staged = {p.relative_to(tmp_path / BUCKET).as_posix() for p in (tmp_path / BUCKET).rglob("*") if p.is_file()}
+    assert staged == set(objects)
+
+
+def test_code_uris_are_content_addressed(tmp_path):
+    """Same code, same URIs (caching survives an upsert); other code, other URIs."""
+    import steps as declared
+    from steps.base import Code, Dag
+
+    again = offline_build(tmp_path / "again")
+    assert json.dumps(again, sort_keys=True) == json.dumps(json.loads(default_offline_definition()), sort_keys=True)
+
+    pre = declared.DAG["Preprocess"]
+    changed = dataclasses.replace(pre, code=Code("preprocess", "preprocess.py",
+                                                 extra_files=("inference/inference.py",)))
+    dag = Dag(tuple(changed if s.name == "Preprocess" else s for s in declared.DAG.steps))
+    other = all_steps(offline_build(tmp_path / "other", dag=dag))
+    base = all_steps(again)
+
+    def code_input(step_map, name):
+        return {i["InputName"]: i["S3Input"]["S3Uri"]
+                for i in step_map[name]["Arguments"]["ProcessingInputs"]}["code"]
+
+    assert code_input(other, "Preprocess") != code_input(base, "Preprocess")
+    assert code_input(other, "Evaluate") == code_input(base, "Evaluate")
+
+
+def _find_keys(obj, keys: set, found: list, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in keys:
+                found.append(f"{path}/{k}")
+            _find_keys(v, keys, found, f"{path}/{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _find_keys(v, keys, found, f"{path}[{i}]")
+    return found
+
+
+def test_empty_kms_vpc_and_manifest_leave_no_fields(definition, steps):
+    assert _find_keys(definition["Steps"], {"KmsKeyId", "VolumeKmsKeyId", "VpcConfig", "NetworkConfig"}, []) == []
+    names = [i["InputName"] for i in steps["Preprocess"]["Arguments"]["ProcessingInputs"]]
+    assert "manifest" not in names and "data" in names
+
+
+def test_kms_vpc_and_manifest_are_used_when_given(tmp_path):
+    overrides = {"KmsKeyId": "alias/invmon", "SubnetIds": "subnet-1, subnet-2",
+                 "SecurityGroupIds": "sg-1", "ManifestUrl": "s3://my-bucket/file_list.json"}
+    built = offline_build(tmp_path, profile="local", parameter_overrides=overrides)
+    steps = all_steps(built)
+    defaults = {p["Name"]: p["DefaultValue"] for p in built["Parameters"]}
+    assert defaults == {**profiles.defaults("local"), **overrides}
+    kms = get("Parameters.KmsKeyId")
+    pre = steps["Preprocess"]["Arguments"]
+    assert pre["ProcessingOutputConfig"]["KmsKeyId"] == kms
+    assert pre["ProcessingResources"]["ClusterConfig"]["VolumeKmsKeyId"] == kms
+    assert pre["NetworkConfig"]["VpcConfig"] == {"SecurityGroupIds": ["sg-1"], "Subnets": ["subnet-1", "subnet-2"]}
+    assert steps["Train"]["Arguments"]["OutputDataConfig"]["KmsKeyId"] == kms
+    assert steps["Train"]["Arguments"]["VpcConfig"]["Subnets"] == ["subnet-1", "subnet-2"]
+    assert steps["Tune"]["Arguments"]["TrainingJobDefinition"]["VpcConfig"]["SecurityGroupIds"] == ["sg-1"]
+    assert steps["Deploy-EndpointConfig"]["Arguments"]["KmsKeyId"] == kms
+    inputs = {i["InputName"]: i for i in pre["ProcessingInputs"]}
+    assert inputs["manifest"]["S3Input"]["S3Uri"] == get("Parameters.ManifestUrl")
+    assert inputs["manifest"]["S3Input"]["LocalPath"] == "/opt/ml/processing/input/manifest"
+
+    from pipeline.sagemaker_pipeline import fixed_parameters
+
+    assert set(fixed_parameters(built)) == {"SubnetIds", "SecurityGroupIds"}
+    assert set(fixed_parameters(json.loads(default_offline_definition()))) == {
+        "SubnetIds", "SecurityGroupIds", "KmsKeyId", "ManifestUrl"}
+
+
+def test_half_a_vpc_config_is_refused(tmp_path):
+    from pipeline.sagemaker_pipeline import DefinitionError
+
+    with pytest.raises(DefinitionError, match="SubnetIds and SecurityGroupIds"):
+        offline_build(tmp_path, parameter_overrides={"SubnetIds": "subnet-1"})
+
+
+def test_offline_build_refuses_aws_calls(tmp_path):
+    """Anything in the build that needs AWS fails loudly offline instead of reaching out."""
+    from pipeline import sagemaker_pipeline as sp
+
+    with patched_environ({k: v for k, v in aws_env().items()}), NetworkGuard() as guard:
+        session = sp.make_session(REGION, BUCKET, "bin-count", offline_dir=tmp_path)
+        with pytest.raises(sp.OfflineError, match="ListPipelines"):
+            session.sagemaker_client.list_pipelines()
+    assert guard.attempts == []
