@@ -19,7 +19,7 @@ INVMON = ROOT / ".venv" / "bin" / "invmon"
 
 def invmon_command() -> list[str]:
     # The console script `pip install -e .` puts in the venv, else the same entry point.
-    return [str(INVMON)] if INVMON.exists() else [sys.executable, "-m", "pipeline.cli"]
+    return [str(INVMON)] if INVMON.exists() else [sys.executable, "-m", "pipeline"]
 
 
 @pytest.fixture(scope="module")

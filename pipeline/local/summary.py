@@ -23,16 +23,14 @@ def summarize(state: dict, run_dir: Path) -> str:
     if "report" in outputs:
         report = _read_json(run_dir / "Preprocess" / outputs["report"] / "data_report.json")
     if report:
-        splits = report.get("splits") or report.get("counts_per_split") or {}
-        for split, counts in splits.items():
-            if isinstance(counts, dict):
-                per_class = counts.get("per_class", counts)
-                total = counts.get("total", sum(v for v in per_class.values() if isinstance(v, int)))
-                shown = " ".join(f"{k}:{v}" for k, v in sorted(per_class.items()) if k != "total")
-                lines.append(f"  data {split:<10} {total:>6} photos  ({shown})")
-        rejected = report.get("rejected") or report.get("rejections") or []
+        for split, counts in report.get("counts", {}).items():
+            per_class = " ".join(f"{k}:{v}" for k, v in sorted(counts.items()) if k != "total")
+            lines.append(f"  data {split:<10} {counts['total']:>6} photos  ({per_class})")
+        rejected = report.get("rejections_by_kind") or {}
         if rejected:
-            lines.append(f"  data rejected   {len(rejected):>6} photos (reasons in the data report)")
+            shown = ", ".join(f"{kind} {n}" for kind, n in sorted(rejected.items()))
+            lines.append(f"  data rejected   {sum(rejected.values()):>6} photos ({shown}; reasons in "
+                         f"{run_dir / 'Preprocess' / outputs['report'] / 'data_report.json'})")
 
     tune = steps.get("Tune", {}).get("properties", {})
     if tune.get("TunedHyperParameters"):

@@ -1,0 +1,95 @@
+"""The whole pipeline through the `invmon` command line, on a tiny synthetic dataset.
+
+Real scripts, real models (a ResNet-18 at 32 px), real registry and serving code; only the
+sizes are small. Then the gate's other branch: an impossible threshold fails the run with a
+message naming the metric and the threshold, and registers nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import synth
+
+TINY = ["Arch=resnet18", "ImageSize=32", "ResizeShortSide=40", "TuningMaxJobs=2", "TrialDataFraction=0.5",
+        "Epochs=2"]
+
+
+def invmon(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INVMON_HOME": str(home)}
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], env=env,
+                            capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"invmon {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-synth")
+    synth.write_dataset(out, per_class=10, seed=1)
+    return out
+
+
+@pytest.mark.slow
+def test_run_registers_deploys_and_serves(tiny_data, tmp_path, abid_sample):
+    home = tmp_path / "home"
+    params = [a for p in [*TINY, "AccuracyThreshold=0"] for a in ("--param", p)]
+    run = invmon("run", "--data", str(tiny_data), *params, home=home)
+    out = run.stdout
+    for step in ("Preprocess", "Tune", "Train", "Evaluate", "CheckAccuracy", "Register", "Deploy"):
+        assert f"{step}" in out and "succeeded in" in out
+    assert "epoch=2/2" in out, "per-epoch progress is shown"
+    assert "registered model bin-count version 1 (PendingManualApproval)" in out
+    assert "staging endpoint bin-count-staging -> version 1" in out
+    assert "data train" in out and "test accuracy" in out
+
+    listed = invmon("models", "list", home=home).stdout
+    assert "PendingManualApproval" in listed and " 1 " in listed
+
+    photo = sorted((abid_sample / "3").glob("*.jpg"))[0]
+    predicted = invmon("predict", "--json", str(photo), home=home).stdout.strip().splitlines()
+    answer = json.loads(predicted[-1])
+    assert answer["count"] in (1, 2, 3, 4, 5)
+    assert answer["model_version"] == "bin-count/1"
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+
+    # Production only ever serves an Approved version; approval deploys it there.
+    refused = invmon("serve", "--endpoint", "bin-count-production", home=home, check=False)
+    assert refused.returncode == 2 and "no local endpoint 'bin-count-production'" in refused.stderr
+    approved = invmon("models", "approve", "1", "--note", "looks fine", home=home).stdout
+    assert "Approved" in approved and "production endpoint bin-count-production now serves version 1" in approved
+
+    runs = invmon("runs", "list", home=home).stdout
+    assert "Succeeded" in runs
+
+    # Same data and settings again: Preprocess and Tune come from the cache.
+    again = invmon("run", "--data", str(tiny_data), *params, home=home).stdout
+    assert again.count("cached from run") == 2
+
+
+@pytest.mark.slow
+def test_gate_failure_stops_before_register(tiny_data, tmp_path):
+    home = tmp_path / "home"
+    params = [a for p in [*TINY, "Epochs=1", "TuningMaxJobs=1", "AccuracyThreshold=1.01"]
+              for a in ("--param", p)]
+    run = invmon("run", "--data", str(tiny_data), *params, home=home, check=False)
+    assert run.returncode == 1
+    assert "AccuracyTooLow: Test accuracy " in run.stdout
+    assert "is below AccuracyThreshold 1.01; the model was not registered." in run.stdout
+    assert "no registered models yet" in invmon("models", "list", home=home).stdout
+
+
+def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):
+    result = invmon("run", "--param", "Epochs=many", home=tmp_path / "home", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "invmon: error: parameter Epochs expects int, got 'many'"
+    assert "Traceback" not in result.stderr
+    result = invmon("run", "--param", "Nope=1", home=tmp_path / "home", check=False)
+    assert "unknown parameter 'Nope'" in result.stderr
