@@ -132,8 +132,10 @@ class Tuner:
         if self.step.early_stopping != "Auto":
             return False
         k = len(reports) - 1
+        # Compare with finished trials that went on past this report: a trial's last report
+        # (e.g. the only one of a one-epoch trial) is never a reason to stop it.
         finished = [t.reports[k] for t in self.trials
-                    if t.status in ("Completed", "Stopped") and len(t.reports) > k]
+                    if t.status in ("Completed", "Stopped") and len(t.reports) > k + 1]
         if len(finished) < MIN_TRIALS_FOR_STOPPING:
             return False
         best_so_far = max(self.sign * r for r in reports)
