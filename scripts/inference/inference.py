@@ -42,15 +42,26 @@ def build_model(arch: str, num_classes: int) -> torch.nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
-def to_tensor(image: Image.Image, config: dict) -> torch.Tensor:
-    """PIL image -> normalised CHW float tensor, the whole photo resized to a square.
+def to_pixels(image: Image.Image, config: dict) -> torch.Tensor:
+    """PIL image -> uint8 CHW tensor of the whole photo resized to an image_size square.
 
     No crop: cutting the edges of a bin photo can cut items out of it and change the count.
+    Training caches these pixels and augments them before `normalize`, so a training image
+    and a served image go through the same resize.
     """
     size = int(config["image_size"])
-    image = image.convert("RGB").resize((size, size), Image.BILINEAR)
-    tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
+    return F.pil_to_tensor(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def normalize(pixels: torch.Tensor, config: dict) -> torch.Tensor:
+    """uint8 pixels (CHW or NCHW) -> float tensor normalised with the artifact's mean and std."""
+    tensor = F.to_dtype(pixels, torch.float32, scale=True)
     return F.normalize(tensor, list(config.get("mean", IMAGENET_MEAN)), list(config.get("std", IMAGENET_STD)))
+
+
+def to_tensor(image: Image.Image, config: dict) -> torch.Tensor:
+    """PIL image -> normalised CHW float tensor: what the model sees, in training and serving."""
+    return normalize(to_pixels(image, config), config)
 
 
 def decode_image(data: bytes) -> Image.Image:

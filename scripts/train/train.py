@@ -1,0 +1,787 @@
+"""Train the bin-count model (items 1-5 in a warehouse bin photo) under the SageMaker contract.
+
+    SM_CHANNEL_TRAIN=... SM_CHANNEL_VALIDATION=... SM_MODEL_DIR=... \\
+        python train.py --arch resnet18 --image_size 96 --epochs 8 --lr 0.05 --batch_size 64
+
+Inputs: hyperparameters as `--name value` arguments; the train and validation channels hold
+`<count>/<id>.jpg` class folders (counts 1-5) as scripts/preprocess writes them.
+Outputs, in SM_MODEL_DIR (SageMaker or the local runner tars it into model.tar.gz):
+    model.pth            state_dict of the best-validation-accuracy epoch (weights_only loadable)
+    model_config.json    arch, labels, image settings, model id, hyperparameters, metrics
+    code/inference.py    the serving functions this model is loaded through
+and SM_OUTPUT_DATA_DIR/history.json with every epoch's metrics.
+
+Every epoch prints one `name=value` line that SageMaker's (and the local tuner's) metric regexes
+read; the last line repeats the best epoch's validation metrics, which are those of the saved
+model. A checkpoint is written each epoch and a restarted job resumes from it.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# OpenMP threads that spin while waiting for work collapse when the cores are shared with other
+# processes (2 cores, one other busy process: ResNet-18 at 96 px trained at 17 img/s spinning,
+# 34-50 img/s passive). Set before torch loads OpenMP; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.distributed as dist
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, DistributedSampler  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+try:
+    import inference  # staged next to train.py by both executors (steps/base.py stage_source)
+except ImportError:
+    # Run from a repo checkout: the serving module lives in scripts/inference.
+    sys.path.insert(0, str(HERE.parent / "inference"))
+    import inference
+from augment import build_train_transform
+
+LABELS = (1, 2, 3, 4, 5)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+CHECKPOINT_NAME = "checkpoint.pth"
+DEFAULT_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+PROGRESS_SECONDS = 30  # a progress line at most this often inside an epoch
+DOWNLOAD_TIMEOUT_S = 20  # a VPC without internet must not hang the job on the weights download
+# Hyperparameters SageMaker adds on its own (the tuner's objective, legacy framework settings).
+SAGEMAKER_PREFIXES = ("_", "sagemaker_")
+
+
+class TrainError(Exception):
+    """A problem with the job's inputs: reported as one line, without a traceback."""
+
+
+# This process's place in a distributed job (set by setup_distributed); rank 0 logs and writes.
+RANK, WORLD = 0, 1
+
+
+def log(*parts) -> None:
+    if RANK == 0:
+        print(*parts, flush=True)
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+def _text(value: str) -> str:
+    """SageMaker may hand a value over JSON-quoted ('"64"'): the tuner passes categoricals so."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1].strip()
+    return value
+
+
+def _typed(kind: str, convert, check=None, expected: str = ""):
+    def parse(value: str):
+        try:
+            result = convert(_text(value))
+        except ValueError:
+            result = None
+        if result is None or (check is not None and not check(result)):
+            raise argparse.ArgumentTypeError(f"expected {expected or kind}, got {value!r}")
+        return result
+    parse.__name__ = kind
+    return parse
+
+
+def _int(text: str) -> int:
+    number = float(text)  # "64.0" is a fine 64, "64.5" is not
+    if not number.is_integer():
+        raise ValueError(text)
+    return int(number)
+
+
+positive_int = _typed("positive_int", _int, lambda v: v > 0, "a positive integer")
+non_negative_int = _typed("non_negative_int", _int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _typed("positive_float", float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+non_negative_float = _typed("non_negative_float", float, lambda v: v >= 0 and math.isfinite(v),
+                            "a number >= 0")
+fraction = _typed("fraction", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+text = _typed("text", str)
+
+SWITCH_ON = {"true", "on", "yes"}
+SWITCH_OFF = {"false", "off", "no", "none"}
+
+
+def _augment(value: str) -> float:
+    """Augmentation strength: on/true = 1 (the default, mild), off/none/0 = flips only."""
+    value = value.lower()
+    if value in SWITCH_ON:
+        return 1.0
+    if value in SWITCH_OFF:
+        return 0.0
+    return float(value)
+
+
+def _amp(value: str) -> str:
+    value = value.lower()
+    if value in SWITCH_ON or value == "1":
+        return "auto"
+    if value in SWITCH_OFF or value == "0":
+        return "off"
+    if value in ("auto", "bf16", "fp16"):
+        return value
+    raise ValueError(value)
+
+
+def _optional_int(value: str) -> int:
+    return 0 if value.lower() in SWITCH_OFF else _int(value)
+
+
+def _workers(value: str) -> int:
+    return -1 if value.lower() == "auto" else _int(value)
+
+
+augment_strength = _typed("augment", _augment, lambda v: 0 <= v <= 3 and math.isfinite(v),
+                          "on, off or a strength from 0 to 3")
+amp_mode = _typed("amp", _amp, None, "auto, bf16, fp16 or off")
+max_batches_arg = _typed("max_batches", _optional_int, lambda v: v >= 0, "an integer >= 0 or none")
+workers_arg = _typed("workers", _workers, lambda v: v >= -1, "auto or an integer >= 0")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors also go to SageMaker's failure file
+        write_failure(f"bad hyperparameter: {message}")
+        super().error(message)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,  # a typo must not pass as a prefix
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", type=text, default="resnet50", help="torchvision ResNet architecture")
+    p.add_argument("--pretrained", type=text, default="auto",
+                   help="auto (ImageNet weights if cached or downloadable, else from scratch), "
+                        "none, or the path of a .pth state_dict")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--lr", type=positive_float, default=0.01,
+                   help="base learning rate (the schedule scales it)")
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--image_size", type=positive_int, default=224, help="side of the square input")
+    p.add_argument("--seed", type=non_negative_int, default=42)
+    p.add_argument("--data_fraction", type=fraction, default=1.0,
+                   help="trial mode: a seeded, stratified fraction of the training split")
+    p.add_argument("--optimizer", type=text, default="sgd", choices=("sgd", "adamw"),
+                   help="sgd: SGD with momentum (the reference recipe); adamw: AdamW (betas 0.9, 0.999)")
+    p.add_argument("--momentum", type=non_negative_float, default=0.9)
+    p.add_argument("--weight_decay", type=non_negative_float, default=1e-4)
+    p.add_argument("--lr_schedule", type=text, default="cosine", choices=("cosine", "step"),
+                   help="cosine: per-step cosine decay to 0; step: x0.1 at 50%% and 75%% of training")
+    p.add_argument("--warmup_epochs", type=non_negative_float, default=0.0,
+                   help="linear warm-up from lr/10, in epochs (fractions allowed)")
+    p.add_argument("--label_smoothing", type=non_negative_float, default=0.0)
+    p.add_argument("--augment", type=augment_strength, default=1.0,
+                   help="augmentation strength: on (=1, mild), off (flips only) or 0-3 (see augment.py)")
+    p.add_argument("--workers", type=workers_arg, default=-1,
+                   help="DataLoader worker processes; auto picks for the device and data")
+    p.add_argument("--cache_mb", type=non_negative_int, default=2048,
+                   help="decode the splits into memory once when they fit in this many MB")
+    p.add_argument("--checkpoint_dir", type=text, default=DEFAULT_CHECKPOINT_DIR,
+                   help="checkpoint each epoch here and resume from it; none = no checkpoints")
+    p.add_argument("--amp", type=amp_mode, default="auto",
+                   help="mixed precision on CUDA: auto (bf16 if supported, else fp16), bf16, fp16, off")
+    p.add_argument("--max_batches", type=max_batches_arg, default=0,
+                   help="cap on batches per epoch and per validation pass (smoke tests); 0 = all")
+    return p
+
+
+def _option(arg: str) -> str:
+    """--batch-size -> --batch_size: either spelling of every option is accepted."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    argv = [_option(a) for a in argv]
+    parser = get_args_parser()
+    args, unknown = parser.parse_known_args(argv)
+    names = [a[2:].split("=")[0] for a in unknown if a.startswith("--")]
+    ours = [n for n in names if not n.startswith(SAGEMAKER_PREFIXES)]
+    if ours or (unknown and not names):
+        parser.error(f"unknown hyperparameter(s): {' '.join(unknown)}")
+    if names:
+        log(f"ignoring SageMaker's own hyperparameters: {', '.join(names)}")
+    if args.arch not in inference.RESNETS:
+        parser.error(f"argument --arch: unknown architecture {args.arch!r}; "
+                     f"choose a torchvision ResNet: {', '.join(inference.RESNETS)}")
+    return args
+
+
+# --------------------------------------------------------------------------- environment
+
+def write_failure(message: str) -> None:
+    """SageMaker shows /opt/ml/output/failure as the job's FailureReason."""
+    out = os.environ.get("SM_OUTPUT_DIR")
+    if out and Path(out).is_dir():
+        (Path(out) / "failure").write_text(message + "\n")
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Multi-process under torchrun, or one process per SageMaker host."""
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    hosts = json.loads(os.environ.get("SM_HOSTS") or "[]")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun (or SageMaker's torch_distributed)
+        dist.init_process_group(backend, init_method="env://")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    elif len(hosts) > 1:  # several instances, one process each: rank by position in SM_HOSTS
+        current = os.environ.get("SM_CURRENT_HOST", hosts[0])
+        port = os.environ.get("MASTER_PORT", "29500")
+        dist.init_process_group(backend, init_method=f"tcp://{hosts[0]}:{port}",
+                                rank=hosts.index(current), world_size=len(hosts))
+        local_rank = 0
+    else:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects container CPU pinning, cpu_count() does not
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------- data
+
+def list_images(channel: str) -> list[tuple[Path, int]]:
+    """(path, class index) for every image in a channel's `<count>/` folders, sorted."""
+    env = f"SM_CHANNEL_{channel.upper()}"
+    root = os.environ.get(env)
+    if not root:
+        raise TrainError(f"the {channel} channel is missing: {env} is not set")
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise TrainError(f"the {channel} channel {root} ({env}) does not exist or is not a directory")
+    samples = []
+    for index, label in enumerate(LABELS):
+        folder = root_path / str(label)
+        if folder.is_dir():
+            samples += [(p, index) for p in sorted(folder.iterdir())
+                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not samples:
+        raise TrainError(f"the {channel} channel {root} holds no images: expected "
+                         f"<count>/<id>.jpg class folders for counts {LABELS[0]}-{LABELS[-1]}")
+    return samples
+
+
+def stratified_fraction(samples: list, fraction: float, seed: int) -> list:
+    """A seeded fraction of each class (at least one image per class present)."""
+    rng = random.Random(seed)
+    kept = []
+    for index in range(len(LABELS)):
+        members = [s for s in samples if s[1] == index]
+        rng.shuffle(members)
+        if members:
+            kept += members[:max(1, round(len(members) * fraction))]
+    return sorted(kept)
+
+
+def class_counts(samples: list) -> str:
+    counts = [sum(1 for _, i in samples if i == index) for index in range(len(LABELS))]
+    return " ".join(f"{label}:{n}" for label, n in zip(LABELS, counts))
+
+
+class BinImages(Dataset):
+    """Class-folder images as `inference.to_pixels` makes them (uint8 CHW, whole photo resized).
+
+    With `cache` the photos are decoded once into memory, so an epoch only pays for augmentation;
+    otherwise each item is read and decoded from disk (in DataLoader workers).
+    """
+
+    def __init__(self, samples: list, config: dict, transform, cache: bool):
+        self.config = config
+        self.transform = transform
+        self.pixels = None
+        self.rejected: list[str] = []
+        if cache:
+            with ThreadPoolExecutor(usable_cpus()) as pool:  # PIL decodes outside the GIL
+                decoded = list(pool.map(self._decode, (path for path, _ in samples)))
+            self.rejected = [str(p) for (p, _), px in zip(samples, decoded) if px is None]
+            kept = [(s, px) for s, px in zip(samples, decoded) if px is not None]
+            samples = [s for s, _ in kept]
+            self.pixels = torch.stack([px for _, px in kept]) if kept else None
+        self.samples = samples
+        self.targets = [index for _, index in samples]
+
+    def _decode(self, path: Path):
+        try:
+            with Image.open(path) as image:
+                return inference.to_pixels(image, self.config)
+        except (OSError, ValueError, SyntaxError):  # preprocess validated: this is rare
+            return None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        if self.pixels is not None:
+            pixels = self.pixels[i]
+        else:
+            with Image.open(self.samples[i][0]) as image:
+                pixels = inference.to_pixels(image, self.config)
+        return self.transform(pixels), self.targets[i]
+
+
+def choose_workers(requested: int, cached: bool, device: torch.device) -> int:
+    if requested >= 0:
+        return requested
+    cpus = usable_cpus()
+    if device.type == "cuda":
+        return min(8, cpus)  # a GPU step is fast: keep the CPU side fed
+    if cached:
+        # Measured on 2 cores (benchmarks/train_throughput.py, ResNet-18 at 96 px, batch 64),
+        # as a share of the bare training step: 0 workers 0.90, 1 worker 0.94, 2 workers 0.90.
+        # One process augmenting the next batch while the step runs beats both augmenting
+        # inline and crowding the two cores.
+        return 1
+    return max(1, min(4, cpus // 2))  # decoding from disk too
+
+
+# --------------------------------------------------------------------------- model
+
+def load_pretrained(model: torch.nn.Module, arch: str, spec: str) -> str | None:
+    """Load backbone weights per --pretrained; returns where they came from, None = from scratch."""
+    if spec.lower() in SWITCH_OFF:
+        log("pretrained: none requested, training from scratch")
+        return None
+    if spec.lower() == "auto":
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        source = f"ImageNet weights {weights} ({cached})"
+        if cached.is_file():
+            state = torch.load(cached, map_location="cpu", weights_only=True)
+        else:
+            previous = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+            try:
+                state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu",
+                                                           progress=False, weights_only=True)
+            except Exception as exc:  # no network, proxy, DNS, HTTP error: all mean the same here
+                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                log(f"pretrained: no ImageNet weights for {arch} (not in the torch hub cache at "
+                    f"{cached}, download failed: {reason}); TRAINING FROM SCRATCH")
+                return None
+            finally:
+                socket.setdefaulttimeout(previous)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise TrainError(f"--pretrained {spec}: no such weights file")
+        source = f"weights file {path}"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise TrainError(f"--pretrained {spec}: not a loadable torch state_dict ({exc})") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # one of our checkpoints
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    # Only the classification head may differ: any other missing, extra or reshaped tensor means
+    # the weights belong to another architecture.
+    misfits = sorted({k for k in [*own, *state] if k not in fitting and not k.startswith("fc.")})
+    if misfits:
+        raise TrainError(f"--pretrained: {source} does not fit {arch}: {len(misfits)} tensors missing, "
+                         f"extra or of another shape (e.g. {misfits[0]})")
+    model.load_state_dict(fitting, strict=False)  # the 5-class head stays freshly initialised
+    log(f"pretrained: loaded {source}; new {len(LABELS)}-class head")
+    return source
+
+
+def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+
+
+def lr_factor(step: int, total: int, steps_per_epoch: int, args) -> float:
+    """Multiplier of the base lr at optimizer step `step` (per-step schedule)."""
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return 0.1 + 0.9 * step / warmup
+    if args.lr_schedule == "step":
+        progress = step / max(1, total)
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- train and evaluate
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype on CUDA; None (full precision) on the CPU, where --amp does not apply."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, device, dtype, args, epoch):
+    model.train()
+    # Sums stay on the device: a .item() per step would stall a GPU every batch.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = last_report = time.perf_counter()
+    for step, (images, targets) in enumerate(itertools.islice(loader, steps), start=1):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = model(images)
+            loss = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach().float() * len(targets)
+        correct += (logits.argmax(1) == targets).sum()
+        seen += len(targets)
+        now = time.perf_counter()
+        if now - last_report > PROGRESS_SECONDS and step < steps:
+            last_report = now
+            log(f"progress epoch={epoch}/{args.epochs} batch={step}/{steps} "
+                f"loss={loss_sum.item() / seen:.4f} lr={optimizer.param_groups[0]['lr']:.5f} "
+                f"images_per_sec={seen / (now - start):.1f}")
+    seconds = time.perf_counter() - start
+    loss_sum, correct, seen = all_sum([loss_sum.item(), correct.item(), seen], device)
+    return {"loss": loss_sum / seen, "accuracy": correct / seen,
+            "images_per_sec": seen / seconds if seconds else 0.0, "images": int(seen)}
+
+
+@torch.inference_mode()
+def evaluate(model, loader, steps, device, dtype) -> dict:
+    model.eval()
+    loss_sum, correct, squared, seen = 0.0, 0, 0.0, 0
+    labels = torch.tensor(LABELS, dtype=torch.float32, device=device)
+    for images, targets in itertools.islice(loader, steps):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        predicted = logits.argmax(1)
+        correct += (predicted == targets).sum().item()
+        squared += ((labels[predicted] - labels[targets]) ** 2).sum().item()  # error in items
+        seen += len(targets)
+    loss_sum, correct, squared, seen = all_sum([loss_sum, correct, squared, seen], device)
+    return {"loss": loss_sum / seen, "accuracy": correct / seen, "rmse": math.sqrt(squared / seen),
+            "images": int(seen)}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a job killed mid-write leaves the old file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dir(args) -> Path | None:
+    if args.checkpoint_dir.lower() in SWITCH_OFF:
+        return None
+    path = Path(args.checkpoint_dir)
+    if args.checkpoint_dir == DEFAULT_CHECKPOINT_DIR and not path.parent.is_dir():
+        # No /opt/ml: not in a SageMaker container, and a shared default directory on a laptop
+        # would let one run resume another's checkpoint. Locally, pass --checkpoint_dir.
+        log(f"checkpoints: off (no {path.parent}, so not in a training container; "
+            f"pass --checkpoint_dir to checkpoint here)")
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainError(f"--checkpoint_dir {path} is not writable ({exc.strerror})") from None
+    return path
+
+
+def identity(args, n_train: int) -> dict:
+    """What a checkpoint must agree on to be resumed (epochs may grow; workers etc. may change)."""
+    keys = ("arch", "image_size", "lr", "batch_size", "seed", "data_fraction", "optimizer", "momentum",
+            "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained")
+    return {**{k: getattr(args, k) for k in keys}, "train_images": n_train,
+            "job": os.environ.get("TRAINING_JOB_NAME", "")}
+
+
+# --------------------------------------------------------------------------- artifact
+
+def write_artifact(model_dir: Path, best: dict, config: dict) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(best["state_dict"], model_dir / "model.pth")
+    (model_dir / "model_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    code = model_dir / "code"
+    code.mkdir(exist_ok=True)
+    serving = Path(inference.__file__).resolve()
+    shutil.copy(serving, code / "inference.py")
+    # Only in the repo checkout is the requirements.txt beside inference.py the serving one; in
+    # the training container that folder is train.py's own (it holds training requirements).
+    requirements = serving.parent / "requirements.txt"
+    if serving.parent != HERE and requirements.is_file():
+        shutil.copy(requirements, code / "requirements.txt")
+
+
+def weights_digest(state_dict: dict) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- main
+
+def model_config(args) -> dict:
+    """The preprocessing and label settings the artifact carries (inference.py reads them)."""
+    return {"arch": args.arch, "labels": list(LABELS), "image_size": args.image_size,
+            "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD)}
+
+
+def load_data(args, config: dict) -> tuple[BinImages, BinImages]:
+    train_samples = list_images("train")
+    val_samples = list_images("validation")
+    if args.data_fraction < 1:
+        total = len(train_samples)
+        train_samples = stratified_fraction(train_samples, args.data_fraction, args.seed)
+        log(f"trial mode: data_fraction={args.data_fraction} keeps {len(train_samples)} of {total} "
+            f"training images, stratified by count")
+    if len(train_samples) < 2:
+        raise TrainError(f"the training set has {len(train_samples)} image(s); at least 2 are needed")
+
+    # Decode into memory when the splits fit the budget (training first: it is read every epoch).
+    image_bytes = 3 * args.image_size ** 2
+    budget = args.cache_mb * 2 ** 20
+    cache_train = len(train_samples) * image_bytes <= budget
+    cache_val = (cache_train * len(train_samples) + len(val_samples)) * image_bytes <= budget
+    normalize = functools.partial(inference.normalize, config=config)
+    started = time.perf_counter()
+    augment = build_train_transform(args.augment, args.image_size, normalize)
+    train_set = BinImages(train_samples, config, augment, cache_train)
+    val_set = BinImages(val_samples, config, normalize, cache_val)
+    for name, data in (("train", train_set), ("validation", val_set)):
+        if data.rejected:
+            log(f"warning: {len(data.rejected)} undecodable {name} image(s) skipped, e.g. {data.rejected[0]}")
+        if not len(data):
+            raise TrainError(f"the {name} channel has no decodable images")
+    log(f"data: train {len(train_set)} ({class_counts(train_set.samples)}), validation {len(val_set)} "
+        f"({class_counts(val_set.samples)}); in memory: train={cache_train} validation={cache_val} "
+        f"({time.perf_counter() - started:.1f}s)")
+    return train_set, val_set
+
+
+def make_loader(data: BinImages, args, device: torch.device, train: bool) -> DataLoader:
+    """Training: shuffled per epoch (sampler.set_epoch), sharded across ranks. Validation: each
+    rank scores its own slice without padding, so every image counts exactly once."""
+    cached = data.pixels is not None
+    # Cached validation images only need normalising: no worker process is worth starting.
+    workers = 0 if cached and not train and args.workers < 0 else choose_workers(args.workers, cached, device)
+    options = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+    if not train:
+        shard = torch.utils.data.Subset(data, range(RANK, len(data), WORLD))
+        return DataLoader(shard, batch_size=args.batch_size, shuffle=False, **options)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=RANK, shuffle=True, seed=args.seed)
+    # BatchNorm cannot train on a batch of one: drop a last batch that would be a single image.
+    drop_last = len(sampler) % args.batch_size == 1 and len(sampler) > 1
+    return DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=drop_last, **options)
+
+
+def load_checkpoint(path: Path | None, args, n_train: int) -> dict | None:
+    if not path or not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # writes are atomic, but a copy from elsewhere may be damaged
+        log(f"checkpoint {path} is unreadable ({type(exc).__name__}): starting from epoch 1")
+        return None
+    wanted = identity(args, n_train)
+    if checkpoint.get("identity") != wanted:
+        changed = sorted(k for k in wanted if checkpoint.get("identity", {}).get(k) != wanted[k])
+        log(f"checkpoint {path} belongs to another configuration ({', '.join(changed)} differ): "
+            f"ignoring it and starting from epoch 1")
+        return None
+    return checkpoint
+
+
+def run(args) -> None:
+    global RANK, WORLD
+    RANK, WORLD, device = setup_distributed()
+    seed_everything(args.seed + RANK)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # All cores, shared among the processes on this host (torchrun sets OMP_NUM_THREADS itself).
+        torch.set_num_threads(max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    config = model_config(args)
+    train_set, val_set = load_data(args, config)
+    train_loader = make_loader(train_set, args, device, train=True)
+    val_loader = make_loader(val_set, args, device, train=False)
+    train_steps = min(len(train_loader), args.max_batches or len(train_loader))
+    val_steps = min(len(val_loader), args.max_batches or len(val_loader))
+
+    model = inference.build_model(args.arch, len(LABELS))
+    ckpt_dir = checkpoint_dir(args)  # every rank resumes from it; only rank 0 writes it
+    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir else None
+    checkpoint = load_checkpoint(ckpt_path, args, len(train_set))
+    if checkpoint:
+        pretrained = checkpoint["pretrained"]
+    else:
+        # Every rank loads them (so a bad --pretrained fails everywhere, not only on rank 0).
+        pretrained = load_pretrained(model, args.arch, args.pretrained)
+
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args)
+    total_steps = args.epochs * train_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, train_steps, args))
+    dtype = amp_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 needs loss scaling
+
+    start_epoch, history = 1, []
+    best = {"epoch": 0, "accuracy": -1.0, "metrics": {}, "state_dict": None}
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+        start_epoch, history, best = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"]
+        log(f"resuming from checkpoint {ckpt_path}: epoch {checkpoint['epoch']} of {args.epochs} done, "
+            f"continuing at epoch {start_epoch}")
+    if WORLD > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
+    bare = model.module if WORLD > 1 else model
+
+    log(f"training {args.arch} at {args.image_size}px on {device} (x{WORLD}, {torch.get_num_threads()} "
+        f"threads, {train_loader.num_workers} workers): {args.epochs} epochs x {train_steps} batches of "
+        f"{args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, augment {args.augment}, "
+        f"amp {dtype or 'off'}")
+    for epoch in range(start_epoch, args.epochs + 1):
+        started = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)
+        train = train_one_epoch(model, train_loader, train_steps, optimizer, scheduler, scaler, device, dtype,
+                                args, epoch)
+        val = evaluate(model, val_loader, val_steps, device, dtype)
+        seconds = time.perf_counter() - started
+        log(f"epoch={epoch}/{args.epochs} train:loss={train['loss']:.4f} "
+            f"train:accuracy={train['accuracy']:.4f} validation:loss={val['loss']:.4f} "
+            f"validation:accuracy={val['accuracy']:.4f} validation:rmse={val['rmse']:.4f} "
+            f"images_per_sec={train['images_per_sec']:.1f} seconds={seconds:.1f}")
+        history.append({"epoch": epoch, "train": train, "validation": val, "seconds": round(seconds, 2),
+                        "lr": optimizer.param_groups[0]["lr"]})
+        if val["accuracy"] > best["accuracy"]:
+            state = {k: v.detach().cpu().clone().contiguous() for k, v in bare.state_dict().items()}
+            best = {"epoch": epoch, "accuracy": val["accuracy"], "metrics": val, "state_dict": state}
+        if ckpt_path and RANK == 0:
+            save_atomic({"epoch": epoch, "identity": identity(args, len(train_set)), "pretrained": pretrained,
+                         "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "rng": {"torch": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                         "history": history, "best": best}, ckpt_path)
+    if start_epoch > args.epochs:
+        log(f"checkpoint already holds all {args.epochs} epochs: writing the model")
+
+    if RANK == 0:
+        finish(args, best, history, config, pretrained, len(train_set))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def finish(args, best: dict, history: list, config: dict, pretrained: str | None, n_train: int) -> None:
+    metrics = best["metrics"]
+    # Repeat the saved (best) epoch's metrics last: a tuner reading the last value then scores
+    # the model this job actually produced.
+    log(f"best_epoch={best['epoch']} validation:loss={metrics['loss']:.4f} "
+        f"validation:accuracy={metrics['accuracy']:.4f} validation:rmse={metrics['rmse']:.4f}")
+    digest = weights_digest(best["state_dict"])
+    job = os.environ.get("TRAINING_JOB_NAME", "")
+    config = {**config,
+              "model_id": job or f"bin-count-{digest[:12]}",
+              "weights_sha256": digest,
+              "pretrained": pretrained is not None,
+              "pretrained_source": pretrained,
+              "best_epoch": best["epoch"],
+              "validation": {k: metrics[k] for k in ("accuracy", "rmse", "loss", "images")},
+              "train_images": n_train,
+              "hyperparameters": {k: v for k, v in vars(args).items()},
+              "training_job": job or None,
+              "framework": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+    model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    write_artifact(model_dir, best, config)
+    output_dir = os.environ.get("SM_OUTPUT_DATA_DIR")
+    if output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        summary = {"best_epoch": best["epoch"], "model_id": config["model_id"], "epochs": history}
+        (Path(output_dir) / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"model {config['model_id']} (epoch {best['epoch']}, pretrained={pretrained is not None}) "
+        f"written to {model_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except TrainError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
+        write_failure(str(exc))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
