@@ -4,8 +4,8 @@
   after a few random starts) or `Random`.
 - Objective: the last value the trial printed for the objective metric, read from its log by
   the declared regex (as SageMaker does).
-- Early stopping (`Auto`): the median stopping rule. After each report a trial whose best value
-  so far is worse than the median of finished trials at the same report is stopped. A trial
+- Early stopping (`Auto`): the median stopping rule. From its second report on, a trial whose
+  best value so far is worse than the median of finished trials at the same report is stopped. A trial
   reports once per epoch, so one-epoch trials run to the end.
 """
 from __future__ import annotations
@@ -132,6 +132,8 @@ class Tuner:
         if self.step.early_stopping != "Auto":
             return False
         k = len(reports) - 1
+        if k < 1:  # a first epoch from scratch is mostly noise: judge from the second report on
+            return False
         # Compare with finished trials that went on past this report: a trial's last report
         # (e.g. the only one of a one-epoch trial) is never a reason to stop it.
         finished = [t.reports[k] for t in self.trials
