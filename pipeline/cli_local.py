@@ -298,7 +298,8 @@ def cmd_predict(args) -> int:
             print(json.dumps({"photo": str(photo), **answer}))
         else:
             confidence = answer["probabilities"][str(answer["count"])]
-            print(f"{photo}: {answer['count']} items (p={confidence:.2f}, model {answer['model_version']})")
+            items = "item" if answer["count"] == 1 else "items"
+            print(f"{photo}: {answer['count']} {items} (p={confidence:.2f}, model {answer['model_version']})")
     return 1 if failed else 0
 
 
