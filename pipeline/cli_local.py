@@ -97,6 +97,9 @@ def cmd_run(args) -> int:
             raise CommandError(str(exc)) from None
         if run.state["status"] == "Succeeded":
             raise CommandError(f"run {args.resume} already succeeded; nothing to resume")
+        if not run.state.get("resumable", True):
+            raise CommandError(f"run {args.resume} stopped at {run.state['failure']}; resuming would "
+                               "stop there again: start a new run with other parameters")
         print(f"resuming run {args.resume} from its first unfinished step")
     else:
         try:

@@ -84,6 +84,10 @@ def test_gate_failure_stops_before_register(tiny_data, tmp_path):
     assert "AccuracyTooLow: Test accuracy " in run.stdout
     assert "is below AccuracyThreshold 1.01; the model was not registered." in run.stdout
     assert "no registered models yet" in invmon("models", "list", home=home).stdout
+    assert "invmon run --resume" not in run.stdout, "a gate failure is not resumable"
+    run_id = run.stdout.split()[1]
+    resumed = invmon("run", "--resume", run_id, home=home, check=False)
+    assert resumed.returncode == 2 and "resuming would stop there again" in resumed.stderr
 
 
 def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):

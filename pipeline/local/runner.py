@@ -109,7 +109,9 @@ class LocalRun:
             except Exception as exc:  # noqa: BLE001 - any step error ends the run, recorded
                 record.update(status="Failed", error=str(exc), seconds=round(time.monotonic() - started, 1),
                               ended_at=now())
-                self.state.update(status="Failed", failure=f"{step.name}: {exc}")
+                # A Fail step fails the same way every time: resuming it cannot help.
+                self.state.update(status="Failed", failure=f"{step.name}: {exc}",
+                                  resumable=not isinstance(step, FailStep))
                 self.echo(step.name, f"FAILED: {exc}")
                 self.save()
                 return self.state

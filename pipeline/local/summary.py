@@ -63,6 +63,6 @@ def summarize(state: dict, run_dir: Path) -> str:
 
     took = sum(s.get("seconds", 0) for s in steps.values())
     lines.append(f"  step time {took:.0f}s; artifacts and logs in {run_dir}")
-    if state["status"] == "Failed":
+    if state["status"] == "Failed" and state.get("resumable", True):
         lines.append(f"  resume from the failed step: invmon run --resume {state['id']}")
     return "\n".join(lines)
