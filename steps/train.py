@@ -1,7 +1,7 @@
 """Train: the training script with the best trial's hyperparameters; checkpoints each epoch."""
 from steps.base import Code, MetricDefinition, Param, StepOutput, TrainingStep, TunedValue
 
-CODE = Code("train", "train.py", extra_files=("inference/inference.py",))
+CODE = Code("train", "train.py", extra_files=("inference/inference.py", "inference/photos.py"))
 
 # The lines train.py prints every epoch, read by SageMaker and the local tuner alike.
 METRICS = (

@@ -41,7 +41,8 @@ def make_artifact(dest: Path, arch: str = "resnet18", image_size: int = 32, seed
               "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD),
               "model_id": model_id}
     (model_dir / "model_config.json").write_text(json.dumps(config))
-    shutil.copy(SCRIPTS / "inference" / "inference.py", model_dir / "code" / "inference.py")
+    for name in ("inference.py", "photos.py"):
+        shutil.copy(SCRIPTS / "inference" / name, model_dir / "code" / name)
     tarball = dest / "model.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         for item in sorted(model_dir.rglob("*")):

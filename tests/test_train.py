@@ -107,9 +107,10 @@ def test_artifact_is_complete_and_serves_through_its_own_code(trained, data):
     tmp, done = trained
     model_dir = tmp / "model"
     assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()) == [
-        "code/inference.py", "model.pth", "model_config.json"]
-    serving_code = (ROOT / "scripts" / "inference" / "inference.py").read_text()
-    assert (model_dir / "code" / "inference.py").read_text() == serving_code
+        "code/inference.py", "code/photos.py", "model.pth", "model_config.json"]
+    for name in ("inference.py", "photos.py"):
+        serving_code = (ROOT / "scripts" / "inference" / name).read_text()
+        assert (model_dir / "code" / name).read_text() == serving_code
     state = torch.load(model_dir / "model.pth", weights_only=True)
     assert "fc.weight" in state and state["fc.weight"].shape == (5, 512)
 

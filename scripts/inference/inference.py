@@ -8,24 +8,39 @@ Artifact layout (model.tar.gz):
     model.pth            state_dict, loadable with torch.load(..., weights_only=True)
     model_config.json    arch, labels, image settings, model id, training summary
     code/inference.py    this file
+    code/photos.py       the one image-decoding rule (shared with Preprocess and Evaluate)
 """
 from __future__ import annotations
 
-import io
+import importlib.util
 import json
 import os
-import warnings
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
+
+def _sibling(name: str) -> ModuleType:
+    """Import code/<name>.py from beside this file under a name tied to this module, so that two
+    artifacts loaded into one process (the local endpoint, Evaluate, tests) never share it."""
+    unique = f"{__name__}__{name}"
+    if unique not in sys.modules:
+        spec = importlib.util.spec_from_file_location(unique, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[unique] = module
+        spec.loader.exec_module(module)
+    return sys.modules[unique]
+
+
+photos = _sibling("photos")
+CONTENT_TYPES = tuple(photos.CONTENT_TYPE_FORMATS)
 JSON = "application/json"
-# Decompression-bomb guard: ABID photos are well under a megapixel.
-MAX_PIXELS = 40_000_000
+MAX_PIXELS = photos.MAX_PIXELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNETS = tuple(m for m in torchvision.models.list_models(module=torchvision.models) if "resne" in m)
@@ -64,23 +79,16 @@ def to_tensor(image: Image.Image, config: dict) -> torch.Tensor:
     return normalize(to_pixels(image, config), config)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> fully decoded RGB PIL image, or InvalidInput naming what is wrong."""
+def decode_image(data: bytes, content_type: str = "application/x-image") -> Image.Image:
+    """Bytes -> upright RGB image through the shared rule (photos.py), or InvalidInput."""
     if not data:
         raise InvalidInput("empty request body: send the bytes of a JPEG or PNG photo")
+    formats = photos.CONTENT_TYPE_FORMATS.get(content_type, photos.FORMATS)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_PIXELS:
-                raise InvalidInput(f"image is {image.width}x{image.height}, over {MAX_PIXELS} pixels")
-            image.load()  # decode now: truncated or corrupt data fails here, not later
-    except InvalidInput:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInput(f"body is not a decodable JPEG or PNG image ({exc})") from None
-    return image.convert("RGB")
+        return photos.decode(data, formats=formats)
+    except photos.ImageRejected as exc:
+        raise InvalidInput(f"body is not a decodable {' or '.join(formats)} image "
+                           f"(content type {content_type}): {exc.reason}") from None
 
 
 def load_config(model_dir: str | os.PathLike) -> dict:
@@ -107,7 +115,7 @@ def input_fn(request_body: bytes, content_type: str = "image/jpeg") -> Image.Ima
         )
     if isinstance(request_body, str):  # some serving stacks hand over text
         request_body = request_body.encode("latin-1")
-    return decode_image(bytes(request_body))
+    return decode_image(bytes(request_body), media_type)
 
 
 @torch.inference_mode()

@@ -568,6 +568,7 @@ def write_artifact(model_dir: Path, best: dict, config: dict) -> None:
     code.mkdir(exist_ok=True)
     serving = Path(inference.__file__).resolve()
     shutil.copy(serving, code / "inference.py")
+    shutil.copy(serving.with_name("photos.py"), code / "photos.py")  # inference.py's image rule
     # Only in the repo checkout is the requirements.txt beside inference.py the serving one; in
     # the training container that folder is train.py's own (it holds training requirements).
     requirements = serving.parent / "requirements.txt"
