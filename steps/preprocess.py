@@ -10,7 +10,7 @@ SPLITS = ("train", "validation", "test")
 STEP = ProcessingStep(
     name="Preprocess",
     description="Validate every photo, resize, split 60/20/20 stratified by count, report.",
-    code=Code("preprocess", "preprocess.py"),
+    code=Code("preprocess", "preprocess.py", extra_files=("inference/photos.py",)),
     inputs=(
         ProcessingInput("data", Param("InputDataUrl"), DATA),
         ProcessingInput("manifest", Param("ManifestUrl"), MANIFEST, optional=True),

@@ -155,7 +155,7 @@ def test_every_kind_of_bad_file_is_rejected_with_its_reason(tmp_path):
     got = reasons(report)
     expected = {
         "b_corrupt": ("corrupt", "corrupt"), "b_header": ("corrupt", "corrupt JPEG"),
-        "b_trunc": ("corrupt", "truncated"),
+        "b_trunc": ("truncated", "truncated"),
         "b_empty": ("empty", "empty file"), "b_text": ("not_image", "not an image"),
         "b_small": ("too_small", "20x40"), "b_nometa": ("unlabelled", "missing metadata"),
         "b_badjson": ("unlabelled", "unparseable metadata"),

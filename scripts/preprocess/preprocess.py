@@ -1,61 +1,68 @@
 """Preprocess step: validate, resize and split ABID bin photos, and write a data report.
 
 A plain command-line program (the SageMaker processing container runs it as is); it never
-imports pipeline/ or steps/. Only the standard library, pillow and numpy.
+imports pipeline/ or steps/. The standard library, pillow, numpy, and boto3 + tqdm for S3.
 
-Input layouts, detected from the --input folder:
+Input (--input): a local folder, or an S3 URI that the step reads itself.
   abid-bucket    bin-images/<id>.jpg + metadata/<id>.json (label = EXPECTED_QUANTITY)
-  count-folders  1/<id>.jpg ... 5/<id>.jpg (label = folder name)
+  count-folders  1/<id>.jpg ... 5/<id>.jpg (label = folder name; local folders only)
+With an S3 URI only the objects the manifest (or the selection rule) names are read, through
+s3fetch.py, the code `invmon data fetch` uses. With several processing instances each takes a
+disjoint shard (--shard auto reads SageMaker's resourceconfig.json); the split is planned over
+the whole selection on every instance, so the shards' outputs add up to one split.
 
 Output (--output):
   <split>/<count>/<id>.jpg   RGB JPEG q90, short side resized to --resize (never upscaled)
-  <split>/manifest.csv       id,count,width,height
-  report/data_report.json    layout, manifest, totals, counts per split and class, rejections
+  <split>/manifest.csv       the index: id,count,width,height,md5 (manifest-<host>.csv per shard)
+  report/data_report.json    layout, selection, totals, counts per split and class, rejections,
+                             duplicate groups (data_report-<host>.json per shard)
 
-Images are never upscaled: it invents no detail and the training/serving transforms resize to
-the network's input anyway; photos below --resize keep their size and are counted in the report.
-
-The split depends only on the sorted ids of the accepted images per count and on --seed, so it is
-the same across reruns, file-system listing orders and worker counts.
+Every photo is judged by scripts/inference/photos.py, the rule serving uses too. Exact
+duplicates (same bytes under two ids) are flagged and each group kept in one split, so the same
+photo never sits in train and test. The split depends only on the sorted ids and labels of the
+selection, their content hashes and --seed: the same across reruns, listing orders, worker and
+instance counts; a photo that fails to decode leaves a gap instead of reshuffling the rest.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-CLASSES = (1, 2, 3, 4, 5)
+HERE = Path(__file__).resolve().parent
+try:
+    import photos  # staged next to preprocess.py by both executors (steps/preprocess.py)
+except ImportError:  # a repo checkout: the one image rule lives with the serving code
+    sys.path.insert(0, str(HERE.parent / "inference"))
+    import photos
+import abid
+import s3fetch
+from abid import CLASSES, LAYOUT_ABID, LAYOUT_FOLDERS, InputError, Selection
+
 SPLITS = ("train", "validation", "test")
 JPEG_QUALITY = 90
 EXAMPLES = 10  # how many ids the report lists for long lists (missing ids, ...)
-LAYOUT_ABID = "abid-bucket"
-LAYOUT_FOLDERS = "count-folders"
-ORIENTATION_TAG = 0x0112
-MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
-         (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"RIFF", "WEBP"))
-
-
-class InputError(Exception):
-    """Bad input as a whole (no such folder, unknown layout, unreadable manifest): exit 2."""
+RESOURCE_CONFIG = "/opt/ml/config/resourceconfig.json"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One image file found in the input, with its label (or why it has none)."""
+    """One image found in the input, with its label (or why it has none)."""
 
     id: str
-    path: Path
+    path: Path  # local file (for S3: where it is fetched to)
     rel: str  # path relative to --input, for the report
     label: int | None
     label_error: str | None = None
@@ -75,13 +82,26 @@ class Task:
 
 @dataclass(frozen=True)
 class Result:
-    """A worker's answer: the written size, or the kind and reason of a rejection."""
+    """A worker's answer: the written size and source MD5, or the kind and reason of a rejection."""
 
     id: str
     kind: str | None
     reason: str | None
     width: int = 0
     height: int = 0
+    md5: str = ""
+    source_short_side: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+    host: str = ""
+
+    def owns(self, unit: str) -> bool:
+        digest = hashlib.sha256(unit.encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +130,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def counts_arg(text: str) -> tuple[int, ...]:
+    try:
+        return abid.parse_counts(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def shard_arg(text: str) -> Shard:
+    """`auto` (SageMaker's resourceconfig.json, else one shard) or `I/N` (0-based I)."""
+    if text == "auto":
+        try:
+            config = json.loads(Path(RESOURCE_CONFIG).read_text())
+            hosts = sorted(config["hosts"])
+            return Shard(hosts.index(config["current_host"]), len(hosts), config["current_host"])
+        except (OSError, ValueError, KeyError):
+            return Shard(0, 1)
+    index, _, count = text.partition("/")
+    try:
+        shard = Shard(int(index), int(count), f"shard{index}")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or I/N like 0/2, got {text!r}")
+    if not 0 <= shard.index < shard.count:
+        raise argparse.ArgumentTypeError(f"shard index must be in 0..N-1, got {text!r}")
+    return shard
+
+
 def default_workers() -> int:
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -123,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="preprocess",
         description="Validate, resize and split ABID bin photos into train/validation/test.")
     p.add_argument("--input", default="/opt/ml/processing/input/data",
-                   help="ABID bucket layout (bin-images/, metadata/) or one folder per count")
+                   help="ABID bucket layout (bin-images/, metadata/) or one folder per count; "
+                        "a local folder or an s3:// URI the step reads itself")
     p.add_argument("--manifest", default="/opt/ml/processing/input/manifest",
                    help="file_list.json-style manifest, or a folder holding one .json file; "
                         "a missing or empty path means no manifest")
@@ -133,17 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", type=parse_split, default=(0.6, 0.2, 0.2),
                    help="train,validation,test fractions (default 0.6,0.2,0.2)")
+    p.add_argument("--counts", type=counts_arg, default=CLASSES,
+                   help="selection rule: the counts to keep, e.g. 1-5 or 1,3 (default 1-5)")
+    p.add_argument("--per-count", type=non_negative_int, default=0,
+                   help="selection rule: at most this many images per count, drawn with --seed "
+                        "(default 0: all)")
     p.add_argument("--balance", action="store_true",
                    help="downsample every count to the smallest count's size (seeded)")
     p.add_argument("--min-size", type=positive_int, default=32,
                    help="reject images whose short side is below this")
     p.add_argument("--workers", type=positive_int, default=default_workers(),
                    help="processes decoding and resizing (default min(4, cpus))")
+    p.add_argument("--fetch-workers", type=positive_int, default=16,
+                   help="threads reading S3 (with an s3:// input)")
+    p.add_argument("--shard", type=shard_arg, default=Shard(0, 1),
+                   help="auto (one shard per SageMaker processing instance) or I/N")
+    p.add_argument("--scratch", default=None,
+                   help="where an s3:// input is mirrored (default: a temporary folder)")
     return p
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifest
+# Manifest and input discovery
 
 
 def resolve_manifest(arg: str | None) -> Path | None:
@@ -165,41 +227,12 @@ def resolve_manifest(arg: str | None) -> Path | None:
     return jsons[0]
 
 
-def load_manifest(path: Path) -> dict[str, int]:
-    """file_list.json ({"1": ["data/metadata/100313.json", ...], ...}) -> {image id: count}."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"manifest {path} is not readable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"manifest {path} must be a JSON object of count -> list of files")
-    ids: dict[str, int] = {}
-    for key, entries in data.items():
-        try:
-            count = int(key)
-        except ValueError:
-            raise InputError(f"manifest {path}: key {key!r} is not a count") from None
-        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-            raise InputError(f"manifest {path}: the value of {key!r} must be a list of paths")
-        for entry in entries:
-            image_id = Path(entry.replace("\\", "/")).stem
-            if ids.get(image_id, count) != count:
-                raise InputError(f"manifest {path}: id {image_id} is listed under both "
-                                 f"{ids[image_id]} and {count}")
-            ids[image_id] = count
-    return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# Input discovery
-
-
 def visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def count_folders(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()),
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and len(p.name) < 6),
                   key=lambda p: int(p.name))
 
 
@@ -216,28 +249,12 @@ def detect_layout(root: Path) -> str:
         f"or one folder per count (1/ ... 5/); found: {', '.join(seen) or 'nothing'}")
 
 
-def read_label(meta: Path) -> tuple[int | None, str | None]:
-    """EXPECTED_QUANTITY from an ABID metadata file, or (None, why it is unusable)."""
-    if not meta.is_file():
-        return None, "unlabelled: missing metadata"
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"unlabelled: unparseable metadata ({type(e).__name__})"
-    if not isinstance(data, dict) or "EXPECTED_QUANTITY" not in data:
-        return None, "unlabelled: metadata has no EXPECTED_QUANTITY"
-    value = data["EXPECTED_QUANTITY"]
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None, f"unlabelled: invalid EXPECTED_QUANTITY {value!r}"
-    return value, None
-
-
 def find_candidates(root: Path, layout: str) -> list[Candidate]:
     """Every image file with its label, in path order."""
     found = []
     if layout == LAYOUT_ABID:
         for path in visible_files(root / "bin-images"):
-            label, error = read_label(root / "metadata" / f"{path.stem}.json")
+            label, error = abid.read_label(root / "metadata" / f"{path.stem}.json")
             found.append(Candidate(path.stem, path, path.relative_to(root).as_posix(), label, error))
     else:
         for folder in count_folders(root):
@@ -262,58 +279,27 @@ def target_size(width: int, height: int, short: int) -> tuple[int, int]:
     return max(1, round(width * scale)), short
 
 
-def sniff_format(path: str) -> str | None:
-    """The image format a file's first bytes claim, if any."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    for magic, name in MAGIC:
-        if head.startswith(magic):
-            return name
-    return None
-
-
-def final_size(im: Image.Image, short: int) -> tuple[int, int]:
-    """Output size from the stored size, turned as the EXIF orientation turns the photo."""
-    width, height = im.size
-    if im.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-        width, height = height, width
-    return target_size(width, height, short)
-
-
 def process_image(task: Task) -> Result:
-    """Decode fully, check, resize and stage one image.
+    """Decode fully through the shared rule, check, resize and stage one image.
 
     Never raises for bad image bytes: every failure becomes a (kind, reason) rejection.
     """
     try:
-        if os.path.getsize(task.path) == 0:
-            return Result(task.id, "empty", "empty file")
-        with Image.open(task.path) as im:
-            width, height = im.size
-            if min(width, height) < task.min_size:
-                return Result(task.id, "too_small",
-                              f"too small: {width}x{height}, short side < {task.min_size} px")
-            size = final_size(im, task.resize)
-            # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: every byte is still decoded
-            # (truncation is still caught), for far less work; it never goes below `size`.
-            im.draft("RGB", target_size(width, height, task.resize))
-            im.load()
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-    except UnidentifiedImageError:
-        fmt = sniff_format(task.path)
-        if fmt:  # PIL reports a damaged header as "unidentified": say what it really is
-            return Result(task.id, "corrupt", f"corrupt {fmt}: its header cannot be decoded")
-        return Result(task.id, "not_image", "not an image: no decoder recognises the bytes")
-    except Image.DecompressionBombError as e:
-        return Result(task.id, "too_large", f"too large: {e}")
-    except (OSError, SyntaxError, ValueError) as e:
-        return Result(task.id, "corrupt", f"corrupt or truncated image: {e}")
-    except Exception as e:  # a decoder bug must not stop the job; report it instead
-        return Result(task.id, "corrupt", f"unreadable image: {type(e).__name__}: {e}")
+        data = Path(task.path).read_bytes()
+    except OSError as e:
+        return Result(task.id, "unreadable", f"cannot read file: {e.strerror or e}")
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    try:
+        # JPEG decodes straight at 1/2..1/8 scale when that still covers the target size.
+        rgb = photos.decode(data, min_side=task.min_size, draft=(task.resize, task.resize))
+    except photos.ImageRejected as e:
+        return Result(task.id, e.kind, e.reason, md5=md5)
+    width, height = rgb.info["source_size"]
+    size = target_size(width, height, task.resize)
     if size != rgb.size:
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+        rgb = rgb.resize(size, photos.Image.Resampling.BICUBIC)
     rgb.save(task.staged, "JPEG", quality=JPEG_QUALITY)
-    return Result(task.id, None, None, *size)
+    return Result(task.id, None, None, *size, md5=md5, source_short_side=min(width, height))
 
 
 def run_tasks(tasks: list[Task], workers: int) -> list[Result]:
@@ -325,7 +311,82 @@ def run_tasks(tasks: list[Task], workers: int) -> list[Result]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Selection, balancing and splitting (pure functions of sorted ids and the seed)
+# Selection, duplicates and the plan
+
+
+def examples(items) -> list:
+    return sorted(items)[:EXAMPLES]
+
+
+def select(candidates: list[Candidate], manifest: dict[str, int] | None, rule: Selection):
+    """Apply duplicate-id, manifest, label and selection rules: (accepted, rejections, info)."""
+    rejections: list[dict] = []
+    labelled: list[Candidate] = []
+    first_seen: dict[str, Candidate] = {}
+    not_in_manifest: list[str] = []
+
+    def reject(c: Candidate, kind: str, reason: str) -> None:
+        rejections.append({"id": c.id, "path": c.rel, "kind": kind, "reason": reason})
+
+    for c in candidates:
+        if c.id in first_seen:
+            reject(c, "duplicate", f"duplicate id: also at {first_seen[c.id].rel}")
+            continue
+        first_seen[c.id] = c
+        if manifest is not None and c.id not in manifest:
+            not_in_manifest.append(c.id)
+            continue
+        if c.label is None:
+            reject(c, "unlabelled", c.label_error or "unlabelled")
+        elif c.label not in CLASSES:
+            reject(c, "out_of_range", f"count {abid.describe_count(c.label)} outside 1-5")
+        elif manifest is not None and manifest[c.id] != c.label:
+            reject(c, "manifest_mismatch",
+                   f"manifest says {manifest[c.id]}, {c.label_source} says {c.label}")
+        else:
+            labelled.append(c)
+    accepted = labelled
+    if rule.active:
+        keep = set(abid.select({c.id: c.label for c in labelled}, rule))
+        accepted = [c for c in labelled if c.id in keep]
+    info: dict = {}
+    if manifest is not None:
+        missing = set(manifest) - set(first_seen)
+        info = {
+            "ids": len(manifest),
+            "missing_from_input": {"count": len(missing), "examples": examples(missing)},
+            "input_not_in_manifest": {"count": len(not_in_manifest),
+                                      "examples": examples(not_in_manifest)},
+        }
+    return accepted, rejections, info
+
+
+def duplicate_units(accepted: list[Candidate], content: dict[str, str | None], rejections: list[dict]):
+    """Group exact duplicates (same content hash) into one unit each: {unit: [ids]}.
+
+    A unit is named by its smallest id. A group whose members disagree on the count cannot be
+    trusted either way: every member is rejected."""
+    groups: dict[str, list[Candidate]] = {}
+    for c in accepted:
+        key = content.get(c.id) or f"id:{c.id}"  # unknown content (multipart ETag): its own unit
+        groups.setdefault(key, []).append(c)
+    units: dict[str, list[Candidate]] = {}
+    duplicates = []
+    for key, members in groups.items():
+        members.sort(key=lambda c: c.id)
+        if len(members) > 1:
+            labels = sorted({c.label for c in members})
+            ids = [c.id for c in members]
+            duplicates.append({"md5": key, "ids": ids, "counts": labels})
+            if len(labels) > 1:
+                for c in members:
+                    rejections.append({"id": c.id, "path": c.rel, "kind": "duplicate_conflict",
+                                       "reason": f"same photo as {', '.join(i for i in ids if i != c.id)} "
+                                                 f"with another count ({'/'.join(map(str, labels))})"})
+                continue
+        units[members[0].id] = members
+    duplicates.sort(key=lambda d: d["ids"])
+    return units, duplicates
 
 
 def class_rng(seed: int, purpose: int, count: int) -> np.random.Generator:
@@ -381,50 +442,85 @@ def split_ids(ids_by_count: dict[int, list[str]], fractions: tuple[float, float,
 
 
 # ---------------------------------------------------------------------------------------------
-# The job
+# Reading S3 (the step fetches exactly the selected objects itself)
 
 
-def examples(items) -> list:
-    return sorted(items)[:EXAMPLES]
+def s3_candidates(args, manifest: dict[str, int] | None, rule: Selection, scratch: Path):
+    """Candidates for an s3:// input, their metadata fetched into `scratch` (labels are needed
+    for the whole selection on every shard); images are fetched later, only the shard's."""
+    bucket, prefix = s3fetch.parse_s3_uri(args.input)
+    client = s3fetch.make_client(args.fetch_workers)
+    s3fetch.check_bucket(client, bucket)
+    mirror = s3fetch.Mirror(client, bucket, prefix, scratch)
 
-
-def select(candidates: list[Candidate], manifest: dict[str, int] | None):
-    """Apply duplicates, manifest and label rules: (accepted candidates, rejections, info)."""
-    rejections: list[dict] = []
-    accepted: list[Candidate] = []
-    first_seen: dict[str, Candidate] = {}
-    not_in_manifest: list[str] = []
-
-    def reject(c: Candidate, kind: str, reason: str) -> None:
-        rejections.append({"id": c.id, "path": c.rel, "kind": kind, "reason": reason})
-
-    for c in candidates:
-        if c.id in first_seen:
-            reject(c, "duplicate", f"duplicate id: also at {first_seen[c.id].rel}")
-            continue
-        first_seen[c.id] = c
-        if manifest is not None and c.id not in manifest:
-            not_in_manifest.append(c.id)
-            continue
-        if c.label is None:
-            reject(c, "unlabelled", c.label_error or "unlabelled")
-        elif c.label not in CLASSES:
-            reject(c, "out_of_range", f"count {c.label} outside 1-5")
-        elif manifest is not None and manifest[c.id] != c.label:
-            reject(c, "manifest_mismatch",
-                   f"manifest says {manifest[c.id]}, {c.label_source} says {c.label}")
+    def candidate(image_id: str, got) -> Candidate:
+        rel = f"bin-images/{image_id}.jpg"
+        if got.ok or got.status == "missing":
+            label, error = abid.read_label(got.path)
         else:
-            accepted.append(c)
-    info: dict = {}
+            label, error = None, f"unlabelled: metadata {got.reason}"
+        return Candidate(image_id, scratch / rel, rel, label, error)
+
+    def fetch_meta(image_id: str):
+        return mirror.fetch(f"metadata/{image_id}.json")
+
     if manifest is not None:
-        missing = set(manifest) - set(first_seen)
-        info = {
-            "ids": len(manifest),
-            "missing_from_input": {"count": len(missing), "examples": examples(missing)},
-            "input_not_in_manifest": {"count": len(not_in_manifest),
-                                      "examples": examples(not_in_manifest)},
-        }
-    return accepted, rejections, info
+        ids = sorted(manifest)  # keys come from the manifest: the bucket is never listed
+    else:
+        ids = sorted({Path(k).stem for k in mirror.list("metadata/") if k.endswith(".json")})
+    if manifest is None and rule.active:
+        # Labels are learnt one metadata GET at a time, in the rule's walk order, until every
+        # count's quota is full: a 2,000-per-count draw reads ~10k metadata files, not 535k.
+        order, walked, labels, batch = abid.walk_order(ids, rule.seed), [], {}, 256
+        for start in range(0, len(order), batch):
+            chunk = order[start:start + batch]
+            got = s3fetch.run_parallel(fetch_meta, chunk, args.fetch_workers)
+            walked += [candidate(i, g) for i, g in zip(chunk, got)]
+            labels.update({c.id: c.label for c in walked[-len(chunk):]})
+            taken = list(abid.take_while_open(order[:start + len(chunk)], labels.get, rule))
+            if rule.per_count and len(taken) >= rule.per_count * len(rule.counts):
+                break
+        return sorted(walked, key=lambda c: c.id), mirror
+    with s3fetch.progress(len(ids), "metadata") as bar:
+        got = s3fetch.run_parallel(fetch_meta, ids, args.fetch_workers, bar, lambda g: not g.ok)
+    return [candidate(i, g) for i, g in zip(ids, got)], mirror
+
+
+def s3_content_ids(mirror, accepted: list[Candidate], workers: int) -> dict[str, str | None]:
+    """Content identity of every selected image without reading it: its ETag, which is the MD5
+    of its bytes for single-part uploads (None otherwise: such a photo is its own unit)."""
+    with s3fetch.progress(len(accepted), "etags") as bar:
+        heads = s3fetch.run_parallel(lambda c: mirror.head_etag(c.rel), accepted, workers, bar)
+    return {c.id: s3fetch.plain_etag(etag) for c, (etag, _, _) in zip(accepted, heads)}
+
+
+def fetch_and_process(mirror, candidates: list[Candidate], tasks: dict[str, Task],
+                      workers: int, fetch_workers: int) -> list[Result]:
+    """Download and decode at once: each photo goes to a decoding process as soon as it lands."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    results: list[Result] = []
+    with s3fetch.progress(len(candidates), "photos") as bar, \
+            ThreadPoolExecutor(fetch_workers) as fetchers, \
+            ProcessPoolExecutor(max(1, workers)) as pool:
+        fetches = {fetchers.submit(mirror.fetch, c.rel): c for c in candidates}
+        decoding = []
+        for future in as_completed(fetches):
+            c, got = fetches[future], future.result()
+            if got.ok:
+                decoding.append(pool.submit(process_image, tasks[c.id]))
+            else:
+                results.append(Result(c.id, got.status if got.status == "missing" else "fetch_failed",
+                                      got.reason))
+                bar.update(1)
+        for future in as_completed(decoding):
+            results.append(future.result())
+            bar.update(1)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
 
 
 def prepare_output(out: Path) -> Path:
@@ -439,67 +535,117 @@ def prepare_output(out: Path) -> Path:
 
 
 def write_split(out: Path, split: str, ids_by_count: dict[int, list[str]], staging: Path,
-                sizes: dict[str, tuple[int, int]]) -> None:
+                results: dict[str, Result], index_name: str) -> None:
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for count in sorted(ids_by_count):
         (folder / str(count)).mkdir(exist_ok=True)
         for image_id in ids_by_count[count]:
+            r = results[image_id]
             # move, not os.replace: the split folders may be separate mounts in a container
             shutil.move(staging / f"{image_id}.jpg", folder / str(count) / f"{image_id}.jpg")
-            rows.append((image_id, count, *sizes[image_id]))
-    with open(folder / "manifest.csv", "w", newline="") as f:
+            rows.append((image_id, count, r.width, r.height, r.md5))
+    with open(folder / index_name, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(("id", "count", "width", "height"))
+        writer.writerow(("id", "count", "width", "height", "md5"))
         writer.writerows(rows)
 
 
 def run(args: argparse.Namespace) -> dict:
-    """The whole job; returns the data report (also written to report/data_report.json)."""
+    """The whole job; returns the data report (also written under report/)."""
     start = time.perf_counter()
-    root = Path(args.input)
-    layout = detect_layout(root)
     manifest_path = resolve_manifest(args.manifest)
-    manifest = load_manifest(manifest_path) if manifest_path else None
-
-    candidates = find_candidates(root, layout)
-    accepted, rejections, manifest_info = select(candidates, manifest)
-    selected = len(accepted) + sum(r["kind"] != "duplicate" for r in rejections)
-
+    manifest = abid.load_manifest(manifest_path) if manifest_path else None
+    rule = Selection(tuple(args.counts), args.per_count, args.seed)
+    shard: Shard = args.shard
     out = Path(args.output)
     try:
         staging = prepare_output(out)
     except OSError as e:
         raise InputError(f"cannot write to output folder {out}: {e}") from None
-    tasks = [Task(c.id, str(c.path), str(staging / f"{c.id}.jpg"), args.resize, args.min_size)
-             for c in accepted]
-    by_id = {c.id: c for c in accepted}
-    sizes: dict[str, tuple[int, int]] = {}
-    for r in run_tasks(tasks, args.workers):
-        if r.kind is None:
-            sizes[r.id] = (r.width, r.height)
-        else:
-            rejections.append({"id": r.id, "path": by_id[r.id].rel, "kind": r.kind,
-                               "reason": r.reason})
 
-    valid: dict[int, list[str]] = {k: [] for k in CLASSES}
-    for image_id in sorted(sizes):
-        valid[by_id[image_id].label].append(image_id)
-    kept = balance(valid, args.seed) if args.balance else valid
-    splits = split_ids(kept, args.split, args.seed)
+    from_s3 = str(args.input).startswith("s3://")
+    scratch_owner = None
+    if from_s3:
+        if args.scratch:
+            scratch = Path(args.scratch)
+        else:
+            scratch_owner = tempfile.TemporaryDirectory(prefix="abid-")
+            scratch = Path(scratch_owner.name)
+        layout = LAYOUT_ABID
+        candidates, mirror = s3_candidates(args, manifest, rule, scratch)
+    else:
+        root = Path(args.input)
+        layout = detect_layout(root)
+        candidates = find_candidates(root, layout)
+    try:
+        return _process(args, start, layout, manifest, manifest_path, rule, shard, out, staging,
+                        candidates, mirror if from_s3 else None)
+    finally:
+        if scratch_owner is not None:
+            scratch_owner.cleanup()
+
+
+def _process(args, start, layout, manifest, manifest_path, rule, shard, out, staging,
+             candidates, mirror) -> dict:
+    accepted, rejections, manifest_info = select(candidates, manifest, rule)
+    selected = len(accepted)
+    tasks = {c.id: Task(c.id, str(c.path), str(staging / f"{c.id}.jpg"), args.resize, args.min_size)
+             for c in accepted}
+
+    def process(cands: list[Candidate]) -> list[Result]:
+        if mirror is not None:
+            return fetch_and_process(mirror, cands, tasks, args.workers, args.fetch_workers)
+        return run_tasks([tasks[c.id] for c in cands], args.workers)
+
+    if shard.count > 1:
+        # Every shard plans the same split over the whole selection, so duplicate groups and
+        # the stratification need every photo's content identity first (ETag / MD5).
+        if mirror is not None:
+            content = s3_content_ids(mirror, accepted, args.fetch_workers)
+        else:
+            content = {c.id: hashlib.md5(c.path.read_bytes(), usedforsecurity=False).hexdigest()
+                       if c.path.is_file() else None for c in accepted}
+        units, duplicates = duplicate_units(accepted, content, rejections)
+        mine = [c for unit, members in units.items() if shard.owns(unit) for c in members]
+        results = {r.id: r for r in process(mine)}
+    else:
+        results = {r.id: r for r in process(accepted)}
+        content = {i: r.md5 or None for i, r in results.items()}
+        units, duplicates = duplicate_units(accepted, content, rejections)
+
+    by_id = {c.id: c for c in accepted}
+    for r in results.values():
+        if r.kind is not None:
+            rejections.append({"id": r.id, "path": by_id[r.id].rel, "kind": r.kind, "reason": r.reason})
+    # The plan: units (duplicate groups) by count, balanced and split the same on every shard.
+    unit_ids: dict[int, list[str]] = {k: [] for k in CLASSES}
+    for unit, members in units.items():
+        unit_ids[members[0].label].append(unit)
+    kept = balance(unit_ids, args.seed) if args.balance else unit_ids
+    plan = split_ids(kept, args.split, args.seed)
+    in_units = {c.id for members in units.values() for c in members}
+    ok = {i for i, r in results.items() if r.kind is None and i in in_units}
+    splits = {s: {k: sorted(c.id for u in plan[s][k] for c in units[u] if c.id in ok)
+                  for k in plan[s]} for s in SPLITS}
+    suffix = f"-{shard.host or shard.index}" if shard.count > 1 else ""
     for split in SPLITS:
-        write_split(out, split, splits[split], staging, sizes)
-    shutil.rmtree(staging)  # what is left there was dropped by --balance
+        write_split(out, split, splits[split], staging, results, f"manifest{suffix}.csv")
+    shutil.rmtree(staging)  # what is left there was dropped by --balance or a conflict
 
     rejections.sort(key=lambda r: (r["path"], r["reason"]))
     written = {s: {str(k): len(v) for k, v in splits[s].items()} for s in SPLITS}
+    sizes = [results[i] for i in ok]
+    planned = {s: sum(len(units[u]) for k in plan[s] for u in plan[s][k]) for s in SPLITS}
     report = {
-        "input": str(root),
+        "input": str(args.input),
         "layout": layout,
         "manifest": str(manifest_path) if manifest_path else None,
         "manifest_argument": args.manifest,
         "manifest_summary": manifest_info or None,
+        "selection": rule.describe() if rule.active else None,
+        "shard": {"index": shard.index, "count": shard.count, "host": shard.host} if shard.count > 1 else None,
         "resize_short_side": args.resize,
         "upscale": False,
         "min_size": args.min_size,
@@ -510,20 +656,24 @@ def run(args: argparse.Namespace) -> dict:
         "totals": {
             "found": len(candidates),
             "selected": selected,
-            "valid": len(sizes),
+            "processed_here": len(results),
+            "valid": len(ok),
             "rejected": len(rejections),
-            "dropped_by_balance": len(sizes) - sum(len(v) for v in kept.values()),
-            "kept_below_resize": sum(min(wh) < args.resize for wh in sizes.values()),
+            "duplicate_groups": len(duplicates),
+            "dropped_by_balance": sum(len(v) for v in unit_ids.values()) - sum(len(v) for v in kept.values()),
+            "kept_below_resize": sum(r.source_short_side < args.resize for r in sizes),
             "written": sum(sum(v.values()) for v in written.values()),
         },
+        "planned_per_split": planned,
         "counts": {s: {**written[s], "total": sum(written[s].values())} for s in SPLITS},
         "counts_per_class": {str(k): sum(written[s][str(k)] for s in SPLITS) for k in CLASSES},
         "rejections_by_kind": count_kinds(rejections),
         "rejections": rejections,
+        "duplicates": duplicates,
         "elapsed_seconds": round(time.perf_counter() - start, 3),
     }
     (out / "report").mkdir(parents=True, exist_ok=True)
-    (out / "report" / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report" / f"data_report{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -564,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except InputError as e:
+    except (InputError, s3fetch.FetchError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
     print(summary(report))
