@@ -70,6 +70,16 @@ def add_commands(commands) -> None:
     synth.add_argument("--per-class", type=int, default=300)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(handler=cmd_data_synth)
+    fetch = data_sub.add_parser(
+        "fetch", help="mirror the ABID images a manifest or selection rule names (S3 -> folder)",
+        description="Mirror exactly the listed ABID images and metadata into --out (ABID layout), "
+                    "checked as Preprocess checks them, with fetch_report.json. Anonymous access "
+                    "when no AWS credentials are configured; AWS_ENDPOINT_URL for other stores. "
+                    "A rerun fetches only what is missing or damaged.")
+    from pipeline.data import ingest
+
+    ingest().add_arguments(fetch)
+    fetch.set_defaults(handler=cmd_data_fetch)
 
 
 def _model_choice(parser: argparse.ArgumentParser) -> None:
@@ -304,6 +314,17 @@ def cmd_predict(args) -> int:
             items = "item" if answer["count"] == 1 else "items"
             print(f"{photo}: {answer['count']} {items} (p={confidence:.2f}, model {answer['model_version']})")
     return 1 if failed else 0
+
+
+def cmd_data_fetch(args) -> int:
+    from pipeline.data import ingest
+
+    module = ingest()
+    try:
+        report = module.run_from_args(args)
+    except (module.InputError, module.s3fetch.FetchError) as exc:
+        raise CommandError(str(exc)) from None
+    return 0 if report["usable"] else 1
 
 
 def cmd_data_synth(args) -> int:

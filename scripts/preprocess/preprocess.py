@@ -48,6 +48,7 @@ except ImportError:  # a repo checkout: the one image rule lives with the servin
     sys.path.insert(0, str(HERE.parent / "inference"))
     import photos
 import abid
+import ingest
 import s3fetch
 from abid import CLASSES, LAYOUT_ABID, LAYOUT_FOLDERS, InputError, Selection
 
@@ -452,38 +453,13 @@ def s3_candidates(args, manifest: dict[str, int] | None, rule: Selection, scratc
     client = s3fetch.make_client(args.fetch_workers)
     s3fetch.check_bucket(client, bucket)
     mirror = s3fetch.Mirror(client, bucket, prefix, scratch)
-
-    def candidate(image_id: str, got) -> Candidate:
-        rel = f"bin-images/{image_id}.jpg"
-        if got.ok or got.status == "missing":
-            label, error = abid.read_label(got.path)
-        else:
-            label, error = None, f"unlabelled: metadata {got.reason}"
-        return Candidate(image_id, scratch / rel, rel, label, error)
-
-    def fetch_meta(image_id: str):
-        return mirror.fetch(f"metadata/{image_id}.json")
-
-    if manifest is not None:
-        ids = sorted(manifest)  # keys come from the manifest: the bucket is never listed
-    else:
-        ids = sorted({Path(k).stem for k in mirror.list("metadata/") if k.endswith(".json")})
-    if manifest is None and rule.active:
-        # Labels are learnt one metadata GET at a time, in the rule's walk order, until every
-        # count's quota is full: a 2,000-per-count draw reads ~10k metadata files, not 535k.
-        order, walked, labels, batch = abid.walk_order(ids, rule.seed), [], {}, 256
-        for start in range(0, len(order), batch):
-            chunk = order[start:start + batch]
-            got = s3fetch.run_parallel(fetch_meta, chunk, args.fetch_workers)
-            walked += [candidate(i, g) for i, g in zip(chunk, got)]
-            labels.update({c.id: c.label for c in walked[-len(chunk):]})
-            taken = list(abid.take_while_open(order[:start + len(chunk)], labels.get, rule))
-            if rule.per_count and len(taken) >= rule.per_count * len(rule.counts):
-                break
-        return sorted(walked, key=lambda c: c.id), mirror
-    with s3fetch.progress(len(ids), "metadata") as bar:
-        got = s3fetch.run_parallel(fetch_meta, ids, args.fetch_workers, bar, lambda g: not g.ok)
-    return [candidate(i, g) for i, g in zip(ids, got)], mirror
+    metas = ingest.resolve_selection(mirror, manifest, rule, args.fetch_workers)
+    candidates = []
+    for image_id, meta in metas.items():
+        label, error = ingest.label_of(meta)
+        rel = ingest.image_key(image_id)
+        candidates.append(Candidate(image_id, scratch / rel, rel, label, error))
+    return candidates, mirror
 
 
 def s3_content_ids(mirror, accepted: list[Candidate], workers: int) -> dict[str, str | None]:
