@@ -5,7 +5,13 @@ The same list becomes SageMaker `ParameterString/Integer/Float` objects and the 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
+
+# The reference recipe's 10,441-image subset of ABID (Udacity's file_list.json), shipped with
+# the package: the definition uploads it, so the default execution reads exactly these images.
+ABID_MANIFEST = Path(__file__).resolve().parent / "manifests" / "abid-10441.json"
 
 
 @dataclass(frozen=True)
@@ -30,8 +36,11 @@ APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("InputDataUrl", str, "s3://aft-vbi-pds/",
               "ABID data: S3 prefix or local folder (ABID bucket layout or one folder per count)"),
-    Parameter("ManifestUrl", str, "",
-              "file_list.json-style manifest selecting images; empty = every labelled image"),
+    Parameter("ManifestUrl", str, str(ABID_MANIFEST),
+              "file_list.json-style manifest selecting images (S3 URI, or a local file that "
+              "upsert uploads); empty = every labelled image"),
+    Parameter("SelectCounts", str, "1-5", "selection rule: the counts to keep, e.g. 1-5 or 1,3"),
+    Parameter("PerCount", int, 0, "selection rule: at most this many images per count (0 = all)"),
     Parameter("ProcessingInstanceType", str, "ml.m5.xlarge", "instance type of processing jobs"),
     Parameter("ProcessingInstanceCount", int, 1, "instances per processing job"),
     Parameter("TrainingInstanceType", str, "ml.g4dn.xlarge", "instance type of training and trials"),
@@ -69,6 +78,9 @@ def parse_assignments(items: list[str]) -> dict[str, object]:
         if name not in BY_NAME:
             raise ValueError(f"unknown parameter {name!r}; known: {', '.join(BY_NAME)}")
         values[name] = BY_NAME[name].parse(text)
+    counts = values.get("SelectCounts")
+    if counts is not None and not re.fullmatch(r"[1-5](-[1-5])?(,[1-5](-[1-5])?)*", str(counts)):
+        raise ValueError(f"SelectCounts expects counts within 1-5 like 1-5 or 1,3, got {counts!r}")
     status = values.get("ModelApprovalStatus")
     if status is not None and status not in APPROVAL_STATUSES:
         raise ValueError(f"ModelApprovalStatus must be one of {APPROVAL_STATUSES}, got {status!r}")

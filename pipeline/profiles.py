@@ -13,6 +13,7 @@ FULL: dict[str, object] = {p.name: p.default for p in PARAMETERS}
 LOCAL: dict[str, object] = {
     **FULL,
     "InputDataUrl": "",  # empty: the runner generates the embedded synthetic data
+    "ManifestUrl": "",
     "Arch": "resnet18",
     "ImageSize": 96,
     "ResizeShortSide": 112,

@@ -520,7 +520,15 @@ class _Build:
             network_config=NetworkConfig(subnets=vpc[0], security_group_ids=vpc[1]) if vpc else None,
         )
         inputs = []
+        read_by_script = {}  # container path -> the S3 URI the script reads itself
         for item in decl.inputs:
+            if item.s3_selection is not None:
+                uri = str(self.build_time_value(item.source))
+                if not uri.startswith("s3://"):
+                    raise DefinitionError(f"{item.source.name} must be an s3:// URI on SageMaker, got "
+                                          f"{uri!r} (a local folder runs with `invmon run --data`)")
+                read_by_script[item.destination] = self.value(item.source)
+                continue
             if item.optional and isinstance(item.source, base.Param) and not self.values[item.source.name]:
                 continue  # see the module docstring: empty = no input (the script gets an empty path)
             inputs.append(ProcessingInput(input_name=item.name, s3_input=ProcessingS3Input(
@@ -529,7 +537,8 @@ class _Build:
         outputs = [ProcessingOutput(output_name=o.name, s3_output=ProcessingS3Output(
             s3_uri=self.execution_uri(decl.name, o.name), local_path=o.source,
             s3_upload_mode="EndOfJob")) for o in decl.outputs]
-        arguments = [self.value(arg, as_string=True) for arg in decl.arguments]
+        arguments = [read_by_script.get(arg) if isinstance(arg, str) and arg in read_by_script
+                     else self.value(arg, as_string=True) for arg in decl.arguments]
         source = self.stage_code(decl.code)
         step_args = processor.run(
             code=decl.code.entry_point, source_dir=source,
@@ -802,6 +811,20 @@ def get_pipeline(
                                dag or declared.DAG)
 
 
+def stage_local_files(values: dict, session, bucket: str, pipeline_name: str) -> dict:
+    """A ManifestUrl naming a local file (the shipped 10,441-image manifest by default) is
+    uploaded content-addressed beside the code, and its S3 URI becomes the default."""
+    manifest = str(values.get("ManifestUrl") or "")
+    if manifest and not manifest.startswith("s3://"):
+        path = Path(manifest).expanduser()
+        if not path.is_file():
+            raise DefinitionError(f"ManifestUrl {manifest} is neither an s3:// URI nor a local file")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        values = {**values, "ManifestUrl": session.upload_data(
+            str(path), bucket=bucket, key_prefix=f"{pipeline_name}/code/manifest-{digest}")}
+    return values
+
+
 def _build_pipeline(region, role, default_bucket, pipeline_name, profile, sagemaker_session,
                     parameter_overrides, offline_dir, dag):
     from sagemaker.core.workflow.pipeline_definition_config import PipelineDefinitionConfig
@@ -817,6 +840,7 @@ def _build_pipeline(region, role, default_bucket, pipeline_name, profile, sagema
         session = sagemaker_session
         bucket = bucket or session.default_bucket()
     workdir = Path(tempfile.mkdtemp(prefix="invmon-sagemaker-"))
+    values = stage_local_files(values, session, bucket, pipeline_name)
     try:
         build = _Build(dag=dag, pipeline_name=pipeline_name, region=region, role=role,
                        bucket=bucket, session=session, values=values,

@@ -40,11 +40,25 @@ Source = Union[Param, StepOutput]
 
 
 @dataclass(frozen=True)
+class S3Selection:
+    """How a step reads a dataset from S3 itself: only the objects a manifest or a selection
+    rule names. Such an input is never mounted on SageMaker (a File-mode input copies the whole
+    prefix, 535k images for the ABID bucket); its container path in the arguments becomes the
+    S3 URI. The local runner mirrors the same selection once into its cache and links it in."""
+
+    manifest: Param
+    counts: Param
+    per_count: Param
+    seed: Param
+
+
+@dataclass(frozen=True)
 class ProcessingInput:
     name: str
     source: Source
     destination: str  # container path, under /opt/ml/processing
     optional: bool = False  # an empty Param means "no input" (e.g. no manifest)
+    s3_selection: S3Selection | None = None  # read by the script itself when the source is s3://
 
 
 @dataclass(frozen=True)

@@ -227,3 +227,31 @@ def test_preprocess_reading_s3_equals_preprocess_on_the_mirror_and_shards_add_up
         union.update(part)
         assert (tmp_path / "shards" / "report" / f"data_report-shard{index}.json").exists()
     assert union == split_tree(tmp_path / "direct")
+
+
+def test_runner_mirrors_s3_once_through_the_same_code_and_caches_preprocess(server, dataset, tmp_path,
+                                                                            invmon_home):
+    """`invmon run --data s3://... --manifest FILE`: the runner fetches the selection into its
+    cache once; a second run fetches nothing and reuses the cached Preprocess."""
+    from pipeline.local.runner import LocalRun
+    from pipeline.profiles import defaults
+    from steps import preprocess as declared
+    from steps.base import Dag
+
+    url, env = server
+    manifest = write_manifest(tmp_path / "file_list.json", dataset[1])
+    params = {**defaults("local"), "InputDataUrl": SOURCE, "ManifestUrl": str(manifest),
+              "ResizeShortSide": 64}
+    lines: list[str] = []
+    with patched_environ({**env, "INVMON_HOME": str(invmon_home)}):
+        first = LocalRun.create(invmon_home, Dag((declared.STEP,)), params, "test", echo=lines.append).execute()
+        mirrors = list((invmon_home / "data" / "s3").iterdir())
+        ledger = (mirrors[0] / ".fetch-ledger.jsonl").read_text()
+        second = LocalRun.create(invmon_home, Dag((declared.STEP,)), params, "test", echo=lines.append).execute()
+    assert first["status"] == second["status"] == "Succeeded", first.get("failure")
+    assert len(mirrors) == 1 and (mirrors[0] / "fetch_report.json").exists()
+    assert (mirrors[0] / ".fetch-ledger.jsonl").read_text() == ledger, "the second run fetched again"
+    assert second["steps"]["Preprocess"]["reused_from"] == first["id"]
+    report = json.loads((invmon_home / "runs" / first["id"] / "Preprocess" / "processing" / "output"
+                         / "report" / "data_report.json").read_text())
+    assert report["totals"]["valid"] == len(dataset[2]["good"]) + 2  # + the duplicate pair

@@ -79,11 +79,11 @@ def test_a_parameter_of_the_wrong_type_is_caught_where_it_is_used(definition):
 def test_an_empty_string_default_where_the_api_needs_a_value(definition):
     """Why empty KmsKeyId/ManifestUrl are left out of the definition rather than wired."""
     inputs = all_steps(definition)["Preprocess"]["Arguments"]["ProcessingInputs"]
-    inputs.append({"InputName": "manifest", "S3Input": {
-        "S3Uri": {"Get": "Parameters.ManifestUrl"}, "LocalPath": "/opt/ml/processing/input/manifest",
-        "S3DataType": "S3Prefix", "S3InputMode": "File"}})
+    index = next(i for i, item in enumerate(inputs) if item["InputName"] == "manifest")
+    assert inputs[index]["S3Input"]["S3Uri"] == {"Get": "Parameters.ManifestUrl"}
+    next(p for p in definition["Parameters"] if p["Name"] == "ManifestUrl")["DefaultValue"] = ""
     issue = only(check_definition(definition))
-    assert issue.step == "Preprocess" and issue.field == f"ProcessingInputs[{len(inputs) - 1}].S3Input.S3Uri"
+    assert issue.step == "Preprocess" and issue.field == f"ProcessingInputs[{index}].S3Input.S3Uri"
     assert "parameter ManifestUrl" in issue.message
 
 

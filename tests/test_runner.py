@@ -213,6 +213,23 @@ def test_missing_input_folder_fails_the_step_with_a_clear_error(setup):
     assert state["failure"] == "Count: parameter InputDataUrl: /nonexistent/photos does not exist"
 
 
-def test_s3_input_is_refused_locally_with_advice(setup):
+def test_s3_input_without_a_selection_is_refused_locally_with_advice(setup):
+    # Only an input declared with an S3Selection (Preprocess's data) is mirrored by the runner.
     state = new_run(setup, InputDataUrl="s3://aft-vbi-pds/").execute()
-    assert "the local runner reads local folders" in state["failure"]
+    assert "the local runner reads local files here" in state["failure"]
+
+
+def test_cache_key_follows_symlinked_folders_and_ignores_hidden_bookkeeping(setup):
+    tmp_path, home, _ = setup
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "d.jpg").write_bytes(b"one")
+    (tmp_path / "data" / "more").symlink_to(elsewhere, target_is_directory=True)
+    new_run(setup).execute()
+    assert runs_of_count_step(tmp_path) == 1
+    (tmp_path / "data" / ".ledger").write_text("bookkeeping no step reads")
+    new_run(setup).execute()
+    assert runs_of_count_step(tmp_path) == 1, "a hidden file must not invalidate the cache"
+    (elsewhere / "d.jpg").write_bytes(b"two")  # a photo behind the link changed
+    new_run(setup).execute()
+    assert runs_of_count_step(tmp_path) == 2

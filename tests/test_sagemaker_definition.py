@@ -62,10 +62,35 @@ def test_parameters_and_defaults_come_from_parameters_py_and_the_profile(definit
     full = profiles.defaults("full")
     for declared, built in zip(PARAMETERS, params):
         assert built["Type"] == TYPES[declared.type], declared.name
-        assert built["DefaultValue"] == full[declared.name], declared.name
+        if declared.name != "ManifestUrl":  # a local file: its uploaded copy (next test)
+            assert built["DefaultValue"] == full[declared.name], declared.name
     approval = next(p for p in params if p["Name"] == "ModelApprovalStatus")
     assert approval["DefaultValue"] == "PendingManualApproval"
     assert approval["EnumValues"] == list(APPROVAL_STATUSES)
+
+
+def test_preprocess_reads_only_the_manifests_objects(moto_build, steps):
+    """The default execution reads the shipped 10,441-image manifest's objects, one by one, from
+    the public bucket: no processing input mounts InputDataUrl (the 535k-image bucket)."""
+    from pipeline.parameters import ABID_MANIFEST
+
+    definition, objects, _ = moto_build
+    preprocess = steps["Preprocess"]["Arguments"]
+    inputs = {i["InputName"]: i["S3Input"] for i in preprocess["ProcessingInputs"]}
+    assert "data" not in inputs
+    assert all(i["S3Uri"] != get("Parameters.InputDataUrl") for i in inputs.values())
+    assert not any(str(i["S3Uri"]).startswith("s3://aft-vbi-pds") for i in inputs.values())
+    args = preprocess["AppSpecification"]["ContainerArguments"]
+    assert args[args.index("--input") + 1] == get("Parameters.InputDataUrl")
+    assert args[args.index("--shard") + 1] == "auto"
+    assert inputs["manifest"]["S3Uri"] == get("Parameters.ManifestUrl")
+    defaults = {p["Name"]: p.get("DefaultValue") for p in definition["Parameters"]}
+    assert defaults["InputDataUrl"] == "s3://aft-vbi-pds/"
+    uri = defaults["ManifestUrl"]
+    assert uri.startswith(f"s3://{BUCKET}/bin-count/code/manifest-") and uri.endswith("/abid-10441.json")
+    assert objects[uri[len(f"s3://{BUCKET}/"):]] == ABID_MANIFEST.read_bytes()
+    manifest = json.loads(ABID_MANIFEST.read_text())
+    assert sum(len(v) for v in manifest.values()) == 10441
 
 
 def test_step_types_and_branches(definition, steps):
@@ -280,15 +305,17 @@ def _find_keys(obj, keys: set, found: list, path=""):
     return found
 
 
-def test_empty_kms_vpc_and_manifest_leave_no_fields(definition, steps):
+def test_empty_kms_vpc_and_manifest_leave_no_fields(definition, tmp_path):
     assert _find_keys(definition["Steps"], {"KmsKeyId", "VolumeKmsKeyId", "VpcConfig", "NetworkConfig"}, []) == []
-    names = [i["InputName"] for i in steps["Preprocess"]["Arguments"]["ProcessingInputs"]]
-    assert "manifest" not in names and "data" in names
+    built = offline_build(tmp_path, parameter_overrides={"ManifestUrl": ""})
+    names = [i["InputName"] for i in all_steps(built)["Preprocess"]["Arguments"]["ProcessingInputs"]]
+    assert "manifest" not in names and "data" not in names  # data: read by the script itself
 
 
 def test_kms_vpc_and_manifest_are_used_when_given(tmp_path):
     overrides = {"KmsKeyId": "alias/invmon", "SubnetIds": "subnet-1, subnet-2",
-                 "SecurityGroupIds": "sg-1", "ManifestUrl": "s3://my-bucket/file_list.json"}
+                 "SecurityGroupIds": "sg-1", "ManifestUrl": "s3://my-bucket/file_list.json",
+                 "InputDataUrl": "s3://my-bucket/abid/"}
     built = offline_build(tmp_path, profile="local", parameter_overrides=overrides)
     steps = all_steps(built)
     defaults = {p["Name"]: p["DefaultValue"] for p in built["Parameters"]}
@@ -310,7 +337,7 @@ def test_kms_vpc_and_manifest_are_used_when_given(tmp_path):
 
     assert set(fixed_parameters(built)) == {"SubnetIds", "SecurityGroupIds"}
     assert set(fixed_parameters(json.loads(default_offline_definition()))) == {
-        "SubnetIds", "SecurityGroupIds", "KmsKeyId", "ManifestUrl"}
+        "SubnetIds", "SecurityGroupIds", "KmsKeyId"}  # the full profile ships a manifest
 
 
 def test_half_a_vpc_config_is_refused(tmp_path):

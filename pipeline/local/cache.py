@@ -16,11 +16,27 @@ from pathlib import Path
 from steps.base import Code
 
 
+def visible_files(root: Path) -> list[Path]:
+    """Every file a step can read under `root`: symlinked folders followed (a linked photo folder
+    is data like any other), hidden files skipped (bookkeeping such as a fetch ledger, which no
+    step reads), each real folder walked once (a link loop ends)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(folder) / f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
 def fingerprint(path: Path) -> str:
     """sha256 over the relative names and bytes of every file under `path` (or of one file)."""
     digest = hashlib.sha256()
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else [p for p in visible_files(path) if p.is_file()]
     for file in files:
         digest.update(file.relative_to(path).as_posix().encode() if file != path else b".")
         digest.update(b"\0")

@@ -157,6 +157,20 @@ class LocalRun:
             raise RuntimeError(f"{ref} is not available: step {ref.step} has not produced it")
         return self.dir / ref.step / record["outputs"][ref.output]
 
+    def input_path(self, item) -> Path | None:
+        """Where a processing input's data is on this machine; an S3 dataset the step reads by
+        selection is mirrored once into $INVMON_HOME/data/s3 through the step's own code."""
+        text = str(self.value(item.source)).strip() if isinstance(item.source, Param) else ""
+        if item.s3_selection is not None and text.startswith("s3://"):
+            from pipeline import data
+
+            sel = item.s3_selection
+            manifest = self.source_path(sel.manifest, optional=True)
+            return data.mirror(self.home, text, manifest, str(self.value(sel.counts)),
+                               int(self.value(sel.per_count)), int(self.value(sel.seed)),
+                               echo=lambda m: self.echo("data", m))
+        return self.source_path(item.source, item.optional)
+
     def source_path(self, source, optional: bool) -> Path | None:
         if isinstance(source, StepOutput):
             return self.output_path(source)
@@ -166,8 +180,8 @@ class LocalRun:
                 return None
             raise ValueError(f"parameter {source.name} is empty")
         if text.startswith("s3://"):
-            raise ValueError(f"parameter {source.name}={text}: the local runner reads local folders; "
-                             "run S3 data on SageMaker (invmon upsert/start) or download it first")
+            raise ValueError(f"parameter {source.name}={text}: the local runner reads local files "
+                             "here; fetch it first (aws s3 cp) or give a local path")
         path = Path(text).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"parameter {source.name}: {path} does not exist")
@@ -206,7 +220,7 @@ class LocalRun:
     def _processing(self, step: ProcessingStep, record: dict) -> None:
         step_dir = self.dir / step.name
         local = jobs.processing_paths(step_dir)
-        sources = {i.name: self.source_path(i.source, i.optional) for i in step.inputs}
+        sources = {i.name: self.input_path(i) for i in step.inputs}
         arguments = [str(self.value(a)) for a in step.arguments]
         if self._cached(step, record, {"arguments": arguments}, sources):
             return
