@@ -56,6 +56,7 @@ SPLITS = ("train", "validation", "test")
 JPEG_QUALITY = 90
 EXAMPLES = 10  # how many ids the report lists for long lists (missing ids, ...)
 RESOURCE_CONFIG = "/opt/ml/config/resourceconfig.json"
+DEFERRED = "label deferred: metadata is fetched with the photo"
 
 
 @dataclass(frozen=True)
@@ -453,6 +454,11 @@ def s3_candidates(args, manifest: dict[str, int] | None, rule: Selection, scratc
     client = s3fetch.make_client(args.fetch_workers)
     s3fetch.check_bucket(client, bucket)
     mirror = s3fetch.Mirror(client, bucket, prefix, scratch)
+    if manifest is not None and not rule.active and args.shard.count == 1:
+        # The common case (the reference recipe): nothing needs a label before the photos are in,
+        # so each id's metadata is fetched beside its photo, while earlier photos decode.
+        return [Candidate(i, scratch / ingest.image_key(i), ingest.image_key(i), None, DEFERRED)
+                for i in sorted(manifest)], mirror
     metas = ingest.resolve_selection(mirror, manifest, rule, args.fetch_workers)
     candidates = []
     for image_id, meta in metas.items():
@@ -471,15 +477,21 @@ def s3_content_ids(mirror, accepted: list[Candidate], workers: int) -> dict[str,
 
 
 def fetch_and_process(mirror, candidates: list[Candidate], tasks: dict[str, Task],
-                      workers: int, fetch_workers: int) -> list[Result]:
-    """Download and decode at once: each photo goes to a decoding process as soon as it lands."""
+                      workers: int, fetch_workers: int, metas: dict | None = None) -> list[Result]:
+    """Download and decode at once: each photo goes to a decoding process as soon as it lands
+    (with its metadata first, when its label was deferred)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    def fetch(c: Candidate):
+        if c.label_error == DEFERRED:
+            metas[c.id] = mirror.fetch(ingest.metadata_key(c.id))
+        return mirror.fetch(c.rel)
 
     results: list[Result] = []
     with s3fetch.progress(len(candidates), "photos") as bar, \
             ThreadPoolExecutor(fetch_workers) as fetchers, \
             ProcessPoolExecutor(max(1, workers)) as pool:
-        fetches = {fetchers.submit(mirror.fetch, c.rel): c for c in candidates}
+        fetches = {fetchers.submit(fetch, c): c for c in candidates}
         decoding = []
         for future in as_completed(fetches):
             c, got = fetches[future], future.result()
@@ -565,10 +577,16 @@ def run(args: argparse.Namespace) -> dict:
 
 def _process(args, start, layout, manifest, manifest_path, rule, shard, out, staging,
              candidates, mirror) -> dict:
+    tasks = {c.id: Task(c.id, str(c.path), str(staging / f"{c.id}.jpg"), args.resize, args.min_size)
+             for c in candidates}
+    prefetched = None
+    if any(c.label_error == DEFERRED for c in candidates):
+        metas: dict = {}
+        prefetched = {r.id: r for r in fetch_and_process(mirror, candidates, tasks, args.workers,
+                                                         args.fetch_workers, metas)}
+        candidates = [Candidate(c.id, c.path, c.rel, *ingest.label_of(metas[c.id])) for c in candidates]
     accepted, rejections, manifest_info = select(candidates, manifest, rule)
     selected = len(accepted)
-    tasks = {c.id: Task(c.id, str(c.path), str(staging / f"{c.id}.jpg"), args.resize, args.min_size)
-             for c in accepted}
 
     def process(cands: list[Candidate]) -> list[Result]:
         if mirror is not None:
@@ -587,7 +605,10 @@ def _process(args, start, layout, manifest, manifest_path, rule, shard, out, sta
         mine = [c for unit, members in units.items() if shard.owns(unit) for c in members]
         results = {r.id: r for r in process(mine)}
     else:
-        results = {r.id: r for r in process(accepted)}
+        if prefetched is not None:
+            results = {c.id: prefetched[c.id] for c in accepted}
+        else:
+            results = {r.id: r for r in process(accepted)}
         content = {i: r.md5 or None for i, r in results.items()}
         units, duplicates = duplicate_units(accepted, content, rejections)
 
