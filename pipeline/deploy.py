@@ -209,14 +209,13 @@ class SageMakerTarget:
             raise DeployError(f"cannot reach SageMaker: {exc}") from None
 
     def _describe(self, name: str) -> dict | None:
-        from botocore.exceptions import ClientError
-
+        """The endpoint, or None where there is none (any other failure is a DeployError)."""
         try:
-            return self.sm.describe_endpoint(EndpointName=name)
-        except ClientError as exc:
+            return self._call(self.sm.describe_endpoint, EndpointName=name)
+        except DeployError as exc:
             if "Could not find endpoint" in str(exc) or "does not exist" in str(exc):
                 return None
-            return self._call(self.sm.describe_endpoint, EndpointName=name)  # one line
+            raise
 
     def current(self, name: str) -> Endpoint | None:
         endpoint = self._describe(name)
