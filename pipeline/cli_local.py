@@ -240,8 +240,10 @@ def cmd_models_approve(args) -> int:
     except RegistryError as exc:
         raise CommandError(str(exc)) from None
     print(f"{group} version {args.version}: Approved")
-    print(f"production endpoint {outcome.message} "
-          f"(serve it: invmon serve --endpoint {outcome.endpoint})")
+    verb = "now serves" if outcome.changed else "already serves"
+    print(f"production endpoint {outcome.endpoint} {verb} version {outcome.version.version}"
+          + (f" (was version {outcome.previous})" if outcome.changed and outcome.previous else "")
+          + f" (serve it: invmon serve --endpoint {outcome.endpoint})")
     return 0
 
 

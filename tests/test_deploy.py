@@ -76,7 +76,7 @@ def test_staging_takes_a_named_version_of_any_status(registry, capsys):
 
 def test_approve_deploys_to_production_and_keeps_the_note(registry, capsys):
     code, out, _ = run(capsys, "models", "approve", "2", "--note", "checked the confusion matrix")
-    assert code == 0 and "bin-count-production now serves bin-count/2" in out
+    assert code == 0 and "production endpoint bin-count-production now serves version 2" in out
     assert registry.get(GROUP, 2).note == "checked the confusion matrix"
     code, out, _ = run(capsys, "models", "show", "2")
     assert '"note": "checked the confusion matrix"' in out
