@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench env clean
+.PHONY: run test bench env clean deploy-function
 
 # The environment is built once and rebuilt when pyproject.toml changes.
 # torch/torchvision come from pip (never uv/poetry): on the project's machines pip takes them from disk.
@@ -27,3 +27,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .invmon build
+
+# The Lambda deploy function of infra/invmon.yaml: the modules pipeline/deploy.py needs, nothing
+# else (the Lambda runtime provides boto3; the SageMaker SDK is never imported).
+DEPLOY_FUNCTION_MODULES := __init__ aws deploy home parameters registry
+deploy-function:
+	mkdir -p build
+	rm -f build/deploy-function.zip
+	$(PYTHON) -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED); [z.write(f) for f in sys.argv[2:]]; z.close()' \
+		build/deploy-function.zip $(DEPLOY_FUNCTION_MODULES:%=pipeline/%.py)

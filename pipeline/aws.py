@@ -33,10 +33,18 @@ def resolve_region(explicit: str | None = None) -> str:
 
 
 def client(service: str, region: str):
-    """A boto3 client; boto3 itself honours AWS_ENDPOINT_URL(_<SERVICE>) (e.g. a moto server)."""
-    import boto3
+    """A boto3 client; boto3 itself honours AWS_ENDPOINT_URL(_<SERVICE>) (e.g. a moto server).
 
-    return boto3.Session(region_name=region).client(service)
+    Throttling and transient network errors are retried by botocore's standard retry mode
+    (AWS_MAX_ATTEMPTS overrides the attempts), never by a loop of ours.
+    """
+    import boto3
+    from botocore.config import Config
+
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
+    config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10,
+                    read_timeout=60)
+    return boto3.Session(region_name=region).client(service, config=config)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -106,6 +114,7 @@ def start(sm, pipeline_name: str, parameters: dict | None = None, commit_id: str
     The commit id goes into the execution's display name (commit-<first 12>) and, whole, into
     its description ("CommitId=<sha>"), where the console and list-executions show it.
     """
+    from pipeline.deploy import pipeline_endpoint_problem
     from pipeline.sagemaker_pipeline import MAX_ENDPOINT_NAME, MAX_PARALLEL_STEPS, fixed_parameters
 
     parameters = parameters or {}
@@ -125,6 +134,10 @@ def start(sm, pipeline_name: str, parameters: dict | None = None, commit_id: str
         if name == "StagingEndpointName" and len(str(value)) > MAX_ENDPOINT_NAME:
             raise AwsError(f"StagingEndpointName may have at most {MAX_ENDPOINT_NAME} characters "
                            f"(the endpoint config is named <endpoint>-<execution id>)")
+    effective = {**{n: p.get("DefaultValue") for n, p in declared.items()}, **parameters}
+    problem = pipeline_endpoint_problem(effective)
+    if problem:
+        raise AwsError(problem)
     kwargs = {
         "PipelineName": pipeline_name,
         "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in parameters.items()],
@@ -348,6 +361,7 @@ class SageMakerRegistry:
             run_id=(p.get("MetadataProperties") or {}).get("GeneratedBy"),
             description=p.get("ModelPackageDescription", "") or "",
             note=p.get("ApprovalDescription", "") or "",
+            arn=p.get("ModelPackageArn", arn),
         )
 
     def list_versions(self, group: str | None = None) -> list[ModelVersion]:
@@ -382,3 +396,27 @@ class SageMakerRegistry:
             raise RegistryError(f"unknown approval status {status!r}; use one of {', '.join(STATUSES)}")
         summaries = self._summaries(group, status)
         return self._version(summaries[-1]["ModelPackageArn"]) if summaries else None
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def invoke_endpoint(runtime, endpoint_name: str, body: bytes, content_type: str) -> dict:
+    """One photo to a SageMaker endpoint (sagemaker-runtime InvokeEndpoint); the JSON answer.
+
+    Errors become pipeline.endpoint.EndpointError with one line (the CLI reports it per photo).
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from pipeline.endpoint import EndpointError
+
+    try:
+        response = runtime.invoke_endpoint(EndpointName=endpoint_name, Body=body,
+                                           ContentType=content_type, Accept="application/json")
+        return json.loads(response["Body"].read())
+    except ClientError as exc:
+        raise EndpointError(f"endpoint {endpoint_name}: {describe_error(exc)}") from None
+    except BotoCoreError as exc:
+        raise EndpointError(f"cannot reach endpoint {endpoint_name}: {exc}") from None
+    except ValueError as exc:
+        raise EndpointError(f"endpoint {endpoint_name} answered something that is not JSON: {exc}") from None

@@ -18,10 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="invmon", description="Count items in warehouse bin photos: pipeline, registry, endpoint."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from pipeline import cli_aws, cli_local
+    from pipeline import cli_aws, cli_deploy, cli_local
 
     cli_local.add_commands(commands)
     cli_aws.add_commands(commands)
+    cli_deploy.add_commands(commands)
     return parser
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from pipeline.cli import CommandError
 from pipeline.home import invmon_home
-
-PRODUCTION_ENDPOINT = "bin-count-production"
+from pipeline.registry import RegistryError
 
 
 def add_commands(commands) -> None:
@@ -38,7 +37,7 @@ def add_commands(commands) -> None:
         ("list", cmd_models_list, "model versions"),
         ("show", cmd_models_show, "one model version with its metrics"),
         ("approve", cmd_models_approve, "approve a version (deploys it to production)"),
-        ("reject", cmd_models_reject, "reject a version"),
+        ("reject", cmd_models_reject, "reject a version (rolls production back if it serves it)"),
     ):
         sub = models_sub.add_parser(name, help=help_text)
         if name != "list":
@@ -48,6 +47,10 @@ def add_commands(commands) -> None:
         sub.add_argument("--group", default=None, help="model package group (default: bin-count)")
         sub.add_argument("--backend", choices=["local", "aws"], default="local")
         sub.add_argument("--region", default=None, help="AWS region (aws back-end)")
+        if name in ("approve", "reject"):
+            sub.add_argument("--role-arn", default=None, help="aws: role of the models a rollback "
+                                                             "creates (default: $INVMON_MODEL_ROLE_ARN)")
+            sub.add_argument("--instance-type", default=None, help="aws: endpoint instance type")
         sub.set_defaults(handler=handler)
 
     serve = commands.add_parser("serve", help="serve a model on 127.0.0.1 (GET /ping, POST /invocations)")
@@ -60,6 +63,9 @@ def add_commands(commands) -> None:
     predict.add_argument("photos", nargs="+", type=Path)
     _model_choice(predict)
     predict.add_argument("--url", help="a running endpoint, e.g. http://127.0.0.1:8080")
+    predict.add_argument("--backend", choices=["local", "aws"], default="local",
+                         help="aws: --endpoint names a SageMaker endpoint (runtime InvokeEndpoint)")
+    predict.add_argument("--region", default=None, help="AWS region (aws back-end)")
     predict.add_argument("--json", action="store_true", help="print the full answers as JSON lines")
     predict.set_defaults(handler=cmd_predict)
 
@@ -173,7 +179,7 @@ def _registry(args):
     if args.backend == "aws":
         from pipeline.aws import SageMakerRegistry
 
-        return SageMakerRegistry(region=args.region)
+        return _registry_call(SageMakerRegistry, region=args.region)
     from pipeline.registry import open_registry
 
     return open_registry(invmon_home())
@@ -186,8 +192,6 @@ def _group(args) -> str:
 
 
 def _registry_call(fn, *a, **kw):
-    from pipeline.registry import RegistryError
-
     try:
         return fn(*a, **kw)
     except RegistryError as exc:
@@ -224,23 +228,51 @@ def cmd_models_show(args) -> int:
 
 
 def cmd_models_approve(args) -> int:
+    from pipeline import cli_deploy, deploy
+
     registry = _registry(args)
     group = _group(args)
-    version = _registry_call(registry.set_status, group, args.version, "Approved", args.note)
-    print(f"{group} version {args.version}: {version.status}")
-    if args.backend == "local":
-        # Approval is what deploys to production; only Approved versions ever get there.
-        endpoint = _registry_call(registry.deploy, PRODUCTION_ENDPOINT, group, args.version,
-                                  require_approved=True)
-        print(f"production endpoint {endpoint.name} now serves version {endpoint.version} "
-              f"(serve it: invmon serve --endpoint {endpoint.name})")
+    if args.backend == "aws":
+        # On AWS the approval event is what deploys: the EventBridge rule of infra/ invokes the
+        # deploy function (deploying here as well would race it).
+        version = _registry_call(registry.set_status, group, args.version, "Approved", args.note)
+        print(f"{group} version {args.version}: {version.status}")
+        print(f"the approval rule deploys it to {deploy.endpoint_name(group, 'prod')}; follow: "
+              f"invmon endpoints --backend aws (without the infra stack: invmon deploy --stage prod "
+              f"--backend aws --version {args.version})")
+        return 0
+    try:
+        outcome = deploy.approve(registry, cli_deploy.target_of(args, registry), group, args.version,
+                                 args.note)
+    except deploy.DeployError as exc:
+        print(f"invmon: error: {exc}", file=sys.stderr)
+        return 1
+    except RegistryError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{group} version {args.version}: Approved")
+    verb = "now serves" if outcome.changed else "already serves"
+    print(f"production endpoint {outcome.endpoint} {verb} version {outcome.version.version}"
+          + (f" (was version {outcome.previous})" if outcome.changed and outcome.previous else "")
+          + f" (serve it: invmon serve --endpoint {outcome.endpoint})")
     return 0
 
 
 def cmd_models_reject(args) -> int:
+    from pipeline import cli_deploy, deploy
+
+    registry = _registry(args)
     group = _group(args)
-    version = _registry_call(_registry(args).set_status, group, args.version, "Rejected", args.note)
-    print(f"{group} version {args.version}: {version.status}")
+    try:
+        outcome = deploy.reject(registry, cli_deploy.target_of(args, registry), group, args.version,
+                                args.note)
+    except deploy.DeployError as exc:
+        print(f"invmon: error: {exc}", file=sys.stderr)
+        return 1
+    except RegistryError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{group} version {args.version}: Rejected")
+    if outcome is not None:
+        print(outcome.message)
     return 0
 
 
@@ -248,7 +280,7 @@ def cmd_models_reject(args) -> int:
 def _resolve_model(args) -> tuple[Path, str]:
     """(artifact path, version label) for --endpoint / --version, default the staging endpoint."""
     from pipeline.parameters import BY_NAME
-    from pipeline.registry import NotFoundError, open_registry
+    from pipeline.registry import NotFoundError, is_production, open_registry
 
     registry = open_registry(invmon_home())
     group = _group(args)
@@ -262,7 +294,7 @@ def _resolve_model(args) -> tuple[Path, str]:
             raise CommandError(f"no local endpoint {name!r}: `invmon run` deploys the staging one, "
                                "`invmon models approve` the production one; or pick --version") from None
         version = _registry_call(registry.get, endpoint.group, endpoint.version)
-        if name == PRODUCTION_ENDPOINT and version.status != "Approved":
+        if is_production(name) and version.status != "Approved":
             raise CommandError(f"{name} points at version {version.version}, which is {version.status}")
     artifact = Path(version.artifact_uri)
     if not artifact.exists():
@@ -285,7 +317,9 @@ def cmd_predict(args) -> int:
     missing = [str(p) for p in args.photos if not p.is_file()]
     if missing:
         raise CommandError(f"no such photo: {', '.join(missing)}")
-    if args.url:
+    if args.backend == "aws":
+        predict = _sagemaker_predictor(args)
+    elif args.url:
         def predict(photo: Path) -> dict:
             return predict_remote(args.url, photo)
     else:
@@ -325,6 +359,21 @@ def cmd_data_fetch(args) -> int:
     except (module.InputError, module.s3fetch.FetchError) as exc:
         raise CommandError(str(exc)) from None
     return 0 if report["usable"] else 1
+
+
+def _sagemaker_predictor(args):
+    """Photos to a SageMaker endpoint through sagemaker-runtime InvokeEndpoint."""
+    from pipeline import aws
+    from pipeline.endpoint import content_type_for
+
+    if not args.endpoint:
+        raise CommandError("--backend aws needs --endpoint NAME (e.g. bin-count-production)")
+    try:
+        runtime = aws.client("sagemaker-runtime", aws.resolve_region(args.region))
+    except aws.AwsError as exc:
+        raise CommandError(str(exc)) from None
+    return lambda photo: aws.invoke_endpoint(runtime, args.endpoint, photo.read_bytes(),
+                                             content_type_for(photo))
 
 
 def cmd_data_synth(args) -> int:

@@ -8,6 +8,10 @@ consecutive version numbers.
 
 Endpoints are records of which model version an endpoint name serves. An endpoint named like a
 production endpoint (see `is_production`) may only point at an Approved version.
+
+Reads never take the write lock: a reader opens the file without creating or migrating it (WAL
+lets it read while a writer holds the lock); only writes create the schema. SQLite failures (a
+locked or corrupt file) become RegistryError with one line that names the file.
 """
 from __future__ import annotations
 
@@ -53,6 +57,11 @@ CREATE TABLE IF NOT EXISTS endpoints (
     updated_at TEXT    NOT NULL,
     FOREIGN KEY (group_name, version) REFERENCES model_versions (group_name, version)
 );
+CREATE TABLE IF NOT EXISTS endpoint_flags (
+    name       TEXT    PRIMARY KEY,
+    flag       TEXT    NOT NULL,
+    flagged_at TEXT    NOT NULL
+);
 """
 
 
@@ -76,6 +85,7 @@ class ModelVersion:
     run_id: str | None = None
     description: str = ""
     note: str = ""
+    arn: str = ""  # the model package ARN on the SageMaker back-end
 
     @property
     def name(self) -> str:
@@ -88,6 +98,8 @@ class Endpoint:
     group: str
     version: int
     updated_at: str
+    flag: str = ""  # why this endpoint needs a person (e.g. it serves a Rejected version)
+    status: str = ""  # the SageMaker back-end's EndpointStatus
 
 
 def open_registry(home: str | os.PathLike | None = None) -> "LocalRegistry":
@@ -126,9 +138,9 @@ def _version_from_row(row: sqlite3.Row) -> ModelVersion:
     )
 
 
-def _endpoint_from_row(row: sqlite3.Row) -> Endpoint:
+def _endpoint_from_row(row: sqlite3.Row, flags: dict[str, str]) -> Endpoint:
     return Endpoint(name=row["name"], group=row["group_name"], version=row["version"],
-                    updated_at=row["updated_at"])
+                    updated_at=row["updated_at"], flag=flags.get(row["name"], ""))
 
 
 class LocalRegistry:
@@ -138,22 +150,72 @@ class LocalRegistry:
 
     # ------------------------------------------------------------------ connection
 
+    def _sqlite_error(self, exc: sqlite3.Error) -> RegistryError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return RegistryError(f"registry {self.path} is locked by another writer (waited "
+                                 f"{BUSY_TIMEOUT_MS / 1000:.0f} s); try again when it finishes")
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError) \
+                or "malformed" in text or "not a database" in text:
+            return RegistryError(f"registry {self.path} is damaged ({text}); move it aside and "
+                                 "restore a backup")
+        return RegistryError(f"registry {self.path}: {text}")
+
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A short-lived connection per call: nothing is shared between threads or processes."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN ourselves, so each write is exactly one transaction.
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection per call: nothing is shared between threads or processes.
+
+        A read of a registry that does not exist yet reads an empty in-memory one: reading
+        never creates the file, migrates it or takes its write lock.
+        """
+        try:
+            if not write and not self._initialised():
+                conn = sqlite3.connect(":memory:", isolation_level=None)
+                self._create_schema(conn)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # isolation_level=None: we issue BEGIN ourselves, so each write is exactly one transaction.
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._sqlite_error(exc) from None
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
-            if not self._ready:
+            if write and not self._ready:
                 self._create_schema(conn)
                 self._ready = True
+            elif not write:
+                self._check_readable(conn)
             yield conn
+        except sqlite3.Error as exc:
+            raise self._sqlite_error(exc) from None
         finally:
             conn.close()
+
+    def _initialised(self) -> bool:
+        """Whether a write has created the registry's tables in the file (a plain read)."""
+        if not self.path.exists():
+            return False
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            return self._has_table(conn, "model_versions")
+        finally:
+            conn.close()
+
+    def _check_readable(self, conn: sqlite3.Connection) -> None:
+        """Refuse a registry newer than this code; never writes (query_only)."""
+        conn.execute("PRAGMA query_only = ON")
+        if self._has_table(conn, "schema_version"):
+            found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+            if found is not None and found > SCHEMA_VERSION:
+                raise RegistryError(f"{self.path} has registry schema {found}, newer than this "
+                                    f"invmon understands ({SCHEMA_VERSION}); upgrade invmon")
+
+    @staticmethod
+    def _has_table(conn: sqlite3.Connection, table: str) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (table,)).fetchone() is not None
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         # WAL: readers never block the writer, and writers queue on the busy timeout.
@@ -179,7 +241,7 @@ class LocalRegistry:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so a
         read-then-insert (the next version number) cannot interleave with another writer."""
-        with self._connect() as conn:
+        with self._connect(write=True) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -291,7 +353,23 @@ class LocalRegistry:
                 "ON CONFLICT (name) DO UPDATE SET group_name = excluded.group_name, "
                 "version = excluded.version, updated_at = excluded.updated_at",
                 (name, group, int(version), now))
+            conn.execute("DELETE FROM endpoint_flags WHERE name = ?", (name,))
         return Endpoint(name, group, int(version), now)
+
+    def flag_endpoint(self, name: str, flag: str) -> Endpoint:
+        """Mark an endpoint as needing a person (shown by `invmon endpoints`); a deploy clears it."""
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM endpoints WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFoundError(f"no endpoint named {name!r}")
+            conn.execute("INSERT INTO endpoint_flags (name, flag, flagged_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT (name) DO UPDATE SET flag = excluded.flag, "
+                         "flagged_at = excluded.flagged_at", (name, flag, _now()))
+        return self.get_endpoint(name)
+
+    def _flags(self, conn: sqlite3.Connection) -> dict[str, str]:
+        if not self._has_table(conn, "endpoint_flags"):  # a registry written by an older invmon
+            return {}
+        return {r[0]: r[1] for r in conn.execute("SELECT name, flag FROM endpoint_flags")}
 
     def set_endpoint(self, name: str, group: str, version: int) -> Endpoint:
         """Create or update an endpoint record; production names still require Approved."""
@@ -304,9 +382,10 @@ class LocalRegistry:
                 known = [r[0] for r in conn.execute("SELECT name FROM endpoints ORDER BY name")]
                 raise NotFoundError(f"no endpoint named {name!r} "
                                     f"(known: {', '.join(known) or 'none'})")
-            return _endpoint_from_row(row)
+            return _endpoint_from_row(row, self._flags(conn))
 
     def list_endpoints(self) -> list[Endpoint]:
         with self._connect() as conn:
-            rows = conn.execute("SELECT * FROM endpoints ORDER BY name")
-            return [_endpoint_from_row(r) for r in rows]
+            flags = self._flags(conn)
+            rows = conn.execute("SELECT * FROM endpoints ORDER BY name").fetchall()
+            return [_endpoint_from_row(r, flags) for r in rows]

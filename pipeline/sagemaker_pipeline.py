@@ -863,6 +863,10 @@ def _build_pipeline(region, role, default_bucket, pipeline_name, profile, sagema
 def _translate(build: _Build, dag: base.Dag) -> list:
     """The SDK steps for the declarations, as the pipeline's top-level step list."""
     build.vpc()  # fail early on half a VPC config
+    from pipeline.deploy import pipeline_endpoint_problem
+
+    if problem := pipeline_endpoint_problem(build.values):  # executions deploy only to staging
+        raise DefinitionError(problem)
     if len(str(build.values["StagingEndpointName"])) > MAX_ENDPOINT_NAME:
         raise DefinitionError(f"StagingEndpointName may have at most {MAX_ENDPOINT_NAME} characters "
                               "(the endpoint config is named <endpoint>-<execution id>)")

@@ -95,6 +95,10 @@ def test_start_with_parameters_and_commit_id(moto_aws, capsys):
     (["start", "--pipeline-name", "nope"], "no pipeline 'nope'"),
     (["status", "--pipeline-name", "nope"], "no pipeline 'nope'"),
     (["upsert", "--role-arn", " "], "--role-arn is empty"),
+    (["start", "--param", "StagingEndpointName=bin-count-production", "--param",
+      "ModelApprovalStatus=Approved"], "deploys only to its group's staging endpoint bin-count-staging"),
+    (["start", "--param", "ModelPackageGroupName=bin-count-production"], "StagingEndpointName=bin-count-staging refused"),
+    (["upsert", "--role-arn", ROLE, "--param", "StagingEndpointName=prod"], "deploys only to its group's staging"),
 ])
 def test_commands_refuse_what_cannot_work(moto_aws, capsys, argv, message):
     before = len(executions(moto_aws))

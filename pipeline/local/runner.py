@@ -90,6 +90,12 @@ class LocalRun:
     # -- the loop --------------------------------------------------------------------------------
     def execute(self) -> dict:
         """Run every step not yet succeeded, in order. Returns the final state."""
+        from pipeline.deploy import pipeline_endpoint_problem
+
+        if problem := pipeline_endpoint_problem(self.params):  # never deploy to production
+            self.state.update(status="Failed", failure=problem, resumable=False)
+            self.save()
+            return self.state
         self.state["status"], self.state["failure"] = "Executing", ""
         self.save()
         for step in self.dag.steps:

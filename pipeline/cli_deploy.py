@@ -1,0 +1,107 @@
+"""`invmon deploy` and `invmon endpoints` on both back-ends, and the back-end plumbing that
+`invmon models approve/reject` share with them (the rules are in pipeline/deploy.py)."""
+from __future__ import annotations
+
+import argparse
+import functools
+
+from pipeline.cli import CommandError
+
+
+def add_commands(commands) -> None:
+    deploy = commands.add_parser("deploy", help="deploy a model version to a stage's endpoint")
+    deploy.add_argument("--stage", required=True, choices=["staging", "prod"],
+                        help="staging (<group>-staging) or prod (<group>-production)")
+    deploy.add_argument("--version", type=int, default=None,
+                        help="model version (default: the newest Approved one)")
+    backend_options(deploy)
+    deploy.set_defaults(handler=cmd_deploy)
+
+    endpoints = commands.add_parser("endpoints", help="both stages' endpoints and what they serve")
+    backend_options(endpoints)
+    endpoints.set_defaults(handler=cmd_endpoints)
+
+
+def backend_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group", default=None, help="model package group (default: bin-count)")
+    parser.add_argument("--backend", choices=["local", "aws"], default="local")
+    parser.add_argument("--region", default=None, help="AWS region (aws back-end)")
+    parser.add_argument("--role-arn", default=None,
+                        help="aws: the role SageMaker models run as (default: $INVMON_MODEL_ROLE_ARN)")
+    parser.add_argument("--instance-type", default=None,
+                        help="aws: endpoint instance type (default: $INVMON_INSTANCE_TYPE or ml.m5.large)")
+
+
+def group_of(args) -> str:
+    from pipeline.parameters import BY_NAME
+
+    return args.group or str(BY_NAME["ModelPackageGroupName"].default)
+
+
+def registry_of(args):
+    if args.backend == "aws":
+        from pipeline.aws import SageMakerRegistry
+
+        return SageMakerRegistry(region=args.region)
+    from pipeline.home import invmon_home
+    from pipeline.registry import open_registry
+
+    return open_registry(invmon_home())
+
+
+def target_of(args, registry):
+    """Where endpoints live: records in the local registry, or SageMaker endpoints."""
+    from pipeline import deploy
+
+    if args.backend == "aws":
+        return deploy.sagemaker_target(registry.sm, getattr(args, "role_arn", None),
+                                       getattr(args, "instance_type", None))
+    return deploy.LocalTarget(registry)
+
+
+def one_line_errors(handler):
+    """Registry, deploy and AWS failures become `invmon: error: ...` (exit 2), no traceback."""
+
+    @functools.wraps(handler)
+    def wrapped(args) -> int:
+        from pipeline.aws import AwsError
+        from pipeline.registry import RegistryError
+
+        try:
+            return handler(args)
+        except (RegistryError, AwsError) as exc:
+            raise CommandError(str(exc)) from None
+    return wrapped
+
+
+@one_line_errors
+def cmd_deploy(args) -> int:
+    from pipeline import deploy
+
+    registry = registry_of(args)
+    outcome = deploy.deploy(registry, target_of(args, registry), group_of(args), args.stage,
+                            args.version)
+    print(outcome.message)
+    if outcome.changed and args.backend == "aws":
+        print(f"follow it: invmon endpoints --backend aws --group {group_of(args)}")
+    return 0
+
+
+@one_line_errors
+def cmd_endpoints(args) -> int:
+    from pipeline import deploy
+
+    group = group_of(args)
+    registry = registry_of(args)
+    found = {e.name: e for e in target_of(args, registry).endpoints(group)}
+    print(f"{'STAGE':<8} {'ENDPOINT':<28} {'VERSION':>7}  {'STATUS':<10} {'CHANGED':<32} FLAG")
+    for stage in deploy.STAGES:
+        name = deploy.endpoint_name(group, stage)
+        e = found.get(name)
+        if e is None:
+            print(f"{stage:<8} {name:<28} {'-':>7}  {'absent':<10}")
+            continue
+        status = e.status or "-"
+        print(f"{stage:<8} {name:<28} {e.version:>7}  {status:<10} {e.updated_at:<32} {e.flag}")
+    return 0
+

@@ -1,0 +1,315 @@
+"""From approval to production on SageMaker, under moto: approve/reject in the Model Registry,
+deploys that create Model + EndpointConfig + Endpoint, refusals that change nothing, the
+blue/green update, rollback on reject, the Lambda deploy function (from its zip, with recorded
+EventBridge events), predict through sagemaker-runtime, and AWS errors as one line.
+
+moto 5.2 has no UpdateEndpoint. The update path is tested by recording the request invmon sends
+(a botocore `before-call` hook on the client): the request is checked against botocore's
+service model for UpdateEndpoint, then applied to moto's endpoint so that what follows sees it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from aws_testing import REGION, ROOT, aws_env, moto_server, patched_environ
+from pipeline.cli import main
+
+GROUP = "bin-count"
+MODEL_ROLE = "arn:aws:iam::123456789012:role/InvmonModelRole"
+EVENTS = Path(__file__).parent / "events"
+IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6-cpu-py312"
+
+
+def register(sm, group: str = GROUP, n: int = 3) -> list[str]:
+    sm.create_model_package_group(ModelPackageGroupName=group)
+    return [sm.create_model_package(
+        ModelPackageGroupName=group, ModelApprovalStatus="PendingManualApproval",
+        InferenceSpecification={"Containers": [{"Image": IMAGE,
+                                                "ModelDataUrl": f"s3://bucket/{group}/{i}/model.tar.gz"}],
+                                "SupportedContentTypes": ["image/jpeg"],
+                                "SupportedResponseMIMETypes": ["application/json"]},
+    )["ModelPackageArn"] for i in range(n)]
+
+
+@pytest.fixture
+def sm(monkeypatch):
+    import boto3
+    from moto import mock_aws
+
+    env = aws_env()
+    env["INVMON_MODEL_ROLE_ARN"] = MODEL_ROLE
+    with patched_environ(env), mock_aws():
+        client = boto3.Session(region_name=REGION).client("sagemaker")
+        register(client)
+        yield client
+
+
+@pytest.fixture
+def updates(monkeypatch):
+    """UpdateEndpoint requests invmon sends, checked against botocore's model, applied to moto."""
+    from botocore.awsrequest import AWSResponse
+    from botocore.validate import validate_parameters
+    from moto.core.utils import utcnow
+    from moto.sagemaker.models import sagemaker_backends
+
+    from pipeline import aws
+
+    recorded: list[dict] = []
+
+    def record(params, model, **_):  # the API parameters, before botocore serializes them
+        validate_parameters(params, model.input_shape)  # raises ParamValidationError
+        recorded.append(json.loads(json.dumps(params)))
+
+    def apply(model, **_):  # short-circuits the HTTP call moto cannot answer
+        params = recorded[-1]
+        endpoint = sagemaker_backends["123456789012"][REGION].endpoints[params["EndpointName"]]
+        endpoint.endpoint_config_name = params["EndpointConfigName"]
+        endpoint.last_modified_time = utcnow()
+        return AWSResponse("", 200, {}, None), {"EndpointArn": endpoint.arn}
+
+    real_client = aws.client
+
+    def client(service, region):
+        made = real_client(service, region)
+        made.meta.events.register("before-parameter-build.sagemaker.UpdateEndpoint", record)
+        made.meta.events.register("before-call.sagemaker.UpdateEndpoint", apply)
+        return made
+
+    monkeypatch.setattr(aws, "client", client)
+    return recorded
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def resources(sm) -> tuple[list, list, list]:
+    return ([m["ModelName"] for m in sm.list_models()["Models"]],
+            [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]],
+            [e["EndpointName"] for e in sm.list_endpoints()["Endpoints"]])
+
+
+def package(sm, version: int) -> dict:
+    return sm.describe_model_package(
+        ModelPackageName=f"arn:aws:sagemaker:{REGION}:123456789012:model-package/{GROUP}/{version}")
+
+
+def test_approve_and_reject_change_the_status_in_the_registry_with_notes(sm, capsys):
+    code, out, _ = run(capsys, "models", "approve", "2", "--backend", "aws", "--note", "good on tape")
+    assert code == 0 and "Approved" in out and "the approval rule deploys it" in out
+    assert package(sm, 2)["ModelApprovalStatus"] == "Approved"
+    assert package(sm, 2)["ApprovalDescription"] == "good on tape"
+    assert resources(sm) == ([], [], [])  # on AWS the approval event deploys, not the CLI
+
+    code, out, _ = run(capsys, "models", "reject", "1", "--backend", "aws", "--note", "blurry bins")
+    assert code == 0 and "Rejected" in out
+    assert package(sm, 1)["ModelApprovalStatus"] == "Rejected"
+    assert package(sm, 1)["ApprovalDescription"] == "blurry bins"
+    code, out, _ = run(capsys, "models", "show", "1", "--backend", "aws")
+    assert '"note": "blurry bins"' in out
+
+
+def test_deploy_of_an_approved_version_creates_model_config_and_endpoint(sm, capsys):
+    sm.update_model_package(ModelPackageArn=package(sm, 2)["ModelPackageArn"],
+                            ModelApprovalStatus="Approved")
+    code, out, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws",
+                         "--instance-type", "ml.c5.xlarge")
+    assert code == 0, err
+    assert "bin-count-production now serves bin-count/2" in out
+    models, configs, endpoints = resources(sm)
+    assert endpoints == ["bin-count-production"] and len(models) == 1 and configs == models
+    model = sm.describe_model(ModelName=models[0])
+    assert model["ExecutionRoleArn"] == MODEL_ROLE
+    assert model["Containers"] == [{"ModelPackageName": package(sm, 2)["ModelPackageArn"]}]
+    variant = sm.describe_endpoint_config(EndpointConfigName=configs[0])["ProductionVariants"][0]
+    assert (variant["ModelName"], variant["InstanceType"]) == (models[0], "ml.c5.xlarge")
+
+    code, out, _ = run(capsys, "endpoints", "--backend", "aws")
+    production = next(line for line in out.splitlines() if line.startswith("prod"))
+    assert "bin-count-production" in production and " 2 " in production and "InService" in production
+
+
+@pytest.mark.parametrize("status", ["PendingManualApproval", "Rejected"])
+def test_deploy_of_a_version_not_approved_is_refused_and_changes_nothing(sm, capsys, status):
+    sm.update_model_package(ModelPackageArn=package(sm, 1)["ModelPackageArn"],
+                            ModelApprovalStatus=status)
+    code, _, err = run(capsys, "deploy", "--stage", "prod", "--version", "1", "--backend", "aws")
+    assert code == 2 and f"refused: bin-count/1 is {status}" in err and "Traceback" not in err
+    assert resources(sm) == ([], [], [])
+
+
+def test_a_second_deploy_updates_in_place_with_blue_green_and_auto_rollback(sm, capsys, updates):
+    for version in (1, 2):
+        sm.update_model_package(ModelPackageArn=package(sm, version)["ModelPackageArn"],
+                                ModelApprovalStatus="Approved")
+    assert run(capsys, "deploy", "--stage", "prod", "--version", "1", "--backend", "aws")[0] == 0
+    assert updates == []  # the first deploy creates the endpoint
+    code, out, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws")
+    assert code == 0, err
+    assert "now serves bin-count/2 (was version 1)" in out
+
+    (request,) = updates
+    assert request["EndpointName"] == "bin-count-production"
+    policy = request["DeploymentConfig"]["BlueGreenUpdatePolicy"]
+    assert policy["TrafficRoutingConfiguration"]["Type"] == "ALL_AT_ONCE"
+    assert policy["TerminationWaitInSeconds"] > 0  # the old fleet is kept while the new one bakes
+    assert request["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [
+        {"AlarmName": "bin-count-production-invocation-5xx"},
+        {"AlarmName": "bin-count-production-model-latency"}]}
+    _, configs, endpoints = resources(sm)
+    assert endpoints == ["bin-count-production"] and len(configs) == 2  # updated in place
+    assert sm.describe_endpoint(EndpointName="bin-count-production")["EndpointConfigName"] == \
+        request["EndpointConfigName"]
+    code, out, _ = run(capsys, "endpoints", "--backend", "aws")
+    assert " 2 " in next(line for line in out.splitlines() if line.startswith("prod"))
+
+
+def test_rejecting_what_production_serves_rolls_back_or_flags(sm, capsys, updates):
+    for version in (1, 2):
+        sm.update_model_package(ModelPackageArn=package(sm, version)["ModelPackageArn"],
+                                ModelApprovalStatus="Approved")
+    assert run(capsys, "deploy", "--stage", "prod", "--backend", "aws")[0] == 0  # serves 2
+    code, out, err = run(capsys, "models", "reject", "2", "--backend", "aws", "--note", "drift")
+    assert code == 0, err
+    assert "rolled back from Rejected version 2 to bin-count/1" in out
+    assert len(updates) == 1 and updates[0]["DeploymentConfig"]["AutoRollbackConfiguration"]
+
+    code, out, err = run(capsys, "models", "reject", "1", "--backend", "aws")
+    assert code == 0 and "no other Approved version" in out and "flagged" in out
+    assert len(updates) == 1  # production left as it is
+    arn = sm.describe_endpoint(EndpointName="bin-count-production")["EndpointArn"]
+    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=arn)["Tags"]}
+    assert "serves Rejected version 1" in tags["invmon:flag"]
+    code, out, _ = run(capsys, "endpoints", "--backend", "aws")
+    assert "serves Rejected version 1" in out
+
+
+def test_start_refuses_parameters_that_name_the_production_endpoint(sm, capsys):
+    from pipeline import aws
+
+    definition = {"Parameters": [{"Name": "ModelPackageGroupName", "DefaultValue": "bin-count"},
+                                 {"Name": "StagingEndpointName", "DefaultValue": "bin-count-staging"},
+                                 {"Name": "ModelApprovalStatus", "DefaultValue": "PendingManualApproval"}]}
+    sm.create_pipeline(PipelineName="guarded", RoleArn=MODEL_ROLE,
+                       PipelineDefinition=json.dumps({**definition, "Version": "2020-12-01", "Steps": []}))
+    for params in ({"StagingEndpointName": "bin-count-production", "ModelApprovalStatus": "Approved"},
+                   {"ModelPackageGroupName": "other"}):
+        with pytest.raises(aws.AwsError, match="deploys only to its group's staging endpoint"):
+            aws.start(sm, "guarded", params)
+    assert sm.list_pipeline_executions(PipelineName="guarded")["PipelineExecutionSummaries"] == []
+    assert aws.start(sm, "guarded", {})  # the group's own staging endpoint starts
+
+
+def test_predict_invokes_the_sagemaker_endpoint(sm, capsys, tmp_path):
+    from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+    answer = {"count": 4, "probabilities": {"1": 0.0, "2": 0.0, "3": 0.1, "4": 0.8, "5": 0.1},
+              "model_version": "bin-count/2"}
+    sagemakerruntime_backends["123456789012"][REGION].results_queue.append(
+        (json.dumps(answer), "application/json", "AllTraffic", ""))
+    photo = tmp_path / "bin.jpg"
+    photo.write_bytes(b"photo bytes")  # moto's runtime mock json-encodes the body: UTF-8 only
+    code, out, err = run(capsys, "predict", "--backend", "aws", "--endpoint", "bin-count-production",
+                         str(photo))
+    assert code == 0, err
+    assert f"{photo}: 4 items (p=0.80, model bin-count/2)" in out
+    code, _, err = run(capsys, "predict", "--backend", "aws", str(photo))
+    assert code == 2 and "--backend aws needs --endpoint NAME" in err
+
+
+def test_aws_network_errors_are_one_line(capsys):
+    from aws_testing import free_port
+
+    env = aws_env(endpoint_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    env.update(AWS_MAX_ATTEMPTS="1", INVMON_MODEL_ROLE_ARN=MODEL_ROLE)
+    with patched_environ(env):
+        for argv in (["models", "list", "--backend", "aws"],
+                     ["models", "approve", "1", "--backend", "aws"],
+                     ["deploy", "--stage", "prod", "--backend", "aws"],
+                     ["endpoints", "--backend", "aws"]):
+            code, _, err = run(capsys, *argv)
+            assert code == 2, argv
+            assert "Could not connect to the endpoint URL" in err and "Traceback" not in err
+            assert err.count("\n") == 1, err
+
+
+# --------------------------------------------------------------------------- the Lambda
+
+
+def deploy_function_zip() -> Path:
+    """Built by the README's packaging command."""
+    subprocess.run(["make", "-s", "deploy-function", f"PYTHON={sys.executable}"], cwd=ROOT,
+                   check=True, capture_output=True, timeout=60)
+    return ROOT / "build" / "deploy-function.zip"
+
+
+LAMBDA_RUNNER = r"""
+import importlib.abc, json, sys
+# The Lambda runtime has boto3 but not the SageMaker SDK, torch or this project installed.
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sagemaker", "torch", "torchvision", "fastapi", "numpy", "PIL"):
+            raise ImportError(f"{name} is not in the Lambda runtime")
+sys.meta_path.insert(0, Absent())
+sys.path = [p for p in sys.path if "site-packages" in p or "python3" in p and "wt-" not in p]
+sys.path.insert(0, sys.argv[1])
+import pipeline.deploy
+assert pipeline.deploy.__file__.startswith(sys.argv[1]), pipeline.deploy.__file__
+for path in sys.argv[2:]:
+    pipeline.deploy.handler(json.load(open(path)), None)  # it logs its result as a JSON line
+"""
+
+
+def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_path):
+    import boto3
+
+    archive = deploy_function_zip()
+    with moto_server() as endpoint:
+        env = aws_env(endpoint_url=endpoint)
+        env.update(INVMON_MODEL_PACKAGE_GROUP=GROUP, INVMON_MODEL_ROLE_ARN=MODEL_ROLE,
+                   INVMON_INSTANCE_TYPE="ml.m5.large", PYTHONPATH="")
+        with patched_environ(env):
+            sm = boto3.Session(region_name=REGION).client("sagemaker")
+            register(sm)
+            register(sm, "other-group", 1)
+            for version in (1, 2):
+                sm.update_model_package(ModelPackageArn=package(sm, version)["ModelPackageArn"],
+                                        ModelApprovalStatus="Approved")
+            sm.update_model_package(ModelPackageArn=package(sm, 1)["ModelPackageArn"],
+                                    ModelApprovalStatus="Rejected")
+            ignored = ["model_package_other_group_approved", "model_package_rejected",
+                       "model_package_pending"]
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", LAMBDA_RUNNER, str(archive),
+                 *[str(EVENTS / f"{name}.json") for name in ignored]],
+                env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            results = [json.loads(line) for line in done.stdout.splitlines()]
+            assert [r["deployed"] for r in results] == [False, False, False]
+            assert "is not 'bin-count'" in results[0]["ignored"]
+            assert "'Rejected' is not Approved" in results[1]["ignored"]
+            assert "'PendingManualApproval' is not Approved" in results[2]["ignored"]
+            assert resources(sm) == ([], [], [])
+
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", LAMBDA_RUNNER, str(archive),
+                 str(EVENTS / "model_package_approved.json"),
+                 str(EVENTS / "model_package_approved.json")],  # EventBridge may deliver twice
+                env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            first, again = (json.loads(line) for line in done.stdout.splitlines())
+            assert first == {"deployed": True, "endpoint": "bin-count-production", "version": 2,
+                             "message": "bin-count-production now serves bin-count/2"}
+            assert again["deployed"] is False and "already serves bin-count/2" in again["message"]
+            models, configs, endpoints = resources(sm)
+            assert endpoints == ["bin-count-production"] and len(models) == len(configs) == 1
+            assert sm.describe_model(ModelName=models[0])["Containers"][0]["ModelPackageName"] \
+                == package(sm, 2)["ModelPackageArn"]
