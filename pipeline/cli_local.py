@@ -131,9 +131,16 @@ def cmd_run(args) -> int:
         run = LocalRun.create(home, DAG, params, args.profile)
         print(f"run {run.state['id']} ({args.profile} profile) in {run.dir}")
         print("parameters: " + " ".join(f"{k}={v}" for k, v in params.items() if v != ""))
-    state = run.execute()
-    print()
-    print(summarize(state, run.dir))
+    from pipeline.local.runner import RunLocked, RunStopped
+
+    try:
+        state = run.execute()
+    except RunLocked as exc:
+        raise CommandError(str(exc)) from None
+    except RunStopped as exc:
+        print(f"\nrun {run.state['id']} stopped by {exc} (every job and trial stopped); "
+              f"continue with: invmon run --resume {run.state['id']}", file=sys.stderr)
+        return 130
     return 0 if state["status"] == "Succeeded" else 1
 
 

@@ -75,10 +75,7 @@ CACHE_EXPIRY = "P30D"
 MAX_PARALLEL_STEPS = 2  # ParallelismConfiguration sent with create/update and each start
 # Endpoint configs are named <StagingEndpointName>-<12-char execution id>, at most 63 chars.
 MAX_ENDPOINT_NAME = 50
-PROCESSING_MAX_RUNTIME_S = 4 * 3600
-TRIAL_MAX_RUNTIME_S = 2 * 3600
-TRAINING_MAX_RUNTIME_S = 24 * 3600
-SPOT_MAX_WAIT_S = 2 * TRAINING_MAX_RUNTIME_S  # MaxWaitTime must be >= MaxRuntime
+SPOT_WAIT_FACTOR = 2  # MaxWaitTimeInSeconds = 2 x MaxRuntimeInSeconds (it must be >= it)
 PROCESSING_VOLUME_GB = 50
 TRAINING_VOLUME_GB = 50
 SERVING_CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image"]
@@ -513,7 +510,7 @@ class _Build:
             volume_size_in_gb=PROCESSING_VOLUME_GB,
             volume_kms_key=self.kms,
             output_kms_key=self.kms,
-            max_runtime_in_seconds=PROCESSING_MAX_RUNTIME_S,
+            max_runtime_in_seconds=decl.max_runtime_s,
             base_job_name=prefix,
             code_location=f"s3://{self.bucket}",  # helper scripts: <bucket>/<job prefix>/source/
             sagemaker_session=self.session,
@@ -555,7 +552,8 @@ class _Build:
                               property_files=files or None, cache_config=self.cache(decl),
                               retry_policies=self.retry_policies("job"))
 
-    def trainer(self, decl: base.TrainingStep, *, step_name: str, trial: bool):
+    def trainer(self, decl: base.TrainingStep, *, step_name: str, trial: bool,
+                max_runtime_s: int | None = None):
         """A ModelTrainer for `decl`, run as pipeline step `step_name` (Tune for the trials)."""
         from sagemaker.core.training.configs import (CheckpointConfig, Compute, MetricDefinition,
                                                      Networking, OutputDataConfig, SourceCode,
@@ -580,8 +578,8 @@ class _Build:
                 # which the API refuses a volume key for (it is hardware-encrypted).
                 enable_managed_spot_training=spot or None),
             stopping_condition=StoppingCondition(
-                max_runtime_in_seconds=TRIAL_MAX_RUNTIME_S if trial else TRAINING_MAX_RUNTIME_S,
-                max_wait_time_in_seconds=SPOT_MAX_WAIT_S if spot else None),
+                max_runtime_in_seconds=max_runtime_s or decl.max_runtime_s,
+                max_wait_time_in_seconds=SPOT_WAIT_FACTOR * decl.max_runtime_s if spot else None),
             output_data_config=OutputDataConfig(
                 s3_output_path=self.execution_uri(step_name),
                 kms_key_id=self.kms, compression_type="GZIP"),
@@ -612,7 +610,8 @@ class _Build:
         from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter
         from sagemaker.train.tuner import HyperparameterTuner
 
-        trainer = self.trainer(decl.training, step_name=decl.name, trial=True)
+        trainer = self.trainer(decl.training, step_name=decl.name, trial=True,
+                               max_runtime_s=decl.trial_max_runtime_s)
         ranges = {}
         for r in decl.ranges:
             if isinstance(r, base.ContinuousRange):

@@ -14,6 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
 PROCESSING_BASE = "/opt/ml/processing"
+# MaxRuntimeInSeconds of each kind of job: SageMaker stops a job past it, and so does the
+# local runner (pipeline/local/jobs.py), from the same declaration.
+PROCESSING_MAX_RUNTIME_S = 4 * 3600
+TRIAL_MAX_RUNTIME_S = 2 * 3600
+TRAINING_MAX_RUNTIME_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class ProcessingStep:
     property_files: tuple[PropertyFile, ...] = ()
     cache: bool = False
     description: str = ""
+    max_runtime_s: int = PROCESSING_MAX_RUNTIME_S
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,7 @@ class TrainingStep:
     metric_definitions: tuple[MetricDefinition, ...]
     checkpoints: bool = True
     description: str = ""
+    max_runtime_s: int = TRAINING_MAX_RUNTIME_S
 
     @property
     def hyperparameter_dict(self) -> dict:
@@ -193,6 +200,7 @@ class TuningStep:
     early_stopping: str = "Auto"
     cache: bool = False
     description: str = ""
+    trial_max_runtime_s: int = TRIAL_MAX_RUNTIME_S
 
 
 @dataclass(frozen=True)

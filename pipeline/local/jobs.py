@@ -8,12 +8,14 @@ model.tar.gz afterwards, as SageMaker does.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,44 @@ from steps.base import PROCESSING_BASE, Code, MetricDefinition, stage_source
 
 class JobFailed(RuntimeError):
     """The script exited non-zero; the message carries the end of its log."""
+
+
+class JobTimedOut(JobFailed):
+    """The job ran past its MaxRuntimeInSeconds and was stopped, as SageMaker stops it."""
+
+
+# Process groups of the jobs running now (a tuner runs several at once, from threads): a stop of
+# the runner (Ctrl-C, SIGTERM) ends every one of them, trials included, before anything waits.
+_LIVE: dict[int, str] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def live_process_groups() -> dict[int, str]:
+    with _LIVE_LOCK:
+        return dict(_LIVE)
+
+
+def stop_all(sig: int = signal.SIGTERM, grace_s: float = 5.0) -> None:
+    """Signal every live job's process group, then SIGKILL what is left after `grace_s`."""
+    groups = live_process_groups()
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    deadline = time.monotonic() + grace_s
+    while groups and time.monotonic() < deadline:
+        groups = {g: n for g, n in groups.items() if group_alive(g)}
+        time.sleep(0.05)
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 @dataclass
@@ -41,11 +81,15 @@ def tail(path: Path, lines: int = 15) -> str:
 def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: dict[str, str],
                log_path: Path, metrics: tuple[MetricDefinition, ...] = (),
                echo: Callable[[str], None] | None = None,
-               should_stop: Callable[[dict[str, list[float]]], bool] | None = None) -> JobResult:
+               should_stop: Callable[[dict[str, list[float]]], bool] | None = None,
+               max_runtime_s: float | None = None,
+               on_start: Callable[[int], None] | None = None) -> JobResult:
     """Stage the code like /opt/ml/code, run the entry point, stream and parse its log.
 
     `should_stop` is asked after every metric line (the tuner's early stopping); when it says
-    yes the job is terminated and reported as stopped, not failed.
+    yes the job is terminated and reported as stopped, not failed. A job still running after
+    `max_runtime_s` (the step's MaxRuntimeInSeconds) is stopped and fails with JobTimedOut.
+    `on_start(pgid)` lets the runner record the job's process group (see LocalRun).
     """
     code_dir = stage_source(code, workdir / "code")
     patterns = [(m.name, re.compile(m.regex)) for m in metrics]
@@ -61,6 +105,20 @@ def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: di
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True,  # so a stop reaches the script's DataLoader workers too
         )
+        with _LIVE_LOCK:
+            _LIVE[proc.pid] = code.entry_point
+        if on_start:
+            on_start(proc.pid)
+        timer = None
+        timed_out = threading.Event()
+        if max_runtime_s:
+            def expire() -> None:
+                timed_out.set()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            timer = threading.Timer(max_runtime_s, expire)
+            timer.daemon = True
+            timer.start()
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -78,9 +136,21 @@ def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: di
                     break
             proc.wait()
         except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
+        finally:
+            if timer:
+                timer.cancel()
+            # The script has exited; anything it left in its group (a DataLoader worker) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with _LIVE_LOCK:
+                _LIVE.pop(proc.pid, None)
+    if timed_out.is_set():
+        raise JobTimedOut(f"{code.entry_point} ran past its MaxRuntimeInSeconds of {max_runtime_s:g} s "
+                          f"and was stopped; end of its log ({log_path}):\n{tail(log_path)}")
     if proc.returncode != 0 and not stopped:
         raise JobFailed(f"{code.entry_point} exited with code {proc.returncode}; end of its log "
                         f"({log_path}):\n{tail(log_path)}")

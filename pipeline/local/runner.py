@@ -7,9 +7,15 @@ failed step; steps declared `cache=True` reuse an earlier identical result.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
 import secrets
 import shutil
+import signal
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +33,30 @@ SYNTHETIC_PER_CLASS = 300
 
 class RunFailed(RuntimeError):
     """The run stopped at a failed step (the step's error is the message)."""
+
+
+class RunLocked(RuntimeError):
+    """Another process is executing this run right now."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: every job was stopped and the run recorded as Stopped."""
+
+
+# Errors of the machine rather than of the step: one line that says what to fix.
+OS_PROBLEMS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.EROFS: "the file system is read-only"}
+
+
+def os_problem(exc: BaseException) -> str | None:
+    """`disk full writing /path` for a machine problem anywhere in the exception's chain."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in OS_PROBLEMS:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return f"{OS_PROBLEMS[exc.errno]}{where}: free space or fix permissions, then --resume"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def now() -> str:
@@ -54,6 +84,7 @@ class LocalRun:
         self.gates = gated_steps(dag)
         self.cache = StepCache(home / "cache")
         self._echo = echo
+        self._save_lock = threading.RLock()
 
     # -- creation and persistence ----------------------------------------------------------------
     @classmethod
@@ -77,9 +108,18 @@ class LocalRun:
         return cls(home, dag, json.loads(path.read_text()), echo)
 
     def save(self) -> None:
-        tmp = self.dir / "run.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        tmp.replace(self.dir / "run.json")
+        with self._save_lock:  # tuning trials record their process groups from threads
+            tmp = self.dir / "run.json.tmp"
+            tmp.write_text(json.dumps(self.state, indent=2, default=str))
+            tmp.replace(self.dir / "run.json")
+
+    def _job_started(self, record: dict):
+        """on_start for a job: remember its process group, so a resume after kill -9 can stop it."""
+        def started(pgid: int) -> None:
+            with self._save_lock:
+                record.setdefault("process_groups", []).append(pgid)
+            self.save()
+        return started
 
     def echo(self, step: str, message: str) -> None:
         line = f"{datetime.now():%H:%M:%S} {step:<14}| {message}"
@@ -88,8 +128,72 @@ class LocalRun:
             log.write(line + "\n")
 
     # -- the loop --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self):
+        """One executor per run: an flock on the run folder, released by the kernel even when the
+        holder is killed with -9, so a resume after a crash is never refused by a stale lock."""
+        handle = open(self.dir / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLocked(f"run {self.state['id']} is executing now (pid {holder}); wait for it, "
+                            "or stop it, before resuming") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.close()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """Ctrl-C and SIGTERM stop every running job's whole process tree (trials included)
+        before anything waits on them; the run is then recorded as Stopped."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum, _frame):
+            jobs.stop_all()
+            raise RunStopped(signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_leftovers(self) -> None:
+        """Jobs of an earlier executor of this run that was killed (-9) may still be running:
+        their process groups are in run.json; stop them before running the step again."""
+        for record in self.state["steps"].values():
+            for pgid in record.pop("process_groups", []):
+                if jobs.group_alive(pgid):
+                    self.echo("runner", f"stopping process group {pgid} left by a killed runner")
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pgid, signal.SIGKILL)
+
     def execute(self) -> dict:
         """Run every step not yet succeeded, in order. Returns the final state."""
+        with self._lock(), self._stop_on_signals():
+            self._stop_leftovers()
+            try:
+                return self._execute()
+            except RunStopped as stop:
+                for record in self.state["steps"].values():
+                    if record.get("status") == "Executing":
+                        record.update(status="Stopped", error=f"stopped by {stop}", ended_at=now())
+                self.state.update(status="Stopped", failure=f"stopped by {stop}", resumable=True)
+                self.save()
+                raise
+
+    def _execute(self) -> dict:
         from pipeline.deploy import pipeline_endpoint_problem
 
         if problem := pipeline_endpoint_problem(self.params):  # never deploy to production
@@ -113,6 +217,9 @@ class LocalRun:
             try:
                 self._run_step(step, record)
             except Exception as exc:  # noqa: BLE001 - any step error ends the run, recorded
+                problem = os_problem(exc)
+                if problem:
+                    exc = RuntimeError(problem)
                 record.update(status="Failed", error=str(exc), seconds=round(time.monotonic() - started, 1),
                               ended_at=now())
                 # A Fail step fails the same way every time: resuming it cannot help.
@@ -238,6 +345,7 @@ class LocalRun:
         jobs.run_script(
             self.python(step.code), step.code, step_dir, [local(a) for a in arguments], {},
             step_dir / "log.txt", echo=lambda line: self.echo(step.name, line),
+            max_runtime_s=step.max_runtime_s, on_start=self._job_started(record),
         )
         record["outputs"] = {o.name: str(Path(local(o.source)).relative_to(step_dir)) for o in step.outputs}
         properties = {}
@@ -250,7 +358,7 @@ class LocalRun:
         self._remember(step, record)
 
     def _training_job(self, step: TrainingStep, job_dir: Path, hyperparameters: dict[str, str],
-                      echo, should_stop=None) -> jobs.JobResult:
+                      echo, record: dict, should_stop=None, max_runtime_s: int | None = None) -> jobs.JobResult:
         """One training job (the Train step or a tuning trial) in `job_dir`."""
         channels = {name: self.output_path(src) for name, src in step.channels}
         model_dir, output_dir = job_dir / "model_dir", job_dir / "output" / "data"
@@ -263,7 +371,8 @@ class LocalRun:
         args = jobs.hyperparameter_args(hyperparameters) + ["--checkpoint_dir", str(job_dir / "checkpoints")]
         result = jobs.run_script(self.python(step.code), step.code, job_dir, args, env,
                                  job_dir / "log.txt", metrics=step.metric_definitions, echo=echo,
-                                 should_stop=should_stop)
+                                 should_stop=should_stop, max_runtime_s=max_runtime_s or step.max_runtime_s,
+                                 on_start=self._job_started(record))
         if not result.stopped_early:
             jobs.tar_model(model_dir, job_dir / "model" / "model.tar.gz")
         return result
@@ -276,7 +385,7 @@ class LocalRun:
         hyperparameters = self._hyperparameters(step)
         self.echo(step.name, f"hyperparameters {hyperparameters}")
         result = self._training_job(step, step_dir, hyperparameters,
-                                    echo=lambda line: self.echo(step.name, line))
+                                    echo=lambda line: self.echo(step.name, line), record=record)
         record["outputs"] = {"model": "model"}
         record["properties"] = {
             "HyperParameters": hyperparameters,
@@ -301,6 +410,7 @@ class LocalRun:
             return self._training_job(
                 step.training, step_dir / "trials" / f"{trial.index:03d}", hyperparameters,
                 echo=lambda line: self.echo(f"{step.name}#{trial.index}", line), should_stop=should_stop,
+                record=record, max_runtime_s=step.trial_max_runtime_s,
             )
 
         best = tuner.run(run_trial)
@@ -327,8 +437,22 @@ class LocalRun:
         store = self.home / "artifacts" / fingerprint(artifact)[:16]
         store.mkdir(parents=True, exist_ok=True)
         if not (store / "model.tar.gz").exists():
-            shutil.copy2(artifact, store / "model.tar.gz")
-        version = open_registry(self.home).register(
+            # Copy beside, then rename: a stop mid-copy never leaves a torn artifact in the store.
+            partial = store / f".model.tar.gz.part-{os.getpid()}"
+            shutil.copy2(artifact, partial)
+            os.replace(partial, store / "model.tar.gz")
+        registry = open_registry(self.home)
+        group = str(self.value(step.model_package_group))
+        # A resumed Register (the runner was stopped after registering, before recording it)
+        # finds this run's version instead of registering the same model twice.
+        earlier = [v for v in registry.list_versions(group) if v.run_id == self.state["id"]]
+        if earlier:
+            version = earlier[0]
+            record["properties"] = {"group": version.group, "version": version.version,
+                                    "status": version.status, "artifact": version.artifact_uri}
+            self.echo(step.name, f"already registered by this run: {version.group} version {version.version}")
+            return
+        version = registry.register(
             str(self.value(step.model_package_group)), str(store / "model.tar.gz"), metrics,
             status=str(self.value(step.approval_status)), run_id=self.state["id"],
             description=f"run {self.state['id']} ({self.state['profile']} profile)",
