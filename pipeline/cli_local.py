@@ -141,6 +141,8 @@ def cmd_run(args) -> int:
         print(f"\nrun {run.state['id']} stopped by {exc} (every job and trial stopped); "
               f"continue with: invmon run --resume {run.state['id']}", file=sys.stderr)
         return 130
+    print()
+    print(summarize(state, run.dir))
     return 0 if state["status"] == "Succeeded" else 1
 
 

@@ -37,11 +37,83 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
-def test_run_registers_deploys_and_serves(tiny_data, tmp_path, abid_sample):
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """One whole run that passes its gate: (INVMON_HOME, its output, the parameters given)."""
+    home = tmp_path_factory.mktemp("e2e") / "home"
     params = [a for p in [*TINY, "AccuracyThreshold=0"] for a in ("--param", p)]
-    run = invmon("run", "--data", str(tiny_data), *params, home=home)
+    return home, invmon("run", "--data", str(tiny_data), *params, home=home), params
+
+
+def run_dir(home: Path) -> Path:
+    (folder,) = sorted((home / "runs").iterdir())[:1]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_definition(finished_run, tmp_path_factory):
+    """The SageMaker definition built with the run's own parameters (the data as an S3 URI)."""
+    from aws_testing import offline_build
+    from pipeline.parameters import BY_NAME
+
+    home, _, _ = finished_run
+    state = json.loads((run_dir(home) / "run.json").read_text())
+    overrides = {k: v for k, v in state["parameters"].items() if k in BY_NAME}
+    overrides["InputDataUrl"] = "s3://parity-check/abid/"
+    return offline_build(tmp_path_factory.mktemp("parity"), profile="local", parameter_overrides=overrides)
+
+
+MAPPED = {"InputDataUrl": "/opt/ml/processing/input/data"}  # the runner's mirror of the S3 data
+
+
+@pytest.mark.slow
+def test_every_local_job_request_equals_the_definitions(finished_run, run_definition):
+    """Parity by execution: each request the runner made (arguments, hyperparameters, inputs,
+    outputs, metric regexes, tuning config, the condition's operator and operands) is the
+    definition's request for that step, evaluated with the run's parameters and properties."""
+    from request_parity import differences
+
+    home, _, _ = finished_run
+    requests = (run_dir(home) / "requests.jsonl").read_text().splitlines()
+    assert {json.loads(r)["step"] for r in requests} >= {"Preprocess", "Tune", "Train", "Evaluate",
+                                                         "CheckAccuracy"}
+    assert differences(run_dir(home), run_definition, MAPPED) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drift", ["boolean", "operator", "regex", "argument"])
+def test_a_drift_on_either_side_is_caught(finished_run, run_definition, tmp_path, drift):
+    import copy
+    import shutil
+
+    from request_parity import all_steps, differences
+
+    home, _, _ = finished_run
+    local = tmp_path / "run"
+    shutil.copytree(run_dir(home), local)
+    definition = copy.deepcopy(run_definition)
+    steps = all_steps(definition)
+    lines = [json.loads(r) for r in (local / "requests.jsonl").read_text().splitlines()]
+    if drift == "boolean":  # "True" locally, "true" on SageMaker: the runner's rendering drifts
+        steps["Train"]["Arguments"]["HyperParameters"]["amp_off"] = "true"
+        for r in lines:
+            if r["step"] == "Train":
+                r["HyperParameters"]["amp_off"] = "True"
+    elif drift == "operator":  # the runner's >= became > (or the definition's did)
+        steps["CheckAccuracy"]["Arguments"]["Conditions"][0]["Type"] = "GreaterThan"
+    elif drift == "regex":
+        steps["Train"]["Arguments"]["AlgorithmSpecification"]["MetricDefinitions"][0]["Regex"] = "loss=(.*)"
+    else:
+        args = steps["Evaluate"]["Arguments"]["AppSpecification"]["ContainerArguments"]
+        args[args.index("--test") + 1] = "/opt/ml/processing/other"
+    (local / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    found = differences(local, definition, MAPPED)
+    assert len(found) == 1, found
+
+
+@pytest.mark.slow
+def test_run_registers_deploys_and_serves(finished_run, tiny_data):
+    home, run, params = finished_run
     out = run.stdout
     for step in ("Preprocess", "Tune", "Train", "Evaluate", "CheckAccuracy", "Register", "Deploy"):
         assert f"{step}" in out and "succeeded in" in out
@@ -53,7 +125,7 @@ def test_run_registers_deploys_and_serves(tiny_data, tmp_path, abid_sample):
     listed = invmon("models", "list", home=home).stdout
     assert "PendingManualApproval" in listed and " 1 " in listed
 
-    photo = sorted((abid_sample / "3").glob("*.jpg"))[0]
+    photo = sorted((tiny_data / "bin-images").glob("*.jpg"))[0]  # runs where ../shared is absent too
     predicted = invmon("predict", "--json", str(photo), home=home).stdout.strip().splitlines()
     answer = json.loads(predicted[-1])
     assert answer["count"] in (1, 2, 3, 4, 5)

@@ -113,6 +113,12 @@ class LocalRun:
             tmp.write_text(json.dumps(self.state, indent=2, default=str))
             tmp.replace(self.dir / "run.json")
 
+    def record_request(self, step: str, request: dict) -> None:
+        """Append the request a step resolved to (what SageMaker would be sent, container paths
+        and all) to requests.jsonl: tests/test_end_to_end.py compares each with the definition."""
+        with self._save_lock, open(self.dir / "requests.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **request}, sort_keys=True, default=str) + "\n")
+
     def _job_started(self, record: dict):
         """on_start for a job: remember its process group, so a resume after kill -9 can stop it."""
         def started(pgid: int) -> None:
@@ -335,6 +341,11 @@ class LocalRun:
         local = jobs.processing_paths(step_dir)
         sources = {i.name: self.input_path(i) for i in step.inputs}
         arguments = [str(self.value(a)) for a in step.arguments]
+        self.record_request(step.name, {
+            "Type": "Processing", "ContainerArguments": arguments, "Entrypoint": step.code.entry_point,
+            "ProcessingInputs": {i.name: i.destination for i in step.inputs if sources.get(i.name)
+                                 and i.s3_selection is None},
+            "ProcessingOutputs": {o.name: o.source for o in step.outputs}})
         if self._cached(step, record, {"arguments": arguments}, sources):
             return
         shutil.rmtree(step_dir, ignore_errors=True)
@@ -383,6 +394,10 @@ class LocalRun:
     def _training(self, step: TrainingStep, record: dict) -> None:
         step_dir = self.dir / step.name
         hyperparameters = self._hyperparameters(step)
+        self.record_request(step.name, {
+            "Type": "Training", "HyperParameters": hyperparameters, "Entrypoint": step.code.entry_point,
+            "MetricDefinitions": self.plan[step.name]["metric_definitions"],
+            "Channels": sorted(name for name, _ in step.channels)})
         self.echo(step.name, f"hyperparameters {hyperparameters}")
         result = self._training_job(step, step_dir, hyperparameters,
                                     echo=lambda line: self.echo(step.name, line), record=record)
@@ -396,6 +411,13 @@ class LocalRun:
         step_dir = self.dir / step.name
         static = self._hyperparameters(step.training)
         max_jobs, max_parallel = int(self.value(step.max_jobs)), int(self.value(step.max_parallel_jobs))
+        self.record_request(step.name, {
+            "Type": "Tuning", "StaticHyperParameters": static, "Entrypoint": step.training.code.entry_point,
+            "MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel,
+            "Strategy": step.strategy, "EarlyStopping": step.early_stopping,
+            "Objective": {"MetricName": step.objective_metric, "Type": step.objective_type},
+            "MetricDefinitions": self.plan[step.name]["metric_definitions"],
+            "ParameterRanges": self.plan[step.name]["hyperparameter_ranges"]})
         settings = {"static": static, "max_jobs": max_jobs, "max_parallel": max_parallel,
                     "plan": self.plan[step.name]}
         inputs = {name: self.output_path(src) for name, src in step.training.channels}
@@ -425,6 +447,8 @@ class LocalRun:
     def _condition(self, step: ConditionStep, record: dict) -> None:
         left, right = float(self.value(step.left)), float(self.value(step.right))
         outcome = left >= right
+        self.record_request(step.name, {"Type": "Condition", "Operator": "GreaterThanOrEqualTo",
+                                        "LeftValue": left, "RightValue": right})
         record["properties"] = {"outcome": outcome, "left": left, "right": right}
         self.echo(step.name, f"{step.left.json_path} = {left:.4f} >= {step.right.name} = {right} -> {outcome}")
 
