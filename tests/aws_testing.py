@@ -78,7 +78,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def moto_server(reset: bool = True):
-    """moto's ThreadedMotoServer on 127.0.0.1 and a free port; yields its endpoint URL.
+    """moto's ThreadedMotoServer on 127.0.0.1 and a port it bound itself; yields its endpoint URL.
 
     The server thread shares moto's in-process state (with mock_aws too): `reset` empties it
     first, for a test that needs to see exactly what its own commands created.
@@ -87,9 +87,10 @@ def moto_server(reset: bool = True):
 
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # Port 0: the server binds a free port itself and keeps it (no pick-then-release race).
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    port = server.get_host_and_port()[1]
     if reset:
         urllib.request.urlopen(urllib.request.Request(
             f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=30).close()

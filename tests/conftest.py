@@ -68,3 +68,30 @@ def invmon_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "invmon-home"
     monkeypatch.setenv("INVMON_HOME", str(home))
     return home
+
+
+# -- real-sample tests: marked, and counted at the end of every run ---------------------------
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_data: needs the real ABID sample in ../shared/data")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "abid_sample" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say how many real-sample tests ran: a checkout without ../shared skips them, visibly."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    for outcome in counts:
+        for report in terminalreporter.stats.get(outcome, []):
+            if "real_data" in getattr(report, "keywords", {}):
+                counts[outcome] += 1
+    total = sum(counts.values())
+    if total:
+        where = "present" if ABID_SAMPLE.is_dir() else "ABSENT: these tests were skipped"
+        terminalreporter.write_line(
+            f"real ABID sample tests: {counts['passed']} passed, {counts['failed']} failed, "
+            f"{counts['skipped']} skipped (../shared/data/abid-sample {where})")

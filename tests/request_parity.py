@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 SDK_ADDED_INPUTS = {"code", "aux", "entrypoint"}  # FrameworkProcessor's own inputs
+SDK_ADDED_CHANNELS = {"code", "sm_drivers"}  # ModelTrainer's own channels
 
 
 def all_steps(definition: dict) -> dict[str, dict]:
@@ -113,7 +114,8 @@ def differences(run_dir: Path, definition: dict, mapped: dict[str, str]) -> list
             check(name, "MetricDefinitions", request["MetricDefinitions"],
                   args["AlgorithmSpecification"]["MetricDefinitions"])
             check(name, "Channels", request["Channels"],
-                  sorted(c["ChannelName"] for c in args["InputDataConfig"] if c["ChannelName"] != "code"))
+                  sorted(c["ChannelName"] for c in args["InputDataConfig"]
+                         if c["ChannelName"] not in SDK_ADDED_CHANNELS))
         elif kind == "Tuning":
             job = args["TrainingJobDefinition"]
             config = args["HyperParameterTuningJobConfig"]

@@ -24,11 +24,9 @@ def load_spec() -> dict:
 
 
 def run_phases(spec: dict, env: dict, test_file) -> list[tuple[str, int, str]]:
-    """Run each phase's commands in one shell (as CodeBuild 0.2 does); stop where one fails.
-
-    CodeBuild skips the later phases when install or pre_build fails, and post_build too when
-    a phase with on-failure: ABORT fails.
-    """
+    """Run each phase's commands in one shell (as CodeBuild 0.2 does), honouring each phase's
+    `on-failure`: ABORT (CodeBuild's default) ends the build at a failed phase, CONTINUE goes on
+    to the next phase."""
     variables = {k: str(v) for k, v in (spec.get("env", {}).get("variables") or {}).items()}
     shell = spec.get("env", {}).get("shell", "sh")
     ran = []
@@ -47,7 +45,8 @@ def run_phases(spec: dict, env: dict, test_file) -> list[tuple[str, int, str]]:
         result = subprocess.run([shell, "-c", "\n".join(script)], cwd=ROOT, env={**variables, **env},
                                 capture_output=True, text=True, timeout=300)
         ran.append((phase, result.returncode, result.stdout + result.stderr))
-        if result.returncode != 0:
+        on_failure = (spec["phases"].get(phase) or {}).get("on-failure", "ABORT")
+        if result.returncode != 0 and on_failure != "CONTINUE":
             break
     return ran
 
@@ -95,6 +94,17 @@ def test_a_failing_test_stops_the_build_before_upsert(server, tmp_path):
     assert [(phase, rc == 0) for phase, rc, _ in ran] == [("install", True), ("pre_build", False)]
     assert "1 failed" in ran[-1][2]
     assert aws_state(server) == ([], [])  # upsert never reached AWS
+
+
+def test_the_stop_comes_from_the_buildspecs_on_failure_setting(server, tmp_path):
+    """The same failing suite with pre_build set to CONTINUE would go on to upsert: the stop
+    above is the buildspec's doing, not the simulator's."""
+    test_file = tmp_path / "test_tiny.py"
+    test_file.write_text("def test_broken():\n    assert 1 + 1 == 3\n")
+    spec = load_spec()
+    spec["phases"]["pre_build"]["on-failure"] = "CONTINUE"
+    ran = run_phases(spec, codebuild_env(server), test_file)
+    assert [phase for phase, _, _ in ran][:3] == ["install", "pre_build", "build"]
 
 
 def test_a_passing_build_upserts_and_starts_the_pipeline(server, tmp_path):
