@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench env clean deploy-function
+.PHONY: run test bench bench-ingest env clean deploy-function
 
 # The environment is built once and rebuilt when pyproject.toml changes.
 # torch/torchvision come from pip (never uv/poetry): on the project's machines pip takes them from disk.
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py $(ARGS)
+
+bench-ingest: $(STAMP)
+	$(BIN)/python benchmarks/ingest_throughput.py $(ARGS)
 
 clean:
 	rm -rf .invmon build
