@@ -62,6 +62,24 @@ def abid_sample() -> Path:
     return ABID_SAMPLE
 
 
+@pytest.fixture(scope="session")
+def bin_photos(tmp_path_factory) -> Path:
+    """Photos in 1/ ... 5/ folders: the real ABID sample when ../shared has it, generated bin
+    photos (pipeline.synth) otherwise, so the core contracts run on a checkout without it."""
+    if ABID_SAMPLE.is_dir():
+        return ABID_SAMPLE
+    from pipeline import synth
+
+    out = tmp_path_factory.mktemp("generated-bins")
+    abid = out / "abid"
+    synth.write_dataset(abid, per_class=8, seed=3)
+    for meta in sorted((abid / "metadata").glob("*.json")):
+        count = json.loads(meta.read_text())["EXPECTED_QUANTITY"]
+        (out / str(count)).mkdir(exist_ok=True)
+        shutil.copy(abid / "bin-images" / f"{meta.stem}.jpg", out / str(count) / f"{meta.stem}.jpg")
+    return out
+
+
 @pytest.fixture
 def invmon_home(tmp_path, monkeypatch) -> Path:
     """An isolated INVMON_HOME (runs, registry, step environments, cache) for one test."""

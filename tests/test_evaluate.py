@@ -40,18 +40,18 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_split(tmp_path_factory, abid_sample) -> Path:
-    """Real photos in <count>/ folders, one as PNG, one corrupt file, and entries to ignore."""
+def test_split(tmp_path_factory, bin_photos) -> Path:
+    """Bin photos (real ABID when ../shared has them) in <count>/ folders, one as PNG, one corrupt file, and entries to ignore."""
     split = tmp_path_factory.mktemp("test-split")
     for count in range(1, 6):
         (split / str(count)).mkdir()
-        photos = sorted((abid_sample / str(count)).glob("*.jpg"))[:PER_CLASS + 1]
+        photos = sorted((bin_photos / str(count)).glob("*.jpg"))[:PER_CLASS + 1]
         for photo in photos[:PER_CLASS]:
             (split / str(count) / photo.name).write_bytes(photo.read_bytes())
-    extra = sorted((abid_sample / "2").glob("*.jpg"))[PER_CLASS]
+    extra = sorted((bin_photos / "2").glob("*.jpg"))[PER_CLASS]
     Image.open(extra).save(split / "2" / (extra.stem + ".png"))
     # A truncated JPEG: what a broken upload looks like.
-    first = sorted((abid_sample / "3").glob("*.jpg"))[0].read_bytes()
+    first = sorted((bin_photos / "3").glob("*.jpg"))[0].read_bytes()
     (split / "3" / "corrupt.jpg").write_bytes(first[:300])
     (split / "manifest.csv").write_text("id,count\n")
     (split / "9").mkdir()  # not a class 1..5: ignored
