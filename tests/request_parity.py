@@ -12,21 +12,10 @@ import json
 import re
 from pathlib import Path
 
+from aws_testing import all_steps
+
 SDK_ADDED_INPUTS = {"code", "aux", "entrypoint"}  # FrameworkProcessor's own inputs
 SDK_ADDED_CHANNELS = {"code", "sm_drivers"}  # ModelTrainer's own channels
-
-
-def all_steps(definition: dict) -> dict[str, dict]:
-    found: dict[str, dict] = {}
-
-    def walk(steps):
-        for step in steps:
-            found[step["Name"]] = step
-            if step["Type"] == "Condition":
-                walk(step["Arguments"].get("IfSteps", []) + step["Arguments"].get("ElseSteps", []))
-
-    walk(definition["Steps"])
-    return found
 
 
 class Resolver:

@@ -86,7 +86,7 @@ def test_a_drift_on_either_side_is_caught(finished_run, run_definition, tmp_path
     import copy
     import shutil
 
-    from request_parity import all_steps, differences
+    from request_parity import all_steps, differences  # noqa: F401 (all_steps from aws_testing)
 
     home, _, _ = finished_run
     local = tmp_path / "run"
