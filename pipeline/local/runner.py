@@ -418,13 +418,16 @@ class LocalRun:
             "Objective": {"MetricName": step.objective_metric, "Type": step.objective_type},
             "MetricDefinitions": self.plan[step.name]["metric_definitions"],
             "ParameterRanges": self.plan[step.name]["hyperparameter_ranges"]})
+        seed = int(self.params.get("Seed", 0))
+        # The tuning config (ranges, strategy, objective, early stopping in the plan; budget, seed)
+        # and the tuner's own code (and Optuna's version) are part of the key.
         settings = {"static": static, "max_jobs": max_jobs, "max_parallel": max_parallel,
-                    "plan": self.plan[step.name]}
+                    "seed": seed, "plan": self.plan[step.name], "tuner": Tuner.fingerprint()}
         inputs = {name: self.output_path(src) for name, src in step.training.channels}
         if self._cached(step, record, settings, inputs):
             return
         shutil.rmtree(step_dir, ignore_errors=True)
-        tuner = Tuner(step, max_jobs, max_parallel, seed=int(self.params.get("Seed", 0)),
+        tuner = Tuner(step, max_jobs, max_parallel, seed=seed,
                       log=lambda m: self.echo(step.name, m))
 
         def run_trial(trial, should_stop):
