@@ -96,15 +96,18 @@ def check_png_stream(data: bytes) -> None:
             width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunk[:13])
             header = (width, height, depth, PNG_CHANNELS.get(colour, 4), interlace == 1)
         elif kind == b"IDAT" and header is not None and not ended:
+            expected = png_expected_size(*header)
             try:
-                # Count the output in bounded pieces: memory stays flat whatever the stream holds.
+                # Count the output in bounded pieces: memory stays flat whatever the stream holds,
+                # and stop at the declared size: a stream that inflates to gigabytes of rows
+                # nobody reads would otherwise cost seconds of CPU (Pillow stops there too).
                 piece = inflater.decompress(chunk, 1 << 20)
                 produced += len(piece)
-                while inflater.unconsumed_tail:
+                while inflater.unconsumed_tail and produced < expected:
                     produced += len(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
             except zlib.error as e:
                 raise ImageRejected("corrupt", f"corrupt PNG: its image data does not inflate ({e})")
-            ended = inflater.eof
+            ended = inflater.eof or produced >= expected
         elif kind == b"IEND":
             break
     if header is None:
@@ -119,8 +122,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Any decoded JPEG/PNG mode -> 8-bit RGB, without clipping 16-bit values or dropping alpha."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit grey: scale 0..65535 to 0..255 (convert("L") would clip everything above 255).
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+        # Integer arithmetic at 4 bytes a pixel: float64 would cost 8 at the 16 MP budget.
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
     elif image.mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
         image = Image.fromarray(np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), "L")
