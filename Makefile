@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench env clean
+.PHONY: run test bench bench-serve env clean
 
 # The environment is built once and rebuilt when pyproject.toml changes.
 # torch/torchvision come from pip (never uv/poetry): on the project's machines pip takes them from disk.
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py $(ARGS)
+
+# The local endpoint at 1/4/16 clients against the same model's raw forward rate, same run.
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve_throughput.py $(ARGS)
 
 clean:
 	rm -rf .invmon build

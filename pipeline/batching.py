@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -87,3 +88,32 @@ class MicroBatcher:
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
+
+
+class PixelBudget:
+    """How many decoded pixels requests may hold at once (an async weighted semaphore).
+
+    A request reserves the most a photo may have (the pixel budget of the decoding rule)
+    before it decodes, and keeps only its photo's real size once decoded, until its batch is
+    scored: many small photos can wait for a batch, few huge ones can be in memory at once.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.free = total
+        self._waiters: deque[asyncio.Future] = deque()
+
+    async def acquire(self, pixels: int) -> None:
+        pixels = min(pixels, self.total)
+        while self.free < pixels:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        self.free -= pixels
+
+    def release(self, pixels: int) -> None:
+        self.free = min(self.total, self.free + min(pixels, self.total))
+        while self._waiters:  # each waiter checks again whether its reservation fits
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeline.batching import MicroBatcher
+from pipeline.batching import MicroBatcher, PixelBudget
 
 JSON = "application/json"
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -258,6 +258,7 @@ class ServingSettings:
     max_wait_ms: float = 5.0      # how long a batch waits for requests still decoding
     max_queue: int = 64           # requests admitted at once; past it 503 + Retry-After
     decode_workers: int = 2       # threads decoding bodies (input_fn) beside the forward pass
+    decoded_megapixels: int = 48  # decoded pixels held at once (3 photos at the 16 MP budget)
     request_timeout_s: float = 30.0  # body received -> answer; past it 503 + Retry-After
     body_timeout_s: float = 10.0     # the whole body must arrive within this (slow clients)
     header_timeout_s: float = 10.0   # the request line and headers must arrive within this
@@ -285,7 +286,7 @@ class ServingState:
         self.in_flight = 0
         self.batcher: MicroBatcher | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
-        self.decode_slots: asyncio.Semaphore | None = None
+        self.pixels: PixelBudget | None = None
 
     def ready(self) -> LoadedModel:
         if self.model is not None:
@@ -310,21 +311,30 @@ async def _client_left(request: Request) -> None:
 async def _decode_and_predict(state: ServingState, model: LoadedModel, body: bytes,
                               content_type: str) -> dict:
     """input_fn in the decode pool, then predict_fn in a micro-batch. Cancelling the task drops
-    the work: a decode not yet started never starts, a queued image is left out of its batch."""
+    the work: a decode not yet started never starts, a queued image is left out of its batch.
+    Decoded pixels held at once are bounded by state.pixels (memory, whatever the photos)."""
     loop = asyncio.get_running_loop()
     batcher = state.batcher
     batcher.incoming += 1
     queued = False
+    # Reserve the most a photo may decode to; keep only its real size once decoded.
+    reserved = 0
     try:
-        # Decoded images wait for the forward pass; the slots bound how many are held at once.
-        async with state.decode_slots:
-            image = await loop.run_in_executor(state.decode_pool, model.decode, body, content_type)
-            future = batcher.submit(image)
-            batcher.incoming -= 1
-            queued = True
-            del image
-            return await future
+        most = int(getattr(model.inference, "MAX_PIXELS", 16_000_000))
+        await state.pixels.acquire(most)
+        reserved = most
+        image = await loop.run_in_executor(state.decode_pool, model.decode, body, content_type)
+        width, height = getattr(image, "size", (0, 0))
+        held = min(reserved, width * height)
+        state.pixels.release(reserved - held)
+        reserved = held
+        future = batcher.submit(image)
+        batcher.incoming -= 1
+        queued = True
+        del image
+        return await future
     finally:
+        state.pixels.release(reserved)
         if not queued:
             batcher.incoming -= 1
 
@@ -413,7 +423,7 @@ def create_app(artifact: str | Path, model_version: str | None = None,
     async def lifespan(app: FastAPI):
         state.decode_pool = ThreadPoolExecutor(settings.decode_workers,
                                                thread_name_prefix="invmon-decode")
-        state.decode_slots = asyncio.Semaphore(2 * settings.max_batch + settings.decode_workers)
+        state.pixels = PixelBudget(settings.decoded_megapixels * 1_000_000)
         state.batcher = MicroBatcher(lambda images: state.model.predict_batch(images),
                                      settings.max_batch, settings.max_wait_ms / 1000)
         state.batcher.start()
