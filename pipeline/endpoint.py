@@ -1,13 +1,19 @@
 """The local endpoint: the model artifact served over HTTP like a SageMaker real-time endpoint.
 
-    GET  /ping          -> 200 {"status": "ok", "model_version": ...}
+    GET  /ping          -> 200 {"status": "ok", "model_version": ...}; 503 until the model is loaded
     POST /invocations   image/jpeg | image/png | application/x-image body
                         -> 200 {"count": n, "probabilities": {...}, "model_version": ...}
 
-The artifact is loaded once, at start-up, through its own `code/inference.py` (model_fn,
-input_fn, predict_fn, output_fn), the same functions the Evaluate step and the SageMaker
-endpoint use. Bad input always gets a 4xx with a JSON body `{"error": "..."}`:
-415 content type, 406 Accept, 413 size, 400 empty or undecodable body.
+The artifact is loaded through its own `code/inference.py` (model_fn, input_fn, predict_fn,
+output_fn), the same functions the Evaluate step and the SageMaker endpoint use. Bad input
+always gets a 4xx with a JSON body `{"error": "..."}`: 415 content type, 406 Accept, 413 size,
+400 empty or undecodable body, 408 a body that does not arrive in time; overload a 503 with
+Retry-After (too many requests in progress, or no answer within the request timeout).
+
+How a request is served: admitted (or 503) before its body is read; body read under a deadline;
+input_fn in a small decode pool; then its image joins a micro-batch and predict_fn scores the
+whole batch as one list (pipeline/batching.py). A client that leaves has its work dropped.
+ServingSettings holds every limit; pipeline/http_server.py runs it under uvicorn.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from types import ModuleType
 
 import httpx
 from fastapi import FastAPI, Request
+from PIL import Image
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -123,6 +130,7 @@ class LoadedModel:
     model_version: str
     content_types: tuple[str, ...]
     workdir: tempfile.TemporaryDirectory | None  # extracted files live as long as this
+    presize: int | None = None  # see early_resize_side()
 
     @property
     def invalid_input(self) -> type[Exception]:
@@ -131,9 +139,14 @@ class LoadedModel:
     def decode(self, body: bytes, content_type: str):
         """input_fn: body -> image, or RequestError(400) naming what is wrong with it."""
         try:
-            return self.inference.input_fn(body, content_type)
+            image = self.inference.input_fn(body, content_type)
         except self.invalid_input as exc:
             raise RequestError(400, str(exc)) from None
+        if self.presize and isinstance(image, Image.Image):
+            # predict_fn's own resize, done here in the decode threads: in parallel with the
+            # forward pass instead of before it, and a waiting image holds 96x96, not 16 MP.
+            image = image.convert("RGB").resize((self.presize, self.presize), Image.BILINEAR)
+        return image
 
     def predict_batch(self, images: list) -> list[dict]:
         """predict_fn on a list: one forward pass for the whole batch."""
@@ -195,7 +208,30 @@ def load_model(artifact: str | Path, model_version: str | None = None) -> Loaded
         except (OSError, ValueError, AttributeError):
             pass
     return LoadedModel(inference, model, str(model_version or "unknown"),
-                       tuple(getattr(inference, "CONTENT_TYPES", DEFAULT_CONTENT_TYPES)), workdir)
+                       tuple(getattr(inference, "CONTENT_TYPES", DEFAULT_CONTENT_TYPES)), workdir,
+                       early_resize_side(inference, model))
+
+
+def early_resize_side(inference: ModuleType, model) -> int | None:
+    """The side of the square predict_fn resizes photos to, when resizing them earlier is
+    provably the same: the artifact's own to_pixels must give identical pixels for a detailed
+    photo and for that photo already resized (BILINEAR, whole photo). An inference.py that
+    crops, or resizes another way, fails the check and its photos are passed on untouched."""
+    config = model.get("config") if isinstance(model, dict) else None
+    to_pixels = getattr(inference, "to_pixels", None)
+    if not isinstance(config, dict) or not callable(to_pixels) or "image_size" not in config:
+        return None
+    try:
+        side = int(config["image_size"])
+        probe = Image.effect_mandelbrot((317, 241), (-2.0, -1.3, 0.8, 1.3), 64).convert("RGB")
+        probe = Image.merge("RGB", (probe.getchannel(0), probe.rotate(90, expand=False).getchannel(0),
+                                    probe.transpose(Image.FLIP_LEFT_RIGHT).getchannel(0)))
+        early = probe.resize((side, side), Image.BILINEAR)
+        full, short = to_pixels(probe, config), to_pixels(early, config)
+        same = tuple(full.shape) == tuple(short.shape) and bool((full == short).all())
+    except Exception:  # noqa: BLE001 - any doubt: do not resize early
+        return None
+    return side if same else None
 
 
 # --------------------------------------------------------------------------- request checks
@@ -309,14 +345,12 @@ async def _client_left(request: Request) -> None:
 
 
 async def _decode_and_predict(state: ServingState, model: LoadedModel, body: bytes,
-                              content_type: str) -> dict:
+                              content_type: str, arrived) -> dict:
     """input_fn in the decode pool, then predict_fn in a micro-batch. Cancelling the task drops
     the work: a decode not yet started never starts, a queued image is left out of its batch.
     Decoded pixels held at once are bounded by state.pixels (memory, whatever the photos)."""
     loop = asyncio.get_running_loop()
     batcher = state.batcher
-    batcher.incoming += 1
-    queued = False
     # Reserve the most a photo may decode to; keep only its real size once decoded.
     reserved = 0
     try:
@@ -329,18 +363,15 @@ async def _decode_and_predict(state: ServingState, model: LoadedModel, body: byt
         state.pixels.release(reserved - held)
         reserved = held
         future = batcher.submit(image)
-        batcher.incoming -= 1
-        queued = True
+        arrived()
         del image
         return await future
     finally:
         state.pixels.release(reserved)
-        if not queued:
-            batcher.incoming -= 1
 
 
 async def _answer(request: Request, state: ServingState, model: LoadedModel,
-                  content_type: str, accept: str) -> Response:
+                  content_type: str, accept: str, arrived) -> Response:
     settings = state.settings
     try:
         body = await asyncio.wait_for(read_body(request, settings.max_body_bytes),
@@ -350,7 +381,7 @@ async def _answer(request: Request, state: ServingState, model: LoadedModel,
                            close=True) from None
     if not body:
         raise RequestError(400, "empty request body: send the bytes of a JPEG or PNG photo")
-    work = asyncio.ensure_future(_decode_and_predict(state, model, body, content_type))
+    work = asyncio.ensure_future(_decode_and_predict(state, model, body, content_type, arrived))
     del body
     watcher = asyncio.ensure_future(_client_left(request))
     try:
@@ -432,7 +463,11 @@ def create_app(artifact: str | Path, model_version: str | None = None,
         try:
             yield
         finally:
-            await state.batcher.stop()
+            batcher = state.batcher
+            if batcher.batches:
+                log.info("scored %d images in %d forward passes (mean batch %.1f)",
+                         batcher.images, batcher.batches, batcher.images / batcher.batches)
+            await batcher.stop()
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="invmon bin-count endpoint", lifespan=lifespan)
@@ -488,10 +523,21 @@ def create_app(artifact: str | Path, model_version: str | None = None,
             raise RequestError(503, f"server busy: {state.in_flight} requests in progress, "
                                     f"the limit is {settings.max_queue}; retry later",
                                retry_after=settings.retry_after_s)
+        # From admission until its image is queued a request counts as "incoming": a batch
+        # waits (up to max_wait) for incoming requests, never for an empty room.
         state.in_flight += 1
+        state.batcher.incoming += 1
+        pending = [True]
+
+        def arrived() -> None:
+            if pending:
+                pending.pop()
+                state.batcher.incoming -= 1
+
         try:
-            return await _answer(request, state, model, content_type, accept)
+            return await _answer(request, state, model, content_type, accept, arrived)
         finally:
+            arrived()
             state.in_flight -= 1
 
     return app
