@@ -120,9 +120,9 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, help="a model.tar.gz (default: ResNet-18 at 96 px)")
-    parser.add_argument("--seconds", type=float, default=6.0, help="per load level and round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--latency-seconds", type=float, default=10.0,
+    parser.add_argument("--seconds", type=float, default=4.0, help="per load level and round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--latency-seconds", type=float, default=8.0,
                         help="one client, one request at a time, per round")
     parser.add_argument("--levels", default="1,4,16", help="client counts = batch sizes compared")
     parser.add_argument("--max-batch", type=int, default=None)
@@ -189,7 +189,7 @@ def main() -> int:
     server_log = (work / "server.log").read_text()
     tracebacks = "Traceback" in server_log
     if tracebacks:
-        print("server log has tracebacks:", work / "server.log")
+        print("server log has a traceback; its last lines:\n" + "\n".join(server_log.splitlines()[-30:]))
 
     p50, p99 = percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000
     results = {"p50_ms": p50, "p99_ms": p99, "p99_over_p50": p99 / p50, "levels": {}}

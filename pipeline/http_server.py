@@ -111,7 +111,10 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8080, model_version: st
     log.info("serving %s on http://%s:%s (GET /ping, POST /invocations); max batch %d, "
              "max wait %g ms, queue %d", artifact, host, port, settings.max_batch,
              settings.max_wait_ms, settings.max_queue)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
     return 1 if failed else 0
 
 
