@@ -30,6 +30,7 @@ class MicroBatcher:
         self.incoming = 0  # requests admitted that have not reached the queue yet (decoding)
         self.batches = 0
         self.images = 0
+        self.last_batch = 0
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="invmon-predict")
@@ -62,8 +63,12 @@ class MicroBatcher:
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = deadline - loop.time()
-            if remaining <= 0 or self.incoming == 0:
-                break  # nobody else is on the way, or waited long enough
+            # Wait only for requests on their way: admitted ones still decoding, or, while the
+            # last batch was bigger than this one, its clients' next requests (they were just
+            # answered). A lone client never waits; sixteen do not split into 15 + 1.
+            expected = self.incoming > 0 or len(batch) < self.last_batch
+            if remaining <= 0 or not expected:
+                break
             # Poll in 1 ms slices (wait_for on Queue.get can drop an item on 3.11), and so
             # that a request whose decode fails does not hold the batch to the deadline.
             await asyncio.sleep(min(remaining, 0.001))
@@ -85,6 +90,7 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.images += len(batch)
+            self.last_batch = len(batch)
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
