@@ -68,11 +68,3 @@ def invmon_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "invmon-home"
     monkeypatch.setenv("INVMON_HOME", str(home))
     return home
-
-
-def pytest_collection_modifyitems(items):
-    """Every test that reads the real ABID sample carries the real_data marker, so
-    `-m "not real_data"` runs exactly the tests that generate their own photos."""
-    for item in items:
-        if "abid_sample" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.real_data)
