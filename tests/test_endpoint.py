@@ -39,7 +39,7 @@ VERSION = "bin-count/7"
 def jpeg_photo(tmp_path_factory) -> Path:
     """A generated photo: the endpoint's contracts never depend on the real sample being there."""
     path = tmp_path_factory.mktemp("photo") / "bin.jpg"
-    path.write_bytes(bin_photo(3, (500, 400)))
+    path.write_bytes(bin_photo(3, (240, 200)))
     return path
 
 
