@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-ingest env clean deploy-function
+.PHONY: run test bench bench-ingest bench-serve env clean deploy-function
 
 # The environment is built once and rebuilt when pyproject.toml changes.
 # torch/torchvision come from pip (never uv/poetry): on the project's machines pip takes them from disk.
@@ -27,6 +27,10 @@ bench: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest_throughput.py $(ARGS)
+
+# The local endpoint at 1/4/16 clients against the same model's raw forward rate, same run.
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve_throughput.py $(ARGS)
 
 clean:
 	rm -rf .invmon build

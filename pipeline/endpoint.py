@@ -1,37 +1,52 @@
 """The local endpoint: the model artifact served over HTTP like a SageMaker real-time endpoint.
 
-    GET  /ping          -> 200 {"status": "ok", "model_version": ...}
+    GET  /ping          -> 200 {"status": "ok", "model_version": ...}; 503 until the model is loaded
     POST /invocations   image/jpeg | image/png | application/x-image body
                         -> 200 {"count": n, "probabilities": {...}, "model_version": ...}
 
-The artifact is loaded once, at start-up, through its own `code/inference.py` (model_fn,
-input_fn, predict_fn, output_fn), the same functions the Evaluate step and the SageMaker
-endpoint use. Bad input always gets a 4xx with a JSON body `{"error": "..."}`:
-415 content type, 406 Accept, 413 size, 400 empty or undecodable body.
+The artifact is loaded through its own `code/inference.py` (model_fn, input_fn, predict_fn,
+output_fn), the same functions the Evaluate step and the SageMaker endpoint use. Bad input
+always gets a 4xx with a JSON body `{"error": "..."}`: 415 content type, 406 Accept, 413 size,
+400 empty or undecodable body, 408 a body that does not arrive in time; overload a 503 with
+Retry-After (too many requests in progress, or no answer within the request timeout).
+
+How a request is served: admitted (or 503) before its body is read; body read under a deadline;
+input_fn in a small decode pool; then its image joins a micro-batch and predict_fn scores the
+whole batch as one list (pipeline/batching.py). A client that leaves has its work dropped.
+ServingSettings holds every limit; pipeline/http_server.py runs it under uvicorn.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import logging
 import sys
 import tarfile
 import tempfile
 import threading
-from dataclasses import dataclass
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from types import ModuleType
 
 import httpx
 from fastapi import FastAPI, Request
+from PIL import Image
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from pipeline.batching import MicroBatcher, PixelBudget
 
 JSON = "application/json"
 MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
 CONTENT_TYPE_BY_SUFFIX = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+log = logging.getLogger("invmon.endpoint")
 
 
 class ArtifactError(Exception):
@@ -45,10 +60,16 @@ class EndpointError(Exception):
 class RequestError(Exception):
     """A bad request: becomes `status` with a JSON `{"error": message}` body."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None,
+                 close: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = {}
+        if retry_after is not None:  # 503s say when to come back, as SageMaker's throttling does
+            self.headers["Retry-After"] = str(retry_after)
+        if close:  # a client too slow to send its body does not get to keep the connection
+            self.headers["Connection"] = "close"
 
 
 # --------------------------------------------------------------------------- loading
@@ -109,10 +130,37 @@ class LoadedModel:
     model_version: str
     content_types: tuple[str, ...]
     workdir: tempfile.TemporaryDirectory | None  # extracted files live as long as this
+    presize: int | None = None  # see early_resize_side()
 
     @property
     def invalid_input(self) -> type[Exception]:
         return getattr(self.inference, "InvalidInput", ValueError)
+
+    def decode(self, body: bytes, content_type: str):
+        """input_fn: body -> image, or RequestError(400) naming what is wrong with it."""
+        try:
+            image = self.inference.input_fn(body, content_type)
+        except self.invalid_input as exc:
+            raise RequestError(400, str(exc)) from None
+        if self.presize and isinstance(image, Image.Image):
+            # predict_fn's own resize, done here in the decode threads: in parallel with the
+            # forward pass instead of before it, and a waiting image holds 96x96, not 16 MP.
+            image = image.convert("RGB").resize((self.presize, self.presize), Image.BILINEAR)
+        return image
+
+    def predict_batch(self, images: list) -> list[dict]:
+        """predict_fn on a list: one forward pass for the whole batch."""
+        predictions = self.inference.predict_fn(list(images), self.model)
+        for prediction in predictions:
+            if isinstance(prediction, dict):
+                prediction["model_version"] = self.model_version
+        return predictions
+
+    def render(self, prediction, accept: str = JSON) -> str:
+        try:
+            return self.inference.output_fn(prediction, accept)
+        except self.invalid_input as exc:
+            raise RequestError(406, str(exc)) from None
 
     def predict(self, body: bytes, content_type: str, accept: str = JSON) -> str:
         """Raw request body -> response text, exactly the endpoint's path. Raises RequestError."""
@@ -160,7 +208,30 @@ def load_model(artifact: str | Path, model_version: str | None = None) -> Loaded
         except (OSError, ValueError, AttributeError):
             pass
     return LoadedModel(inference, model, str(model_version or "unknown"),
-                       tuple(getattr(inference, "CONTENT_TYPES", DEFAULT_CONTENT_TYPES)), workdir)
+                       tuple(getattr(inference, "CONTENT_TYPES", DEFAULT_CONTENT_TYPES)), workdir,
+                       early_resize_side(inference, model))
+
+
+def early_resize_side(inference: ModuleType, model) -> int | None:
+    """The side of the square predict_fn resizes photos to, when resizing them earlier is
+    provably the same: the artifact's own to_pixels must give identical pixels for a detailed
+    photo and for that photo already resized (BILINEAR, whole photo). An inference.py that
+    crops, or resizes another way, fails the check and its photos are passed on untouched."""
+    config = model.get("config") if isinstance(model, dict) else None
+    to_pixels = getattr(inference, "to_pixels", None)
+    if not isinstance(config, dict) or not callable(to_pixels) or "image_size" not in config:
+        return None
+    try:
+        side = int(config["image_size"])
+        probe = Image.effect_mandelbrot((317, 241), (-2.0, -1.3, 0.8, 1.3), 64).convert("RGB")
+        probe = Image.merge("RGB", (probe.getchannel(0), probe.rotate(90, expand=False).getchannel(0),
+                                    probe.transpose(Image.FLIP_LEFT_RIGHT).getchannel(0)))
+        early = probe.resize((side, side), Image.BILINEAR)
+        full, short = to_pixels(probe, config), to_pixels(early, config)
+        same = tuple(full.shape) == tuple(short.shape) and bool((full == short).all())
+    except Exception:  # noqa: BLE001 - any doubt: do not resize early
+        return None
+    return side if same else None
 
 
 # --------------------------------------------------------------------------- request checks
@@ -200,26 +271,217 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestError(413, f"body of {int(declared)} bytes is over the limit "
                                     f"of {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"body is over the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"body is over the limit of {limit} bytes")
+    except ClientDisconnect:
+        # An aborted upload is the client's business: one access-log line, no traceback.
+        expected = f" of {declared}" if declared else ""
+        raise ClientGone(f"aborted upload: client left after {len(body)}{expected} bytes") from None
     return bytes(body)
 
 
 # --------------------------------------------------------------------------- the app
 
 
+@dataclass(frozen=True)
+class ServingSettings:
+    """The local server's limits. Defaults measured on 2 CPU cores (README, Serving)."""
+
+    max_batch: int = 16           # images in one predict_fn call
+    max_wait_ms: float = 5.0      # how long a batch waits for requests still decoding
+    max_queue: int = 64           # requests admitted at once; past it 503 + Retry-After
+    decode_workers: int = 2       # threads decoding bodies (input_fn) beside the forward pass
+    decoded_megapixels: int = 48  # decoded pixels held at once (3 photos at the 16 MP budget)
+    request_timeout_s: float = 30.0  # body received -> answer; past it 503 + Retry-After
+    body_timeout_s: float = 10.0     # the whole body must arrive within this (slow clients)
+    header_timeout_s: float = 10.0   # the request line and headers must arrive within this
+    keep_alive_s: float = 5.0        # an idle kept-alive connection is closed after this
+    max_connections: int = 256       # open connections (uvicorn limit_concurrency)
+    max_body_bytes: int = MAX_BODY_BYTES
+    retry_after_s: int = 1
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer; nobody is left to answer."""
+
+    def __init__(self, note: str):
+        super().__init__(note)
+        self.note = note
+
+
+class ServingState:
+    """What the app knows at run time: the model (once loaded), counters, pools."""
+
+    def __init__(self, settings: ServingSettings):
+        self.settings = settings
+        self.model: LoadedModel | None = None
+        self.load_error: str | None = None
+        self.in_flight = 0
+        self.batcher: MicroBatcher | None = None
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.pixels: PixelBudget | None = None
+
+    def ready(self) -> LoadedModel:
+        if self.model is not None:
+            return self.model
+        if self.load_error:
+            raise RequestError(503, f"the model failed to load: {self.load_error}",
+                               retry_after=None)
+        raise RequestError(503, "the model is still loading", retry_after=self.settings.retry_after_s)
+
+
+def note(request: Request, text: str) -> None:
+    """Add to this request's access-log line (the one line it gets)."""
+    request.scope["invmon.note"] = text
+
+
+async def _client_left(request: Request) -> None:
+    """Returns when the client disconnects (the body is already read; nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _decode_and_predict(state: ServingState, model: LoadedModel, body: bytes,
+                              content_type: str, arrived) -> dict:
+    """input_fn in the decode pool, then predict_fn in a micro-batch. Cancelling the task drops
+    the work: a decode not yet started never starts, a queued image is left out of its batch.
+    Decoded pixels held at once are bounded by state.pixels (memory, whatever the photos)."""
+    loop = asyncio.get_running_loop()
+    batcher = state.batcher
+    # Reserve the most a photo may decode to; keep only its real size once decoded.
+    reserved = 0
+    try:
+        most = int(getattr(model.inference, "MAX_PIXELS", 16_000_000))
+        await state.pixels.acquire(most)
+        reserved = most
+        image = await loop.run_in_executor(state.decode_pool, model.decode, body, content_type)
+        width, height = getattr(image, "size", (0, 0))
+        held = min(reserved, width * height)
+        state.pixels.release(reserved - held)
+        reserved = held
+        future = batcher.submit(image)
+        arrived()
+        del image
+        return await future
+    finally:
+        state.pixels.release(reserved)
+
+
+async def _answer(request: Request, state: ServingState, model: LoadedModel,
+                  content_type: str, accept: str, arrived) -> Response:
+    settings = state.settings
+    try:
+        body = await asyncio.wait_for(read_body(request, settings.max_body_bytes),
+                                      settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                           close=True) from None
+    if not body:
+        raise RequestError(400, "empty request body: send the bytes of a JPEG or PNG photo")
+    work = asyncio.ensure_future(_decode_and_predict(state, model, body, content_type, arrived))
+    del body
+    watcher = asyncio.ensure_future(_client_left(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, timeout=settings.request_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work in done:
+        return Response(model.render(work.result(), accept), media_type=accept)
+    work.cancel()
+    if watcher in done:
+        raise ClientGone("client left before the answer; its work was dropped")
+    raise RequestError(503, f"no answer within {settings.request_timeout_s:g} s (server busy)",
+                       retry_after=settings.retry_after_s)
+
+
+class AccessLog:
+    """One log line per request: client, method, path, status, latency, and a note if any
+    (an aborted upload, a client that left). 499 = the client closed the connection first."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = None
+
+        async def send_and_see(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_see)
+        finally:
+            client = "%s:%s" % tuple(scope.get("client") or ("-", "-"))
+            extra = scope.get("invmon.note")
+            log.info('%s "%s %s" %s %.1f ms%s', client, scope["method"], scope["path"],
+                     status or 500, (time.perf_counter() - started) * 1000,
+                     f" ({extra})" if extra else "")
+
+
 def create_app(artifact: str | Path, model_version: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The endpoint app. The model is loaded here, once, before the server accepts requests."""
-    loaded = load_model(artifact, model_version)
-    app = FastAPI(title="invmon bin-count endpoint", version=loaded.model_version)
-    app.state.model = loaded
+               max_body_bytes: int | None = None, settings: ServingSettings | None = None,
+               background_load: bool = False, on_load_failure=None) -> FastAPI:
+    """The endpoint app. By default the model is loaded here, before the app exists; with
+    `background_load` it loads after start-up and /ping answers 503 until it is ready."""
+    settings = settings or ServingSettings()
+    if max_body_bytes is not None:
+        settings = replace(settings, max_body_bytes=max_body_bytes)
+    state = ServingState(settings)
+
+    def load() -> None:
+        try:
+            state.model = load_model(artifact, model_version)
+            log.info("model %s loaded; ready", state.model.model_version)
+        except ArtifactError as exc:
+            state.load_error = str(exc)
+            log.error("cannot serve: %s", exc)
+            if on_load_failure is not None:
+                on_load_failure(exc)
+
+    if not background_load:
+        state.model = load_model(artifact, model_version)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.decode_pool = ThreadPoolExecutor(settings.decode_workers,
+                                               thread_name_prefix="invmon-decode")
+        state.pixels = PixelBudget(settings.decoded_megapixels * 1_000_000)
+        state.batcher = MicroBatcher(lambda images: state.model.predict_batch(images),
+                                     settings.max_batch, settings.max_wait_ms / 1000)
+        state.batcher.start()
+        if state.model is None:
+            threading.Thread(target=load, name="invmon-model-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            batcher = state.batcher
+            if batcher.batches:
+                log.info("scored %d images in %d forward passes (mean batch %.1f)",
+                         batcher.images, batcher.batches, batcher.images / batcher.batches)
+            await batcher.stop()
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="invmon bin-count endpoint", lifespan=lifespan)
+    app.state.serving = state
+    app.add_middleware(AccessLog)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        note(request, exc.note)  # nobody reads this answer; it only names the outcome in the log
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -238,38 +500,54 @@ def create_app(artifact: str | Path, model_version: str | None = None,
                             status_code=500)
 
     @app.get("/ping")
-    async def ping() -> dict:
-        return {"status": "ok", "model_version": loaded.model_version}
+    async def ping() -> JSONResponse:
+        if state.model is None:
+            status = "failed" if state.load_error else "loading"
+            return JSONResponse({"status": status, "error": state.load_error}, status_code=503,
+                                headers={"Retry-After": str(settings.retry_after_s)})
+        return JSONResponse({"status": "ok", "model_version": state.model.model_version})
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
+        model = state.ready()
         content_type = request.headers.get("content-type")
         if not content_type:
             raise RequestError(415, "missing Content-Type header; "
-                                    f"send one of {', '.join(loaded.content_types)}")
-        if _media_type(content_type) not in loaded.content_types:
+                                    f"send one of {', '.join(model.content_types)}")
+        if _media_type(content_type) not in model.content_types:
             raise RequestError(415, f"unsupported content type {content_type!r}; "
-                                    f"send one of {', '.join(loaded.content_types)}")
+                                    f"send one of {', '.join(model.content_types)}")
         accept = negotiate(request.headers.get("accept"))
-        body = await read_body(request, max_body_bytes)
-        if not body:
-            raise RequestError(400, "empty request body: send the bytes of a JPEG or PNG photo")
-        # Decoding and the forward pass are CPU work: keep them off the event loop.
-        text = await run_in_threadpool(loaded.predict, body, content_type, accept)
-        return Response(text, media_type=accept)
+        # Admission before the body is read: past the limit nothing more is spent on it.
+        if state.in_flight >= settings.max_queue:
+            raise RequestError(503, f"server busy: {state.in_flight} requests in progress, "
+                                    f"the limit is {settings.max_queue}; retry later",
+                               retry_after=settings.retry_after_s)
+        # From admission until its image is queued a request counts as "incoming": a batch
+        # waits (up to max_wait) for incoming requests, never for an empty room.
+        state.in_flight += 1
+        state.batcher.incoming += 1
+        pending = [True]
+
+        def arrived() -> None:
+            if pending:
+                pending.pop()
+                state.batcher.incoming -= 1
+
+        try:
+            return await _answer(request, state, model, content_type, accept, arrived)
+        finally:
+            arrived()
+            state.in_flight -= 1
 
     return app
 
-
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8080,
-          model_version: str | None = None) -> None:
-    """Serve the artifact until interrupted (Ctrl-C)."""
-    import uvicorn
+          model_version: str | None = None, settings: ServingSettings | None = None) -> int:
+    """Serve the artifact until interrupted (Ctrl-C); see pipeline/http_server.py."""
+    from pipeline.http_server import serve as run_server
 
-    app = create_app(artifact, model_version)
-    print(f"serving model {app.state.model.model_version} on http://{host}:{port} "
-          "(GET /ping, POST /invocations)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    return run_server(artifact, host, port, model_version, settings)
 
 
 # --------------------------------------------------------------------------- clients

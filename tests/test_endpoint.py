@@ -1,4 +1,5 @@
-"""The local endpoint: a real ASGI app over a real model artifact, with real ABID photos.
+"""The local endpoint: a real ASGI app over a real model artifact, with generated photos (and
+one real ABID photo where the sample is there, marked real_data).
 
 Requests go through FastAPI's TestClient and, for the same cases, through a real uvicorn server
 on 127.0.0.1, where bad input must still get a JSON 4xx and never a 5xx.
@@ -22,6 +23,7 @@ import uvicorn
 from PIL import Image
 
 from conftest import make_artifact
+from serving_testing import bin_photo
 from pipeline.endpoint import (ArtifactError, EndpointError, create_app, predict_local,
                                predict_remote)
 
@@ -34,8 +36,18 @@ VERSION = "bin-count/7"
 
 
 @pytest.fixture(scope="module")
-def jpeg_photo(abid_sample) -> Path:
-    return sorted((abid_sample / "3").glob("*.jpg"))[0]
+def jpeg_photo(tmp_path_factory) -> Path:
+    """A generated photo: the endpoint's contracts never depend on the real sample being there."""
+    path = tmp_path_factory.mktemp("photo") / "bin.jpg"
+    path.write_bytes(bin_photo(3, (240, 200)))
+    return path
+
+
+@pytest.mark.real_data
+def test_a_real_abid_photo_is_counted(client, abid_sample):
+    photo = sorted((abid_sample / "3").glob("*.jpg"))[0]
+    check_prediction(client.post("/invocations", content=photo.read_bytes(),
+                                 headers={"Content-Type": "image/jpeg"}))
 
 
 @pytest.fixture(scope="module")
