@@ -109,8 +109,12 @@ def summarize_trial(path: Path) -> dict:
     for name in trial.tensor_names(collection="weights") + trial.tensor_names(collection="gradients"):
         tensor = trial.tensor(name)
         # The non-finite values themselves, so that ExplodingTensor sees exactly what was saved.
-        tensors[name] = [[int(s), [float(x) for x in np.asarray(tensor.value(s)).ravel()
-                                   if not np.isfinite(x)] or [0.0]] for s in tensor.steps()]
+        points = []
+        for step in tensor.steps():
+            values = np.asarray(tensor.value(step), dtype=np.float64).ravel()
+            bad = values[~np.isfinite(values)]
+            points.append([int(step), bad.tolist() or [0.0]])
+        tensors[name] = points
     return {"losses": losses, "gradients": gradients, "tensors": tensors}
 
 
