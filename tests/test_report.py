@@ -128,3 +128,19 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert shot.size == (1200, 1600)
         colours = shot.convert("RGB").resize((60, 80)).getcolors(4800)
     assert colours is None or len(colours) > 20  # a rendered page, not a blank one
+
+
+def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
+    from pipeline.local.summary import summarize
+    evaluation = {"multiclass_classification_metrics": {"accuracy": {"value": 0.7}},
+                  "regression_metrics": {"rmse": {"value": 0.5}},
+                  "debugger_rules": {"verdicts": [{"rule": "Overfit", "status": "IssuesFound"}]}}
+    state = {"id": "r1", "status": "Succeeded", "profile": "local",
+             "steps": {"Evaluate": {"outputs": {"evaluation": "out/evaluation"},
+                                    "properties": {"EvaluationReport": evaluation}}}}
+    assert "evaluation report" not in summarize(state, tmp_path)  # not written: not linked
+    report = tmp_path / "Evaluate" / "out" / "evaluation" / "report.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html></html>")
+    text = summarize(state, tmp_path)
+    assert f"evaluation report: {report.resolve().as_uri()}" in text and "debugger rules: Overfit IssuesFound" in text
