@@ -76,3 +76,22 @@ def test_without_smdebug_training_works_and_says_why(tmp_path):
     summary = json.loads((tmp_path / "model" / "debugger.json").read_text())
     assert summary["status"] == "missing" and "smdebug" in summary["reason"]
     assert (tmp_path / "model" / "model.pth").is_file()
+
+
+def test_invmon_status_shows_the_training_jobs_rule_verdicts():
+    from pipeline.aws import debugger_rule_lines
+
+    class FakeSageMaker:
+        def describe_training_job(self, TrainingJobName):
+            assert TrainingJobName == "bin-count-Train-abc"
+            return {"DebugRuleEvaluationStatuses": [
+                {"RuleConfigurationName": "LossNotDecreasing", "RuleEvaluationStatus": "NoIssuesFound"},
+                {"RuleConfigurationName": "Overfit", "RuleEvaluationStatus": "IssuesFound",
+                 "StatusDetails": "validation loss above training loss"}]}
+
+    step = {"StepName": "Train", "Metadata": {"TrainingJob": {
+        "Arn": "arn:aws:sagemaker:us-east-1:123456789012:training-job/bin-count-Train-abc"}}}
+    lines = debugger_rule_lines(FakeSageMaker(), step)
+    assert lines[0].split() == ["rule", "LossNotDecreasing", "NoIssuesFound"]
+    assert lines[1].startswith("rule Overfit") and lines[1].endswith("IssuesFound: validation loss above training loss")
+    assert debugger_rule_lines(FakeSageMaker(), {"StepName": "Evaluate", "Metadata": {}}) == []
