@@ -243,8 +243,24 @@ def status_report(sm, execution_arn: str) -> str:
         lines.append(f"  steps:   not available ({describe_error(exc).splitlines()[0][:200]})")
         return "\n".join(lines)
     lines.append("  steps:" if steps else "  steps:   none started yet")
-    lines += [f"    {_step_line(s)}" for s in steps]
+    for step in steps:
+        lines.append(f"    {_step_line(step)}")
+        lines += [f"      {line}" for line in debugger_rule_lines(sm, step)]
     return "\n".join(lines)
+
+
+def debugger_rule_lines(sm, step: dict) -> list[str]:
+    """The Debugger rule verdicts of a training step's job (DebugRuleEvaluationStatuses)."""
+    arn = ((step.get("Metadata") or {}).get("TrainingJob") or {}).get("Arn")
+    if not arn:
+        return []
+    try:
+        job = sm.describe_training_job(TrainingJobName=arn.rsplit("/", 1)[-1])
+    except Exception as exc:
+        return [f"debugger rules: not available ({describe_error(exc).splitlines()[0][:160]})"]
+    return [f"rule {r.get('RuleConfigurationName', '?'):<20} {r.get('RuleEvaluationStatus', '?')}"
+            + (f": {r['StatusDetails']}" if r.get("StatusDetails") else "")
+            for r in job.get("DebugRuleEvaluationStatuses") or []]
 
 
 def executions_report(sm, pipeline_name: str, max_results: int = 20) -> str:

@@ -248,6 +248,10 @@ def cmd_models_show(args) -> int:
 
     version = _registry_call(_registry(args).get, _group(args), args.version)
     print(json.dumps(asdict(version), indent=2, default=str))
+    # The Evaluate step's report.html is kept beside the registered artifact (local registry).
+    report = Path(str(version.artifact_uri)).parent / "report.html"
+    if report.is_file():
+        print(f"evaluation report: {report.resolve().as_uri()}")
     return 0
 
 

@@ -604,7 +604,30 @@ class _Build:
         return _prefixed_step_classes()[0](
             name=decl.name, step_args=step_args, description=decl.description or None,
             retry_policies=self.retry_policies("job"),
-            job_prefix=_job_prefix(self.pipeline_name, decl.name, 40))
+            job_prefix=_job_prefix(self.pipeline_name, decl.name, 40), extra=self.debugger(decl.name))
+
+    def debugger(self, step_name: str) -> dict:
+        """DebugHookConfig + the built-in rules (steps/train.py). ModelTrainer (SDK v3) has no
+        debugger settings, so they are added to the step's CreateTrainingJob request."""
+        from sagemaker.core import image_uris
+
+        from steps.train import DEBUGGER_COLLECTIONS, DEBUGGER_RULES
+
+        evaluator = image_uris.retrieve("debugger", region=self.region)
+        return {
+            "DebugHookConfig": {
+                "S3OutputPath": self.execution_uri(step_name, "debugger").expr,
+                "LocalPath": "/opt/ml/output/tensors",
+                "CollectionConfigurations": [
+                    {"CollectionName": name, "CollectionParameters": {"save_interval": str(interval)}}
+                    for name, interval in DEBUGGER_COLLECTIONS],
+            },
+            "DebugRuleConfigurations": [
+                {"RuleConfigurationName": rule, "RuleEvaluatorImage": evaluator,
+                 "InstanceType": "ml.t3.medium", "VolumeSizeInGB": 0,
+                 "RuleParameters": {"rule_to_invoke": rule, **params}}
+                for rule, params in DEBUGGER_RULES],
+        }
 
     def tuning(self, decl: base.TuningStep):
         from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter
@@ -755,14 +778,16 @@ def _prefixed_step_classes():
     from sagemaker.mlops.workflow.steps import TrainingStep, TuningStep
 
     class PrefixedTrainingStep(TrainingStep):
-        def __init__(self, *args, job_prefix: str, **kwargs):
+        def __init__(self, *args, job_prefix: str, extra: dict | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.job_prefix = job_prefix
+            self.extra = extra or {}  # request fields ModelTrainer cannot set (Debugger)
 
         @property
         def arguments(self):
             request = super().arguments
             request.setdefault("TrainingJobName", self.job_prefix)
+            request.update(self.extra)
             return request
 
     class PrefixedTuningStep(TuningStep):

@@ -1,10 +1,13 @@
-"""Evaluate: score the test split through the model's own inference code; write evaluation.json."""
-from steps.base import (PROCESSING_BASE, Code, ProcessingInput, ProcessingOutput, ProcessingStep,
+"""Evaluate: score the test split through the model's own inference code; write evaluation.json
+and report.html (metrics against the gate, loss curves, Debugger rule verdicts, data report)."""
+from steps.base import (PROCESSING_BASE, Code, Param, ProcessingInput, ProcessingOutput, ProcessingStep,
                         PropertyFile, StepOutput)
 
 MODEL = f"{PROCESSING_BASE}/model"
 TEST = f"{PROCESSING_BASE}/test"
 OUTPUT = f"{PROCESSING_BASE}/evaluation"
+DATA_REPORT = f"{PROCESSING_BASE}/report"
+REPORT_FILE = "report.html"  # beside evaluation.json in the evaluation output
 
 EVALUATION = PropertyFile("EvaluationReport", output="evaluation", path="evaluation.json")
 ACCURACY_PATH = "multiclass_classification_metrics.accuracy.value"
@@ -16,8 +19,10 @@ STEP = ProcessingStep(
     inputs=(
         ProcessingInput("model", StepOutput("Train", "model"), MODEL),
         ProcessingInput("test", StepOutput("Preprocess", "test"), TEST),
+        ProcessingInput("report", StepOutput("Preprocess", "report"), DATA_REPORT),
     ),
     outputs=(ProcessingOutput("evaluation", OUTPUT),),
-    arguments=("--model", MODEL, "--test", TEST, "--output", OUTPUT),
+    arguments=("--model", MODEL, "--test", TEST, "--output", OUTPUT, "--data-report", DATA_REPORT,
+               "--threshold", Param("AccuracyThreshold")),
     property_files=(EVALUATION,),
 )

@@ -23,6 +23,17 @@ COMMON_HYPERPARAMETERS = (
     ("pretrained", "auto"),
 )
 
+# SageMaker Debugger on the Train step (pipeline/sagemaker_pipeline.py): the hook's collections and
+# the built-in rules, with their built-in default parameters. scripts/train/debugger.py records the
+# same collections locally and scripts/evaluate/rules.py computes the same four verdicts.
+DEBUGGER_COLLECTIONS = (("losses", 1), ("gradients", 50), ("weights", 50), ("biases", 50))  # save_interval
+DEBUGGER_RULES = (
+    ("LossNotDecreasing", {"mode": "TRAIN"}),  # as smdebug_rulesconfig's loss_not_decreasing()
+    ("Overfit", {}),
+    ("VanishingGradient", {}),
+    ("ExplodingTensor", {}),
+)
+
 STEP = TrainingStep(
     name="Train",
     description="Train on the whole training split with the best trial's hyperparameters.",

@@ -356,3 +356,17 @@ def test_offline_build_refuses_aws_calls(tmp_path):
         with pytest.raises(sp.OfflineError, match="ListPipelines"):
             session.sagemaker_client.list_pipelines()
     assert guard.attempts == []
+
+
+def test_train_has_the_debugger_hook_and_the_four_built_in_rules(steps):
+    args = steps["Train"]["Arguments"]
+    hook = args["DebugHookConfig"]
+    assert {"Std:Join"} == set(hook["S3OutputPath"]) and "debugger" in hook["S3OutputPath"]["Std:Join"]["Values"]
+    saved = {c["CollectionName"]: c["CollectionParameters"]["save_interval"] for c in hook["CollectionConfigurations"]}
+    assert saved == {"losses": "1", "gradients": "50", "weights": "50", "biases": "50"}
+    rules = {r["RuleConfigurationName"]: r for r in args["DebugRuleConfigurations"]}
+    assert set(rules) == {"LossNotDecreasing", "Overfit", "VanishingGradient", "ExplodingTensor"}
+    for name, rule in rules.items():
+        assert rule["RuleParameters"]["rule_to_invoke"] == name
+        assert rule["RuleEvaluatorImage"].endswith(".amazonaws.com/sagemaker-debugger-rules:latest")
+    assert "DebugHookConfig" not in steps["Tune"]["Arguments"]["TrainingJobDefinition"]  # trials: no hook

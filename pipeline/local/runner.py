@@ -468,6 +468,10 @@ class LocalRun:
             partial = store / f".model.tar.gz.part-{os.getpid()}"
             shutil.copy2(artifact, partial)
             os.replace(partial, store / "model.tar.gz")
+        report = self.output_path(step.metrics) / "report.html"  # Evaluate's page goes with the version
+        if report.is_file():
+            shutil.copy2(report, store / f".report.html.part-{os.getpid()}")
+            os.replace(store / f".report.html.part-{os.getpid()}", store / "report.html")
         registry = open_registry(self.home)
         group = str(self.value(step.model_package_group))
         # A resumed Register (the runner was stopped after registering, before recording it)

@@ -12,6 +12,13 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def report_path(state: dict, run_dir: Path) -> Path | None:
+    """The Evaluate step's report.html of a run, when it was written."""
+    output = state["steps"].get("Evaluate", {}).get("outputs", {}).get("evaluation")
+    path = run_dir / "Evaluate" / output / "report.html" if output else None
+    return path if path and path.is_file() else None
+
+
 def summarize(state: dict, run_dir: Path) -> str:
     steps = state["steps"]
     lines = [f"Run {state['id']}: {state['status']} (profile {state['profile']})"]
@@ -46,6 +53,12 @@ def summarize(state: dict, run_dir: Path) -> str:
         if robustness:
             shown = "  ".join(f"{name} {m['accuracy']:.3f}" for name, m in robustness.items())
             lines.append(f"  accuracy under corruptions: {shown}")
+        rules = (evaluation.get("debugger_rules") or {}).get("verdicts") or []
+        if rules:
+            lines.append("  debugger rules: " + ", ".join(f"{v['rule']} {v['status']}" for v in rules))
+    report = report_path(state, run_dir)
+    if report:
+        lines.append(f"  evaluation report: {report.resolve().as_uri()}")
 
     condition = steps.get("CheckAccuracy", {}).get("properties")
     if condition:

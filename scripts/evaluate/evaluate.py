@@ -14,6 +14,13 @@ Standard deviations (how far the metric could move on another test set of the sa
   rmse and weighted precision/recall/f1: bootstrap standard error, 1000 resamples of the test
   set drawn with --seed.
 
+Report: <output>/report.html, one self-contained page (report.py) with the metrics against the
+gate (--threshold) and a previous version (--previous-metrics, optional), the loss curves and
+Debugger rule verdicts from what the artifact carries (history.json, debugger.json; rules.py),
+the data report (--data-report, optional) and the test photos, worst mistakes first. The
+verdicts are also written into evaluation.json under "debugger_rules". A report that cannot be
+drawn is said in one line and does not fail the step.
+
 Robustness: each photo is also corrupted (Gaussian blur, Gaussian noise, low light, JPEG
 quality 10) at fixed severities with seeded noise, re-encoded and sent through input_fn again,
 like a real request carrying a bad photo. Blur and noise scale with the photo's short side so
@@ -42,11 +49,16 @@ from types import ModuleType
 import numpy as np
 from PIL import Image, ImageFilter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rules.py and report.py sit beside this script
+import report as html_report  # noqa: E402
+import rules  # noqa: E402
+
 # Set before the artifact's code imports torch. Spinning OpenMP workers collapse on a shared,
 # busy CPU (a batch took 40x longer on 2 loaded cores); passive waiting costs little elsewhere.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODEL = "/opt/ml/processing/model"
+DATA_REPORT = "/opt/ml/processing/report"
 TEST = "/opt/ml/processing/test"
 OUTPUT = "/opt/ml/processing/evaluation"
 CLASSES = (1, 2, 3, 4, 5)
@@ -360,6 +372,8 @@ def evaluate(args: argparse.Namespace) -> dict:
               f" (corruptions: {', '.join(corruptions) or 'none'})", flush=True)
         scores = score(inference, model, photos, args.batch_size, corruptions, args.seed)
         identity = model_id(model_dir) or scores.model_version
+        history = read_json(model_dir / "history.json")
+        debugger = read_json(model_dir / "debugger.json")
     if not scores.y_true:
         raise EvaluationError(f"--test {args.test}: none of the {len(photos)} photos could be decoded")
 
@@ -384,6 +398,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         },
     })
 
+    verdicts, debugger_note = rule_verdicts(history, debugger)
+    report["debugger_rules"] = {"note": debugger_note, "verdicts": verdicts}
+
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -393,7 +410,55 @@ def evaluate(args: argparse.Namespace) -> dict:
         for i, name in enumerate(scores.names):
             writer.writerow([name, scores.y_true[i], scores.y_pred[i],
                              *(scores.corrupted[kind][i] for kind in corruptions)])
+    write_html_report(args, report, scores, history, debugger, verdicts, debugger_note)
     return report
+
+
+def read_json(path: Path | None) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def rule_verdicts(history: dict | None, debugger: dict | None) -> tuple[list[dict], str]:
+    """The four Debugger rules on the recorded trial, or on the per-epoch losses when there is none."""
+    if debugger and debugger.get("status") == "recorded":
+        record = debugger
+        note = (f"Debugger data recorded by smdebug {debugger.get('smdebug', '?')}: "
+                f"{len((debugger.get('losses') or {}).get('train') or [])} training loss steps, "
+                f"{len(debugger.get('gradients') or {})} gradient tensors.")
+    else:
+        why = (debugger or {}).get("reason") or "the model artifact has no debugger.json"
+        record = rules.history_from_epochs((history or {}).get("epochs") or [])
+        note = (f"Debugger data missing ({why}): the loss rules use the per-epoch losses of "
+                f"history.json, the gradient and tensor rules have no data.")
+    return [v.to_dict() for v in rules.evaluate_rules(record)], note
+
+
+def read_data_report(path: str | None) -> dict | None:
+    if not path:
+        return None
+    target = Path(path)
+    return read_json(target / "data_report.json" if target.is_dir() else target)
+
+
+def write_html_report(args, report: dict, scores, history, debugger, verdicts, note) -> None:
+    output = Path(args.output)
+    rows = [{"path": n, "label": t, "prediction": p}
+            for n, t, p in zip(scores.names, scores.y_true, scores.y_pred)]
+    try:
+        page = html_report.render(
+            report, rows, Path(args.test), history=history, verdicts=verdicts, debugger_note=note,
+            debugger_losses=(debugger or {}).get("losses") if (debugger or {}).get("status") == "recorded" else None,
+            data_report=read_data_report(args.data_report), previous=read_json(
+                Path(args.previous_metrics) if args.previous_metrics else None),
+            threshold=args.threshold)
+    except (html_report.ReportError, OSError) as exc:
+        print(f"report: not written ({exc})", flush=True)
+        return
+    (output / "report.html").write_text(page)
+    print(f"wrote {output / 'report.html'}", flush=True)
 
 
 def summary(report: dict) -> str:
@@ -422,6 +487,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corruptions", default="all",
                         help=f"comma-separated subset of {','.join(CORRUPTIONS)}, 'all' or 'none'")
     parser.add_argument("--seed", type=int, default=0, help="noise corruption and bootstrap seed")
+    parser.add_argument("--data-report", default=None,
+                        help="Preprocess's data report (data_report.json or its folder) for report.html")
+    parser.add_argument("--previous-metrics", default=None,
+                        help='JSON {"version": ..., "metrics": {"accuracy": ..., "rmse": ...}} of the '
+                             "previous registered version, compared in report.html")
+    parser.add_argument("--threshold", type=float, default=None, help="the accuracy gate, shown in report.html")
     return parser.parse_args(argv)
 
 

@@ -51,6 +51,7 @@ except ImportError:
     sys.path.insert(0, str(HERE.parent / "inference"))
     import inference
 from augment import build_train_transform
+import debugger  # smdebug hook when smdebug imports (debugger.py); else records nothing
 
 LABELS = (1, 2, 3, 4, 5)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -478,6 +479,7 @@ def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, device, 
         with autocast(device, dtype):
             logits = model(images)
             loss = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
+        debugger.record("train", loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -508,6 +510,7 @@ def evaluate(model, loader, steps, device, dtype) -> dict:
         with autocast(device, dtype):
             logits = model(images)
         logits = logits.float()
+        debugger.record("validation", torch.nn.functional.cross_entropy(logits, targets))
         loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         predicted = logits.argmax(1)
         correct += (predicted == targets).sum().item()
@@ -707,6 +710,7 @@ def run(args) -> None:
     if WORLD > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
     bare = model.module if WORLD > 1 else model
+    debugger.attach(bare, RANK)
 
     log(f"training {args.arch} at {args.image_size}px on {device} (x{WORLD}, {torch.get_num_threads()} "
         f"threads, {train_loader.num_workers} workers): {args.epochs} epochs x {train_steps} batches of "
@@ -766,6 +770,8 @@ def finish(args, best: dict, history: list, config: dict, pretrained: str | None
               "framework": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
     model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     write_artifact(model_dir, best, config)
+    (model_dir / "history.json").write_text(json.dumps({"best_epoch": best["epoch"], "epochs": history}) + "\n")
+    debugger.finish(model_dir)  # model_dir/debugger.json: the Debugger trial's summary, or why there is none
     output_dir = os.environ.get("SM_OUTPUT_DATA_DIR")
     if output_dir:
         Path(output_dir).mkdir(parents=True, exist_ok=True)

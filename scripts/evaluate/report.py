@@ -1,0 +1,251 @@
+"""The evaluation report: one self-contained HTML file per run (no network needed to view it).
+
+Plots are drawn with matplotlib and embedded as base64 PNG, test photos as base64 JPEG
+thumbnails; there are no external scripts, styles or fonts. Sections: headline metrics against
+the gate and the previous registered version, per-class table, confusion matrix, loss curves,
+Debugger rule verdicts, accuracy under each corruption and its ratio to clean accuracy, the data
+report, and a grid of test photos with true and predicted counts, worst mistakes first.
+
+Plain module of the Evaluate step; standard library, numpy, Pillow and matplotlib.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+MAX_PHOTOS = 24
+THUMB = 112
+
+
+class ReportError(Exception):
+    pass
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("matplotlib is not installed in this environment "
+                          "(scripts/evaluate/requirements.txt lists it)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _img(src: str, alt: str, cls: str = "plot") -> str:
+    return f'<img class="{cls}" src="{src}" alt="{html.escape(alt)}">'
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- plots
+
+def loss_plot(epochs: list[dict]) -> str:
+    plt = _pyplot()
+    x = [e["epoch"] for e in epochs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(x, [e["train"]["loss"] for e in epochs], "o-", label="train")
+    left.plot(x, [e["validation"]["loss"] for e in epochs], "s-", label="validation")
+    left.set(title="cross-entropy loss", xlabel="epoch")
+    left.legend()
+    right.plot(x, [e["train"]["accuracy"] for e in epochs], "o-", label="train")
+    right.plot(x, [e["validation"]["accuracy"] for e in epochs], "s-", label="validation")
+    right.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
+    right.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def step_loss_plot(losses: dict) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3))
+    for mode, points in sorted(losses.items()):
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], ".-", label=mode, markersize=3)
+    ax.set(title="loss per step (Debugger)", xlabel="step")
+    ax.legend()
+    return _png(fig)
+
+
+def confusion_plot(confusion: dict) -> str:
+    plt = _pyplot()
+    labels = sorted(confusion, key=int)
+    matrix = np.array([[confusion[t].get(p, 0) for p in labels] for t in labels])
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted count", ylabel="true count", title="confusion matrix")
+    return _png(fig)
+
+
+def robustness_plot(clean: float, robustness: dict) -> str:
+    plt = _pyplot()
+    names = ["clean", *robustness]
+    values = [clean, *(r["accuracy"] for r in robustness.values())]
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    ax.bar(names, values, color=["#4a7"] + ["#c84"] * len(robustness))
+    ax.set(ylim=(0, 1), ylabel="accuracy", title="accuracy under corruptions")
+    return _png(fig)
+
+
+def thumbnail(path: Path) -> str | None:
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((THUMB, THUMB))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=80)
+    except (OSError, ValueError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# --------------------------------------------------------------------------- sections
+
+def _headline(evaluation: dict, threshold: float | None, previous: dict | None) -> str:
+    mc = evaluation["multiclass_classification_metrics"]
+    rows = [("accuracy", mc["accuracy"], "higher"), ("rmse", evaluation["regression_metrics"]["rmse"], "lower"),
+            ("weighted_f1", mc.get("weighted_f1"), "higher")]
+    prev_mc = (previous or {}).get("metrics", {})
+    out = ["<table><tr><th>metric</th><th>this run</th><th>gate</th><th>previous version"
+           + (f" ({_e(previous.get('version'))})" if previous else "") + "</th><th>change</th></tr>"]
+    for name, value, better in rows:
+        if not value:
+            continue
+        current = value["value"]
+        gate = ""
+        if name == "accuracy" and threshold is not None:
+            passed = current >= threshold
+            gate = f'<span class="{"ok" if passed else "bad"}">{"pass" if passed else "FAIL"} (&ge; {threshold})</span>'
+        before = prev_mc.get(name)
+        change = ""
+        if before is not None:
+            delta = current - before
+            good = delta >= 0 if better == "higher" else delta <= 0
+            change = f'<span class="{"ok" if good else "bad"}">{delta:+.4f}</span>'
+        out.append(f"<tr><td>{name}</td><td>{current:.4f} &plusmn; {value['standard_deviation']:.4f}</td>"
+                   f"<td>{gate}</td><td>{_num(before, 4)}</td><td>{change}</td></tr>")
+    out.append("</table>")
+    if previous is None:
+        out.append("<p class='note'>No previous registered version was given: nothing to compare with.</p>")
+    return "".join(out)
+
+
+def _per_class(evaluation: dict) -> str:
+    rows = "".join(f"<tr><td>{_e(label)}</td><td>{c['support']}</td><td>{_num(c['accuracy'])}</td>"
+                   f"<td>{_num(c['rmse'])}</td></tr>" for label, c in evaluation["per_class"].items())
+    return f"<table><tr><th>count</th><th>photos</th><th>accuracy</th><th>rmse</th></tr>{rows}</table>"
+
+
+def _robustness(evaluation: dict) -> str:
+    robustness = evaluation.get("robustness") or {}
+    if not robustness:
+        return "<p class='note'>No corruptions were scored.</p>"
+    clean = evaluation["multiclass_classification_metrics"]["accuracy"]["value"]
+    rows = "".join(
+        f"<tr><td>{_e(kind)}</td><td>{r['accuracy']:.4f}</td>"
+        f"<td>{(r['accuracy'] / clean if clean else float('nan')):.2f}</td><td>{r['rmse']:.4f}</td>"
+        f"<td>{_e(', '.join(f'{k}={v}' for k, v in r.get('severity', {}).items()))}</td></tr>"
+        for kind, r in robustness.items())
+    return (_img(robustness_plot(clean, robustness), "accuracy under corruptions")
+            + f"<table><tr><th>corruption</th><th>accuracy</th><th>ratio to clean ({clean:.4f})</th>"
+              f"<th>rmse</th><th>severity</th></tr>{rows}</table>")
+
+
+def _rules(verdicts: list[dict], debugger_note: str) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(v['rule'])}</td><td class='{ {'IssuesFound': 'bad', 'NoIssuesFound': 'ok'}.get(v['status'], 'note') }'>"
+        f"{_e(v['status'])}</td><td>{_e(v['message'])}</td>"
+        f"<td>{_e(', '.join(f'{k}={p}' for k, p in v['parameters'].items()))}</td></tr>" for v in verdicts)
+    return (f"<p class='note'>{_e(debugger_note)}</p>"
+            f"<table><tr><th>rule</th><th>verdict</th><th>why</th><th>parameters</th></tr>{rows}</table>")
+
+
+def _data_report(report: dict | None) -> str:
+    if not report:
+        return "<p class='note'>No data report was given to this step.</p>"
+    counts = report.get("counts") or {}
+    labels = sorted({k for c in counts.values() for k in c if k != "total"}, key=lambda k: (len(k), k))
+    head = "".join(f"<th>{_e(k)}</th>" for k in labels)
+    rows = "".join(f"<tr><td>{_e(split)}</td>" + "".join(f"<td>{c.get(k, 0)}</td>" for k in labels)
+                   + f"<td>{c.get('total', '')}</td></tr>" for split, c in counts.items())
+    out = f"<table><tr><th>split</th>{head}<th>total</th></tr>{rows}</table>"
+    rejected = report.get("rejections_by_kind") or {}
+    if rejected:
+        out += "<p>Rejected: " + ", ".join(f"{_e(k)} {n}" for k, n in sorted(rejected.items())) + "</p>"
+    else:
+        out += "<p>No photos rejected.</p>"
+    return out
+
+
+def _photos(predictions: list[dict], test_dir: Path) -> str:
+    ranked = sorted(predictions, key=lambda p: (-abs(int(p["prediction"]) - int(p["label"])), p["path"]))
+    cells = []
+    for p in ranked[:MAX_PHOTOS]:
+        src = thumbnail(test_dir / p["path"])
+        if src is None:
+            continue
+        wrong = int(p["prediction"]) != int(p["label"])
+        cells.append(f'<figure class="{"bad" if wrong else "ok"}">{_img(src, p["path"], "photo")}'
+                     f'<figcaption>true {p["label"]} &middot; predicted {p["prediction"]}</figcaption></figure>')
+    return (f"<p class='note'>{min(len(ranked), MAX_PHOTOS)} of {len(ranked)} test photos, largest error "
+            f"first.</p><div class='grid'>{''.join(cells)}</div>")
+
+
+STYLE = """
+body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.15em;border-bottom:1px solid #ccc;padding-top:.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+.ok{color:#186a2e}.bad{color:#b00020;font-weight:bold}.note{color:#666}
+.grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;border:3px solid #ccc;padding:2px}
+figure.bad{border-color:#b00020}figure.ok{border-color:#186a2e}figcaption{font-size:.8em}
+img.plot{max-width:100%}
+"""
+
+
+def render(evaluation: dict, predictions: list[dict], test_dir: Path, *, history: dict | None = None,
+           verdicts: list[dict] | None = None, debugger_note: str = "", debugger_losses: dict | None = None,
+           data_report: dict | None = None, previous: dict | None = None,
+           threshold: float | None = None, title: str = "") -> str:
+    epochs = (history or {}).get("epochs") or []
+    sections = [
+        ("Headline", _headline(evaluation, threshold, previous)),
+        ("Per class", _per_class(evaluation)),
+        ("Confusion matrix", _img(confusion_plot(evaluation["multiclass_classification_metrics"]
+                                                 ["confusion_matrix"]), "confusion matrix")),
+        ("Loss curves", (_img(loss_plot(epochs), "loss curves") if epochs else
+                         "<p class='note'>The model artifact holds no training history.</p>")
+         + (_img(step_loss_plot(debugger_losses), "loss per step") if debugger_losses else "")),
+        ("Debugger rules", _rules(verdicts or [], debugger_note)),
+        ("Robustness", _robustness(evaluation)),
+        ("Data", _data_report(data_report)),
+        ("Test photos", _photos(predictions, test_dir)),
+    ]
+    body = "".join(f"<h2>{_e(name)}</h2>{content}" for name, content in sections)
+    heading = title or f"Evaluation of {evaluation.get('model_id') or 'the model'}"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(heading)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{_e(heading)}</h1>"
+            f"<p>{evaluation.get('test_images')} test photos.</p>{body}</body></html>")

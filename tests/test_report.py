@@ -1,0 +1,146 @@
+"""report.html: the Evaluate step's self-contained page, checked as text and rendered in Chromium."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import chromium
+from conftest import ROOT
+from test_train import FAST, run_train, write_split
+
+EVALUATE = ROOT / "scripts" / "evaluate" / "evaluate.py"
+SECTIONS = ("Headline", "Per class", "Confusion matrix", "Loss curves", "Debugger rules", "Robustness",
+            "Data", "Test photos")
+
+
+def tar_dir(model_dir: Path, tarball: Path) -> Path:
+    with tarfile.open(tarball, "w:gz") as tar:
+        for item in sorted(model_dir.rglob("*")):
+            tar.add(item, arcname=item.relative_to(model_dir).as_posix(), recursive=False)
+    return tarball
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A real tiny training (train.py, 3 epochs at 32 px) and its test split, as a run has them."""
+    root = tmp_path_factory.mktemp("report")
+    data = {"train": write_split(root / "train", 8, seed=1),
+            "validation": write_split(root / "validation", 4, seed=2)}
+    write_split(root / "test", 4, seed=3)
+    run_train(root, data, *FAST, "--epochs", "3", "--checkpoint_dir", "none", "--pretrained", "none")
+    tar_dir(root / "model", root / "model.tar.gz")
+    (root / "report").mkdir()
+    (root / "report" / "data_report.json").write_text(json.dumps({
+        "counts": {"train": {"1": 8, "2": 8, "3": 8, "4": 8, "5": 8, "total": 40},
+                   "validation": {"1": 4, "2": 4, "3": 4, "4": 4, "5": 4, "total": 20},
+                   "test": {"1": 4, "2": 4, "3": 4, "4": 4, "5": 4, "total": 20}},
+        "rejections_by_kind": {"corrupt": 2, "unlabelled": 1}}))
+    (root / "previous.json").write_text(json.dumps({"version": 7, "metrics": {"accuracy": 0.123, "rmse": 1.9}}))
+    return root
+
+
+def evaluate(root: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(root / "model.tar.gz"),
+                           "--test", str(root / "test"), "--output", str(root / out), *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def report(run) -> Path:
+    evaluate(run, "evaluation", "--data-report", str(run / "report"), "--previous-metrics",
+             str(run / "previous.json"), "--threshold", "0.5")
+    return run / "evaluation" / "report.html"
+
+
+def test_report_is_self_contained_and_has_every_section(report):
+    page = report.read_text()
+    for section in SECTIONS:
+        assert f"<h2>{section}</h2>" in page
+    # Nothing to fetch: no scripts, no links, every image inline.
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page) and "<script" not in page
+    images = re.findall(r'<img class="(\w+)" src="([^"]*)"', page)
+    assert all(src.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for _, src in images)
+    # Confusion matrix, loss curves, robustness; 20 test photos.
+    assert sum(kind == "plot" for kind, _ in images) == 3 and sum(kind == "photo" for kind, _ in images) == 20
+    assert "previous version (7)" in page and "0.1230" in page  # the previous version's accuracy
+    assert "corrupt 2" in page and "unlabelled 1" in page
+
+
+def test_gate_previous_version_and_worst_mistakes_first(report, run):
+    page = report.read_text()
+    evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    accuracy = evaluation["multiclass_classification_metrics"]["accuracy"]["value"]
+    assert ("pass" if accuracy >= 0.5 else "FAIL") + " (&ge; 0.5)" in page
+    assert f"{accuracy - 0.123:+.4f}" in page
+    errors = [abs(int(t) - int(p)) for t, p in re.findall(r"true (\d) &middot; predicted (\d)", page)]
+    assert len(errors) == 20 and errors == sorted(errors, reverse=True)
+    clean = accuracy
+    for kind, r in evaluation["robustness"].items():
+        assert f"<td>{kind}</td><td>{r['accuracy']:.4f}</td><td>{r['accuracy'] / clean:.2f}</td>" in page
+
+
+def test_rule_verdicts_are_in_the_report_and_in_evaluation_json(report, run):
+    evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    verdicts = {v["rule"]: v["status"] for v in evaluation["debugger_rules"]["verdicts"]}
+    assert set(verdicts) == {"LossNotDecreasing", "Overfit", "VanishingGradient", "ExplodingTensor"}
+    page = report.read_text()
+    for rule, status in verdicts.items():
+        assert f"<td>{rule}</td>" in page and status in page
+    debugger = json.loads((run / "model" / "debugger.json").read_text())
+    if debugger["status"] == "missing":  # smdebug is not in this environment: the report says so
+        assert "Debugger data missing" in page and debugger["reason"][:40] in page
+        assert verdicts["VanishingGradient"] == "NoData"
+
+
+def test_without_history_or_data_report_the_report_says_what_is_missing(run):
+    bare = run / "bare"
+    shutil.copytree(run / "model", bare)
+    (bare / "history.json").unlink()
+    (bare / "debugger.json").unlink()
+    tar_dir(bare, run / "bare.tar.gz")
+    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(run / "bare.tar.gz"), "--test",
+                           str(run / "test"), "--output", str(run / "bare-eval"), "--corruptions", "none"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    page = (run / "bare-eval" / "report.html").read_text()
+    assert "holds no training history" in page and "No data report" in page
+    assert "the model artifact has no debugger.json" in page and "No previous registered version" in page
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    if not chromium.CHROMIUM.is_file():
+        pytest.skip(f"{chromium.CHROMIUM} is absent (apt-get install -y chromium; .ci/run installs it)")
+    widths = chromium.image_widths(report)
+    assert len(widths) == 23 and all(w > 0 for w in widths), widths
+    png = chromium.screenshot(report, tmp_path / "report.png", height=1600)
+    from PIL import Image
+    with Image.open(png) as shot:
+        assert shot.size == (1200, 1600)
+        colours = shot.convert("RGB").resize((60, 80)).getcolors(4800)
+    assert colours is None or len(colours) > 20  # a rendered page, not a blank one
+
+
+def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
+    from pipeline.local.summary import summarize
+    evaluation = {"multiclass_classification_metrics": {"accuracy": {"value": 0.7}},
+                  "regression_metrics": {"rmse": {"value": 0.5}},
+                  "debugger_rules": {"verdicts": [{"rule": "Overfit", "status": "IssuesFound"}]}}
+    state = {"id": "r1", "status": "Succeeded", "profile": "local",
+             "steps": {"Evaluate": {"outputs": {"evaluation": "out/evaluation"},
+                                    "properties": {"EvaluationReport": evaluation}}}}
+    assert "evaluation report" not in summarize(state, tmp_path)  # not written: not linked
+    report = tmp_path / "Evaluate" / "out" / "evaluation" / "report.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html></html>")
+    text = summarize(state, tmp_path)
+    assert f"evaluation report: {report.resolve().as_uri()}" in text and "debugger rules: Overfit IssuesFound" in text
