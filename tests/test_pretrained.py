@@ -74,7 +74,7 @@ def test_frozen_lite0_trains_serves_and_loads_weights_only(tmp_path, squares, mo
     features cached for the next job; the artifact loads with weights_only=True and serves."""
     env = {"INVMON_FEATURE_CACHE": str(tmp_path / "features")}
     args = ["--arch", "efficientnet_lite0", "--image_size", "64", "--freeze_backbone", "true",
-            "--head", "ordinal", "--decode", "median", "--tta", "flips", "--epochs", "3",
+            "--head", "ordinal", "--decode", "median", "--tta", "flips", "--epochs", "3", "--feature_flips", "4",
             "--batch_size", "16", "--lr", "0.01", "--checkpoint_dir", "none"]
     done = run_train(tmp_path / "a", squares, *args, env=env)
     assert "pretrained: loaded ImageNet weights" in done.stdout

@@ -157,6 +157,9 @@ def _switch(value: str) -> bool:
 
 
 switch = _typed("switch", _switch, None, "true or false")
+weight_decay_arg = _typed("weight_decay", lambda v: -1.0 if v.lower() == "auto" else float(v),
+                          lambda v: v == -1.0 or (v >= 0 and math.isfinite(v)), "auto or a number >= 0")
+FROZEN_WEIGHT_DECAY = 0.6  # = 2 x the L2 penalty 0.3 that 5-fold CV picked (docs/model.md)
 augment_strength = _typed("augment", _augment, lambda v: 0 <= v <= 3 and math.isfinite(v),
                           "on, off or a strength from 0 to 3")
 amp_mode = _typed("amp", _amp, None, "auto, bf16, fp16 or off")
@@ -188,8 +191,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze_backbone", type=switch, default=False,
                    help="train only the head, on the frozen pretrained backbone's features (computed "
                         "once, for the 4 flips of every photo): minutes on a CPU instead of hours")
-    p.add_argument("--tta", type=text, default="flips", choices=("flips", "none"),
-                   help="test-time augmentation in validation and serving: mean over the 4 flips")
+    p.add_argument("--feature_flips", type=positive_int, default=2, choices=(1, 2, 4),
+                   help="with --freeze_backbone: train on the features of this many flips of each photo "
+                        "(1: as is, 2: and mirrored, 4: and upside down, both)")
+    p.add_argument("--tta", type=text, default="none", choices=("flips", "none"),
+                   help="test-time augmentation in validation and serving: mean over the 4 flips "
+                        "(4x the inference cost)")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=positive_float, default=0.01,
                    help="base learning rate (the schedule scales it)")
@@ -201,7 +208,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", type=text, default="sgd", choices=("sgd", "adamw"),
                    help="sgd: SGD with momentum (the reference recipe); adamw: AdamW (betas 0.9, 0.999)")
     p.add_argument("--momentum", type=non_negative_float, default=0.9)
-    p.add_argument("--weight_decay", type=non_negative_float, default=1e-4)
+    p.add_argument("--weight_decay", type=weight_decay_arg, default=-1.0,
+                   help="auto: 1e-4, or with --freeze_backbone 0.6 on the head's weights (the head "
+                        "sees standardised features and needs strong L2: docs/model.md); or a number")
     p.add_argument("--lr_schedule", type=text, default="cosine", choices=("cosine", "step"),
                    help="cosine: per-step cosine decay to 0; step: x0.1 at 50%% and 75%% of training")
     p.add_argument("--warmup_epochs", type=non_negative_float, default=0.0,
@@ -473,11 +482,22 @@ def packaged_weights(arch: str) -> Path | None:
     return None
 
 
+def weight_decay(args) -> float:
+    if args.weight_decay >= 0:
+        return args.weight_decay
+    return FROZEN_WEIGHT_DECAY if getattr(args, "freeze_backbone", False) else 1e-4
+
+
 def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    decay = weight_decay(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if getattr(args, "freeze_backbone", False):
+        # A head alone: decay its weight matrices, not its biases or ordinal thresholds.
+        params = [{"params": [p for p in params if p.dim() > 1], "weight_decay": decay},
+                  {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=decay)
 
 
 def lr_factor(step: int, total: int, steps_per_epoch: int, args) -> float:
@@ -653,7 +673,7 @@ def identity(args, n_train: int) -> dict:
     """What a checkpoint must agree on to be resumed (epochs may grow; workers etc. may change)."""
     keys = ("arch", "image_size", "lr", "batch_size", "seed", "data_fraction", "optimizer", "momentum",
             "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained",
-            "head", "class_weights", "freeze_backbone")
+            "head", "class_weights", "freeze_backbone", "feature_flips")
     return {**{k: getattr(args, k) for k in keys}, "train_images": n_train,
             "job": os.environ.get("TRAINING_JOB_NAME", "")}
 
@@ -742,18 +762,31 @@ def make_loader(data: BinImages, args, device: torch.device, train: bool) -> Dat
 
 
 class ViewMean(torch.nn.Module):
-    """The head on precomputed features: [B, D] -> head outputs; [B, V, D] (V flip views of each
-    photo) -> the head's outputs averaged over the views (test-time augmentation)."""
+    """The head on precomputed features, standardised with the training features' mean and std
+    (so that one weight decay fits every feature): [B, D] -> head outputs; [B, V, D] (V flip views
+    of each photo) -> the head's outputs averaged over the views (test-time augmentation).
+    `folded` writes the standardisation into the head's linear layer for the saved model."""
 
-    def __init__(self, head: torch.nn.Module):
+    def __init__(self, head: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.head = head
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = (features - self.mean) / self.std
         if features.dim() == 2:
             return self.head(features)
         batch, views = features.shape[:2]
         return self.head(features.flatten(0, 1)).float().view(batch, views, -1).mean(1)
+
+    def folded(self, state: dict, prefix: str) -> dict:
+        """`state` (the whole network's) with head(standardise(x)) rewritten as one linear map of x."""
+        linear, name = (self.head, prefix) if isinstance(self.head, torch.nn.Linear) else (self.head.score,
+                                                                                        prefix + "score.")
+        weight = linear.weight.detach().cpu().double() / self.std.cpu().double()
+        bias = linear.bias.detach().cpu().double() - weight @ self.mean.cpu().double()
+        return {**state, name + "weight": weight.float().contiguous(), name + "bias": bias.float().contiguous()}
 
 
 def head_name(arch: str) -> str:
@@ -798,19 +831,20 @@ def feature_cache_path(data: BinImages, args) -> Path:
     return folder / f"{digest.hexdigest()[:24]}.pt"
 
 
-def cached_features(model, data: BinImages, args, device) -> torch.Tensor:
+def cached_features(model, data: BinImages, views: int, args, device) -> torch.Tensor:
     path = feature_cache_path(data, args)
+    path = path.with_name(f"{path.stem}-{views}.pt")
     if path.is_file():
         try:
             features = torch.load(path, map_location="cpu", weights_only=True)
-            if features.shape[:2] == (len(data), 4):
-                log(f"features: {len(data)} photos x 4 flips from the cache {path}")
+            if features.shape[:2] == (len(data), views):
+                log(f"features: {len(data)} photos x {views} flips from the cache {path}")
                 return features
         except Exception:  # a damaged cache file is recomputed
             pass
     started = time.perf_counter()
-    features = backbone_features(model, data, 4, args, device)
-    log(f"features: {len(data)} photos x 4 flips in {time.perf_counter() - started:.1f}s")
+    features = backbone_features(model, data, views, args, device)
+    log(f"features: {len(data)} photos x {views} flips in {time.perf_counter() - started:.1f}s")
     if RANK == 0:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -822,7 +856,8 @@ def cached_features(model, data: BinImages, args, device) -> torch.Tensor:
 
 def frozen_setup(model, train_set: BinImages, val_set: BinImages, args, device, config):
     """Freeze the backbone and return (head module to train, train loader, validation loader) over
-    its features: training on every photo's 4 flips (augmentation), validation averaged over them."""
+    its features: training on `feature_flips` flips of every photo (augmentation), validation
+    averaged over the 4 flips with --tta flips."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     head = getattr(model, head_name(args.arch))
@@ -830,20 +865,22 @@ def frozen_setup(model, train_set: BinImages, val_set: BinImages, args, device, 
         parameter.requires_grad_(True)
     normalize = functools.partial(inference.normalize, config=config)
     train_set.transform = normalize  # no pixel augmentation: the features are computed once
-    train_features = cached_features(model, train_set, args, device)
-    val_features = cached_features(model, val_set, args, device)
+    flips = args.feature_flips
+    train_features = cached_features(model, train_set, flips, args, device)
+    val_features = cached_features(model, val_set, 4 if args.tta == "flips" else 1, args, device)
     targets = torch.tensor(train_set.targets)
-    train_data = torch.utils.data.TensorDataset(train_features.flatten(0, 1), targets.repeat_interleave(4))
-    views = 4 if args.tta == "flips" else 1
-    val_data = torch.utils.data.TensorDataset(val_features[:, :views], torch.tensor(val_set.targets))
+    train_data = torch.utils.data.TensorDataset(train_features.flatten(0, 1), targets.repeat_interleave(flips))
+    val_data = torch.utils.data.TensorDataset(val_features, torch.tensor(val_set.targets))
     sampler = DistributedSampler(train_data, num_replicas=WORLD, rank=RANK, shuffle=True, seed=args.seed)
     drop_last = len(sampler) % args.batch_size == 1 and len(sampler) > 1
     train_loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, drop_last=drop_last)
     shard = torch.utils.data.Subset(val_data, range(RANK, len(val_data), WORLD))
     val_loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False)
     log(f"frozen backbone: training the {args.head} head on {len(train_data)} feature vectors "
-        f"({len(train_set)} photos x 4 flips)")
-    return ViewMean(head).to(device), train_loader, val_loader
+        f"({len(train_set)} photos x {flips} flips)")
+    flat = train_features.flatten(0, 1)
+    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+    return ViewMean(head, mean, std).to(device), train_loader, val_loader
 
 
 def load_checkpoint(path: Path | None, args, n_train: int) -> dict | None:
@@ -921,6 +958,7 @@ def run(args) -> None:
         log(f"resuming from checkpoint {ckpt_path}: epoch {checkpoint['epoch']} of {args.epochs} done, "
             f"continuing at epoch {start_epoch}")
     bare = model  # the whole network: its state is what is checkpointed and saved
+    trainer = fit
     if WORLD > 1:
         fit = torch.nn.parallel.DistributedDataParallel(fit)  # broadcasts rank 0's weights
 
@@ -945,6 +983,8 @@ def run(args) -> None:
                         "lr": optimizer.param_groups[0]["lr"]})
         if val["accuracy"] > best["accuracy"]:
             state = {k: v.detach().cpu().clone().contiguous() for k, v in bare.state_dict().items()}
+            if args.freeze_backbone:
+                state = trainer.folded(state, head_name(args.arch) + ".")
             best = {"epoch": epoch, "accuracy": val["accuracy"], "metrics": val, "state_dict": state}
         if ckpt_path and RANK == 0:
             save_atomic({"epoch": epoch, "identity": identity(args, len(train_set)), "pretrained": pretrained,
