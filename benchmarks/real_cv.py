@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 320])
     parser.add_argument("--grid", default="main", choices=("main", "quick", "l2", "final"))
     parser.add_argument("--tag", default="", help="features_<size><tag>.pt")
+    parser.add_argument("--skip", type=int, default=0, help="final grid: skip the first N configurations")
     parser.add_argument("--out", type=Path, default=Path("/tmp/invmon-features/cv.json"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -201,14 +202,14 @@ def main() -> None:
                         configs.append({**base, "pool": pool, "head": head, "decode": decode, "l2": l2,
                                         "steps": 400})
         if args.grid == "final":  # the real profile's setting and its neighbours
-            one = {**base, "head": "ordinal", "decode": "median", "l2": 0.1, "train_views": 2, "tta": False,
+            one = {**base, "head": "ordinal", "decode": "median", "l2": 0.3, "train_views": 2, "tta": False,
                    "steps": 400}
             configs = [{**one, "l2": l2} for l2 in (0.03, 0.1, 0.3, 1.0)]
-            configs += [{**one, "decode": "mean"}, {**one, "decode": "argmax"},
-                        {**one, "head": "classify", "decode": "argmax"},
-                        {**one, "head": "regression", "decode": "argmax"},
-                        {**one, "train_views": 1}, {**one, "train_views": 4}, {**one, "train_views": 4, "tta": True},
-                        {**one, "balanced": False}]
+            configs += [{**one, "l2": 0.1, "decode": "mean"}, {**one, "l2": 0.1, "decode": "argmax"}]
+            configs += [{**one, "decode": "mean"}, {**one, "head": "classify", "decode": "argmax"},
+                        {**one, "head": "regression", "decode": "argmax"}, {**one, "balanced": False},
+                        {**one, "train_views": 1}, {**one, "train_views": 4}, {**one, "train_views": 4, "tta": True}]
+            configs = configs[args.skip:]
         if args.grid == "main":
             for head in ("classify", "ordinal"):
                 decode = "median" if head == "ordinal" else "argmax"

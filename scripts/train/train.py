@@ -805,16 +805,17 @@ def backbone_features(model, data: BinImages, views: int, args, device) -> torch
     loader = DataLoader(data, batch_size=64 if device.type == "cuda" else 8, shuffle=False, num_workers=0)
     model.to(memory_format=torch.channels_last)
     out, started, done = [], time.perf_counter(), 0
+    last_report = started
     try:
         for images, _ in loader:
             images = images.to(device).contiguous(memory_format=torch.channels_last)
             flips = [images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)][:views]
             out.append(torch.stack([model(view).float().cpu() for view in flips], 1))
             done += len(images)
-            if time.perf_counter() - started > PROGRESS_SECONDS and done < len(data):
-                log(f"progress features {done}/{len(data)} photos "
-                    f"({done * views / (time.perf_counter() - started):.1f} views/s)")
-                started = time.perf_counter() - 1e-3
+            now = time.perf_counter()
+            if now - last_report > PROGRESS_SECONDS and done < len(data):
+                last_report = now
+                log(f"progress features {done}/{len(data)} photos ({done * views / (now - started):.1f} views/s)")
     finally:
         setattr(model, name, head)
     return torch.cat(out)
