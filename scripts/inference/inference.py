@@ -56,6 +56,10 @@ NORMALIZATION = {arch: ((127 / 255,) * 3, (128 / 255,) * 3) for arch in EFFICIEN
 HEADS = ("classify", "ordinal")
 
 
+class InvalidInput(ValueError):
+    """The request itself is wrong (content type, bytes that are not an image): a 4xx."""
+
+
 def normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) the architecture's pretrained weights expect."""
     return NORMALIZATION.get(arch, (IMAGENET_MEAN, IMAGENET_STD))
@@ -127,7 +131,8 @@ def build_model(arch: str, num_classes: int, head: str = "classify", image_size:
     if arch not in RESNETS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    model.fc = make_head(head, model.fc.in_features, num_classes)
+    if head != "classify":  # torchvision's own fc is the classification head
+        model.fc = make_head(head, model.fc.in_features, num_classes)
     return model
 
 
