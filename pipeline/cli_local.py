@@ -16,8 +16,9 @@ def add_commands(commands) -> None:
     run.add_argument("--data", help="photos: ABID bucket layout or one folder per count "
                                     "(default: the embedded synthetic data)")
     run.add_argument("--manifest", help="file_list.json-style manifest selecting photos")
-    run.add_argument("--profile", default="local", choices=["local", "full"],
-                     help="parameter defaults: local (fast, CPU) or full (the reference recipe)")
+    run.add_argument("--profile", default="local", choices=["local", "real", "full"],
+                     help="parameter defaults: local (fast, CPU, synthetic data), real (real ABID photos "
+                          "on a CPU: frozen pretrained EfficientNet-Lite0) or full (the reference recipe)")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                      help="set a pipeline parameter (repeatable), e.g. --param Epochs=3")
     run.add_argument("--resume", metavar="RUN_ID", help="resume a failed run from its failed step")

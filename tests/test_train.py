@@ -112,10 +112,12 @@ def test_artifact_is_complete_and_serves_through_its_own_code(trained, data):
         serving_code = (ROOT / "scripts" / "inference" / name).read_text()
         assert (model_dir / "code" / name).read_text() == serving_code
     state = torch.load(model_dir / "model.pth", weights_only=True)
-    assert "fc.weight" in state and state["fc.weight"].shape == (5, 512)
+    # The default counting head is ordinal: one score and 4 ordered thresholds.
+    assert state["fc.score.weight"].shape == (1, 512) and state["fc.gaps"].shape == (3,)
 
     config = json.loads((model_dir / "model_config.json").read_text())
     assert config["arch"] == "resnet18" and config["labels"] == [1, 2, 3, 4, 5]
+    assert config["head"] == "ordinal" and config["decode"] in ("argmax", "median")
     assert config["image_size"] == 32 and len(config["mean"]) == len(config["std"]) == 3
     assert config["model_id"] == "train-job-123"
     assert config["hyperparameters"]["epochs"] == 2 and config["hyperparameters"]["lr"] == 0.02

