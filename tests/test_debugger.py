@@ -52,7 +52,8 @@ def test_the_hook_records_losses_weights_and_gradients_and_the_trial_reads_back(
     assert len(summary["losses"]["train"]) == 4 and len(summary["losses"]["validation"]) == 2
     assert any("conv1" in name for name in summary["gradients"])
     assert all(points for points in summary["gradients"].values())
-    assert any(name.endswith("fc.weight") for name in summary["tensors"])
+    # The counting head sits in `fc` (fc.weight, or fc.score.weight for the ordinal head).
+    assert any(name.endswith(("fc.weight", "fc.score.weight")) for name in summary["tensors"]), sorted(summary["tensors"])
     # Read the trial itself with smdebug, in the step environment, as the summary was made.
     trial = subprocess.run([str(step_python), "-c", (
         "import sys; from smdebug.trials import create_trial; t = create_trial(sys.argv[1]); "
