@@ -270,14 +270,10 @@ def cmd_models_approve(args) -> int:
               f"invmon endpoints --backend aws (without the infra stack: invmon deploy --stage prod "
               f"--backend aws --version {args.version})")
         return 0
-    try:
-        outcome = deploy.approve(registry, cli_deploy.target_of(args, registry), group, args.version,
-                                 args.note)
-    except deploy.DeployError as exc:
-        print(f"invmon: error: {exc}", file=sys.stderr)
+    failed, outcome = _review(deploy.approve, registry, cli_deploy.target_of(args, registry), group,
+                              args.version, args.note)
+    if failed:
         return 1
-    except RegistryError as exc:
-        raise CommandError(str(exc)) from None
     print(f"{group} version {args.version}: Approved")
     verb = "now serves" if outcome.changed else "already serves"
     print(f"production endpoint {outcome.endpoint} {verb} version {outcome.version.version}"
@@ -286,19 +282,29 @@ def cmd_models_approve(args) -> int:
     return 0
 
 
+def _review(action, *args):
+    """Approve or reject (which may deploy): (failed, outcome). A failed deploy is reported in one
+    line and exits 1 with the status change kept; a registry problem is a usage error."""
+    from pipeline import deploy
+
+    try:
+        return False, action(*args)
+    except deploy.DeployError as exc:
+        print(f"invmon: error: {exc}", file=sys.stderr)
+        return True, None
+    except RegistryError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def cmd_models_reject(args) -> int:
     from pipeline import cli_deploy, deploy
 
     registry = _registry(args)
     group = _group(args)
-    try:
-        outcome = deploy.reject(registry, cli_deploy.target_of(args, registry), group, args.version,
-                                args.note)
-    except deploy.DeployError as exc:
-        print(f"invmon: error: {exc}", file=sys.stderr)
+    failed, outcome = _review(deploy.reject, registry, cli_deploy.target_of(args, registry), group,
+                              args.version, args.note)
+    if failed:
         return 1
-    except RegistryError as exc:
-        raise CommandError(str(exc)) from None
     print(f"{group} version {args.version}: Rejected")
     if outcome is not None:
         print(outcome.message)
