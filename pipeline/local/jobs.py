@@ -58,6 +58,14 @@ def stop_all(sig: int = signal.SIGTERM, grace_s: float = 5.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
+STOP_GRACE_S = 10.0
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -116,6 +124,10 @@ def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: di
                 timed_out.set()
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
+                # As SageMaker does: SIGTERM, then SIGKILL for a job that does not stop.
+                force = threading.Timer(STOP_GRACE_S, _kill_group, args=(proc.pid,))
+                force.daemon = True
+                force.start()
             timer = threading.Timer(max_runtime_s, expire)
             timer.daemon = True
             timer.start()
