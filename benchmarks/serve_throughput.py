@@ -24,7 +24,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -38,29 +37,11 @@ SAMPLE = ROOT.parent / "shared" / "data" / "abid-sample"
 
 
 def make_artifact(dest: Path, arch: str = "resnet18", image_size: int = 96) -> Path:
-    """An artifact laid out as train.py writes it (random weights)."""
-    import importlib.util
+    """An artifact laid out as train.py writes it (random weights): the tests' own builder."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_artifact as build
 
-    import torch
-
-    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "scripts/inference/inference.py")
-    inference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(inference)
-    torch.manual_seed(0)
-    model_dir = dest / "model"
-    (model_dir / "code").mkdir(parents=True)
-    torch.save(inference.build_model(arch, 5).state_dict(), model_dir / "model.pth")
-    config = {"arch": arch, "labels": [1, 2, 3, 4, 5], "image_size": image_size,
-              "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD),
-              "model_id": f"bench-{arch}-{image_size}"}
-    (model_dir / "model_config.json").write_text(json.dumps(config))
-    for name in ("inference.py", "photos.py"):
-        shutil.copy(ROOT / "scripts/inference" / name, model_dir / "code" / name)
-    tarball = dest / "model.tar.gz"
-    with tarfile.open(tarball, "w:gz") as tar:
-        for item in sorted(model_dir.rglob("*")):
-            tar.add(item, arcname=item.relative_to(model_dir).as_posix(), recursive=False)
-    return tarball
+    return build(dest, arch=arch, image_size=image_size, model_id=f"bench-{arch}-{image_size}")
 
 
 def photo_bodies(n: int) -> list[bytes]:

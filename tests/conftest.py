@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -43,11 +42,9 @@ def make_artifact(dest: Path, arch: str = "resnet18", image_size: int = 32, seed
     (model_dir / "model_config.json").write_text(json.dumps(config))
     for name in ("inference.py", "photos.py"):
         shutil.copy(SCRIPTS / "inference" / name, model_dir / "code" / name)
-    tarball = dest / "model.tar.gz"
-    with tarfile.open(tarball, "w:gz") as tar:
-        for item in sorted(model_dir.rglob("*")):
-            tar.add(item, arcname=item.relative_to(model_dir).as_posix(), recursive=False)
-    return tarball
+    from pipeline.local.jobs import tar_model  # packed as SageMaker packs SM_MODEL_DIR
+
+    return tar_model(model_dir, dest / "model.tar.gz")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
+
+from pipeline.local.jobs import tar_model
 
 import chromium
 from conftest import ROOT
@@ -20,13 +21,6 @@ SECTIONS = ("Headline", "Per class", "Confusion matrix", "Loss curves", "Debugge
             "Data", "Test photos")
 
 
-def tar_dir(model_dir: Path, tarball: Path) -> Path:
-    with tarfile.open(tarball, "w:gz") as tar:
-        for item in sorted(model_dir.rglob("*")):
-            tar.add(item, arcname=item.relative_to(model_dir).as_posix(), recursive=False)
-    return tarball
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A real tiny training (train.py, 3 epochs at 32 px) and its test split, as a run has them."""
@@ -35,7 +29,7 @@ def run(tmp_path_factory) -> Path:
             "validation": write_split(root / "validation", 4, seed=2)}
     write_split(root / "test", 4, seed=3)
     run_train(root, data, *FAST, "--epochs", "3", "--checkpoint_dir", "none", "--pretrained", "none")
-    tar_dir(root / "model", root / "model.tar.gz")
+    tar_model(root / "model", root / "model.tar.gz")
     (root / "report").mkdir()
     (root / "report" / "data_report.json").write_text(json.dumps({
         "counts": {"train": {"1": 8, "2": 8, "3": 8, "4": 8, "5": 8, "total": 40},
@@ -106,7 +100,7 @@ def test_without_history_or_data_report_the_report_says_what_is_missing(run):
     shutil.copytree(run / "model", bare)
     (bare / "history.json").unlink()
     (bare / "debugger.json").unlink()
-    tar_dir(bare, run / "bare.tar.gz")
+    tar_model(bare, run / "bare.tar.gz")
     done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(run / "bare.tar.gz"), "--test",
                            str(run / "test"), "--output", str(run / "bare-eval"), "--corruptions", "none"],
                           capture_output=True, text=True, timeout=600)
