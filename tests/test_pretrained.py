@@ -119,3 +119,16 @@ def test_frozen_lite0_trains_serves_and_loads_weights_only(tmp_path, squares, mo
     # A second job on the same photos (the tuner's next trial) reuses the features.
     again = run_train(tmp_path / "b", squares, *args, "--lr", "0.02", env=env)
     assert again.stdout.count("from the cache") == 2
+
+
+def test_the_debugger_hook_records_the_frozen_head(tmp_path):
+    """On frozen features the loop calls the head alone: the smdebug hook must sit on the head,
+    or smdebug fails the first step ("Collections have not been prepared yet")."""
+    from test_debugger import step_python, train as train_in
+    python = step_python.__wrapped__()  # the fixture's function: builds or finds the environment
+    data = {"train": write_split(tmp_path / "train", 4, seed=1), "validation": write_split(tmp_path / "val", 2, seed=2)}
+    done = train_in(python, tmp_path, data, "--arch", "efficientnet_lite0", "--freeze_backbone", "true",
+                    "--epochs", "2", "--checkpoint_dir", "none", DEBUGGER_INTERVAL="2")
+    assert "debugger: recorded" in done.stdout
+    summary = json.loads((tmp_path / "model" / "debugger.json").read_text())
+    assert summary["status"] == "recorded" and summary["losses"]["train"] and summary["gradients"]

@@ -965,7 +965,9 @@ def run(args) -> None:
     trainer = fit
     if WORLD > 1:
         fit = torch.nn.parallel.DistributedDataParallel(fit)  # broadcasts rank 0's weights
-    debugger.attach(bare, RANK)
+    # The hook goes on the module the loop calls (the head alone on frozen features): smdebug
+    # prepares its collections in the forward pass of the module it was registered on.
+    debugger.attach(trainer, RANK)
 
     log(f"training {args.arch} at {args.image_size}px on {device} (x{WORLD}, {torch.get_num_threads()} "
         f"threads, {train_loader.num_workers} workers): {args.epochs} epochs x {train_steps} batches of "
