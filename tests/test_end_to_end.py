@@ -16,8 +16,9 @@ import pytest
 
 from pipeline import synth
 
-TINY = ["Arch=resnet18", "ImageSize=32", "ResizeShortSide=40", "TuningMaxJobs=2", "TrialDataFraction=0.5",
-        "Epochs=2"]
+# The whole network trained (the local profile's frozen-backbone path has its own tests).
+TINY = ["Arch=resnet18", "FreezeBackbone=false", "ImageSize=32", "ResizeShortSide=40", "TuningMaxJobs=2",
+        "TrialDataFraction=0.5", "TrialEpochs=3", "Epochs=2"]
 
 
 def invmon(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:

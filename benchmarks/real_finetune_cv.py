@@ -1,0 +1,241 @@
+"""5-fold cross-validation of fine-tuning recipes on the real sample (needs a GPU to finish in minutes).
+
+    python benchmarks/real_finetune_cv.py [--data ../shared/data/abid-sample] [--configs ft224 ft320 ...]
+                                          [--epochs 12] [--out results.jsonl]
+    python benchmarks/real_finetune_cv.py --pack DIR   # the sample at 320x320, JPEG q92, for carrying
+
+The same 5 folds as benchmarks/real_cv.py (stratified by count, seed 0), so the numbers sit beside
+the frozen-feature table of docs/model.md. Each fold trains from the ImageNet weights (or from
+scratch) with train.py's own parts: `load_pretrained`, the ordinal or 5-way head, `count_loss`
+with class-balanced weights, and `augment.build_train_transform` in DataLoader workers; photos
+are resized whole to a square (`inference.to_pixels`, as served). The held-out fold is scored
+with and without the 4-flip TTA. One JSON line per configuration goes to --out as soon as it is
+done, so a run cut short keeps what it finished.
+
+Configurations (name: what differs from `ft224`):
+  ft224          Lite0 at 224 px, every layer trained; backbone lr 0.1x the head's; epoch 1 trains
+                 the head alone (frozen warm-up); AdamW, cosine; augmentation strength 1
+  ft320          at 320 px
+  ft224-classify 5-way head (scored with argmax and with median decoding)
+  ft224-bb03     backbone lr 0.3x the head's
+  ft224-last2    only the last two stages (blocks 11-15), the 1x1 head conv and the head train
+  ft224-last1    only the last block, the head conv and the head
+  ft224-aug0     flips only
+  scratch224     no pretrained weights, every layer at the head's lr
+  ft320-last2    last two stages at 320 px
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "scripts" / "train"))
+
+import real_cv  # noqa: E402  (its folds: the frozen-feature table's)
+import train  # noqa: E402,I001
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from augment import build_train_transform  # noqa: E402
+
+inference = train.inference
+ARCH = "efficientnet_lite0"
+LAST2, LAST1 = 11, 15  # first trained block: stages 6-7 (blocks 11-15), or block 15 alone
+
+BASE = {"size": 224, "head": "ordinal", "pretrained": "auto", "first_block": 0, "backbone_lr": 0.1,
+        "warmup_head_epochs": 1, "augment": 1.0, "lr": 3e-3, "weight_decay": 0.05}
+CONFIGS = {  # in the order they run by default: the most telling first
+    "ft224": {},
+    "ft320": {"size": 320},
+    "ft224-last2": {"first_block": LAST2},
+    "scratch224": {"pretrained": "none", "backbone_lr": 1.0, "warmup_head_epochs": 0},
+    "ft224-classify": {"head": "classify"},
+    "ft224-last1": {"first_block": LAST1},
+    "ft224-bb03": {"backbone_lr": 0.3},
+    "ft224-aug0": {"augment": 0.0},
+    "ft320-last2": {"size": 320, "first_block": LAST2},
+}
+
+
+def pack(src: Path, dest: Path, size: int = 320) -> None:
+    """The sample resized whole to size x size (as served), JPEG q92: small enough to carry."""
+    for path, label in list_sample(src):
+        out = dest / str(train.LABELS[label]) / path.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as image:
+            image.convert("RGB").resize((size, size), Image.BILINEAR).save(out, quality=92)
+
+
+def list_sample(root: Path) -> list[tuple[Path, int]]:
+    samples = []
+    for index, label in enumerate(train.LABELS):
+        samples += [(p, index) for p in sorted((root / str(label)).glob("*.jpg"))]
+    return samples
+
+
+class Pixels(torch.utils.data.Dataset):
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, transform):
+        self.pixels, self.labels, self.transform = pixels, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.pixels[i]), self.labels[i]
+
+
+def trainable(model, first_block: int) -> None:
+    """Freeze the stem and the blocks before `first_block` (their BatchNorm statistics too)."""
+    if first_block <= 0:
+        return
+    frozen = [model._conv_stem, model._bn0, *model._blocks[:first_block]]
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()  # re-applied after every model.train()
+
+
+def set_train(model, first_block: int) -> None:
+    model.train()
+    if first_block > 0:
+        for module in (model._conv_stem, model._bn0, *model._blocks[:first_block]):
+            module.eval()
+
+
+def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device, workers: int) -> dict:
+    config = {"image_size": cfg["size"], **dict(zip(("mean", "std"), inference.normalization(ARCH)))}
+    normalize = lambda x: inference.normalize(x, config)  # noqa: E731
+    model = inference.build_model(ARCH, 5, head=cfg["head"], image_size=cfg["size"])
+    source = train.load_pretrained(model, ARCH, cfg["pretrained"])
+    trainable(model, cfg["first_block"])
+    model.to(device, memory_format=torch.channels_last)
+    head = [p for p in model._fc.parameters()]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("_fc.") and p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": head, "lr": cfg["lr"]},
+                                   {"params": backbone, "lr": cfg["lr"] * cfg["backbone_lr"]}],
+                                  weight_decay=cfg["weight_decay"])
+    bases = [g["lr"] for g in optimizer.param_groups]
+    transform = build_train_transform(cfg["augment"], cfg["size"], normalize)
+    data = Pixels(pixels[train_idx], labels[train_idx], transform)
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=device.type == "cuda")
+    weight = train.balanced_weights(labels[train_idx].tolist(), device)
+    total, step, seen, started = epochs * len(loader), 0, 0, time.perf_counter()
+    for epoch in range(epochs):
+        set_train(model, cfg["first_block"])
+        for images, targets in loader:
+            progress = step / total
+            for group, base in zip(optimizer.param_groups, bases):
+                warm = epoch < cfg["warmup_head_epochs"] and group is optimizer.param_groups[1]
+                group["lr"] = 0.0 if warm else base * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * progress)).item())
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            targets = targets.to(device, non_blocking=True)
+            with train.autocast(device, train.amp_dtype(device, "auto")):
+                loss = train.count_loss(model(images), targets, cfg["head"], weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += len(targets)
+    rate = seen / (time.perf_counter() - started)
+    model.eval()
+    scores = {}
+    with torch.inference_mode(), train.autocast(device, train.amp_dtype(device, "auto")):
+        test = normalize(pixels[test_idx]).to(device).contiguous(memory_format=torch.channels_last)
+        for tta in ("none", "flips"):
+            outputs = torch.cat([train.with_flips(model, chunk, tta).float() for chunk in test.split(128)])
+            probabilities = inference.class_probabilities(outputs, cfg["head"]).cpu()
+            decodes = ("median", "argmax") if cfg["head"] == "classify" else ("median", "mean")
+            for decode in decodes:
+                if decode == "mean":  # the expected count, rounded: what RMSE rewards
+                    predicted = (probabilities * torch.arange(5)).sum(1).round().long()
+                else:
+                    predicted = inference.decode_counts(probabilities, decode)
+                truth = labels[test_idx]
+                per_class = [float((predicted[truth == c] == c).float().mean()) for c in range(5)]
+                scores[f"{decode}{'+tta' if tta == 'flips' else ''}"] = {
+                    "accuracy": float((predicted == truth).float().mean()),
+                    "rmse": float(((predicted - truth).float() ** 2).mean().sqrt()),
+                    "per_class": per_class}
+    return {"scores": scores, "train_img_per_s": rate, "pretrained": bool(source)}
+
+
+def summarize(name: str, cfg: dict, results: list[dict], epochs: int, seconds: float) -> dict:
+    summary = {"config": name, "settings": cfg, "epochs": epochs, "seconds": round(seconds, 1),
+               "train_img_per_s": round(statistics.mean(r["train_img_per_s"] for r in results), 1),
+               "pretrained": results[0]["pretrained"], "scores": {}}
+    for key in results[0]["scores"]:
+        acc = [r["scores"][key]["accuracy"] for r in results]
+        rmse = [r["scores"][key]["rmse"] for r in results]
+        per_class = [statistics.mean(r["scores"][key]["per_class"][c] for r in results) for c in range(5)]
+        summary["scores"][key] = {"accuracy": statistics.mean(acc), "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                                  "rmse": statistics.mean(rmse), "rmse_sd": statistics.stdev(rmse) if len(rmse) > 1 else 0.0,
+                                  "per_class": per_class, "folds": len(acc)}
+        s = summary["scores"][key]
+        print(f"{name:15s} {key:12s} accuracy {s['accuracy']:.3f} +- {s['accuracy_sd']:.3f}  "
+              f"RMSE {s['rmse']:.3f} +- {s['rmse_sd']:.3f}  per class "
+              + " ".join(f"{v:.2f}" for v in per_class) + f"  ({summary['train_img_per_s']} img/s, {seconds:.0f}s)",
+              flush=True)
+    return summary
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "abid-sample"))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--folds", type=int, default=5, help="score only the first N of the 5 folds")
+    p.add_argument("--limit", type=int, default=0, help="use only every Nth photo (a smoke test)")
+    p.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    p.add_argument("--budget", type=float, default=0,
+                   help="start no configuration after this many seconds (0: no limit)")
+    p.add_argument("--out", default="finetune_cv.jsonl")
+    p.add_argument("--pack", default=None, help="write the carried copy of --data here and stop")
+    args = p.parse_args()
+    if args.pack:
+        pack(Path(args.data), Path(args.pack))
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    samples = list_sample(Path(args.data))
+    labels = torch.tensor([label for _, label in samples])
+    assignment = real_cv.folds(labels)
+    if args.limit:
+        keep = torch.arange(len(samples))[:: args.limit]
+        samples, labels, assignment = [samples[i] for i in keep], labels[keep], [a[keep] for a in assignment]
+    started = time.perf_counter()
+    decoded = {}
+    for path, _ in samples:
+        with Image.open(path) as image:
+            decoded[path] = image.convert("RGB")
+            decoded[path].load()
+    print(f"{len(samples)} photos decoded in {time.perf_counter() - started:.1f}s on {device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})", flush=True)
+    by_size = {}
+    for name in args.configs:
+        if args.budget and time.perf_counter() - started > args.budget:
+            print(f"budget of {args.budget:.0f}s spent: {name} and later configurations not run", flush=True)
+            break
+        cfg = {**BASE, **CONFIGS[name]}
+        size = cfg["size"]
+        if size not in by_size:
+            by_size[size] = torch.stack([inference.to_pixels(decoded[p], {"image_size": size}) for p, _ in samples])
+        began = time.perf_counter()
+        results = []
+        for fold in assignment[: args.folds]:
+            train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
+            results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
+                                    args.workers))
+        summary = summarize(name, cfg, results, args.epochs, time.perf_counter() - began)
+        with open(args.out, "a") as out:
+            out.write(json.dumps(summary) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
