@@ -125,13 +125,18 @@ def thumbnail(path: Path) -> str | None:
 
 # --------------------------------------------------------------------------- sections
 
-def _headline(evaluation: dict, threshold: float | None, previous: dict | None) -> str:
+def _previous_name(previous: dict) -> str:
+    status = f", {previous['status']}" if previous.get("status") else ""
+    return f" ({_e(previous.get('version'))}{_e(status)})"
+
+
+def _headline(evaluation: dict, threshold: float | None, previous: dict | None, previous_note: str = "") -> str:
     mc = evaluation["multiclass_classification_metrics"]
     rows = [("accuracy", mc["accuracy"], "higher"), ("rmse", evaluation["regression_metrics"]["rmse"], "lower"),
             ("weighted_f1", mc.get("weighted_f1"), "higher")]
     prev_mc = (previous or {}).get("metrics", {})
     out = ["<table><tr><th>metric</th><th>this run</th><th>gate</th><th>previous version"
-           + (f" ({_e(previous.get('version'))})" if previous else "") + "</th><th>change</th></tr>"]
+           + (_previous_name(previous) if previous else "") + "</th><th>change</th></tr>"]
     for name, value, better in rows:
         if not value:
             continue
@@ -150,7 +155,8 @@ def _headline(evaluation: dict, threshold: float | None, previous: dict | None) 
                    f"<td>{gate}</td><td>{_num(before, 4)}</td><td>{change}</td></tr>")
     out.append("</table>")
     if previous is None:
-        out.append("<p class='note'>No previous registered version was given: nothing to compare with.</p>")
+        out.append(f"<p class='note'>No previous registered version to compare with"
+                   f"{': ' + _e(previous_note) if previous_note else '.'}</p>")
     return "".join(out)
 
 
@@ -228,11 +234,11 @@ img.plot{max-width:100%}
 
 def render(evaluation: dict, predictions: list[dict], test_dir: Path, *, history: dict | None = None,
            verdicts: list[dict] | None = None, debugger_note: str = "", debugger_losses: dict | None = None,
-           data_report: dict | None = None, previous: dict | None = None,
+           data_report: dict | None = None, previous: dict | None = None, previous_note: str = "",
            threshold: float | None = None, title: str = "") -> str:
     epochs = (history or {}).get("epochs") or []
     sections = [
-        ("Headline", _headline(evaluation, threshold, previous)),
+        ("Headline", _headline(evaluation, threshold, previous, previous_note)),
         ("Per class", _per_class(evaluation)),
         ("Confusion matrix", _img(confusion_plot(evaluation["multiclass_classification_metrics"]
                                                  ["confusion_matrix"]), "confusion matrix")),
