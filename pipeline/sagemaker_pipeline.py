@@ -422,7 +422,9 @@ class _Build:
     def cache(self, decl):
         from sagemaker.mlops.workflow.steps import CacheConfig
 
-        return CacheConfig(enable_caching=True, expire_after=CACHE_EXPIRY) if decl.cache else None
+        # A step that reads the registry (Evaluate) must run again even when its inputs did not change.
+        cached = decl.cache and getattr(decl, "reads_registry", None) is None
+        return CacheConfig(enable_caching=True, expire_after=CACHE_EXPIRY) if cached else None
 
     def image(self, scope: str, instance_type: str) -> str:
         from sagemaker.core import image_uris

@@ -34,7 +34,7 @@ def registry_dag(root: Path) -> Dag:
     evaluate = dataclasses.replace(
         base["Evaluate"], code=write_script(root, "evaluate-registry", EVAL_READING_THE_REGISTRY),
         arguments=(*base["Evaluate"].arguments, "--model-package-group", Param("Group")),
-        reads_registry=Param("Group"))
+        reads_registry=Param("Group"), cache=True)  # cache=True must not reuse: the registry changed
     register = dataclasses.replace(base["Register"], report_file="report.html")
     return Dag(tuple({"Evaluate": evaluate, "Register": register}.get(s.name, s) for s in base.steps))
 
@@ -59,8 +59,9 @@ def test_evaluate_sees_the_registry_and_register_keeps_each_runs_report(setup, c
     assert first["steps"]["Register"]["properties"]["report"] == v1.properties[REPORT_PROPERTY]
     registry.set_status("toy", 1, "Approved")
 
-    second = new_run(setup, dag, Lr=0.07).execute()
+    second = new_run(setup, dag).execute()  # the same inputs: only the registry differs
     assert second["status"] == "Succeeded", second["failure"]
+    assert "reused_from" not in second["steps"]["Evaluate"]
     listing = second["steps"]["Evaluate"]["properties"]["EvaluationReport"]["listing"]
     assert [(v["version"], v["status"]) for v in listing["versions"]] == [(1, "Approved")]
     assert listing["versions"][0]["evaluation"] == v1.metrics  # what was registered, in full
@@ -71,7 +72,7 @@ def test_evaluate_sees_the_registry_and_register_keeps_each_runs_report(setup, c
     assert (found["version"], found["status"], found["metrics"]["accuracy"]) == (1, "Approved", 0.6)
 
     report2 = path_of(registry.get("toy", 2).properties[REPORT_PROPERTY])
-    assert report2 != report1 and report2.read_text() == "<p>lr 0.07, saw versions [1]</p>"
+    assert report2 != report1 and report2.read_text() == "<p>lr 0.06, saw versions [1]</p>"
     assert report1.is_file()  # the first version's report is still its own
 
     from pipeline.cli import main
@@ -91,3 +92,19 @@ def test_a_step_that_does_not_read_the_registry_gets_no_listing(setup):
     assert state["status"] == "Succeeded", state["failure"]
     assert not (home / "runs" / state["id"] / "Evaluate" / "registry.json").exists()
     assert open_registry(home).get("toy", 1).properties == {}
+
+
+def test_a_step_that_reads_the_registry_is_never_taken_from_the_cache(setup):
+    """Same code, arguments and inputs, but another registry: an earlier result must not be reused."""
+    tmp_path, _, _ = setup
+    dag = registry_dag(tmp_path / "scripts")
+    run = new_run(setup, dag)
+    reads, plain = dag["Evaluate"], dataclasses.replace(dag["Evaluate"], reads_registry=None)
+    (run.dir / "Evaluate").mkdir(parents=True)
+    inputs, settings = {"model": tmp_path / "data"}, {"arguments": []}
+    record = {}
+    assert not run._cached(plain, record, settings, inputs)
+    run._remember(plain, record)
+    later = new_run(setup, dag)
+    assert not later._cached(reads, {}, settings, inputs)  # reading the registry: never reused...
+    assert later._cached(plain, {}, settings, inputs)  # ...though the same step without it is

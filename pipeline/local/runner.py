@@ -315,7 +315,8 @@ class LocalRun:
     # -- caching ---------------------------------------------------------------------------------
     def _cached(self, step, record: dict, settings: dict, inputs: dict[str, Path | None]) -> bool:
         """Reuse an identical earlier result when the step is cacheable. Sets record["cache_key"]."""
-        if not getattr(step, "cache", False):
+        # A step that reads the registry sees a different registry each run: never reused.
+        if not getattr(step, "cache", False) or getattr(step, "reads_registry", None) is not None:
             return False
         prints = {name: (fingerprint(p) if p is not None else None) for name, p in inputs.items()}
         key = cache_key(step.name, step.code if hasattr(step, "code") else step.training.code,

@@ -61,8 +61,11 @@ def from_listing(path: Path, group: str) -> tuple[dict | None, str]:
 def from_sagemaker(group: str, sm=None, s3=None) -> tuple[dict | None, str]:
     """The SageMaker Model Registry: newest Approved package, else newest, and its evaluation.json."""
     import boto3
+    from botocore.config import Config
 
-    sm = sm or boto3.client("sagemaker")
+    # Short timeouts: a job in a VPC without a SageMaker endpoint must not stall the evaluation.
+    config = Config(connect_timeout=10, read_timeout=30, retries={"max_attempts": 3})
+    sm = sm or boto3.client("sagemaker", config=config)
     summaries, token = [], None
     while True:
         page = sm.list_model_packages(ModelPackageGroupName=group, ModelPackageType="Versioned",
@@ -80,7 +83,7 @@ def from_sagemaker(group: str, sm=None, s3=None) -> tuple[dict | None, str]:
     if not uri.startswith("s3://"):
         return None, f"{group} version {chosen['version']} has no model quality statistics to compare with"
     bucket, _, key = uri[5:].partition("/")
-    s3 = s3 or boto3.client("s3")
+    s3 = s3 or boto3.client("s3", config=config)
     evaluation = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     return comparison(group, chosen, evaluation), ""
 
