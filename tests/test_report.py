@@ -172,3 +172,19 @@ def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):
     page = (tmp_path / "first" / "report.html").read_text()
     assert "No previous registered version to compare with: no version of bin-count is registered yet" in page
 
+
+def test_the_learning_rate_the_debugger_recorded_is_plotted_and_listed(run, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(run / "model", model)
+    rates = [[0, 0.01], [2, 0.02], [4, 0.005]]
+    (model / "debugger.json").write_text(json.dumps({
+        "status": "recorded", "smdebug": "1.0.34", "losses": {"train": [[0, 1.6], [1, 1.5], [2, 1.4]]},
+        "learning_rate": rates, "gradients": {}, "tensors": {}}))
+    tar_model(model, tmp_path / "model.tar.gz")
+    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(tmp_path / "model.tar.gz"), "--test",
+                           str(run / "test"), "--output", str(tmp_path / "out"), "--corruptions", "none"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<img class="plot" src="data:image/png;base64,' in page and 'alt="learning rate"' in page
+    assert "Learning rate: step 0: 0.01, step 2: 0.02, step 4: 0.005" in page

@@ -462,7 +462,7 @@ def write_html_report(args, report: dict, scores, history, debugger, verdicts, n
     try:
         page = html_report.render(
             report, rows, Path(args.test), history=history, verdicts=verdicts, debugger_note=note,
-            debugger_losses=recorded.get("losses"),
+            debugger_losses=recorded.get("losses"), learning_rate=recorded.get("learning_rate"),
             data_report=read_data_report(args.data_report), previous=before, previous_note=why_none,
             threshold=args.threshold)
     except (html_report.ReportError, OSError) as exc:

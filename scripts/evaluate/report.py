@@ -2,9 +2,9 @@
 
 Plots are drawn with matplotlib and embedded as base64 PNG, test photos as base64 JPEG
 thumbnails; there are no external scripts, styles or fonts. Sections: headline metrics against
-the gate and the previous registered version, per-class table, confusion matrix, loss curves,
-Debugger rule verdicts, accuracy under each corruption and its ratio to clean accuracy, the data
-report, and a grid of test photos with true and predicted counts, worst mistakes first.
+the gate and the previous registered version, per-class table, confusion matrix, loss curves and
+the learning rate, Debugger rule verdicts, accuracy under each corruption and its ratio to clean
+accuracy, the data report, and a grid of test photos with true and predicted counts, worst mistakes first.
 
 Plain module of the Evaluate step; standard library, numpy, Pillow and matplotlib.
 """
@@ -82,6 +82,22 @@ def step_loss_plot(losses: dict) -> str:
     ax.set(title="loss per step (Debugger)", xlabel="step")
     ax.legend()
     return _png(fig)
+
+
+def learning_rate_plot(points: list) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 2.6))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", markersize=3)
+    ax.set(title="learning rate (Debugger, at its save interval)", xlabel="step")
+    return _png(fig)
+
+
+def _learning_rate(points: list) -> str:
+    """The plot, and the values themselves (a schedule is easier to check as numbers)."""
+    shown = points if len(points) <= 12 else points[:6] + points[-6:]
+    listed = ", ".join(f"step {int(s)}: {lr:.3g}" for s, lr in shown)
+    more = f" ({len(points)} saved, first and last 6 listed)" if len(points) > 12 else ""
+    return _img(learning_rate_plot(points), "learning rate") + f"<p class='note'>Learning rate{more}: {listed}</p>"
 
 
 def confusion_plot(confusion: dict) -> str:
@@ -234,6 +250,7 @@ img.plot{max-width:100%}
 
 def render(evaluation: dict, predictions: list[dict], test_dir: Path, *, history: dict | None = None,
            verdicts: list[dict] | None = None, debugger_note: str = "", debugger_losses: dict | None = None,
+           learning_rate: list | None = None,
            data_report: dict | None = None, previous: dict | None = None, previous_note: str = "",
            threshold: float | None = None, title: str = "") -> str:
     epochs = (history or {}).get("epochs") or []
@@ -244,7 +261,8 @@ def render(evaluation: dict, predictions: list[dict], test_dir: Path, *, history
                                                  ["confusion_matrix"]), "confusion matrix")),
         ("Loss curves", (_img(loss_plot(epochs), "loss curves") if epochs else
                          "<p class='note'>The model artifact holds no training history.</p>")
-         + (_img(step_loss_plot(debugger_losses), "loss per step") if debugger_losses else "")),
+         + (_img(step_loss_plot(debugger_losses), "loss per step") if debugger_losses else "")
+         + (_learning_rate(learning_rate) if learning_rate else "")),
         ("Debugger rules", _rules(verdicts or [], debugger_note)),
         ("Robustness", _robustness(evaluation)),
         ("Data", _data_report(data_report)),
