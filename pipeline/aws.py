@@ -378,6 +378,7 @@ class SageMakerRegistry:
             description=p.get("ModelPackageDescription", "") or "",
             note=p.get("ApprovalDescription", "") or "",
             arn=p.get("ModelPackageArn", arn),
+            properties=dict(p.get("CustomerMetadataProperties") or {}),  # REPORT_PROPERTY among them
         )
 
     def list_versions(self, group: str | None = None) -> list[ModelVersion]:

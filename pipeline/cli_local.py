@@ -249,11 +249,26 @@ def cmd_models_show(args) -> int:
 
     version = _registry_call(_registry(args).get, _group(args), args.version)
     print(json.dumps(asdict(version), indent=2, default=str))
-    # The Evaluate step's report.html is kept beside the registered artifact (local registry).
-    report = Path(str(version.artifact_uri)).parent / "report.html"
-    if report.is_file():
-        print(f"evaluation report: {report.resolve().as_uri()}")
+    print(report_line(version))
     return 0
+
+
+def report_line(version) -> str:
+    """Where the version's evaluation report is: recorded at registration (both back-ends), or
+    beside the artifact for a local version registered before it was recorded."""
+    from urllib.parse import unquote, urlparse
+
+    from pipeline.registry import REPORT_PROPERTY
+
+    uri = version.properties.get(REPORT_PROPERTY, "")
+    if not uri:
+        legacy = Path(str(version.artifact_uri)).parent / "report.html"
+        if not legacy.is_file():
+            return "evaluation report: none recorded for this version"
+        uri = legacy.resolve().as_uri()
+    if uri.startswith("file://") and not Path(unquote(urlparse(uri).path)).is_file():
+        return f"evaluation report: {uri} (missing: the file was removed)"
+    return f"evaluation report: {uri}"
 
 
 def cmd_models_approve(args) -> int:

@@ -28,7 +28,10 @@ from pipeline.home import invmon_home
 from typing import Iterator
 
 STATUSES = ("PendingManualApproval", "Approved", "Rejected")
-SCHEMA_VERSION = 1
+# 2: model_versions.properties (a version's own key/values, SageMaker's CustomerMetadataProperties).
+SCHEMA_VERSION = 2
+# The property naming the Evaluate step's report.html (a file:// or s3:// URI), on both back-ends.
+REPORT_PROPERTY = "EvaluationReport"
 BUSY_TIMEOUT_MS = 30_000
 # "bin-count-production", "bin-count-prod", "prod-bin-count", "production".
 PRODUCTION_NAME = re.compile(r"(^|[-_.])prod(uction)?($|[-_.])", re.IGNORECASE)
@@ -48,6 +51,7 @@ CREATE TABLE IF NOT EXISTS model_versions (
     run_id       TEXT,
     description  TEXT    NOT NULL DEFAULT '',
     note         TEXT    NOT NULL DEFAULT '',
+    properties   TEXT    NOT NULL DEFAULT '{}',
     PRIMARY KEY (group_name, version)
 );
 CREATE TABLE IF NOT EXISTS endpoints (
@@ -86,6 +90,7 @@ class ModelVersion:
     description: str = ""
     note: str = ""
     arn: str = ""  # the model package ARN on the SageMaker back-end
+    properties: dict = field(default_factory=dict)  # e.g. REPORT_PROPERTY -> the report's URI
 
     @property
     def name(self) -> str:
@@ -135,6 +140,8 @@ def _version_from_row(row: sqlite3.Row) -> ModelVersion:
         artifact_uri=row["artifact_uri"], metrics=json.loads(row["metrics"]),
         created_at=row["created_at"], updated_at=row["updated_at"], run_id=row["run_id"],
         description=row["description"], note=row["note"],
+        # A registry of schema 1 (not migrated by a read) has no properties column.
+        properties=json.loads(row["properties"]) if "properties" in row.keys() else {},
     )
 
 
@@ -227,11 +234,14 @@ class LocalRegistry:
                 conn.execute(statement)
             row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
             found = row[0]
-            if found is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif found > SCHEMA_VERSION:
+            if found is not None and found > SCHEMA_VERSION:
                 raise RegistryError(f"{self.path} has registry schema {found}, newer than this "
                                     f"invmon understands ({SCHEMA_VERSION}); upgrade invmon")
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(model_versions)")}
+            if "properties" not in columns:  # schema 1 -> 2, in the same transaction
+                conn.execute("ALTER TABLE model_versions ADD COLUMN properties TEXT NOT NULL DEFAULT '{}'")
+            if found is None or found < SCHEMA_VERSION:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -258,12 +268,13 @@ class LocalRegistry:
 
     def register(self, group: str, artifact_uri: str, metrics: dict | None = None,
                  status: str = "PendingManualApproval", run_id: str | None = None,
-                 description: str = "") -> ModelVersion:
+                 description: str = "", properties: dict[str, str] | None = None) -> ModelVersion:
         """Add the next version (1, 2, 3, ...) of `group`."""
         if not group:
             raise RegistryError("model package group name is empty")
         _check_status(status)
         metrics_json = json.dumps(metrics or {})
+        properties = {str(k): str(v) for k, v in (properties or {}).items()}
         now = _now()
         with self._write() as conn:
             (version,) = conn.execute(
@@ -271,11 +282,12 @@ class LocalRegistry:
                 (group,)).fetchone()
             conn.execute(
                 "INSERT INTO model_versions (group_name, version, status, artifact_uri, metrics,"
-                " created_at, updated_at, run_id, description) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, run_id, description, properties)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (group, version, status, str(artifact_uri), metrics_json, now, now, run_id,
-                 description))
+                 description, json.dumps(properties)))
         return ModelVersion(group, version, status, str(artifact_uri), json.loads(metrics_json),
-                            now, now, run_id, description, "")
+                            now, now, run_id, description, "", properties=properties)
 
     def list_versions(self, group: str | None = None) -> list[ModelVersion]:
         with self._connect() as conn:

@@ -9,7 +9,8 @@ declaration type into SDK v3 objects:
     TrainingStep   -> ModelTrainer.train() -> TrainingStep (checkpoints + managed spot)
     ConditionStep  -> ConditionStep(ConditionGreaterThanOrEqualTo(JsonGet, parameter))
     FailStep       -> FailStep(Join(message parts))
-    RegisterStep   -> ModelBuilder.register() -> ModelStep (ModelMetrics = evaluation.json)
+    RegisterStep   -> ModelBuilder.register() -> ModelStep (ModelMetrics = evaluation.json,
+                      CustomerMetadataProperties EvaluationReport = report.html's S3 URI)
     DeployStep     -> ModelBuilder.build() -> ModelStep "<name>-Model",
                       EndpointConfigStep "<name>-EndpointConfig", EndpointStep "<name>"
 
@@ -421,7 +422,9 @@ class _Build:
     def cache(self, decl):
         from sagemaker.mlops.workflow.steps import CacheConfig
 
-        return CacheConfig(enable_caching=True, expire_after=CACHE_EXPIRY) if decl.cache else None
+        # A step that reads the registry (Evaluate) must run again even when its inputs did not change.
+        cached = decl.cache and getattr(decl, "reads_registry", None) is None
+        return CacheConfig(enable_caching=True, expire_after=CACHE_EXPIRY) if cached else None
 
     def image(self, scope: str, instance_type: str) -> str:
         from sagemaker.core import image_uris
@@ -515,6 +518,9 @@ class _Build:
             code_location=f"s3://{self.bucket}",  # helper scripts: <bucket>/<job prefix>/source/
             sagemaker_session=self.session,
             network_config=NetworkConfig(subnets=vpc[0], security_group_ids=vpc[1]) if vpc else None,
+            # A step that reads the model registry calls it with boto3, which needs a region:
+            # SageMaker does not promise one in a processing container's environment.
+            env={"AWS_DEFAULT_REGION": self.region} if decl.reads_registry else None,
         )
         inputs = []
         read_by_script = {}  # container path -> the S3 URI the script reads itself
@@ -692,7 +698,13 @@ class _Build:
         from sagemaker.core.workflow.functions import Join
         from sagemaker.mlops.workflow.model_step import ModelStep
 
+        from pipeline.registry import REPORT_PROPERTY
+
         metrics_uri = Join(on="/", values=[self.output_uri(decl.metrics), decl.metrics_file])
+        # The report is not a metrics document SageMaker reads, so it is not in ModelMetrics: the
+        # package names it in its own key/values, where `invmon models show` and Studio show it.
+        properties = ({REPORT_PROPERTY: Join(on="/", values=[self.output_uri(decl.metrics), decl.report_file])}
+                      if decl.report_file else None)
         builder = self.model_builder(self.output_uri(decl.model))
         step_args = builder.register(
             model_package_group_name=self.params[decl.model_package_group.name],
@@ -703,6 +715,7 @@ class _Build:
             transform_instances=[self.params["InferenceInstanceType"]],
             model_metrics=ModelMetrics(model_statistics=MetricsSource(
                 content_type="application/json", s3_uri=metrics_uri)),
+            customer_metadata_properties=properties,
         )
         return ModelStep(name=decl.name, step_args=step_args, description=decl.description or None,
                          retry_policies=self.retry_policies("api"))

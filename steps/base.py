@@ -136,6 +136,10 @@ class ProcessingStep:
     cache: bool = False
     description: str = ""
     max_runtime_s: int = PROCESSING_MAX_RUNTIME_S
+    # The model package group the script looks up in the model registry itself (the group is
+    # also among its arguments). SageMaker: boto3 in the job, given its region. Local: the
+    # runner hands it the local registry's listing ($INVMON_MODEL_REGISTRY). Never cached.
+    reads_registry: Param | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,9 @@ class RegisterStep:
     approval_status: Param
     code: Code  # the inference code the serving container runs
     description: str = ""
+    # A file of the metrics output that goes with the version (Evaluate's report.html); its URI
+    # is the version's EvaluationReport property (CustomerMetadataProperties on SageMaker).
+    report_file: str | None = None
 
 
 @dataclass(frozen=True)

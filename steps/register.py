@@ -1,6 +1,7 @@
-"""Register: a new model version with evaluation.json attached as its model metrics."""
+"""Register: a new model version with evaluation.json attached as its model metrics and the
+evaluation report (report.html) named by its EvaluationReport property."""
 from steps.base import Code, Param, RegisterStep, StepOutput
-from steps.evaluate import EVALUATION
+from steps.evaluate import EVALUATION, REPORT_FILE
 
 STEP = RegisterStep(
     name="Register",
@@ -11,4 +12,5 @@ STEP = RegisterStep(
     model_package_group=Param("ModelPackageGroupName"),
     approval_status=Param("ModelApprovalStatus"),
     code=Code("inference", "inference.py"),
+    report_file=REPORT_FILE,
 )

@@ -52,17 +52,23 @@ def test_the_hook_records_losses_weights_and_gradients_and_the_trial_reads_back(
     assert len(summary["losses"]["train"]) == 4 and len(summary["losses"]["validation"]) == 2
     assert any("conv1" in name for name in summary["gradients"])
     assert all(points for points in summary["gradients"].values())
+    # The learning rate, saved with the gradients (training steps 0 and 2 of 4, every 2nd), read
+    # back from the trial: --lr 0.02 on a per-step cosine schedule over 4 steps is 0.02 then 0.01.
+    gradient_steps = [step for step, _ in next(iter(summary["gradients"].values()))]
+    assert [step for step, _ in summary["learning_rate"]] == gradient_steps and len(gradient_steps) == 2
+    assert [lr for _, lr in summary["learning_rate"]] == [pytest.approx(0.02), pytest.approx(0.01)]
     # The counting head sits in `fc` (fc.weight, or fc.score.weight for the ordinal head).
     assert any(name.endswith(("fc.weight", "fc.score.weight")) for name in summary["tensors"]), sorted(summary["tensors"])
     # Read the trial itself with smdebug, in the step environment, as the summary was made.
     trial = subprocess.run([str(step_python), "-c", (
         "import sys; from smdebug.trials import create_trial; t = create_trial(sys.argv[1]); "
         "print('RESULT', len(t.tensor_names(collection='gradients')), len(t.tensor_names(collection='weights')), "
-        "sorted(t.steps()))"), summary["trial"]], capture_output=True, text=True, timeout=300)
+        "len(t.tensor_names(regex='^scalar/learning_rate$')), sorted(t.steps()))"), summary["trial"]],
+        capture_output=True, text=True, timeout=300)
     assert trial.returncode == 0, trial.stderr[-2000:]
     result = [line for line in trial.stdout.splitlines() if line.startswith("RESULT ")][-1]  # smdebug logs too
-    gradients, weights, steps = result.split(maxsplit=3)[1:]
-    assert int(gradients) > 10 and int(weights) > 10 and steps.strip().startswith("[0,")
+    gradients, weights, rates, steps = result.split(maxsplit=4)[1:]
+    assert int(gradients) > 10 and int(weights) > 10 and int(rates) == 1 and steps.strip().startswith("[0,")
     verdicts = {v.rule: v.status for v in rules.evaluate_rules(summary)}
     assert verdicts["VanishingGradient"] == verdicts["ExplodingTensor"] == rules.NO_ISSUES, verdicts
 

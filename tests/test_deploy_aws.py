@@ -313,3 +313,19 @@ def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_pa
             assert endpoints == ["bin-count-production"] and len(models) == len(configs) == 1
             assert sm.describe_model(ModelName=models[0])["Containers"][0]["ModelPackageName"] \
                 == package(sm, 2)["ModelPackageArn"]
+
+
+def test_models_show_names_the_report_the_register_step_recorded(sm, capsys):
+    """The Register step's CustomerMetadataProperties (see test_sagemaker_definition) read back."""
+    report = "s3://bucket/bin-count/exec-1/Evaluate/evaluation/report.html"
+    sm.create_model_package_group(ModelPackageGroupName="with-report")
+    sm.create_model_package(
+        ModelPackageGroupName="with-report", ModelApprovalStatus="PendingManualApproval",
+        InferenceSpecification={"Containers": [{"Image": IMAGE, "ModelDataUrl": "s3://bucket/m/model.tar.gz"}],
+                                "SupportedContentTypes": ["image/jpeg"],
+                                "SupportedResponseMIMETypes": ["application/json"]},
+        CustomerMetadataProperties={"EvaluationReport": report})
+    code, out, _ = run(capsys, "models", "show", "1", "--group", "with-report", "--backend", "aws")
+    assert code == 0 and f"evaluation report: {report}" in out.splitlines()
+    code, out, _ = run(capsys, "models", "show", "1", "--backend", "aws")  # registered without one
+    assert code == 0 and "evaluation report: none recorded for this version" in out

@@ -64,6 +64,11 @@ def run_definition(finished_run, tmp_path_factory):
     return offline_build(tmp_path_factory.mktemp("parity"), profile="local", parameter_overrides=overrides)
 
 
+def evaluation_output(folder: Path) -> Path:
+    state = json.loads((folder / "run.json").read_text())
+    return folder / "Evaluate" / state["steps"]["Evaluate"]["outputs"]["evaluation"]
+
+
 MAPPED = {"InputDataUrl": "/opt/ml/processing/input/data"}  # the runner's mirror of the S3 data
 
 
@@ -142,9 +147,20 @@ def test_run_registers_deploys_and_serves(finished_run, tiny_data):
     runs = invmon("runs", "list", home=home).stdout
     assert "Succeeded" in runs
 
-    # Same data and settings again: Preprocess and Tune come from the cache.
+    # The version names the report Evaluate wrote, kept beside the registered artifact.
+    shown = invmon("models", "show", "1", home=home).stdout
+    (line,) = [x for x in shown.splitlines() if x.startswith("evaluation report: file://")]
+    kept = Path(line.split("file://", 1)[1])
+    assert kept.is_file() and kept.read_text() == evaluation_output(run_dir(home)).joinpath("report.html").read_text()
+
+    # Same data and settings again: Preprocess and Tune come from the cache, and Evaluate
+    # compares with version 1, now Approved, read from the registry.
     again = invmon("run", "--data", str(tiny_data), *params, home=home).stdout
     assert again.count("cached from run") == 2
+    second = evaluation_output(sorted((home / "runs").iterdir())[-1])
+    before = json.loads((second / "evaluation.json").read_text())["previous_version"]
+    assert (before["version"], before["status"]) == (1, "Approved")
+    assert "previous version (1, Approved)" in (second / "report.html").read_text()
 
 
 @pytest.mark.slow

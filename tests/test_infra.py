@@ -138,3 +138,23 @@ def test_the_rule_matches_only_this_groups_change_to_approved(template):
     details = [json.loads(m["Body"])["detail"] for m in received]
     assert [(d["ModelPackageGroupName"], d["ModelPackageVersion"], d["ModelApprovalStatus"])
             for d in details] == [("bin-count", 2, "Approved")]
+
+
+def test_the_pipeline_role_may_read_the_previous_version_evaluate_compares_with(template):
+    """scripts/evaluate/previous.py runs in the Evaluate job under the pipeline role: every
+    SageMaker call it makes is granted (ListModelPackages takes no resource), on this group
+    only, and its evaluation.json is read from the artifact bucket."""
+    import re
+
+    source = (ROOT / "scripts" / "evaluate" / "previous.py").read_text()
+    calls = {"sagemaker:" + "".join(w.title() for w in c.split("_")) for c in re.findall(r"\bsm\.(\w+)\(", source)}
+    assert calls == {"sagemaker:ListModelPackages", "sagemaker:DescribeModelPackage"}
+    granted: dict[str, list[str]] = {}
+    for role, statement in statements(template):
+        if role == "PipelineRole":
+            for action in as_list(statement["Action"]):
+                granted.setdefault(action, []).append(_resource_text(statement))
+    assert calls <= set(granted)
+    assert granted["sagemaker:ListModelPackages"] == ['"*"']
+    assert all("model-package/${ModelPackageGroupName}/*" in r for r in granted["sagemaker:DescribeModelPackage"])
+    assert any("${ArtifactBucketName}/*" in r for r in granted["s3:GetObject"])

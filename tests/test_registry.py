@@ -36,17 +36,42 @@ def test_versions_increment_per_group(registry):
 def test_record_round_trips_and_persists_across_connections(tmp_path):
     path = tmp_path / "registry.db"
     made = LocalRegistry(path).register("bin-count", "s3://bucket/model.tar.gz", METRICS,
-                                        status="Approved", run_id="run-7", description="first")
+                                        status="Approved", run_id="run-7", description="first",
+                                        properties={"EvaluationReport": "file:///reports/run-7.html"})
     got = LocalRegistry(path).get("bin-count", 1)  # a new object, new connections
     assert isinstance(got, ModelVersion)
     assert got == made
     assert got.metrics["multiclass_classification_metrics"]["accuracy"]["value"] == 0.71
+    assert got.properties == {"EvaluationReport": "file:///reports/run-7.html"}
     assert datetime.fromisoformat(got.created_at).utcoffset().total_seconds() == 0  # ISO UTC
     # The file is a real SQLite database, in WAL mode, with a schema version.
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
-    assert LocalRegistry(path).schema_version() == 1
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert LocalRegistry(path).schema_version() == 2
+
+
+def test_a_schema_1_registry_is_read_as_is_and_migrated_by_the_first_write(tmp_path):
+    """A registry written before versions had properties (schema 1, no properties column)."""
+    from pipeline import registry as module
+
+    path = tmp_path / "registry.db"
+    schema_1 = module.SCHEMA.replace("    properties   TEXT    NOT NULL DEFAULT '{}',\n", "")
+    assert "properties" not in schema_1
+    with sqlite3.connect(path) as conn:
+        conn.executescript(schema_1)
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        conn.execute("INSERT INTO model_versions (group_name, version, status, artifact_uri, created_at,"
+                     " updated_at) VALUES ('bin-count', 1, 'Approved', '/old/model.tar.gz', 't', 't')")
+    old = LocalRegistry(path)
+    assert old.get("bin-count", 1).properties == {} and old.schema_version() == 1  # a read never migrates
+    new = old.register("bin-count", "/new/model.tar.gz", properties={"EvaluationReport": "file:///r.html"})
+    assert new.version == 2 and old.schema_version() == 2
+    assert LocalRegistry(path).get("bin-count", 2).properties == {"EvaluationReport": "file:///r.html"}
+    assert LocalRegistry(path).get("bin-count", 1).artifact_uri == "/old/model.tar.gz"
+    with sqlite3.connect(path) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(model_versions)")]
+    assert columns[-1] == "properties"
 
 
 def test_get_missing_names_group_and_version(registry):

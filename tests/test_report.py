@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -138,3 +139,52 @@ def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
     report.write_text("<html></html>")
     text = summarize(state, tmp_path)
     assert f"evaluation report: {report.resolve().as_uri()}" in text and "debugger rules: Overfit IssuesFound" in text
+
+
+def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):
+    """--model-package-group with the local runner's listing: the newest Approved version is the
+    one compared with, in the page and in evaluation.json."""
+    def evaluation(accuracy):
+        return {"multiclass_classification_metrics": {"accuracy": {"value": accuracy}},
+                "regression_metrics": {"rmse": {"value": 2.5}}}
+
+    listing = tmp_path / "registry.json"
+    listing.write_text(json.dumps({"group": "bin-count", "versions": [
+        {"version": 1, "status": "Approved", "evaluation": evaluation(0.2)},
+        {"version": 2, "status": "PendingManualApproval", "evaluation": evaluation(0.9)}]}))
+    args = [sys.executable, str(EVALUATE), "--model", str(run / "model.tar.gz"), "--test", str(run / "test"),
+            "--corruptions", "none", "--model-package-group", "bin-count"]
+    env = {**os.environ, "INVMON_MODEL_REGISTRY": str(listing)}
+    done = subprocess.run([*args, "--output", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "compared with: bin-count 1, Approved" in done.stdout
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "previous version (1, Approved)" in page and "0.2000" in page and "2.5000" in page
+    written = json.loads((tmp_path / "out" / "evaluation.json").read_text())["previous_version"]
+    assert written == {"group": "bin-count", "version": 1, "status": "Approved",
+                       "metrics": {"accuracy": 0.2, "rmse": 2.5}}
+
+    listing.write_text(json.dumps({"group": "bin-count", "versions": []}))  # the first version ever
+    done = subprocess.run([*args, "--output", str(tmp_path / "first")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "first" / "report.html").read_text()
+    assert "No previous registered version to compare with: no version of bin-count is registered yet" in page
+
+
+def test_the_learning_rate_the_debugger_recorded_is_plotted_and_listed(run, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(run / "model", model)
+    rates = [[0, 0.01], [2, 0.02], [4, 0.005]]
+    (model / "debugger.json").write_text(json.dumps({
+        "status": "recorded", "smdebug": "1.0.34", "losses": {"train": [[0, 1.6], [1, 1.5], [2, 1.4]]},
+        "learning_rate": rates, "gradients": {}, "tensors": {}}))
+    tar_model(model, tmp_path / "model.tar.gz")
+    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(tmp_path / "model.tar.gz"), "--test",
+                           str(run / "test"), "--output", str(tmp_path / "out"), "--corruptions", "none"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<img class="plot" src="data:image/png;base64,' in page and 'alt="learning rate"' in page
+    assert "Learning rate: step 0: 0.01, step 2: 0.02, step 4: 0.005" in page

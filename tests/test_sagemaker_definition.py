@@ -193,6 +193,29 @@ def test_register_with_evaluation_metrics_and_approval_parameter(steps):
     assert "pytorch-inference" in container["Image"]
 
 
+def test_the_registered_model_names_the_evaluation_report(steps):
+    """report.html is uploaded with Evaluate's `evaluation` output, and the model package names
+    its S3 URI in its CustomerMetadataProperties (what `invmon models show --backend aws` prints)."""
+    (output,) = [o for o in steps["Evaluate"]["Arguments"]["ProcessingOutputConfig"]["Outputs"]
+                 if o["OutputName"] == "evaluation"]
+    assert output["S3Output"]["LocalPath"] == "/opt/ml/processing/evaluation"  # evaluate.py writes report.html there
+    assert steps["Register"]["Arguments"]["CustomerMetadataProperties"] == {"EvaluationReport": {"Std:Join": {
+        "On": "/", "Values": [get("Steps.Evaluate.ProcessingOutputConfig.Outputs['evaluation'].S3Output.S3Uri"),
+                              "report.html"]}}}
+
+
+def test_evaluate_looks_up_the_previous_version_in_the_registry_itself(steps):
+    """No input for the previous version (a ProcessingInput cannot be empty, and a parameter would
+    be stale): the job gets the group and, for boto3, the region."""
+    args = steps["Evaluate"]["Arguments"]
+    container = args["AppSpecification"]["ContainerArguments"]
+    assert container[container.index("--model-package-group") + 1] == get("Parameters.ModelPackageGroupName")
+    assert args["Environment"] == {"AWS_DEFAULT_REGION": REGION}
+    assert {i["InputName"] for i in args["ProcessingInputs"]} == {"model", "test", "report", "code", "aux", "entrypoint"}
+    assert "AWS_DEFAULT_REGION" not in (steps["Preprocess"]["Arguments"].get("Environment") or {})
+    assert "CacheConfig" not in steps["Evaluate"]  # the registry changes between executions
+
+
 def test_deploy_creates_or_updates_the_staging_endpoint_from_the_registered_model(steps):
     model = steps["Deploy-Model"]["Arguments"]["PrimaryContainer"]
     assert model["ModelDataUrl"] == get("Steps.Register.InferenceSpecification.Containers[0].ModelDataUrl")

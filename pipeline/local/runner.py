@@ -29,6 +29,8 @@ from steps.base import (ConditionStep, Dag, DeployStep, FailStep, JsonGet, Param
                         RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
 
 SYNTHETIC_PER_CLASS = 300
+# Where a step that reads the registry finds the local one's listing (scripts/evaluate/previous.py).
+REGISTRY_LISTING_ENV = "INVMON_MODEL_REGISTRY"
 
 
 class RunFailed(RuntimeError):
@@ -313,7 +315,8 @@ class LocalRun:
     # -- caching ---------------------------------------------------------------------------------
     def _cached(self, step, record: dict, settings: dict, inputs: dict[str, Path | None]) -> bool:
         """Reuse an identical earlier result when the step is cacheable. Sets record["cache_key"]."""
-        if not getattr(step, "cache", False):
+        # A step that reads the registry sees a different registry each run: never reused.
+        if not getattr(step, "cache", False) or getattr(step, "reads_registry", None) is not None:
             return False
         prints = {name: (fingerprint(p) if p is not None else None) for name, p in inputs.items()}
         key = cache_key(step.name, step.code if hasattr(step, "code") else step.training.code,
@@ -354,7 +357,8 @@ class LocalRun:
         for o in step.outputs:
             Path(local(o.source)).mkdir(parents=True, exist_ok=True)
         jobs.run_script(
-            self.python(step.code), step.code, step_dir, [local(a) for a in arguments], {},
+            self.python(step.code), step.code, step_dir, [local(a) for a in arguments],
+            self._registry_listing(step, step_dir),
             step_dir / "log.txt", echo=lambda line: self.echo(step.name, line),
             max_runtime_s=step.max_runtime_s, on_start=self._job_started(record),
         )
@@ -367,6 +371,21 @@ class LocalRun:
             properties[pf.name] = json.loads(path.read_text())
         record["properties"] = properties
         self._remember(step, record)
+
+    def _registry_listing(self, step: ProcessingStep, step_dir: Path) -> dict[str, str]:
+        """The job environment of a step that reads the registry: the local registry's versions of
+        its group in a file, the local stand-in for the SageMaker Model Registry API. The script
+        picks the version itself (newest Approved, else newest), the same rule on both back-ends."""
+        if step.reads_registry is None:
+            return {}
+        from pipeline.registry import open_registry
+
+        group = str(self.value(step.reads_registry))
+        versions = open_registry(self.home).list_versions(group)
+        listing = step_dir / "registry.json"
+        listing.write_text(json.dumps({"group": group, "versions": [
+            {"version": v.version, "status": v.status, "evaluation": v.metrics} for v in versions]}))
+        return {REGISTRY_LISTING_ENV: str(listing)}
 
     def _training_job(self, step: TrainingStep, job_dir: Path, hyperparameters: dict[str, str],
                       echo, record: dict, should_stop=None, max_runtime_s: int | None = None) -> jobs.JobResult:
@@ -456,7 +475,7 @@ class LocalRun:
         self.echo(step.name, f"{step.left.json_path} = {left:.4f} >= {step.right.name} = {right} -> {outcome}")
 
     def _register(self, step: RegisterStep, record: dict) -> None:
-        from pipeline.registry import open_registry
+        from pipeline.registry import REPORT_PROPERTY, open_registry
 
         artifact = self.output_path(step.model) / "model.tar.gz"
         metrics = json.loads((self.output_path(step.metrics) / step.metrics_file).read_text())
@@ -468,10 +487,14 @@ class LocalRun:
             partial = store / f".model.tar.gz.part-{os.getpid()}"
             shutil.copy2(artifact, partial)
             os.replace(partial, store / "model.tar.gz")
-        report = self.output_path(step.metrics) / "report.html"  # Evaluate's page goes with the version
-        if report.is_file():
+        properties = {}
+        report = self.output_path(step.metrics) / (step.report_file or "")  # Evaluate's page
+        if step.report_file and report.is_file():
+            # Named by run: two runs may register the same artifact, each with its own report.
+            kept = store / f"report-{self.state['id']}.html"
             shutil.copy2(report, store / f".report.html.part-{os.getpid()}")
-            os.replace(store / f".report.html.part-{os.getpid()}", store / "report.html")
+            os.replace(store / f".report.html.part-{os.getpid()}", kept)
+            properties[REPORT_PROPERTY] = kept.resolve().as_uri()
         registry = open_registry(self.home)
         group = str(self.value(step.model_package_group))
         # A resumed Register (the runner was stopped after registering, before recording it)
@@ -486,10 +509,11 @@ class LocalRun:
         version = registry.register(
             str(self.value(step.model_package_group)), str(store / "model.tar.gz"), metrics,
             status=str(self.value(step.approval_status)), run_id=self.state["id"],
-            description=f"run {self.state['id']} ({self.state['profile']} profile)",
+            description=f"run {self.state['id']} ({self.state['profile']} profile)", properties=properties,
         )
         record["properties"] = {"group": version.group, "version": version.version,
-                                "status": version.status, "artifact": version.artifact_uri}
+                                "status": version.status, "artifact": version.artifact_uri,
+                                "report": properties.get(REPORT_PROPERTY, "")}
         self.echo(step.name, f"registered {version.group} version {version.version} ({version.status})")
 
     def _deploy(self, step: DeployStep, record: dict) -> None:

@@ -15,7 +15,8 @@ Standard deviations (how far the metric could move on another test set of the sa
   set drawn with --seed.
 
 Report: <output>/report.html, one self-contained page (report.py) with the metrics against the
-gate (--threshold) and a previous version (--previous-metrics, optional), the loss curves and
+gate (--threshold) and the previous registered version (--previous-metrics FILE, or looked up in
+the --model-package-group's registry, see previous.py), the loss curves and
 Debugger rule verdicts from what the artifact carries (history.json, debugger.json; rules.py),
 the data report (--data-report, optional) and the test photos, worst mistakes first. The
 verdicts are also written into evaluation.json under "debugger_rules". A report that cannot be
@@ -50,6 +51,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # rules.py and report.py sit beside this script
+import previous as previous_version  # noqa: E402
 import report as html_report  # noqa: E402
 import rules  # noqa: E402
 
@@ -400,6 +402,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     verdicts, debugger_note = rule_verdicts(history, debugger)
     report["debugger_rules"] = {"note": debugger_note, "verdicts": verdicts}
+    before, why_none = previous_version.lookup(args.model_package_group, args.previous_metrics)
+    report["previous_version"] = before or {"note": why_none}
+    print(f"compared with: {why_none or _version_name(before)}", flush=True)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -410,8 +415,13 @@ def evaluate(args: argparse.Namespace) -> dict:
         for i, name in enumerate(scores.names):
             writer.writerow([name, scores.y_true[i], scores.y_pred[i],
                              *(scores.corrupted[kind][i] for kind in corruptions)])
-    write_html_report(args, report, scores, history, debugger, verdicts, debugger_note)
+    write_html_report(args, report, scores, history, debugger, verdicts, debugger_note, before, why_none)
     return report
+
+
+def _version_name(before: dict) -> str:
+    status = f", {before['status']}" if before.get("status") else ""
+    return f"{before.get('group') or 'version'} {before.get('version')}{status}"
 
 
 def read_json(path: Path | None) -> dict | None:
@@ -443,16 +453,17 @@ def read_data_report(path: str | None) -> dict | None:
     return read_json(target / "data_report.json" if target.is_dir() else target)
 
 
-def write_html_report(args, report: dict, scores, history, debugger, verdicts, note) -> None:
+def write_html_report(args, report: dict, scores, history, debugger, verdicts, note,
+                      before: dict | None, why_none: str) -> None:
     output = Path(args.output)
     rows = [{"path": n, "label": t, "prediction": p}
             for n, t, p in zip(scores.names, scores.y_true, scores.y_pred)]
+    recorded = debugger if (debugger or {}).get("status") == "recorded" else {}
     try:
         page = html_report.render(
             report, rows, Path(args.test), history=history, verdicts=verdicts, debugger_note=note,
-            debugger_losses=(debugger or {}).get("losses") if (debugger or {}).get("status") == "recorded" else None,
-            data_report=read_data_report(args.data_report), previous=read_json(
-                Path(args.previous_metrics) if args.previous_metrics else None),
+            debugger_losses=recorded.get("losses"), learning_rate=recorded.get("learning_rate"),
+            data_report=read_data_report(args.data_report), previous=before, previous_note=why_none,
             threshold=args.threshold)
     except (html_report.ReportError, OSError) as exc:
         print(f"report: not written ({exc})", flush=True)
@@ -492,6 +503,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--previous-metrics", default=None,
                         help='JSON {"version": ..., "metrics": {"accuracy": ..., "rmse": ...}} of the '
                              "previous registered version, compared in report.html")
+    parser.add_argument("--model-package-group", default=None,
+                        help="without --previous-metrics: look up this group's newest Approved (else "
+                             "newest) version in the model registry and compare with it (previous.py)")
     parser.add_argument("--threshold", type=float, default=None, help="the accuracy gate, shown in report.html")
     return parser.parse_args(argv)
 

@@ -2,9 +2,9 @@
 
 Plots are drawn with matplotlib and embedded as base64 PNG, test photos as base64 JPEG
 thumbnails; there are no external scripts, styles or fonts. Sections: headline metrics against
-the gate and the previous registered version, per-class table, confusion matrix, loss curves,
-Debugger rule verdicts, accuracy under each corruption and its ratio to clean accuracy, the data
-report, and a grid of test photos with true and predicted counts, worst mistakes first.
+the gate and the previous registered version, per-class table, confusion matrix, loss curves and
+the learning rate, Debugger rule verdicts, accuracy under each corruption and its ratio to clean
+accuracy, the data report, and a grid of test photos with true and predicted counts, worst mistakes first.
 
 Plain module of the Evaluate step; standard library, numpy, Pillow and matplotlib.
 """
@@ -84,6 +84,22 @@ def step_loss_plot(losses: dict) -> str:
     return _png(fig)
 
 
+def learning_rate_plot(points: list) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 2.6))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", markersize=3)
+    ax.set(title="learning rate (Debugger, at its save interval)", xlabel="step")
+    return _png(fig)
+
+
+def _learning_rate(points: list) -> str:
+    """The plot, and the values themselves (a schedule is easier to check as numbers)."""
+    shown = points if len(points) <= 12 else points[:6] + points[-6:]
+    listed = ", ".join(f"step {int(s)}: {lr:.3g}" for s, lr in shown)
+    more = f" ({len(points)} saved, first and last 6 listed)" if len(points) > 12 else ""
+    return _img(learning_rate_plot(points), "learning rate") + f"<p class='note'>Learning rate{more}: {listed}</p>"
+
+
 def confusion_plot(confusion: dict) -> str:
     plt = _pyplot()
     labels = sorted(confusion, key=int)
@@ -125,13 +141,18 @@ def thumbnail(path: Path) -> str | None:
 
 # --------------------------------------------------------------------------- sections
 
-def _headline(evaluation: dict, threshold: float | None, previous: dict | None) -> str:
+def _previous_name(previous: dict) -> str:
+    status = f", {previous['status']}" if previous.get("status") else ""
+    return f" ({_e(previous.get('version'))}{_e(status)})"
+
+
+def _headline(evaluation: dict, threshold: float | None, previous: dict | None, previous_note: str = "") -> str:
     mc = evaluation["multiclass_classification_metrics"]
     rows = [("accuracy", mc["accuracy"], "higher"), ("rmse", evaluation["regression_metrics"]["rmse"], "lower"),
             ("weighted_f1", mc.get("weighted_f1"), "higher")]
     prev_mc = (previous or {}).get("metrics", {})
     out = ["<table><tr><th>metric</th><th>this run</th><th>gate</th><th>previous version"
-           + (f" ({_e(previous.get('version'))})" if previous else "") + "</th><th>change</th></tr>"]
+           + (_previous_name(previous) if previous else "") + "</th><th>change</th></tr>"]
     for name, value, better in rows:
         if not value:
             continue
@@ -150,7 +171,8 @@ def _headline(evaluation: dict, threshold: float | None, previous: dict | None) 
                    f"<td>{gate}</td><td>{_num(before, 4)}</td><td>{change}</td></tr>")
     out.append("</table>")
     if previous is None:
-        out.append("<p class='note'>No previous registered version was given: nothing to compare with.</p>")
+        out.append(f"<p class='note'>No previous registered version to compare with"
+                   f"{': ' + _e(previous_note) if previous_note else '.'}</p>")
     return "".join(out)
 
 
@@ -228,17 +250,19 @@ img.plot{max-width:100%}
 
 def render(evaluation: dict, predictions: list[dict], test_dir: Path, *, history: dict | None = None,
            verdicts: list[dict] | None = None, debugger_note: str = "", debugger_losses: dict | None = None,
-           data_report: dict | None = None, previous: dict | None = None,
+           learning_rate: list | None = None,
+           data_report: dict | None = None, previous: dict | None = None, previous_note: str = "",
            threshold: float | None = None, title: str = "") -> str:
     epochs = (history or {}).get("epochs") or []
     sections = [
-        ("Headline", _headline(evaluation, threshold, previous)),
+        ("Headline", _headline(evaluation, threshold, previous, previous_note)),
         ("Per class", _per_class(evaluation)),
         ("Confusion matrix", _img(confusion_plot(evaluation["multiclass_classification_metrics"]
                                                  ["confusion_matrix"]), "confusion matrix")),
         ("Loss curves", (_img(loss_plot(epochs), "loss curves") if epochs else
                          "<p class='note'>The model artifact holds no training history.</p>")
-         + (_img(step_loss_plot(debugger_losses), "loss per step") if debugger_losses else "")),
+         + (_img(step_loss_plot(debugger_losses), "loss per step") if debugger_losses else "")
+         + (_learning_rate(learning_rate) if learning_rate else "")),
         ("Debugger rules", _rules(verdicts or [], debugger_note)),
         ("Robustness", _robustness(evaluation)),
         ("Data", _data_report(data_report)),

@@ -3,16 +3,17 @@
     import debugger
     debugger.attach(model, rank)           # once, on the bare (not DDP-wrapped) module
     debugger.record("train", loss)         # each training step (a scalar loss tensor)
+    debugger.learning_rate(lr)             # each training step; saved at the weights' interval
     debugger.record("validation", loss)    # each validation batch
     debugger.finish(model_dir)             # reads the trial back, writes model_dir/debugger.json
 
-With smdebug, a `smdebug.pytorch.Hook` saves losses every step and weights, biases and
-gradients every DEBUGGER_INTERVAL steps (the `DEBUGGER_INTERVAL` environment variable, default
-100) into the trial folder: SageMaker's hook config when the job has one
+With smdebug, a `smdebug.pytorch.Hook` saves losses every step and weights, biases, gradients
+and the learning rate (a scalar, `scalar/learning_rate`) every DEBUGGER_INTERVAL steps (the
+`DEBUGGER_INTERVAL` environment variable, default 100) into the trial folder: SageMaker's hook config when the job has one
 (/opt/ml/input/config/debughookconfig.json; the trial then goes to the DebuggerHookConfig's S3
 path), else SM_OUTPUT_DATA_DIR/debugger. `finish` reads the trial back with `create_trial` and
-writes a compact summary into the model dir (losses per step and mode, the mean |value| of each
-gradient and weight at each saved step, their non-finite counts) that the Evaluate step turns
+writes a compact summary into the model dir (losses per step and mode, the learning rate and
+the mean |value| of each gradient and weight at each saved step, their non-finite counts) that the Evaluate step turns
 into the four rule verdicts (scripts/evaluate/rules.py). Without smdebug (or with one that does
 not import: it breaks on numpy 2 and protobuf > 3.20) debugger.json says why, training is
 unchanged, and the report says that the Debugger data is missing.
@@ -92,8 +93,21 @@ def record(mode: str, loss) -> None:
     _hook.record_tensor_value(tensor_name=f"loss_{mode}", tensor_value=loss.detach().float().mean())
 
 
+def learning_rate(lr: float) -> None:
+    """The learning rate of this training step, saved when the hook saves the weights (the same
+    steps on SageMaker, where the DebuggerHookConfig sets that interval)."""
+    if _hook is None:
+        return
+    from smdebug.core.collection import CollectionKeys
+
+    mode = _modes.TRAIN
+    if _hook.get_collection(CollectionKeys.WEIGHTS).save_config.should_save_step(mode, _hook.mode_steps[mode]):
+        _hook.save_scalar("learning_rate", float(lr))
+
+
 def summarize_trial(path: Path) -> dict:
-    """A saved trial -> {"losses": {mode: [[step, value]]}, "gradients": {...}, "tensors": {...}}."""
+    """A saved trial -> {"losses": {mode: [[step, value]]}, "learning_rate": [[step, lr]],
+    "gradients": {...}, "tensors": {...}}."""
     import numpy as np
     from smdebug.trials import create_trial
     trial = create_trial(str(path))
@@ -102,6 +116,10 @@ def summarize_trial(path: Path) -> dict:
         for name in trial.tensor_names(regex=f"^loss_{mode_name}"):  # smdebug adds "_output_0"
             tensor = trial.tensor(name)
             losses[mode_name] = [[int(s), float(np.asarray(tensor.value(s)))] for s in tensor.steps()]
+    learning_rate = []
+    for name in trial.tensor_names(regex=r"^scalar/learning_rate$"):  # save_scalar's "scalar/" prefix
+        tensor = trial.tensor(name)
+        learning_rate = [[int(s), float(np.asarray(tensor.value(s)).ravel()[0])] for s in tensor.steps()]
     gradients, tensors = {}, {}
     for name in trial.tensor_names(collection="gradients"):
         tensor = trial.tensor(name)
@@ -115,7 +133,7 @@ def summarize_trial(path: Path) -> dict:
             bad = values[~np.isfinite(values)]
             points.append([int(step), bad.tolist() or [0.0]])
         tensors[name] = points
-    return {"losses": losses, "gradients": gradients, "tensors": tensors}
+    return {"losses": losses, "learning_rate": learning_rate, "gradients": gradients, "tensors": tensors}
 
 
 def finish(model_dir: Path) -> dict:

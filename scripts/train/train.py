@@ -595,6 +595,7 @@ def train_one_epoch(model, loader, steps, optimizer, scheduler, scaler, device, 
             logits = model(images)
             loss = count_loss(logits, targets, head, class_weight, args.label_smoothing)
         debugger.record("train", loss)
+        debugger.learning_rate(optimizer.param_groups[0]["lr"])  # the rate this step applies
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
