@@ -34,18 +34,19 @@ def test_ordinal_probabilities_from_cumulative_logits():
     assert torch.allclose(p, torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.1]]), atol=1e-6)
 
 
-@pytest.mark.parametrize("probabilities, argmax, median", [
-    ([0.1, 0.3, 0.3, 0.2, 0.1], 1, 2),      # ties go to the lower count; cumulative 0.4, 0.7 -> 3rd
-    ([0.45, 0.0, 0.0, 0.0, 0.55], 4, 4),    # bimodal: median is where the mass reaches 1/2
-    ([0.3, 0.0, 0.1, 0.3, 0.3], 0, 3),
-    ([1.0, 0.0, 0.0, 0.0, 0.0], 0, 0),
-    ([0.0, 0.0, 0.0, 0.0, 1.0], 4, 4),
-    ([0.25, 0.25, 0.0, 0.0, 0.5], 4, 1),    # cumulative reaches exactly 0.5 at the 2nd count
+@pytest.mark.parametrize("probabilities, argmax, median, mean", [
+    ([0.1, 0.3, 0.3, 0.2, 0.1], 1, 2, 2),      # ties go to the lower count; cumulative 0.4, 0.7 -> 3rd
+    ([0.45, 0.0, 0.0, 0.0, 0.55], 4, 4, 2),    # bimodal: median where the mass reaches 1/2; mean 2.2
+    ([0.3, 0.0, 0.1, 0.3, 0.3], 0, 3, 2),      # expected index 2.3
+    ([1.0, 0.0, 0.0, 0.0, 0.0], 0, 0, 0),
+    ([0.0, 0.0, 0.0, 0.0, 1.0], 4, 4, 4),
+    ([0.25, 0.25, 0.0, 0.0, 0.5], 4, 1, 2),    # cumulative reaches exactly 0.5 at the 2nd count; mean 2.25
 ])
-def test_decoding(probabilities, argmax, median):
+def test_decoding(probabilities, argmax, median, mean):
     p = torch.tensor([probabilities])
     assert int(inference.decode_counts(p, "argmax")) == argmax
     assert int(inference.decode_counts(p, "median")) == median
+    assert int(inference.decode_counts(p, "mean")) == mean
 
 
 def test_median_of_ordinal_head_is_the_number_of_thresholds_passed():

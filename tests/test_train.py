@@ -318,3 +318,31 @@ def test_the_model_learns_to_count_squares(tmp_path_factory):
     config = json.loads((tmp / "model" / "model_config.json").read_text())
     # Chance is 0.2. Seeds 42, 1 and 2 reached 0.71, 0.81 and 0.71 here (augmentation on).
     assert config["validation"]["accuracy"] >= 0.5, done.stdout
+
+
+def test_backbone_learns_at_its_own_rate_after_the_head_warmup():
+    """--backbone_lr scales the backbone's lr; in --head_warmup_epochs only the head moves."""
+    train = import_script("train", "train")
+    args = train.parse_args(["--arch", "resnet18", "--lr", "0.1", "--backbone_lr", "0.1",
+                             "--head_warmup_epochs", "1", "--weight_decay", "0", "--momentum", "0"])
+    torch.manual_seed(0)
+    model = train.inference.build_model("resnet18", 5, head="ordinal", image_size=32)
+    optimizer = train.make_optimizer(model, args)
+    scheduler = train.make_scheduler(optimizer, total_steps=4, steps_per_epoch=2, args=args)
+    head, backbone = optimizer.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.fc.parameters()}
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 4])
+    rates = []
+    for _ in range(4):
+        before_conv, before_fc = model.conv1.weight.detach().clone(), model.fc.score.weight.detach().clone()
+        rates.append((head["lr"], backbone["lr"]))
+        loss = train.count_loss(model(images), targets, "ordinal")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        moved_conv = not torch.equal(before_conv, model.conv1.weight)
+        assert moved_conv == (rates[-1][1] > 0)  # the step used the rate before scheduler.step()
+        assert not torch.equal(before_fc, model.fc.score.weight)
+    assert rates[0][1] == rates[1][1] == 0.0  # the warm-up epoch: 2 steps, backbone still
+    assert rates[2][1] == pytest.approx(0.1 * rates[2][0]) and rates[2][1] > 0

@@ -107,7 +107,11 @@ def class_probabilities(outputs: torch.Tensor, head: str = "classify") -> torch.
 
 def decode_counts(probabilities: torch.Tensor, decode: str = "argmax") -> torch.Tensor:
     """[N, K] class probabilities -> [N] class indices. argmax: the most likely count; median:
-    the count where the cumulative probability first reaches 1/2 (closer on average)."""
+    the count where the cumulative probability first reaches 1/2 (closer on average); mean: the
+    expected count, rounded (the smallest squared error: what RMSE rewards)."""
+    if decode == "mean":
+        expected = (probabilities * torch.arange(probabilities.shape[1], device=probabilities.device)).sum(1)
+        return expected.round().long().clamp(0, probabilities.shape[1] - 1)
     if decode == "median":
         return (probabilities.cumsum(1) < 0.5).sum(1).clamp_max(probabilities.shape[1] - 1)
     return probabilities.argmax(1)

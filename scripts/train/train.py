@@ -185,8 +185,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "or a download; from scratch when there are none), none, or a .pth state_dict")
     p.add_argument("--head", type=text, default="ordinal", choices=inference.HEADS,
                    help="counting head: classify (5-way softmax) or ordinal (cumulative logits)")
-    p.add_argument("--decode", type=text, default="median", choices=("argmax", "median"),
-                   help="count from the class probabilities: the most likely one, or the median")
+    p.add_argument("--decode", type=text, default="median", choices=("argmax", "median", "mean"),
+                   help="count from the class probabilities: the most likely one, the median, or the "
+                        "rounded expected count")
     p.add_argument("--class_weights", type=text, default="balanced", choices=("balanced", "none"),
                    help="balanced: loss weights inversely proportional to the class frequencies")
     p.add_argument("--freeze_backbone", type=switch, default=False,
@@ -198,6 +199,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", type=text, default="none", choices=("flips", "none"),
                    help="test-time augmentation in validation and serving: mean over the 4 flips "
                         "(4x the inference cost)")
+    p.add_argument("--backbone_lr", type=positive_float, default=1.0,
+                   help="when every layer trains: the backbone's lr as a multiple of --lr (the head "
+                        "gets --lr); docs/model.md's fine-tuning recipe uses 0.1")
+    p.add_argument("--head_warmup_epochs", type=non_negative_int, default=0,
+                   help="when every layer trains: epochs at the start in which only the head learns")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=positive_float, default=0.01,
                    help="base learning rate (the schedule scales it)")
@@ -496,9 +502,25 @@ def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
         # A head alone: decay its weight matrices, not its biases or ordinal thresholds.
         params = [{"params": [p for p in params if p.dim() > 1], "weight_decay": decay},
                   {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+    elif getattr(args, "arch", None):
+        # The head first (its group is the one whose lr is logged), then the backbone at its own lr.
+        head = {id(p) for p in getattr(model, head_name(args.arch)).parameters()}
+        params = [{"params": [p for p in params if id(p) in head]},
+                  {"params": [p for p in params if id(p) not in head],
+                   "lr": args.lr * getattr(args, "backbone_lr", 1.0)}]
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=args.lr, weight_decay=decay)
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int, args):
+    """The per-step lr schedule of every group; the backbone's group waits --head_warmup_epochs."""
+    schedule = functools.partial(lr_factor, total=total_steps, steps_per_epoch=steps_per_epoch, args=args)
+    if getattr(args, "freeze_backbone", False):  # every group is the head's
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(optimizer.param_groups))
+    warmup = getattr(args, "head_warmup_epochs", 0) * steps_per_epoch
+    backbone = lambda step: 0.0 if step < warmup else schedule(step)  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule, backbone][:len(optimizer.param_groups)])
 
 
 def lr_factor(step: int, total: int, steps_per_epoch: int, args) -> float:
@@ -943,8 +965,7 @@ def run(args) -> None:
         val_steps = min(len(val_loader), args.max_batches or len(val_loader))
     optimizer = make_optimizer(fit, args)
     total_steps = args.epochs * train_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, train_steps, args))
+    scheduler = make_scheduler(optimizer, total_steps, train_steps, args)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 needs loss scaling
     class_weight = balanced_weights(train_set.targets, device) if args.class_weights == "balanced" else None
