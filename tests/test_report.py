@@ -96,17 +96,22 @@ def test_rule_verdicts_are_in_the_report_and_in_evaluation_json(report, run):
         assert verdicts["VanishingGradient"] == "NoData"
 
 
+def report_of(model_dir: Path, test: Path, out: Path) -> str:
+    """Evaluate the artifact packed from `model_dir` without corruptions; the report's HTML."""
+    tar_model(model_dir, out.with_suffix(".tar.gz"))
+    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(out.with_suffix(".tar.gz")), "--test",
+                           str(test), "--output", str(out), "--corruptions", "none"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return (out / "report.html").read_text()
+
+
 def test_without_history_or_data_report_the_report_says_what_is_missing(run):
     bare = run / "bare"
     shutil.copytree(run / "model", bare)
     (bare / "history.json").unlink()
     (bare / "debugger.json").unlink()
-    tar_model(bare, run / "bare.tar.gz")
-    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(run / "bare.tar.gz"), "--test",
-                           str(run / "test"), "--output", str(run / "bare-eval"), "--corruptions", "none"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    page = (run / "bare-eval" / "report.html").read_text()
+    page = report_of(bare, run / "test", run / "bare-eval")
     assert "holds no training history" in page and "No data report" in page
     assert "the model artifact has no debugger.json" in page and "No previous registered version" in page
 
@@ -180,11 +185,6 @@ def test_the_learning_rate_the_debugger_recorded_is_plotted_and_listed(run, tmp_
     (model / "debugger.json").write_text(json.dumps({
         "status": "recorded", "smdebug": "1.0.34", "losses": {"train": [[0, 1.6], [1, 1.5], [2, 1.4]]},
         "learning_rate": rates, "gradients": {}, "tensors": {}}))
-    tar_model(model, tmp_path / "model.tar.gz")
-    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(tmp_path / "model.tar.gz"), "--test",
-                           str(run / "test"), "--output", str(tmp_path / "out"), "--corruptions", "none"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    page = (tmp_path / "out" / "report.html").read_text()
+    page = report_of(model, run / "test", tmp_path / "out")
     assert '<img class="plot" src="data:image/png;base64,' in page and 'alt="learning rate"' in page
     assert "Learning rate: step 0: 0.01, step 2: 0.02, step 4: 0.005" in page
