@@ -200,6 +200,18 @@ def test_median_pruning_stops_a_bad_trial_after_its_second_report_never_on_its_l
     assert trials[3].reports == [0.5, 0.6, 0.65] and trials[3].objective == 0.65
 
 
+def test_the_sampler_learns_from_a_stopped_trial_and_it_does_not_count_as_finished():
+    """GPSampler fits only complete trials: a stopped one is told with its last value, or the
+    search proposes the same bad point again; the stopping rule still waits for two finished."""
+    curves = {1: GOOD, 2: GOOD, 3: [0.1, 0.1, 0.1], 4: [0.1, 0.1, 0.1]}
+    tuner = Tuner(tuning_step("Random", "Auto"), len(curves), 1, log=lambda m: None)
+    tuner.run(lambda trial, stop: job(curves[trial.index], stop))
+    assert [t.status for t in tuner.trials] == ["Completed", "Completed", "Stopped", "Stopped"]
+    told = tuner.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [t.value for t in told][2:] == [0.1, 0.1]  # what the sampler sees of the stopped ones
+    assert len(tuner_module.finished(tuner.study)) == 2
+
+
 def test_no_pruning_before_two_completed_trials_nor_when_early_stopping_is_off():
     trials = stopping_run("Auto", {1: GOOD, 2: [0.1, 0.1, 0.1], 3: GOOD})
     assert all(t.status == "Completed" for t in trials)  # trial 2: one completed trial only

@@ -15,7 +15,9 @@ Driven by the tuning step's declaration (the tuning job config):
   the declared regex (as SageMaker does).
 - Early stopping `Auto`: Optuna's median pruner. Every objective line is reported as one step;
   from its second report on, a trial whose best value so far is worse than the median of
-  completed trials at the same step is stopped. A report is judged only against trials that ran
+  earlier trials at the same step (stopped ones included, as SageMaker's median rule does) is
+  stopped. A stopped trial's last value is told to the sampler as its result, so the search
+  learns from it. A report is judged only against trials that ran
   past it, so a trial is never stopped on its final report (a one-epoch trial always finishes).
   `Off`: no pruning.
 """
@@ -94,18 +96,30 @@ def suggest(trial: optuna.Trial, ranges) -> dict[str, str]:
     return point
 
 
+STOPPED = "stopped_early"  # user attribute of a trial the rule stopped (told to the study as complete)
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that ran to their end: complete and not stopped early."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not t.user_attrs.get(STOPPED)]
+
+
 class MedianStoppingRule(optuna.pruners.BasePruner):
     """Optuna's MedianPruner (judging from the second report on), asked only when some completed
     trial ran past this report: a trial's last report is never a reason to stop it."""
 
     def __init__(self, n_startup_trials: int = MIN_TRIALS_FOR_STOPPING):
+        self.n_startup_trials = n_startup_trials
         self.median = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=1)
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
         if step is None:
             return False
-        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        completed = finished(study)
+        if len(completed) < self.n_startup_trials:
+            return False
         if not any(t.last_step is not None and t.last_step > step for t in completed):
             return False
         return self.median.prune(study, trial)
@@ -209,7 +223,11 @@ class Tuner:
         if t.status == "Completed":
             self.study.tell(handle, t.objective)
         elif t.status == "Stopped":
-            self.study.tell(handle, state=TrialState.PRUNED)
+            # Told as a result (its last value), not as pruned: GPSampler learns only from complete
+            # trials, and a bad region it never heard of it proposes again (the real profile ran
+            # lr 0.1 three times). The stopping rule still counts only trials that ran to the end.
+            handle.set_user_attr(STOPPED, True)
+            self.study.tell(handle, t.objective)
         else:
             self.study.tell(handle, state=TrialState.FAIL)
 
