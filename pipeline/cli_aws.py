@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from pipeline.cli import CommandError
+from pipeline.profiles import PROFILES
 
 DEFAULT_PIPELINE = "bin-count"
 
@@ -72,8 +73,9 @@ def _build_options(parser: argparse.ArgumentParser) -> None:
     _aws_options(parser)
     parser.add_argument("--bucket", help="S3 bucket for code and artifacts "
                                          "(default: the SageMaker default bucket of the account)")
-    parser.add_argument("--profile", default="full", choices=["full", "local"],
-                        help="parameter defaults baked into the definition (default: full)")
+    parser.add_argument("--profile", default="full", choices=list(PROFILES),
+                        help="parameter defaults baked into the definition (default: full; finetune: "
+                             "the best recipe measured on real photos)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="set a parameter's default in the definition (repeatable); "
                              "KmsKeyId, ManifestUrl, SubnetIds, SecurityGroupIds are decided here")

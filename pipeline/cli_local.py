@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import CommandError
+from pipeline.profiles import PROFILES
 from pipeline.home import invmon_home
 from pipeline.registry import RegistryError
 
@@ -16,9 +17,10 @@ def add_commands(commands) -> None:
     run.add_argument("--data", help="photos: ABID bucket layout or one folder per count "
                                     "(default: the embedded synthetic data)")
     run.add_argument("--manifest", help="file_list.json-style manifest selecting photos")
-    run.add_argument("--profile", default="local", choices=["local", "real", "full"],
+    run.add_argument("--profile", default="local", choices=list(PROFILES),
                      help="parameter defaults: local (fast, CPU, synthetic data), real (real ABID photos "
-                          "on a CPU: frozen pretrained EfficientNet-Lite0) or full (the reference recipe)")
+                          "on a CPU: frozen pretrained EfficientNet-Lite0), finetune (real photos on a "
+                          "GPU: Lite0 fine-tuned at 320 px) or full (the reference recipe)")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                      help="set a pipeline parameter (repeatable), e.g. --param Epochs=3")
     run.add_argument("--resume", metavar="RUN_ID", help="resume a failed run from its failed step")

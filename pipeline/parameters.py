@@ -32,6 +32,9 @@ class Parameter:
 
 
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
+# Values train.py accepts for these (it checks them again, in the job, with the same message).
+CHOICES = {"Optimizer": ("sgd", "adamw"), "Decode": ("argmax", "median", "mean"),
+           "TestTimeAugmentation": ("none", "flips")}
 
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("InputDataUrl", str, "s3://aft-vbi-pds/",
@@ -54,6 +57,13 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("FreezeBackbone", str, "false",
               "true: train only the counting head on the frozen pretrained backbone's features"),
     Parameter("ImageSize", int, 224, "square crop the network sees, in pixels"),
+    Parameter("BackboneLr", float, 1.0,
+              "when every layer trains: the pretrained backbone's lr as a multiple of the head's"),
+    Parameter("HeadWarmupEpochs", int, 0, "when every layer trains: first epochs in which only the head learns"),
+    Parameter("Optimizer", str, "sgd", "sgd (momentum 0.9) or adamw"),
+    Parameter("Decode", str, "median",
+              "count from the class probabilities: argmax, median, or mean (rounded expected count)"),
+    Parameter("TestTimeAugmentation", str, "none", "flips: serve the mean over the 4 flips (4x the cost)"),
     Parameter("ResizeShortSide", int, 256, "Preprocess resizes each photo's short side to this"),
     Parameter("TrialDataFraction", float, 0.1, "fraction of the training split each trial uses"),
     Parameter("TrialEpochs", int, 1, "epochs per tuning trial"),
@@ -86,6 +96,9 @@ def parse_assignments(items: list[str]) -> dict[str, object]:
     counts = values.get("SelectCounts")
     if counts is not None and not re.fullmatch(r"[1-5](-[1-5])?(,[1-5](-[1-5])?)*", str(counts)):
         raise ValueError(f"SelectCounts expects counts within 1-5 like 1-5 or 1,3, got {counts!r}")
+    for name, allowed in CHOICES.items():
+        if name in values and values[name] not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {values[name]!r}")
     status = values.get("ModelApprovalStatus")
     if status is not None and status not in APPROVAL_STATUSES:
         raise ValueError(f"ModelApprovalStatus must be one of {APPROVAL_STATUSES}, got {status!r}")

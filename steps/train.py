@@ -22,6 +22,11 @@ COMMON_HYPERPARAMETERS = (
     ("seed", Param("Seed")),
     ("pretrained", "auto"),
     ("freeze_backbone", Param("FreezeBackbone")),
+    ("backbone_lr", Param("BackboneLr")),
+    ("head_warmup_epochs", Param("HeadWarmupEpochs")),
+    ("optimizer", Param("Optimizer")),
+    ("decode", Param("Decode")),
+    ("tta", Param("TestTimeAugmentation")),
 )
 
 # SageMaker Debugger on the Train step (pipeline/sagemaker_pipeline.py): the hook's collections and

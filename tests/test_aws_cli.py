@@ -90,6 +90,8 @@ def test_start_with_parameters_and_commit_id(moto_aws, capsys):
     (["start", "--param", "Nope=1"], "unknown parameter 'Nope'"),
     (["start", "--param", "Epochs=three"], "Epochs expects int"),
     (["start", "--param", "ModelApprovalStatus=Maybe"], "ModelApprovalStatus must be one of"),
+    (["start", "--param", "Decode=average"], "Decode must be one of argmax, median, mean, got 'average'"),
+    (["start", "--param", "Optimizer=adam"], "Optimizer must be one of sgd, adamw"),
     (["start", "--param", "SubnetIds=subnet-1"], "cannot override SubnetIds at start"),
     (["start", "--param", "KmsKeyId=alias/k"], "KmsKeyId was empty when the pipeline was upserted"),
     (["start", "--pipeline-name", "nope"], "no pipeline 'nope'"),

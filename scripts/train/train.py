@@ -993,8 +993,9 @@ def run(args) -> None:
 
     log(f"training {args.arch} at {args.image_size}px on {device} (x{WORLD}, {torch.get_num_threads()} "
         f"threads, {train_loader.num_workers} workers): {args.epochs} epochs x {train_steps} batches of "
-        f"{args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}, augment {args.augment}, "
-        f"amp {dtype or 'off'}")
+        f"{args.batch_size}, {args.optimizer} lr {args.lr} {args.lr_schedule}"
+        + ("" if args.freeze_backbone else f" (backbone x{args.backbone_lr}, from epoch {args.head_warmup_epochs + 1})")
+        + f", augment {args.augment}, decode {args.decode}, tta {args.tta}, amp {dtype or 'off'}")
     for epoch in range(start_epoch, args.epochs + 1):
         started = time.perf_counter()
         if isinstance(train_loader.sampler, DistributedSampler):
