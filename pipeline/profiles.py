@@ -53,8 +53,9 @@ REAL: dict[str, object] = {
     "TrialDataFraction": 1.0,
     "TrialEpochs": 30,
     "Epochs": 30,
-    # The majority class is 0.254 of the sample; 5-fold CV of this recipe gave 0.36-0.40.
-    "AccuracyThreshold": 0.32,
+    # The majority class is 0.254 of the sample; 5-fold CV of this recipe gave 0.322 +- 0.024,
+    # so a good model passes a gate about one standard deviation below that mean.
+    "AccuracyThreshold": 0.30,
 }
 
 FINETUNE: dict[str, object] = {
