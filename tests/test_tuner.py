@@ -212,6 +212,22 @@ def test_the_sampler_learns_from_a_stopped_trial_and_it_does_not_count_as_finish
     assert len(tuner_module.finished(tuner.study)) == 2
 
 
+def test_a_failed_trial_says_what_its_script_said_and_the_search_goes_on():
+    from pipeline.local.jobs import JobFailed
+
+    def run_trial(trial, stop):
+        if trial.index == 1:
+            raise JobFailed("train.py exited with code 1; end of its log (/x/log.txt):\n"
+                            "Traceback (most recent call last):\n  ...\nValueError: no photos in train\n")
+        return job(GOOD, stop)
+    tuner = Tuner(tuning_step("Random", "Off"), 2, 1, log=lambda m: None)
+    tuner.run(run_trial)
+    failed, done = tuner.trials
+    assert failed.status == "Failed" and done.status == "Completed"
+    assert failed.error == ("train.py exited with code 1; end of its log (/x/log.txt): ... "
+                            "ValueError: no photos in train")
+
+
 def test_no_pruning_before_two_completed_trials_nor_when_early_stopping_is_off():
     trials = stopping_run("Auto", {1: GOOD, 2: [0.1, 0.1, 0.1], 3: GOOD})
     assert all(t.status == "Completed" for t in trials)  # trial 2: one completed trial only

@@ -105,6 +105,13 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if not t.user_attrs.get(STOPPED)]
 
 
+def failure_line(exc: Exception) -> str:
+    """One line for a failed trial: the job's own first line, and the last line of the log tail
+    it carries (where the script said what went wrong)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
 class MedianStoppingRule(optuna.pruners.BasePruner):
     """Optuna's MedianPruner (judging from the second report on), asked only when some completed
     trial ran past this report: a trial's last report is never a reason to stop it."""
@@ -190,7 +197,7 @@ class Tuner:
             try:
                 result = run_trial(trial, stop)
             except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, the search goes on
-                trial.status, trial.error = "Failed", str(exc).splitlines()[0]
+                trial.status, trial.error = "Failed", failure_line(exc)
                 return trial
             trial.seconds = result.seconds
             trial.reports = result.metrics.get(objective, [])
