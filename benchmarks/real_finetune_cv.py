@@ -90,21 +90,16 @@ class Pixels(torch.utils.data.Dataset):
         return self.transform(self.pixels[i]), self.labels[i]
 
 
-def trainable(model, first_block: int) -> None:
-    """Freeze the stem and the blocks before `first_block` (their BatchNorm statistics too)."""
-    if first_block <= 0:
-        return
-    frozen = [model._conv_stem, model._bn0, *model._blocks[:first_block]]
-    for module in frozen:
-        module.requires_grad_(False)
-        module.eval()  # re-applied after every model.train()
+def frozen_part(model, first_block: int) -> list:
+    """The stem and the blocks before `first_block`: what a partial fine-tune leaves as it is."""
+    return [model._conv_stem, model._bn0, *model._blocks[:first_block]] if first_block > 0 else []
 
 
 def set_train(model, first_block: int) -> None:
+    """Training mode, but the frozen part keeps its BatchNorm statistics (eval mode)."""
     model.train()
-    if first_block > 0:
-        for module in (model._conv_stem, model._bn0, *model._blocks[:first_block]):
-            module.eval()
+    for module in frozen_part(model, first_block):
+        module.eval()
 
 
 def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device, workers: int) -> dict:
@@ -112,28 +107,26 @@ def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device
     normalize = lambda x: inference.normalize(x, config)  # noqa: E731
     model = inference.build_model(ARCH, 5, head=cfg["head"], image_size=cfg["size"])
     source = train.load_pretrained(model, ARCH, cfg["pretrained"])
-    trainable(model, cfg["first_block"])
+    for module in frozen_part(model, cfg["first_block"]):
+        module.requires_grad_(False)
     model.to(device, memory_format=torch.channels_last)
-    head = [p for p in model._fc.parameters()]
-    backbone = [p for n, p in model.named_parameters() if not n.startswith("_fc.") and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": head, "lr": cfg["lr"]},
-                                   {"params": backbone, "lr": cfg["lr"] * cfg["backbone_lr"]}],
-                                  weight_decay=cfg["weight_decay"])
-    bases = [g["lr"] for g in optimizer.param_groups]
     transform = build_train_transform(cfg["augment"], cfg["size"], normalize)
     data = Pixels(pixels[train_idx], labels[train_idx], transform)
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda")
+    # train.py's own optimizer and schedule: the head at lr, the backbone at backbone_lr x lr
+    # after the head-only warm-up, cosine per step (what the `finetune` profile runs).
+    args = train.parse_args(["--arch", ARCH, "--optimizer", "adamw", "--lr", str(cfg["lr"]),
+                             "--weight_decay", str(cfg["weight_decay"]), "--backbone_lr", str(cfg["backbone_lr"]),
+                             "--head_warmup_epochs", str(cfg["warmup_head_epochs"]), "--epochs", str(epochs)])
+    optimizer = train.make_optimizer(model, args)
+    scheduler = train.make_scheduler(optimizer, epochs * len(loader), len(loader), args)
     weight = train.balanced_weights(labels[train_idx].tolist(), device)
-    total, step, seen, started = epochs * len(loader), 0, 0, time.perf_counter()
-    for epoch in range(epochs):
+    seen, started = 0, time.perf_counter()
+    for _ in range(epochs):
         set_train(model, cfg["first_block"])
         for images, targets in loader:
-            progress = step / total
-            for group, base in zip(optimizer.param_groups, bases):
-                warm = epoch < cfg["warmup_head_epochs"] and group is optimizer.param_groups[1]
-                group["lr"] = 0.0 if warm else base * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * progress)).item())
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)
             with train.autocast(device, train.amp_dtype(device, "auto")):
@@ -141,7 +134,7 @@ def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
+            scheduler.step()
             seen += len(targets)
     rate = seen / (time.perf_counter() - started)
     model.eval()
