@@ -21,13 +21,18 @@ from test_train import FAST, TRAIN, write_split
 rules = import_script("evaluate", "rules")
 
 
-@pytest.fixture(scope="module")
-def step_python() -> Path:
+def training_environment() -> Path:
+    """The training step's python (built once, cached like the runner's), or skip saying why."""
     envs = Path(os.environ.get("INVMON_HOME", ROOT / ".invmon")) / "envs"
     try:
         return python_for(ROOT / "scripts" / "train" / "requirements.txt", envs)
     except StepEnvironmentError as exc:
         pytest.skip(f"the training step environment (smdebug) cannot be built here: {str(exc)[-300:]}")
+
+
+@pytest.fixture(scope="module")
+def step_python() -> Path:
+    return training_environment()
 
 
 def train(python: Path, tmp: Path, data: dict, *args: str, **env) -> subprocess.CompletedProcess:

@@ -124,8 +124,8 @@ def test_frozen_lite0_trains_serves_and_loads_weights_only(tmp_path, squares, mo
 def test_the_debugger_hook_records_the_frozen_head(tmp_path):
     """On frozen features the loop calls the head alone: the smdebug hook must sit on the head,
     or smdebug fails the first step ("Collections have not been prepared yet")."""
-    from test_debugger import step_python, train as train_in
-    python = step_python.__wrapped__()  # the fixture's function: builds or finds the environment
+    from test_debugger import train as train_in, training_environment
+    python = training_environment()
     data = {"train": write_split(tmp_path / "train", 4, seed=1), "validation": write_split(tmp_path / "val", 2, seed=2)}
     done = train_in(python, tmp_path, data, "--arch", "efficientnet_lite0", "--freeze_backbone", "true",
                     "--epochs", "2", "--checkpoint_dir", "none", DEBUGGER_INTERVAL="2")
