@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import CommandError
-from pipeline.profiles import PROFILES
 from pipeline.home import invmon_home
+from pipeline.profiles import PROFILES
 from pipeline.registry import RegistryError
 
 

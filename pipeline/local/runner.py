@@ -488,8 +488,8 @@ class LocalRun:
             shutil.copy2(artifact, partial)
             os.replace(partial, store / "model.tar.gz")
         properties = {}
-        report = self.output_path(step.metrics) / (step.report_file or "")  # Evaluate's page
-        if step.report_file and report.is_file():
+        report = self.output_path(step.metrics) / step.report_file if step.report_file else None
+        if report is not None and report.is_file():  # Evaluate's page goes with the version
             # Named by run: two runs may register the same artifact, each with its own report.
             kept = store / f"report-{self.state['id']}.html"
             shutil.copy2(report, store / f".report.html.part-{os.getpid()}")

@@ -25,6 +25,10 @@ HEADLINE = {"accuracy": ("multiclass_classification_metrics", "accuracy"),
             "rmse": ("regression_metrics", "rmse")}
 
 
+def nothing_registered(group: str) -> str:
+    return f"no version of {group} is registered yet: nothing to compare with"
+
+
 def choose(versions: list[dict]) -> dict | None:
     """Of [{"version": n, "status": s, ...}], the newest Approved one, else the newest."""
     approved = [v for v in versions if v.get("status") == "Approved"]
@@ -54,7 +58,7 @@ def from_listing(path: Path, group: str) -> tuple[dict | None, str]:
     versions = [v for v in listing.get("versions", []) if listing.get("group") == group]
     chosen = choose(versions)
     if chosen is None:
-        return None, f"no version of {group} is registered yet: nothing to compare with"
+        return None, nothing_registered(group)
     return comparison(group, chosen, chosen.get("evaluation") or {}), ""
 
 
@@ -77,7 +81,7 @@ def from_sagemaker(group: str, sm=None, s3=None) -> tuple[dict | None, str]:
             break
     chosen = choose(summaries)
     if chosen is None:
-        return None, f"no version of {group} is registered yet: nothing to compare with"
+        return None, nothing_registered(group)
     package = sm.describe_model_package(ModelPackageName=chosen["arn"])
     uri = (((package.get("ModelMetrics") or {}).get("ModelQuality") or {}).get("Statistics") or {}).get("S3Uri", "")
     if not uri.startswith("s3://"):
