@@ -132,7 +132,7 @@ def fit_and_score(x: torch.Tensor, y: torch.Tensor, test: torch.Tensor, cfg: dic
     model.eval()
     with torch.no_grad():
         xte = (x[test] - mean) / std
-        views = 4 if cfg["tta"] else 1
+        views = x.shape[1] if cfg["tta"] else 1  # TTA: the mean over every extracted flip view
         out = torch.stack([model(xte[:, v]) for v in range(views)]).mean(0)
         pred = predict(cfg["head"], out, cfg["decode"])
     yte = y[test]
@@ -172,8 +172,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--features", type=Path, default=Path("/tmp/invmon-features"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 320])
-    parser.add_argument("--grid", default="main", choices=("main", "quick", "l2", "final"))
+    parser.add_argument("--grid", default="main", choices=("main", "quick", "l2", "final", "backbones"))
     parser.add_argument("--tag", default="", help="features_<size><tag>.pt")
+    parser.add_argument("--concat", nargs="*", default=[], metavar="SIZE+TAG",
+                        help="also concatenate these feature files' avg features (e.g. 320_lite2): "
+                             "frozen features of several backbones or resolutions side by side")
     parser.add_argument("--skip", type=int, default=0, help="final grid: skip the first N configurations")
     parser.add_argument("--out", type=Path, default=Path("/tmp/invmon-features/cv.json"))
     parser.add_argument("--threads", type=int, default=2)
@@ -188,6 +191,12 @@ def main() -> None:
             print(f"{path} missing: skipped", file=sys.stderr)
             continue
         features = torch.load(path, weights_only=False)
+        for other in args.concat:
+            extra = torch.load(args.features / f"features_{other}.pt", weights_only=False)
+            if extra["paths"] != features["paths"]:
+                raise SystemExit(f"features_{other}.pt is of other photos than {path.name}")
+            views = min(features["avg"].shape[1], extra["avg"].shape[1])
+            features = {**features, "avg": torch.cat([features["avg"][:, :views], extra["avg"][:, :views]], -1)}
         configs = []
         # Heads x decoding, with the default options.
         for head in ("classify", "ordinal", "regression"):
@@ -210,6 +219,13 @@ def main() -> None:
                         {**one, "head": "regression", "decode": "argmax"}, {**one, "balanced": False},
                         {**one, "train_views": 1}, {**one, "train_views": 4}, {**one, "train_views": 4, "tta": True}]
             configs = configs[args.skip:]
+        if args.grid == "backbones":  # one backbone/resolution against another: the leading heads
+            one = {**base, "head": "ordinal", "decode": "median", "l2": 0.3, "train_views": 2, "tta": False,
+                   "steps": 400}
+            configs = [{**one, "l2": l2} for l2 in (0.1, 0.3, 1.0)]
+            configs += [{**one, "decode": "mean", "l2": l2} for l2 in (0.1, 0.3)]
+            configs += [{**one, "tta": True}, {**one, "decode": "mean", "tta": True},
+                        {**one, "head": "classify", "decode": "argmax"}, {**one, "head": "regression", "decode": "argmax"}]
         if args.grid == "main":
             for head in ("classify", "ordinal"):
                 decode = "median" if head == "ordinal" else "argmax"
@@ -219,7 +235,7 @@ def main() -> None:
                             {**one, "wd": 0.5}, {**one, "wd": 0.005},
                             {**one, "pool": "avgmax"}, {**one, "hidden": 256}]
         available = features["avg"].shape[1]
-        configs = [c if available == 4 else {**c, "train_views": 1, "tta": False} for c in configs]
+        configs = [{**c, "train_views": min(c["train_views"], available)} for c in configs]
         configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
         for cfg in configs:
             started = time.perf_counter()

@@ -35,7 +35,12 @@ from PIL import Image  # noqa: E402
 inference = train.inference
 
 LABELS = (1, 2, 3, 4, 5)
-STAGE_ENDS = (2, 4, 7, 10, 14, 15)
+
+
+def stage_ends(model) -> list[int]:
+    """Index of each stage's last block after the first (for Lite0: 24, 40, 80, 112, 192, 320 channels)."""
+    width = [block._block_args.output_filters for block in model._blocks]
+    return [i for i in range(len(width)) if i == len(width) - 1 or width[i + 1] != width[i]][1:]
 
 
 def list_sample(root: Path) -> list[tuple[Path, int]]:
@@ -54,6 +59,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "abid-sample")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 320])
     parser.add_argument("--out", type=Path, default=Path("/tmp/invmon-features"))
+    parser.add_argument("--arch", default="efficientnet_lite0", choices=sorted(inference.EFFICIENTNETS))
     parser.add_argument("--tag", default="", help="suffix of the output name (features_<size><tag>.pt)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="8: the fastest on 2 CPU cores")
@@ -69,7 +75,7 @@ def main() -> None:
         if target.exists():
             print(f"{target} exists: skipped", flush=True)
             continue
-        mean, std = inference.normalization("efficientnet_lite0")
+        mean, std = inference.normalization(args.arch)
         config = {"image_size": size, "mean": mean, "std": std}
         started = time.perf_counter()
 
@@ -80,13 +86,12 @@ def main() -> None:
         with ThreadPoolExecutor(args.threads) as pool:
             pixels = torch.stack(list(pool.map(decode, (p for p, _ in samples))))
         print(f"{size}px: decoded {len(samples)} photos in {time.perf_counter() - started:.1f}s", flush=True)
-        model = inference.build_model("efficientnet_lite0", len(LABELS), image_size=size)
-        source = train.load_pretrained(model, "efficientnet_lite0", "auto")
+        model = inference.build_model(args.arch, len(LABELS), image_size=size)
+        source = train.load_pretrained(model, args.arch, "auto")
         print(f"weights: {source}", flush=True)
         model.eval().to(memory_format=torch.channels_last)
         avg, mx, stages, taken = [], [], [], []
-        # Last block of each stage of Lite0 (24, 40, 80, 112, 192, 320 channels).
-        for index in STAGE_ENDS:
+        for index in stage_ends(model):
             model._blocks[index].register_forward_hook(lambda _m, _i, out: taken.append(out))
         started = time.perf_counter()
         with torch.inference_mode():

