@@ -2,6 +2,7 @@
 the from-scratch fallback, the frozen-backbone training path, and serving a Lite0 artifact."""
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import json
@@ -78,11 +79,12 @@ def test_frozen_lite0_trains_serves_and_loads_weights_only(tmp_path, squares, mo
     features cached for the next job; the artifact loads with weights_only=True and serves."""
     env = {"INVMON_FEATURE_CACHE": str(tmp_path / "features")}
     args = ["--arch", "efficientnet_lite0", "--image_size", "64", "--freeze_backbone", "true",
-            "--head", "ordinal", "--decode", "median", "--tta", "flips", "--epochs", "3", "--feature_flips", "4",
+            "--head", "ordinal", "--decode", "median", "--tta", "flips", "--epochs", "3", "--feature_views", "4",
             "--batch_size", "16", "--lr", "0.01", "--checkpoint_dir", "none"]
     done = run_train(tmp_path / "a", squares, *args, env=env)
     assert "pretrained: loaded ImageNet weights" in done.stdout
-    assert "frozen backbone: training the ordinal head on 120 feature vectors (30 photos x 4 flips)" in done.stdout
+    assert "frozen backbone: training the ordinal head on 120 feature vectors (30 photos x 4 views)" in done.stdout
+    assert "features: 30 photos x 4 views (augmented)" in done.stdout
     model_dir = tmp_path / "a" / "model"
     config = json.loads((model_dir / "model_config.json").read_text())
     assert config["arch"] == "efficientnet_lite0" and config["head"] == "ordinal"
@@ -136,3 +138,40 @@ def test_the_debugger_hook_records_the_frozen_head(tmp_path):
     assert "debugger: recorded" in done.stdout
     summary = json.loads((tmp_path / "model" / "debugger.json").read_text())
     assert summary["status"] == "recorded" and summary["losses"]["train"] and summary["gradients"]
+
+
+def test_frozen_features_train_on_seeded_augmented_views(tmp_path, squares, monkeypatch):
+    """The head's training views after the first go through the training augmentation (so that it
+    sees blurred, dark and noisy photos), drawn the same way every time and without moving the
+    training loop's random state; validation features stay the clean photo and its flips."""
+    monkeypatch.setenv("INVMON_FEATURE_CACHE", str(tmp_path / "cache"))
+    args = train.get_args_parser().parse_args(
+        ["--arch", "efficientnet_lite0", "--image_size", "64", "--freeze_backbone", "true", "--augment", "3"])
+    config = train.model_config(args)
+    samples = [(p, int(p.parent.name) - 1) for p in sorted(squares["train"].glob("*/*.jpg"))[:6]]
+    normalize = functools.partial(inference.normalize, config=config)
+    data = train.BinImages(samples, config, normalize, cache=True)
+    model = inference.build_model("efficientnet_lite0", 5, image_size=64)
+    train.load_pretrained(model, "efficientnet_lite0", "auto")
+    augmenter = train.build_train_transform(3.0, 64, normalize)
+    device = torch.device("cpu")
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    augmented = train.backbone_features(model, data, 2, args, device, augmenter)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert data.transform is normalize
+    again = train.backbone_features(model, data, 2, args, device, augmenter)
+    assert torch.equal(augmented, again)
+    flips = train.backbone_features(model, data, 2, args, device)
+    assert not augmented.requires_grad
+    assert torch.equal(augmented[:, 0], flips[:, 0])  # the photo itself, as served
+    assert not torch.allclose(augmented[:, 1], flips[:, 1], atol=1e-3)  # not merely the mirror image
+
+    # The cache tells augmented views from flips and from another strength.
+    first = train.cached_features(model, data, 2, args, device, augmenter)
+    assert torch.equal(first, augmented)
+    args.augment = 1.0
+    milder = train.cached_features(model, data, 2, args, device, train.build_train_transform(1.0, 64, normalize))
+    assert not torch.equal(milder[:, 1], augmented[:, 1])
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
