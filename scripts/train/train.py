@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -194,7 +195,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="balanced: loss weights inversely proportional to the class frequencies")
     p.add_argument("--freeze_backbone", type=switch, default=False,
                    help="train only the head, on the frozen pretrained backbone's features (computed "
-                        "once, for the 4 flips of every photo): minutes on a CPU instead of hours")
+                        "once per photo and view, see --feature_views): minutes on a CPU instead of hours")
     p.add_argument("--feature_views", type=positive_int, default=2, choices=(1, 2, 4),
                    help="with --freeze_backbone: train on the features of this many views of each photo: "
                         "the photo as is, then views through the training augmentation at --augment "
@@ -892,7 +893,7 @@ def cached_features(model, data: BinImages, views: int, args, device, augmenter=
     kind = "flips"
     if augmenter is not None and views > 1:
         # The augmented views depend on the strength, the seed and augment.py itself.
-        recipe = hashlib.sha256(Path(sys.modules[build_train_transform.__module__].__file__).read_bytes())
+        recipe = hashlib.sha256(Path(inspect.getfile(build_train_transform)).read_bytes())
         recipe.update(f"{args.augment}|{args.seed}".encode())
         kind = f"augmented-{recipe.hexdigest()[:12]}"
     else:
