@@ -97,10 +97,10 @@ def predict(head: str, out: torch.Tensor, decode: str) -> torch.Tensor:
     return p.argmax(1)
 
 
-def fit_and_score(x: torch.Tensor, y: torch.Tensor, test: torch.Tensor, cfg: dict) -> dict:
-    """x: [N, V, D] features in V views. Returns accuracy, RMSE and per-class accuracy on `test`."""
+def fit_head(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, cfg: dict):
+    """Train a head on the first cfg["train_views"] views of the `train` photos of x [N, V, D];
+    returns predict([n, V', D]) -> counts (view 0, or the mean over the views with TTA)."""
     torch.manual_seed(0)
-    train = ~test
     xtr = x[train][:, :cfg["train_views"]]
     mean = xtr.reshape(-1, x.shape[-1]).mean(0)
     std = xtr.reshape(-1, x.shape[-1]).std(0) + 1e-6
@@ -130,15 +130,26 @@ def fit_and_score(x: torch.Tensor, y: torch.Tensor, test: torch.Tensor, cfg: dic
         opt.step()
         sched.step()
     model.eval()
-    with torch.no_grad():
-        xte = (x[test] - mean) / std
-        views = x.shape[1] if cfg["tta"] else 1  # TTA: the mean over every extracted flip view
+
+    @torch.no_grad()
+    def predict_counts(xte: torch.Tensor) -> torch.Tensor:
+        xte = (xte - mean) / std
+        views = xte.shape[1] if cfg["tta"] else 1  # TTA: the mean over every extracted flip view
         out = torch.stack([model(xte[:, v]) for v in range(views)]).mean(0)
-        pred = predict(cfg["head"], out, cfg["decode"])
-    yte = y[test]
+        return predict(cfg["head"], out, cfg["decode"])
+
+    return predict_counts
+
+
+def score(pred: torch.Tensor, yte: torch.Tensor) -> dict:
     per_class = [float((pred[yte == c] == c).float().mean()) for c in range(K)]
     return {"accuracy": float((pred == yte).float().mean()),
             "rmse": math.sqrt(float(((pred - yte).float() ** 2).mean())), "per_class": per_class}
+
+
+def fit_and_score(x: torch.Tensor, y: torch.Tensor, test: torch.Tensor, cfg: dict) -> dict:
+    """x: [N, V, D] features in V views. Returns accuracy, RMSE and per-class accuracy on `test`."""
+    return score(fit_head(x, y, ~test, cfg)(x[test]), y[test])
 
 
 def run(features: dict, cfg: dict) -> dict:

