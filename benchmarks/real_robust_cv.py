@@ -109,9 +109,10 @@ def main() -> None:
         train_x = x[:, [VIEWS.index(v) for v in views]]
         scores = {view: [] for view in tested}
         for test in real_cv.folds(y):  # one head per fold, scored on each view of the held-out photos
-            predict_counts = real_cv.fit_head(train_x, y, ~test, {**cfg, "train_views": len(views)})
+            head = real_cv.fit_head(train_x, y, ~test, {**cfg, "train_views": len(views)})
             for view in tested:
-                scores[view].append(real_cv.score(predict_counts(x[test][:, [VIEWS.index(view)]]), y[test]))
+                counts = real_cv.predict(cfg["head"], head(x[test][:, [VIEWS.index(view)]]), cfg["decode"])
+                scores[view].append(real_cv.score(counts, y[test]))
         accuracy = {v: statistics.mean(s["accuracy"] for s in scores[v]) for v in tested}
         rmse = statistics.mean(s["rmse"] for s in scores["clean"])
         weakest = min(statistics.mean(s["per_class"][c] for s in scores["clean"]) for c in range(5))

@@ -1,0 +1,192 @@
+"""Blends of counting models on the real sample, scored on the same 5 folds as everything else.
+
+    python benchmarks/real_blend_cv.py [--frozen 224 260_lite2 ...] [--oof DIR/ft320-e20-s0.pt ...]
+                                       [--tta flips] [--largest 3] [--out blends.json]
+
+Each source gives every photo of the 1,731 its class probabilities from a model that did not
+train on it (out of fold):
+  --frozen SPEC   the `real` profile's head (ordinal, L2 0.1 unless --l2, the photo and one more
+                  view, class-balanced) trained on benchmarks/real_features.py's features_<SPEC>.pt,
+                  fold by fold here (seconds)
+  --oof FILE      what benchmarks/real_finetune_cv.py --oof wrote (fine-tuned on a GPU), with
+                  or without its flip TTA (--tta), or what --save wrote for a frozen source
+Every source alone, and the mean of the probabilities of every combination of up to --largest
+sources, is decoded two ways: median (the count where the cumulative probability reaches 1/2,
+the profiles' default) and mean (the rounded expected count, what RMSE rewards). Prints accuracy
+and RMSE, mean +- standard deviation over the folds, and per-class accuracy, best RMSE first.
+A blend costs nothing to score: the probabilities are fixed before any of this runs, and a blend
+is their plain mean, so nothing here is fitted to a held-out photo. Choosing the best of many
+rows is still a choice made on these folds: read a difference smaller than the fold spread as noise.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import real_cv  # noqa: E402  (the folds, the heads, the decoding and the scores)
+import torch  # noqa: E402
+
+K = real_cv.K
+# The `real` profile's head, as docs/model.md measured it: the row `avg | ordinal | median | 0.1 | 2`.
+REAL_HEAD = {"pool": "avg", "head": "ordinal", "decode": "median", "l2": 0.1, "hidden": 0, "balanced": True,
+             "train_views": 2, "tta": False, "wd": 0.05, "lr": 0.003, "steps": 400}
+
+
+def photo_key(path: str) -> str:
+    """"<count>/<file name>": the same photo whichever machine or folder its source ran from."""
+    return "/".join(Path(path).parts[-2:])
+
+
+@dataclass
+class Source:
+    """One model's out-of-fold class probabilities [N, K] for N photos, and each photo's fold."""
+    name: str
+    photos: list[str]
+    labels: torch.Tensor
+    folds: torch.Tensor
+    probabilities: torch.Tensor
+
+
+def fold_ids(masks: list[torch.Tensor]) -> torch.Tensor:
+    """real_cv.folds' boolean masks -> the fold number of each photo."""
+    ids = torch.full_like(masks[0], -1, dtype=torch.long)
+    for number, mask in enumerate(masks):
+        ids[mask] = number
+    return ids
+
+
+def frozen_source(features_dir: Path, spec: str, head: dict, fold_seed: int) -> Source:
+    features = torch.load(features_dir / f"features_{spec}.pt", weights_only=False)
+    x, y = features["avg"].float(), features["labels"]
+    return Source(f"frozen {spec}", [photo_key(p) for p in features["paths"]], y,
+                  fold_ids(real_cv.folds(y, seed=fold_seed)), real_cv.out_of_fold(x, y, head, fold_seed))
+
+
+def write_out_of_fold(path: Path, name: str, settings: dict, photos: list[str], labels: torch.Tensor,
+                      folds: torch.Tensor, probabilities: dict[str, torch.Tensor]) -> None:
+    """One source's out-of-fold probabilities as JSON (about 100 KB; null for a photo whose fold
+    was not run), with or without TTA: what --oof reads, whichever machine wrote it."""
+    def rows(values: torch.Tensor) -> list:
+        return [None if row.isnan().any() else [round(float(v), 5) for v in row] for row in values]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": name, "settings": settings, "photos": [photo_key(p) for p in photos],
+                                "labels": labels.tolist(), "folds": folds.tolist(),
+                                "probabilities": {tta: rows(v) for tta, v in probabilities.items()}}))
+
+
+def oof_source(path: Path, tta: str) -> Source:
+    saved = json.loads(path.read_text())
+    available = saved["probabilities"]
+    if tta not in available and list(available) == ["none"]:
+        tta = "none"  # a source without TTA (a frozen head): the photo as is
+    if tta not in available:
+        raise SystemExit(f"{path} holds no probabilities with TTA {tta!r} (it has {list(available)})")
+    rows = [row if row is not None else [math.nan] * K for row in available[tta]]
+    return Source(saved["name"] + ("+tta" if tta == "flips" else ""), saved["photos"], torch.tensor(saved["labels"]),
+                  torch.tensor(saved["folds"]), torch.tensor(rows, dtype=torch.float32))
+
+
+def aligned(source: Source, first: Source) -> torch.Tensor:
+    """`source`'s probabilities in `first`'s photo order, once it is checked to be the same
+    photos, labels and folds (a blend of models scored on other folds would be no blend)."""
+    order = {key: i for i, key in enumerate(source.photos)}
+    missing = [key for key in first.photos if key not in order]
+    if missing:
+        raise SystemExit(f"{source.name} has no probabilities for {len(missing)} photos (e.g. {missing[0]})")
+    index = torch.tensor([order[key] for key in first.photos])
+    if not torch.equal(source.labels[index], first.labels):
+        raise SystemExit(f"{source.name} labels the same photos differently from {first.name}")
+    if not torch.equal(source.folds[index], first.folds):
+        raise SystemExit(f"{source.name} was made on other folds than {first.name} (see --fold-seed)")
+    return source.probabilities[index]
+
+
+def decode(probabilities: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "mean":
+        return (probabilities * torch.arange(K)).sum(1).round().long()
+    return (probabilities.cumsum(1) < 0.5).sum(1).clamp_max(K - 1)
+
+
+def cross_validated(probabilities: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor, how: str) -> dict:
+    """Accuracy and RMSE of each fold's held-out photos: the fold spread, as the other tables have it.
+    A fold with a photo that has no probabilities (a run cut short) is left out."""
+    tests = [folds == f for f in folds.unique().tolist() if f >= 0]
+    scores = [real_cv.score(decode(probabilities[test], how), labels[test]) for test in tests
+              if not probabilities[test].isnan().any()]
+    if not scores:
+        raise SystemExit("no fold has probabilities for every one of its photos")
+    acc, rmse = [s["accuracy"] for s in scores], [s["rmse"] for s in scores]
+    spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+    return {"accuracy": statistics.mean(acc), "accuracy_sd": spread(acc), "rmse": statistics.mean(rmse),
+            "rmse_sd": spread(rmse), "folds": len(scores),
+            "per_class": [statistics.mean(s["per_class"][c] for s in scores) for c in range(K)]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--features", type=Path, default=Path("/tmp/invmon-features"))
+    p.add_argument("--frozen", nargs="*", default=[], metavar="SPEC",
+                   help="features_<SPEC>.pt of benchmarks/real_features.py, e.g. 224 or 260_lite2")
+    p.add_argument("--l2", type=float, default=REAL_HEAD["l2"], help="the frozen heads' L2 penalty")
+    p.add_argument("--fold-seed", type=int, default=0,
+                   help="other folds than every table's (0) for the frozen heads, to check that a blend's lead "
+                        "is not these folds' luck (--oof files were made on folds 0)")
+    p.add_argument("--oof", nargs="*", default=[], type=Path, metavar="FILE",
+                   help="out-of-fold probabilities from benchmarks/real_finetune_cv.py --oof, or from --save")
+    p.add_argument("--tta", default="flips", choices=("none", "flips"), help="which of an --oof file's probabilities")
+    p.add_argument("--largest", type=int, default=3, help="blend at most this many sources")
+    p.add_argument("--out", type=Path, default=None, help="write every row as JSON here")
+    p.add_argument("--save", type=Path, default=None, metavar="DIR",
+                   help="also write each --frozen source's probabilities to DIR/frozen-<SPEC>-l2-<L2>.json "
+                        "(to blend later with --oof, without the feature files)")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    loaded: list[Source] = []
+    for spec in args.frozen:
+        loaded.append(frozen_source(args.features, spec, {**REAL_HEAD, "l2": args.l2}, args.fold_seed))
+        if args.save:
+            s = loaded[-1]
+            write_out_of_fold(args.save / f"frozen-{spec}-l2-{args.l2:g}-folds{args.fold_seed}.json",
+                              f"frozen {spec} l2 {args.l2:g}", {**REAL_HEAD, "l2": args.l2, "features": spec},
+                              s.photos, s.labels, s.folds, {"none": s.probabilities})
+    loaded += [oof_source(path, args.tta) for path in args.oof]
+    if not loaded:
+        p.error("name at least one source (--frozen or --oof)")
+    first = loaded[0]
+    sources = {source.name: aligned(source, first) for source in loaded}
+
+    rows = []
+    for n in range(1, min(args.largest, len(sources)) + 1):
+        for combo in itertools.combinations(sources, n):
+            blended = torch.stack([sources[name] for name in combo]).mean(0)
+            for how in ("median", "mean"):
+                rows.append({"sources": list(combo), "decode": how,
+                             **cross_validated(blended, first.labels, first.folds, how)})
+    rows.sort(key=lambda r: r["rmse"])
+    width = max(len(" + ".join(r["sources"])) for r in rows)
+    print(f"{'sources':<{width}}  decode  accuracy         RMSE             per class 1..5   "
+          f"({len(first.photos)} photos, {rows[0]['folds']} folds)")
+    for r in rows:
+        print(f"{' + '.join(r['sources']):<{width}}  {r['decode']:<6}  {r['accuracy']:.3f} +- {r['accuracy_sd']:.3f}  "
+              f"{r['rmse']:.3f} +- {r['rmse_sd']:.3f}  " + " ".join(f"{v:.2f}" for v in r["per_class"]))
+    labels = first.labels
+    majority = real_cv.score(torch.full_like(labels, int(torch.bincount(labels, minlength=K).argmax())), labels)
+    print(f"majority class: accuracy {majority['accuracy']:.3f}, RMSE {majority['rmse']:.3f}")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""benchmarks/real_blend_cv.py: the scores docs/model.md quotes for blends come from these parts."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import real_blend_cv  # noqa: E402
+import real_cv  # noqa: E402
+
+
+def one_hot(counts: list[int], confidence: float = 0.9) -> torch.Tensor:
+    rest = (1 - confidence) / 4
+    p = torch.full((len(counts), 5), rest)
+    p[torch.arange(len(counts)), torch.tensor(counts)] = confidence
+    return p
+
+
+def test_decodings_and_fold_scores_by_hand():
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.2, 0.2],    # median 2, expected 2.2 -> 2
+                      [0.6, 0.0, 0.0, 0.0, 0.4],    # median 0, expected 1.6 -> 2
+                      [0.0, 0.0, 0.0, 0.45, 0.55]])  # median 4, expected 3.55 -> 4
+    assert real_blend_cv.decode(p, "median").tolist() == [2, 0, 4]
+    assert real_blend_cv.decode(p, "mean").tolist() == [2, 2, 4]
+    labels, folds = torch.tensor([2, 1, 3]), torch.tensor([0, 0, 1])
+    scores = real_blend_cv.cross_validated(p, labels, folds, "median")
+    # fold 0: right, off by 1 -> accuracy 0.5, RMSE sqrt(1/2); fold 1: off by 1 -> 0, 1.
+    assert scores["folds"] == 2
+    assert scores["accuracy"] == pytest.approx(0.25)
+    assert scores["rmse"] == pytest.approx((math.sqrt(0.5) + 1) / 2)
+
+
+def test_a_fold_with_a_missing_photo_is_left_out():
+    p = one_hot([0, 1, 2, 3])
+    p[3] = math.nan  # fold 1 was cut short
+    scores = real_blend_cv.cross_validated(p, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 0, 1, 1]), "median")
+    assert scores["folds"] == 1 and scores["accuracy"] == 1.0
+
+
+def test_out_of_fold_files_round_trip_and_blend_in_photo_order(tmp_path):
+    labels = torch.tensor([0, 1, 2, 3, 4, 2])
+    photos = [f"{c + 1}/{i:05d}.jpg" for i, c in enumerate(labels.tolist())]
+    folds = torch.tensor([0, 1, 0, 1, 0, 1])
+    probabilities = one_hot([0, 1, 2, 3, 4, 1])
+    real_blend_cv.write_out_of_fold(tmp_path / "a.json", "a", {}, [f"/data/{p}" for p in photos], labels, folds,
+                                    {"none": probabilities, "flips": probabilities.flip(0)})
+    a = real_blend_cv.oof_source(tmp_path / "a.json", "none")
+    assert a.photos == photos and torch.equal(a.folds, folds)
+    assert torch.allclose(a.probabilities, probabilities, atol=1e-5)
+    assert real_blend_cv.oof_source(tmp_path / "a.json", "flips").name == "a+tta"
+    # The same photos in another order line up by name, not by position.
+    order = [5, 4, 3, 2, 1, 0]
+    b = real_blend_cv.Source("b", [photos[i] for i in order], labels[order], folds[order], probabilities[order])
+    assert torch.allclose(real_blend_cv.aligned(b, a), a.probabilities)
+
+
+def test_sources_of_other_folds_or_labels_are_refused():
+    labels = torch.tensor([0, 1, 2, 3])
+    photos = ["1/a.jpg", "2/b.jpg", "3/c.jpg", "4/d.jpg"]
+    first = real_blend_cv.Source("first", photos, labels, torch.tensor([0, 0, 1, 1]), one_hot([0, 1, 2, 3]))
+    other_folds = real_blend_cv.Source("other", photos, labels, torch.tensor([0, 1, 0, 1]), one_hot([0, 1, 2, 3]))
+    with pytest.raises(SystemExit, match="other folds"):
+        real_blend_cv.aligned(other_folds, first)
+    relabelled = real_blend_cv.Source("relabelled", photos, torch.tensor([0, 1, 2, 2]), first.folds, first.probabilities)
+    with pytest.raises(SystemExit, match="labels"):
+        real_blend_cv.aligned(relabelled, first)
+    fewer = real_blend_cv.Source("fewer", photos[:3], labels[:3], first.folds[:3], first.probabilities[:3])
+    with pytest.raises(SystemExit, match="no probabilities for 1 photos"):
+        real_blend_cv.aligned(fewer, first)
+
+
+def test_frozen_out_of_fold_probabilities_never_see_their_own_photo():
+    """Each photo gets a feature of its own and a random label: a head that trained on the photo
+    memorises it, one that did not is at chance. Out of fold must be the second."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    y = torch.randint(0, 5, (n,), generator=g)
+    x = torch.eye(n).unsqueeze(1).repeat(1, 2, 1) + 0.01 * torch.randn(n, 2, n, generator=g)  # [photo, view, feature]
+    cfg = {**real_blend_cv.REAL_HEAD, "l2": 0.0, "steps": 300}
+    oof = real_cv.out_of_fold(x, y, cfg)
+    assert oof.shape == (n, 5) and torch.allclose(oof.sum(1), torch.ones(n), atol=1e-4)
+    out_of_fold_accuracy = float((real_blend_cv.decode(oof, "median") == y).float().mean())
+    everything = torch.ones(n, dtype=torch.bool)
+    in_sample = real_cv.probabilities("ordinal", real_cv.fit_head(x, y, everything, cfg)(x))
+    in_sample_accuracy = float((real_blend_cv.decode(in_sample, "median") == y).float().mean())
+    assert out_of_fold_accuracy < 0.3 and in_sample_accuracy > 0.8
