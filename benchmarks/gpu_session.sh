@@ -11,7 +11,9 @@
 # probabilities to $OUT. The blends of those with the frozen heads (whose probabilities are in
 # docs/measurements) are then scored here, on a CPU, in seconds. On an H200 ft320 took 220 s
 # for 5 folds x 20 epochs; BUDGET (seconds) keeps a configuration from starting too late to
-# finish inside the call, and each finished one is on disk at once.
+# finish inside the call, and each finished one is on disk at once. With device time left, a
+# second call while the machine is warm (30 s) runs what was skipped, e.g.
+#   run(command="CONFIGS=ft320-classify BUDGET=0 bash benchmarks/gpu_session.sh", carry=["build/gpu"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-out}
