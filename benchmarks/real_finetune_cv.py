@@ -1,7 +1,7 @@
 """5-fold cross-validation of fine-tuning recipes on the real sample (needs a GPU to finish in minutes).
 
     python benchmarks/real_finetune_cv.py [--data ../shared/data/abid-sample] [--configs ft224 ft320 ...]
-                                          [--epochs 12] [--out results.jsonl]
+                                          [--epochs 12] [--seed 0] [--out results.jsonl] [--oof DIR]
     python benchmarks/real_finetune_cv.py --pack DIR   # the sample at 320x320, JPEG q92, for carrying
 
 The same 5 folds as benchmarks/real_cv.py (stratified by count, seed 0), so the numbers sit beside
@@ -10,7 +10,8 @@ scratch) with train.py's own parts: `load_pretrained`, the ordinal or 5-way head
 with class-balanced weights, and `augment.build_train_transform` in DataLoader workers; photos
 are resized whole to a square (`inference.to_pixels`, as served). The held-out fold is scored
 with and without the 4-flip TTA. One JSON line per configuration goes to --out as soon as it is
-done, so a run cut short keeps what it finished.
+done, so a run cut short keeps what it finished; with --oof, so do the held-out photos' class
+probabilities, which benchmarks/real_blend_cv.py decodes and blends afterwards on a CPU.
 
 Configurations (name: what differs from `ft224`):
   ft224          Lite0 at 224 px, every layer trained; backbone lr 0.1x the head's; epoch 1 trains
