@@ -116,6 +116,12 @@ def test_counts_confusion_matrix_and_skipped_file(evaluated):
     supports = {label: c["support"] for label, c in report["per_class"].items()}
     assert supports == {"1": 3, "2": 4, "3": 3, "4": 3, "5": 3}
     assert {label: sum(row.values()) for label, row in matrix.items()} == supports
+    # Always answering 2 (4 of 16 photos) is the best constant for accuracy; always 3 for RMSE:
+    # squared errors 3x4 + 4x1 + 3x0 + 3x1 + 3x4 = 31 over 16 photos, against 45 for always 2.
+    assert report["constant_answer_baselines"] == {
+        "majority": {"answer": 2, "accuracy": 0.25, "rmse": round((45 / 16) ** 0.5, 6)},
+        "lowest_rmse": {"answer": 3, "accuracy": 0.1875, "rmse": round((31 / 16) ** 0.5, 6)}}
+    assert "always answering 2: accuracy 0.2500; the lowest rmse of a constant answer: 1.3919 (always 3)" in stdout
     assert [s["path"] for s in report["skipped"]] == ["3/corrupt.jpg"]
     assert "not a decodable" in report["skipped"][0]["reason"]
     assert "skipped 3/corrupt.jpg" in stdout

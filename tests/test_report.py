@@ -78,6 +78,10 @@ def test_gate_previous_version_and_worst_mistakes_first(report, run):
     assert f"{accuracy - 0.123:+.4f}" in page
     errors = [abs(int(t) - int(p)) for t, p in re.findall(r"true (\d) &middot; predicted (\d)", page)]
     assert len(errors) == 20 and errors == sorted(errors, reverse=True)
+    majority, lowest = (evaluation["constant_answer_baselines"][k] for k in ("majority", "lowest_rmse"))
+    assert (f"Always answering {majority['answer']} (the most common count here) would score accuracy "
+            f"{majority['accuracy']:.4f}; the lowest RMSE any constant answer reaches is {lowest['rmse']:.4f} "
+            f"(always {lowest['answer']})") in page
     clean = accuracy
     for kind, r in evaluation["robustness"].items():
         assert f"<td>{kind}</td><td>{r['accuracy']:.4f}</td><td>{r['accuracy'] / clean:.2f}</td>" in page
@@ -134,6 +138,8 @@ def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
     from pipeline.local.summary import summarize
     evaluation = {"multiclass_classification_metrics": {"accuracy": {"value": 0.7}},
                   "regression_metrics": {"rmse": {"value": 0.5}},
+                  "constant_answer_baselines": {"majority": {"answer": 3, "accuracy": 0.254, "rmse": 1.28},
+                                                "lowest_rmse": {"answer": 3, "accuracy": 0.254, "rmse": 1.28}},
                   "debugger_rules": {"verdicts": [{"rule": "Overfit", "status": "IssuesFound"}]}}
     state = {"id": "r1", "status": "Succeeded", "profile": "local",
              "steps": {"Evaluate": {"outputs": {"evaluation": "out/evaluation"},
@@ -144,6 +150,7 @@ def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
     report.write_text("<html></html>")
     text = summarize(state, tmp_path)
     assert f"evaluation report: {report.resolve().as_uri()}" in text and "debugger rules: Overfit IssuesFound" in text
+    assert "a constant answer: always 3 scores accuracy 0.2540, always 3 RMSE 1.2800" in text
 
 
 def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):

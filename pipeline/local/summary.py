@@ -49,6 +49,11 @@ def summarize(state: dict, run_dir: Path) -> str:
         accuracy = evaluation["multiclass_classification_metrics"]["accuracy"]["value"]
         rmse = evaluation["regression_metrics"]["rmse"]["value"]
         lines.append(f"  test accuracy {accuracy:.4f}   test RMSE {rmse:.4f}")
+        baselines = evaluation.get("constant_answer_baselines")
+        if baselines:
+            lines.append(f"  a constant answer: always {baselines['majority']['answer']} scores accuracy "
+                         f"{baselines['majority']['accuracy']:.4f}, always {baselines['lowest_rmse']['answer']} "
+                         f"RMSE {baselines['lowest_rmse']['rmse']:.4f}")
         robustness = evaluation.get("robustness") or {}
         if robustness:
             shown = "  ".join(f"{name} {m['accuracy']:.3f}" for name, m in robustness.items())

@@ -170,6 +170,12 @@ def _headline(evaluation: dict, threshold: float | None, previous: dict | None, 
         out.append(f"<tr><td>{name}</td><td>{current:.4f} &plusmn; {value['standard_deviation']:.4f}</td>"
                    f"<td>{gate}</td><td>{_num(before, 4)}</td><td>{change}</td></tr>")
     out.append("</table>")
+    baselines = evaluation.get("constant_answer_baselines")
+    if baselines:  # the bar a model must clear to have learnt anything
+        majority, lowest = baselines["majority"], baselines["lowest_rmse"]
+        out.append(f"<p class='note'>Always answering {majority['answer']} (the most common count here) "
+                   f"would score accuracy {majority['accuracy']:.4f}; the lowest RMSE any constant answer "
+                   f"reaches is {lowest['rmse']:.4f} (always {lowest['answer']}).</p>")
     if previous is None:
         out.append(f"<p class='note'>No previous registered version to compare with"
                    f"{': ' + _e(previous_note) if previous_note else '.'}</p>")
