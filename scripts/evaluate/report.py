@@ -173,9 +173,9 @@ def _headline(evaluation: dict, threshold: float | None, previous: dict | None, 
     baselines = evaluation.get("constant_answer_baselines")
     if baselines:  # the bar a model must clear to have learnt anything
         majority, lowest = baselines["majority"], baselines["lowest_rmse"]
-        out.append(f"<p class='note'>Always answering {majority['answer']} (the most common count here) "
-                   f"would score accuracy {majority['accuracy']:.4f}; the lowest RMSE any constant answer "
-                   f"reaches is {lowest['rmse']:.4f} (always {lowest['answer']}).</p>")
+        out.append(f"<p class='note'>The best a constant answer does on these photos: accuracy "
+                   f"{majority['accuracy']:.4f} (always {majority['answer']}), RMSE {lowest['rmse']:.4f} "
+                   f"(always {lowest['answer']}).</p>")
     if previous is None:
         out.append(f"<p class='note'>No previous registered version to compare with"
                    f"{': ' + _e(previous_note) if previous_note else '.'}</p>")
