@@ -1,13 +1,14 @@
 """Blends of counting models on the real sample, scored on the same 5 folds as everything else.
 
-    python benchmarks/real_blend_cv.py [--frozen 224 260_lite2 ...] [--oof DIR/ft320-e20-s0.pt ...]
-                                       [--tta flips] [--largest 3] [--out blends.json]
+    python benchmarks/real_blend_cv.py [--frozen 224 260_lite2 ...] [--l2 0.1] [--fold-seed 0]
+                                       [--oof DIR/ft320-e20-s0.json ...] [--tta flips] [--largest 3]
+                                       [--out blends.json] [--save DIR]
 
 Each source gives every photo of the 1,731 its class probabilities from a model that did not
 train on it (out of fold):
-  --frozen SPEC   the `real` profile's head (ordinal, L2 0.1 unless --l2, the photo and one more
-                  view, class-balanced) trained on benchmarks/real_features.py's features_<SPEC>.pt,
-                  fold by fold here (seconds)
+  --frozen SPEC   the `real` profile's head (ordinal, L2 0.1 unless --l2, class-balanced) trained
+                  on the first two views (the photo, its mirror image) of
+                  benchmarks/real_features.py's features_<SPEC>.pt, fold by fold here (seconds)
   --oof FILE      what benchmarks/real_finetune_cv.py --oof wrote (fine-tuned on a GPU), with
                   or without its flip TTA (--tta), or what --save wrote for a frozen source
 Every source alone, and the mean of the probabilities of every combination of up to --largest
