@@ -157,10 +157,7 @@ def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device
             held_out[tta] = probabilities
             decodes = ("median", "argmax") if cfg["head"] == "classify" else ("median", "mean")
             for decode in decodes:
-                if decode == "mean":  # the expected count, rounded: what RMSE rewards
-                    predicted = (probabilities * torch.arange(5)).sum(1).round().long()
-                else:
-                    predicted = inference.decode_counts(probabilities, decode)
+                predicted = inference.decode_counts(probabilities, decode)
                 truth = labels[test_idx]
                 per_class = [float((predicted[truth == c] == c).float().mean()) for c in range(5)]
                 scores[f"{decode}{'+tta' if tta == 'flips' else ''}"] = {

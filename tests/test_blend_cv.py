@@ -25,8 +25,8 @@ def test_decodings_and_fold_scores_by_hand():
     p = torch.tensor([[0.1, 0.2, 0.3, 0.2, 0.2],    # median 2, expected 2.2 -> 2
                       [0.6, 0.0, 0.0, 0.0, 0.4],    # median 0, expected 1.6 -> 2
                       [0.0, 0.0, 0.0, 0.45, 0.55]])  # median 4, expected 3.55 -> 4
-    assert real_blend_cv.decode(p, "median").tolist() == [2, 0, 4]
-    assert real_blend_cv.decode(p, "mean").tolist() == [2, 2, 4]
+    assert real_blend_cv.decode_counts(p, "median").tolist() == [2, 0, 4]
+    assert real_blend_cv.decode_counts(p, "mean").tolist() == [2, 2, 4]
     labels, folds = torch.tensor([2, 1, 3]), torch.tensor([0, 0, 1])
     scores = real_blend_cv.cross_validated(p, labels, folds, "median")
     # fold 0: right, off by 1 -> accuracy 0.5, RMSE sqrt(1/2); fold 1: off by 1 -> 0, 1.
@@ -84,8 +84,8 @@ def test_frozen_out_of_fold_probabilities_never_see_their_own_photo():
     cfg = {**real_blend_cv.REAL_HEAD, "l2": 0.0, "steps": 300}
     oof = real_cv.out_of_fold(x, y, cfg)
     assert oof.shape == (n, 5) and torch.allclose(oof.sum(1), torch.ones(n), atol=1e-4)
-    out_of_fold_accuracy = float((real_blend_cv.decode(oof, "median") == y).float().mean())
+    out_of_fold_accuracy = float((real_blend_cv.decode_counts(oof, "median") == y).float().mean())
     everything = torch.ones(n, dtype=torch.bool)
     in_sample = real_cv.probabilities("ordinal", real_cv.fit_head(x, y, everything, cfg)(x))
-    in_sample_accuracy = float((real_blend_cv.decode(in_sample, "median") == y).float().mean())
+    in_sample_accuracy = float((real_blend_cv.decode_counts(in_sample, "median") == y).float().mean())
     assert out_of_fold_accuracy < 0.3 and in_sample_accuracy > 0.8
