@@ -1,7 +1,8 @@
-"""5-fold cross-validation of fine-tuning recipes on the real sample (needs a GPU to finish in minutes).
+"""5-fold cross-validation of fine-tuning recipes on the real sample (a GPU, or a CPU for the *-cached ones).
 
     python benchmarks/real_finetune_cv.py [--data ../shared/data/abid-sample] [--configs ft224 ft320 ...]
-                                          [--epochs 12] [--seed 0] [--out results.jsonl] [--oof DIR]
+                                          [--epochs 12] [--seed 0] [--fold-seed 0] [--out results.jsonl]
+                                          [--oof DIR] [--cache DIR]
     python benchmarks/real_finetune_cv.py --pack DIR   # the sample at 320x320, JPEG q92, for carrying
 
 The same 5 folds as benchmarks/real_cv.py (stratified by count, seed 0), so the numbers sit beside
@@ -224,6 +225,20 @@ def cached_fronts(cfg: dict, pixels: torch.Tensor, device, batch: int = 8) -> to
     return torch.cat(out)
 
 
+def load_or_cache_fronts(cfg: dict, pixels: torch.Tensor, device, cache: str | None, limit: int) -> torch.Tensor:
+    """cached_fronts, kept in `cache` under a name of everything it depends on (13 min at 224 px here)."""
+    if not cache:
+        return cached_fronts(cfg, pixels, device)
+    name = "-".join(f"{cfg[k]}" for k in ("arch", "size", "first_block", "cached_views", "augment"))
+    path = Path(cache) / f"fronts-{name}-n{len(pixels)}-limit{limit}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True).to(device)
+    fronts = cached_fronts(cfg, pixels, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(fronts.cpu(), path)
+    return fronts
+
+
 def fit_fold_cached(cfg: dict, fronts: torch.Tensor, labels, train_idx, test_idx, epochs: int, device,
                     seed: int) -> dict:
     """fit_fold for a partial fine-tune whose frozen part ran once (cached_fronts): each step
@@ -269,14 +284,16 @@ def score_held_out(outputs: dict, truth: torch.Tensor, head: str) -> dict:
 
 
 def save_out_of_fold(path: Path, name: str, cfg: dict, samples, labels, assignment, results: list[dict],
-                     epochs: int, seed: int) -> None:
+                     epochs: int, seed: int, fold_seed: int = 0) -> None:
     """Every held-out photo's class probabilities (null for photos in folds not run), with and
     without TTA, for benchmarks/real_blend_cv.py to decode and blend on a CPU afterwards."""
     probabilities = {tta: torch.full((len(labels), 5), float("nan")) for tta in results[0]["probabilities"]}
     for fold, result in zip(assignment, results):
         for tta, values in result["probabilities"].items():
             probabilities[tta][fold] = values.float()
-    real_blend_cv.write_out_of_fold(path, f"{name}-e{epochs}-s{seed}", {**cfg, "epochs": epochs, "seed": seed},
+    folds = f"-folds{fold_seed}" if fold_seed else ""
+    real_blend_cv.write_out_of_fold(path, f"{name}-e{epochs}-s{seed}{folds}",
+                                    {**cfg, "epochs": epochs, "seed": seed, "fold_seed": fold_seed},
                                     [str(p) for p, _ in samples], labels, real_blend_cv.fold_ids(assignment),
                                     probabilities)
 
@@ -311,9 +328,13 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=0,
                    help="start no configuration after this many seconds (0: no limit)")
     p.add_argument("--seed", type=int, default=0, help="fold f trains with torch seed 1000 * seed + f")
+    p.add_argument("--fold-seed", type=int, default=0,
+                   help="another assignment of the photos to the 5 folds (real_cv.folds' seed; 0: every table's)")
     p.add_argument("--out", default="finetune_cv.jsonl")
     p.add_argument("--oof", default=None, metavar="DIR",
                    help="write each configuration's out-of-fold probabilities to DIR/<config>-e<epochs>-s<seed>.json")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep the *-cached configurations' frozen outputs in DIR, for the next run to reuse")
     p.add_argument("--pack", default=None, help="write the carried copy of --data here and stop")
     args = p.parse_args()
     if args.pack:
@@ -322,7 +343,7 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     samples = list_sample(Path(args.data))
     labels = torch.tensor([label for _, label in samples])
-    assignment = real_cv.folds(labels)
+    assignment = real_cv.folds(labels, seed=args.fold_seed)
     if args.limit:
         keep = torch.arange(len(samples))[:: args.limit]
         samples, labels, assignment = [samples[i] for i in keep], labels[keep], [a[keep] for a in assignment]
@@ -343,11 +364,12 @@ def main() -> int:
         size = cfg["size"]
         if size not in by_size:
             by_size[size] = torch.stack([inference.to_pixels(decoded[p], {"image_size": size}) for p, _ in samples])
-        began = time.perf_counter()
+        began, cache_seconds = time.perf_counter(), 0.0
         if cfg.get("cached_views"):
-            fronts = cached_fronts(cfg, by_size[size], device)
+            fronts = load_or_cache_fronts(cfg, by_size[size], device, args.cache, args.limit)
+            cache_seconds = time.perf_counter() - began
             print(f"{name}: the frozen part's output for {fronts.shape[1]} views of each photo in "
-                  f"{time.perf_counter() - began:.0f}s", flush=True)
+                  f"{cache_seconds:.0f}s", flush=True)
         results = []
         for fold in assignment[: args.folds]:
             train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
@@ -358,10 +380,11 @@ def main() -> int:
                 results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
                                         args.workers, seed))
         summary = summarize(name, cfg, results, args.epochs, time.perf_counter() - began)
-        summary["seed"] = args.seed
+        summary["seed"], summary["fold_seed"], summary["cache_seconds"] = args.seed, args.fold_seed, round(cache_seconds, 1)
         if args.oof:
-            save_out_of_fold(Path(args.oof) / f"{name}-e{args.epochs}-s{args.seed}.json", name, cfg, samples, labels,
-                             assignment, results, args.epochs, args.seed)
+            folds = f"-folds{args.fold_seed}" if args.fold_seed else ""
+            save_out_of_fold(Path(args.oof) / f"{name}-e{args.epochs}-s{args.seed}{folds}.json", name, cfg, samples,
+                             labels, assignment, results, args.epochs, args.seed, args.fold_seed)
         with open(args.out, "a") as out:
             out.write(json.dumps(summary) + "\n")
     return 0
