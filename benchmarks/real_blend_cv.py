@@ -139,7 +139,8 @@ def main() -> int:
     p.add_argument("--l2", type=float, default=REAL_HEAD["l2"], help="the frozen heads' L2 penalty")
     p.add_argument("--fold-seed", type=int, default=0,
                    help="other folds than every table's (0) for the frozen heads, to check that a blend's lead "
-                        "is not these folds' luck (--oof files were made on folds 0)")
+                        "is not these folds' luck (--oof files must come from the same folds: real_finetune_cv.py "
+                        "--fold-seed)")
     p.add_argument("--oof", nargs="*", default=[], type=Path, metavar="FILE",
                    help="out-of-fold probabilities from benchmarks/real_finetune_cv.py --oof, or from --save")
     p.add_argument("--tta", default="flips", choices=("none", "flips"), help="which of an --oof file's probabilities")
