@@ -38,6 +38,8 @@ Configurations (name: what differs from `ft224`):
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import os
 import statistics
@@ -225,12 +227,15 @@ def cached_fronts(cfg: dict, pixels: torch.Tensor, device, batch: int = 8) -> to
     return torch.cat(out)
 
 
-def load_or_cache_fronts(cfg: dict, pixels: torch.Tensor, device, cache: str | None, limit: int) -> torch.Tensor:
-    """cached_fronts, kept in `cache` under a name of everything it depends on (13 min at 224 px here)."""
+def load_or_cache_fronts(cfg: dict, pixels: torch.Tensor, device, cache: str | None) -> torch.Tensor:
+    """cached_fronts, kept in `cache` under a name of everything it depends on (13 min at 224 px here):
+    the settings, the pixels themselves (another --data or --limit is another file) and augment.py."""
     if not cache:
         return cached_fronts(cfg, pixels, device)
+    digest = hashlib.sha256(pixels.numpy().tobytes())
+    digest.update(Path(inspect.getfile(build_train_transform)).read_bytes())
     name = "-".join(f"{cfg[k]}" for k in ("arch", "size", "first_block", "cached_views", "augment"))
-    path = Path(cache) / f"fronts-{name}-n{len(pixels)}-limit{limit}.pt"
+    path = Path(cache) / f"fronts-{name}-{digest.hexdigest()[:16]}.pt"
     if path.exists():
         return torch.load(path, weights_only=True).to(device)
     fronts = cached_fronts(cfg, pixels, device)
@@ -366,7 +371,7 @@ def main() -> int:
             by_size[size] = torch.stack([inference.to_pixels(decoded[p], {"image_size": size}) for p, _ in samples])
         began, cache_seconds = time.perf_counter(), 0.0
         if cfg.get("cached_views"):
-            fronts = load_or_cache_fronts(cfg, by_size[size], device, args.cache, args.limit)
+            fronts = load_or_cache_fronts(cfg, by_size[size], device, args.cache)
             cache_seconds = time.perf_counter() - began
             print(f"{name}: the frozen part's output for {fronts.shape[1]} views of each photo in "
                   f"{cache_seconds:.0f}s", flush=True)

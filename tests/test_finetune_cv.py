@@ -81,3 +81,16 @@ def test_cached_fine_tune_trains_the_tail_and_scores_every_held_out_photo():
         start = ft.inference.class_probabilities(ft.tail(untrained, cfg["first_block"], fronts[test_idx, 0].float()),
                                                  cfg["head"])
     assert (result["probabilities"]["none"] - start).abs().max() > 1e-3  # two epochs moved it
+
+
+def test_the_saved_frozen_output_is_reused_only_for_the_same_pixels(tmp_path, monkeypatch):
+    cfg = config(ft.LAST1, views=1)
+    pixels = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
+    first = ft.load_or_cache_fronts(cfg, pixels, torch.device("cpu"), str(tmp_path))
+    assert len(list(tmp_path.glob("fronts-*.pt"))) == 1
+    computed = []
+    monkeypatch.setattr(ft, "cached_fronts", lambda *args: computed.append(args) or torch.zeros(1))
+    assert torch.equal(ft.load_or_cache_fronts(cfg, pixels, torch.device("cpu"), str(tmp_path)), first)
+    assert not computed  # read back, not computed again
+    ft.load_or_cache_fronts(cfg, pixels.flip(-1).contiguous(), torch.device("cpu"), str(tmp_path))
+    assert len(computed) == 1 and len(list(tmp_path.glob("fronts-*.pt"))) == 2  # other photos, another file
