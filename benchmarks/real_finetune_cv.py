@@ -164,7 +164,8 @@ def optimizer_for(model, cfg: dict, epochs: int, steps: int):
     return optimizer, train.make_scheduler(optimizer, epochs * steps, steps, args)
 
 
-def step(model, optimizer, scheduler, outputs_of, images, targets, cfg, weight, device) -> None:
+def step(optimizer, scheduler, outputs_of, images, targets, cfg, weight, device) -> None:
+    """One optimizer step on the loss of outputs_of(images): the whole network, or the tail alone."""
     images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     targets = targets.to(device, non_blocking=True)
     with train.autocast(device, train.amp_dtype(device, "auto")):
@@ -191,7 +192,7 @@ def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device
     for _ in range(epochs):
         set_train(model, cfg["first_block"])
         for images, targets in loader:
-            step(model, optimizer, scheduler, model, images, targets, cfg, weight, device)
+            step(optimizer, scheduler, model, images, targets, cfg, weight, device)
             seen += len(targets)
     rate = seen / (time.perf_counter() - started)
     model.eval()
@@ -260,7 +261,7 @@ def fit_fold_cached(cfg: dict, fronts: torch.Tensor, labels, train_idx, test_idx
         order = train_idx[torch.randperm(len(train_idx))]
         for batch in order[: steps * 32].split(32):
             view = torch.randint(fronts.shape[1], (len(batch),))
-            step(model, optimizer, scheduler, lambda x: tail(model, first, x),
+            step(optimizer, scheduler, lambda x: tail(model, first, x),
                  fronts[batch, view].float(), labels[batch], cfg, weight, device)
             seen += len(batch)
     rate = seen / (time.perf_counter() - started)
