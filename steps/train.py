@@ -22,6 +22,7 @@ COMMON_HYPERPARAMETERS = (
     ("seed", Param("Seed")),
     ("pretrained", "auto"),
     ("freeze_backbone", Param("FreezeBackbone")),
+    ("frozen_blocks", Param("FrozenBlocks")),
     ("backbone_lr", Param("BackboneLr")),
     ("head_warmup_epochs", Param("HeadWarmupEpochs")),
     ("optimizer", Param("Optimizer")),

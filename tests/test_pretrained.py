@@ -75,7 +75,7 @@ def squares(tmp_path_factory):
 
 
 def test_frozen_lite0_trains_serves_and_loads_weights_only(tmp_path, squares, monkeypatch):
-    """The real profile's recipe end to end on tiny data: frozen pretrained Lite0, ordinal head,
+    """The local profile's recipe end to end on tiny data: frozen pretrained Lite0, ordinal head,
     features cached for the next job; the artifact loads with weights_only=True and serves."""
     env = {"INVMON_FEATURE_CACHE": str(tmp_path / "features")}
     args = ["--arch", "efficientnet_lite0", "--image_size", "64", "--freeze_backbone", "true",

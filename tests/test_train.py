@@ -320,6 +320,21 @@ def test_the_model_learns_to_count_squares(tmp_path_factory):
     assert config["validation"]["accuracy"] >= 0.5, done.stdout
 
 
+@pytest.mark.parametrize("extra, decay", [
+    ([], 1e-4),  # SGD: the reference recipe's
+    (["--optimizer", "adamw"], 0.05),  # decoupled, applied at the lr: what docs/model.md's fine-tuning table used
+    (["--arch", "efficientnet_lite0", "--freeze_backbone", "true"], 0.2),  # a head on standardised features
+    (["--optimizer", "adamw", "--weight_decay", "0.01"], 0.01),  # a number wins
+])
+def test_weight_decay_auto_follows_the_optimizer(extra, decay):
+    train = import_script("train", "train")
+    args = train.parse_args(["--arch", "resnet18", *extra])
+    assert train.weight_decay(args) == decay
+    model = train.inference.build_model(args.arch, 5, head="ordinal", image_size=32)
+    groups = train.make_optimizer(model, args).param_groups
+    assert max(g["weight_decay"] for g in groups) == decay
+
+
 def test_backbone_learns_at_its_own_rate_after_the_head_warmup():
     """--backbone_lr scales the backbone's lr; in --head_warmup_epochs only the head moves."""
     train = import_script("train", "train")

@@ -169,6 +169,11 @@ augment_strength = _typed("augment", _augment, lambda v: 0 <= v <= 3 and math.is
 amp_mode = _typed("amp", _amp, None, "auto, bf16, fp16 or off")
 max_batches_arg = _typed("max_batches", _optional_int, lambda v: v >= 0, "an integer >= 0 or none")
 workers_arg = _typed("workers", _workers, lambda v: v >= -1, "auto or an integer >= 0")
+feature_views_arg = _typed("feature_views", lambda v: 0 if v.lower() == "auto" else _int(v), None,
+                           "auto or 1, 2, 4, 8")
+# AdamW's decay is decoupled (applied at the lr): 0.05 is what the fine-tuning table of
+# docs/model.md (benchmarks/real_finetune_cv.py) trained with; SGD keeps the reference 1e-4.
+ADAMW_WEIGHT_DECAY = 0.05
 
 
 class Parser(argparse.ArgumentParser):
@@ -196,10 +201,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze_backbone", type=switch, default=False,
                    help="train only the head, on the frozen pretrained backbone's features (computed "
                         "once per photo and view, see --feature_views): minutes on a CPU instead of hours")
-    p.add_argument("--feature_views", type=positive_int, default=2, choices=(1, 2, 4),
-                   help="with --freeze_backbone: train on the features of this many views of each photo: "
+    p.add_argument("--frozen_blocks", type=non_negative_int, default=0,
+                   help="with an efficientnet: keep the stem and the first N blocks as pretrained, compute "
+                        "their output once per photo and view (see --feature_views) and train only the "
+                        "rest on it; 11 trains Lite0's last two stages, about 9x faster on a CPU than "
+                        "training every layer (docs/model.md). 0: every layer trains")
+    p.add_argument("--feature_views", type=feature_views_arg, default=0, choices=(0, 1, 2, 4, 8),
+                   help="with --freeze_backbone or --frozen_blocks: train on this many views of each photo: "
                         "the photo as is, then views through the training augmentation at --augment "
-                        "strength (with --augment off: its mirror image, upside down, both)")
+                        "strength (with --augment off: its mirror image, upside down, both); auto: 2 with "
+                        "--freeze_backbone, 4 with --frozen_blocks")
     p.add_argument("--tta", type=text, default="none", choices=("flips", "none"),
                    help="test-time augmentation in validation and serving: mean over the 4 flips "
                         "(4x the inference cost)")
@@ -220,8 +231,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="sgd: SGD with momentum (the reference recipe); adamw: AdamW (betas 0.9, 0.999)")
     p.add_argument("--momentum", type=non_negative_float, default=0.9)
     p.add_argument("--weight_decay", type=weight_decay_arg, default=-1.0,
-                   help="auto: 1e-4, or with --freeze_backbone 0.2 on the head's weights (the head "
-                        "sees standardised features and needs strong L2: docs/model.md); or a number")
+                   help="auto: 1e-4 with sgd, 0.05 with adamw, or with --freeze_backbone 0.2 on the head's weights "
+                        "(the head sees standardised features and needs strong L2: docs/model.md); or a number")
     p.add_argument("--lr_schedule", type=text, default="cosine", choices=("cosine", "step"),
                    help="cosine: per-step cosine decay to 0; step: x0.1 at 50%% and 75%% of training")
     p.add_argument("--warmup_epochs", type=non_negative_float, default=0.0,
@@ -263,7 +274,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.arch not in inference.ARCHS:
         parser.error(f"argument --arch: unknown architecture {args.arch!r}; "
                      f"choose one of: {', '.join(inference.ARCHS)}")
+    if args.frozen_blocks and args.arch not in inference.EFFICIENTNETS:
+        parser.error(f"argument --frozen_blocks: applies to {', '.join(inference.EFFICIENTNETS)}, "
+                     f"not {args.arch}; use --freeze_backbone or 0")
+    if args.frozen_blocks and args.freeze_backbone:
+        parser.error("argument --frozen_blocks: --freeze_backbone already freezes every block; give one of them")
     return args
+
+
+def feature_views(args) -> int:
+    """Views of each training photo whose frozen output is cached (--feature_views auto: 2 for a
+    head on pooled features, 4 for a partial fine-tune, whose views also stand in for augmentation)."""
+    if args.feature_views:
+        return args.feature_views
+    return 4 if getattr(args, "frozen_blocks", 0) else 2
 
 
 # --------------------------------------------------------------------------- environment
@@ -497,7 +521,9 @@ def packaged_weights(arch: str) -> Path | None:
 def weight_decay(args) -> float:
     if args.weight_decay >= 0:
         return args.weight_decay
-    return FROZEN_WEIGHT_DECAY if getattr(args, "freeze_backbone", False) else 1e-4
+    if getattr(args, "freeze_backbone", False):
+        return FROZEN_WEIGHT_DECAY
+    return ADAMW_WEIGHT_DECAY if args.optimizer == "adamw" else 1e-4
 
 
 def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
@@ -704,7 +730,7 @@ def identity(args, n_train: int) -> dict:
     """What a checkpoint must agree on to be resumed (epochs may grow; workers etc. may change)."""
     keys = ("arch", "image_size", "lr", "batch_size", "seed", "data_fraction", "optimizer", "momentum",
             "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained",
-            "head", "class_weights", "freeze_backbone", "feature_views")
+            "head", "class_weights", "freeze_backbone", "frozen_blocks", "feature_views")
     return {**{k: getattr(args, k) for k in keys}, "train_images": n_train,
             "job": os.environ.get("TRAINING_JOB_NAME", "")}
 
@@ -824,6 +850,63 @@ def head_name(arch: str) -> str:
     return "_fc" if arch in inference.EFFICIENTNETS else "fc"
 
 
+# ---------------------------------------------------------------- frozen parts, computed once
+
+def frozen_part(model, first_block: int) -> list:
+    """An EfficientNet's stem and the blocks before `first_block`: what --frozen_blocks keeps."""
+    return [model._conv_stem, model._bn0, *model._blocks[:first_block]] if first_block > 0 else []
+
+
+def front(model, first_block: int, images: torch.Tensor) -> torch.Tensor:
+    """The frozen part's output: the stem, then blocks[:first_block] (no drop connect: eval mode)."""
+    x = model._swish(model._bn0(model._conv_stem(images)))
+    for block in model._blocks[:first_block]:
+        x = block(x)
+    return x
+
+
+def tail(model, first_block: int, x: torch.Tensor) -> torch.Tensor:
+    """The rest of EfficientNet.forward from blocks[first_block] on, with each block's own
+    drop-connect rate: tail(front(images)) == model(images)."""
+    blocks, rate = model._blocks, model._global_params.drop_connect_rate
+    for index in range(first_block, len(blocks)):
+        x = blocks[index](x, drop_connect_rate=rate * index / len(blocks) if rate else rate)
+    x = model._swish(model._bn1(model._conv_head(x)))
+    return model._fc(model._dropout(model._avg_pooling(x).flatten(1)))
+
+
+class Tail(torch.nn.Module):
+    """What --frozen_blocks trains: the network after its frozen part, on that part's cached output.
+    [B, C, H, W] -> outputs; [B, V, C, H, W] (V views of each photo) -> outputs averaged over the
+    views (test-time augmentation). Its modules are the network's own: training it trains them."""
+
+    def __init__(self, model: torch.nn.Module, first_block: int):
+        super().__init__()
+        self.model, self.first_block = model, first_block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = x.shape[1] if x.dim() == 5 else 0
+        x = x.flatten(0, 1) if views else x
+        # Cached in bfloat16 (half the memory); computed in the model's precision.
+        x = x.to(self.model._conv_head.weight.dtype).contiguous(memory_format=torch.channels_last)
+        out = tail(self.model, self.first_block, x)
+        return out.float().unflatten(0, (-1, views)).mean(1) if views else out
+
+
+class RandomView(Dataset):
+    """Each photo's cached frozen output under one of its views, drawn anew every time it is read
+    (in the training process: DataLoader workers would only copy the tensor)."""
+
+    def __init__(self, fronts: torch.Tensor, targets: list[int]):
+        self.fronts, self.targets = fronts, torch.tensor(targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.fronts[i, int(torch.randint(self.fronts.shape[1], ()))], self.targets[i]
+
+
 def augmented_view(augmenter, pixels: torch.Tensor, seed: int) -> torch.Tensor:
     """One draw of the training augmentation, seeded (the cached features are reproducible) without
     touching the training loop's random state."""
@@ -834,8 +917,9 @@ def augmented_view(augmenter, pixels: torch.Tensor, seed: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def backbone_features(model, data: BinImages, views: int, args, device, augmenter=None) -> torch.Tensor:
-    """[N, views, D] pooled features of the frozen backbone (eval mode): each photo as is, then its
-    flips, or with `augmenter` (the training photos) `views - 1` draws of the training augmentation.
+    """[N, views, D] pooled features of the frozen backbone (eval mode), or with --frozen_blocks the
+    frozen part's feature maps, [N, views, C, H, W] in bfloat16: each photo as is, then its flips,
+    or with `augmenter` (the training photos) `views - 1` draws of the training augmentation.
 
     A head trained on clean features alone never sees a blurred or noisy photo. On the real sample
     (5-fold CV, benchmarks/real_robust_cv.py) training on the photo and one augmented view instead
@@ -844,7 +928,12 @@ def backbone_features(model, data: BinImages, views: int, args, device, augmente
     """
     name = head_name(args.arch)
     head = getattr(model, name)
-    setattr(model, name, torch.nn.Identity())
+    first_block = getattr(args, "frozen_blocks", 0)
+    if first_block:
+        encode, dtype = functools.partial(front, model, first_block), torch.bfloat16
+    else:
+        setattr(model, name, torch.nn.Identity())
+        encode, dtype = model, torch.float32
     model.eval()
     normalize, data.transform = data.transform, lambda pixels: pixels  # views are made from the pixels
     # Small batches in channels_last run fastest on a few CPU cores (Lite0 at 224 px on 2 cores:
@@ -865,7 +954,7 @@ def backbone_features(model, data: BinImages, views: int, args, device, augmente
                 batch = [images] + [torch.stack([augmented_view(augmenter, px, hash((args.seed, done + i, v)))
                                                  for i, px in enumerate(pixels)]) for v in range(1, views)]
             batch = [view.to(device).contiguous(memory_format=torch.channels_last) for view in batch]
-            out.append(torch.stack([model(view).float().cpu() for view in batch], 1))
+            out.append(torch.stack([encode(view).to(dtype).cpu() for view in batch], 1))
             done += len(images)
             now = time.perf_counter()
             if now - last_report > PROGRESS_SECONDS and done < len(data):
@@ -880,7 +969,10 @@ def backbone_features(model, data: BinImages, views: int, args, device, augmente
 def feature_cache_path(data: BinImages, args) -> Path:
     """Features depend on the photos, architecture, size and weights only: trials on the same
     split (the local tuner runs them one after another) compute them once."""
-    digest = hashlib.sha256(json.dumps([args.arch, args.image_size, args.pretrained, torch.__version__]).encode())
+    what = [args.arch, args.image_size, args.pretrained, torch.__version__]
+    if getattr(args, "frozen_blocks", 0):  # the feature maps after that block, not pooled features
+        what.append(f"front{args.frozen_blocks}")
+    digest = hashlib.sha256(json.dumps(what).encode())
     for path, index in data.samples:
         stat = path.stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{index}\n".encode())
@@ -929,12 +1021,7 @@ def frozen_setup(model, train_set: BinImages, val_set: BinImages, args, device, 
     head = getattr(model, head_name(args.arch))
     for parameter in head.parameters():
         parameter.requires_grad_(True)
-    normalize = functools.partial(inference.normalize, config=config)
-    train_set.transform = normalize  # the features are computed once, augmented views included
-    views = args.feature_views
-    augmenter = build_train_transform(args.augment, args.image_size, normalize) if args.augment > 0 else None
-    train_features = cached_features(model, train_set, views, args, device, augmenter)
-    val_features = cached_features(model, val_set, 4 if args.tta == "flips" else 1, args, device)
+    train_features, val_features, views = frozen_outputs(model, train_set, val_set, args, device, config)
     targets = torch.tensor(train_set.targets)
     train_data = torch.utils.data.TensorDataset(train_features.flatten(0, 1), targets.repeat_interleave(views))
     val_data = torch.utils.data.TensorDataset(val_features, torch.tensor(val_set.targets))
@@ -948,6 +1035,43 @@ def frozen_setup(model, train_set: BinImages, val_set: BinImages, args, device, 
     flat = train_features.flatten(0, 1)
     mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
     return ViewMean(head, mean, std).to(device), train_loader, val_loader
+
+
+def frozen_outputs(model, train_set: BinImages, val_set: BinImages, args, device, config):
+    """The frozen part's cached output: `views` views of each training photo (the photo, then
+    augmented ones), and the validation photo as is, or its 4 flips with --tta flips."""
+    normalize = functools.partial(inference.normalize, config=config)
+    train_set.transform = normalize  # the frozen part runs once, augmented views included
+    views = feature_views(args)
+    augmenter = build_train_transform(args.augment, args.image_size, normalize) if args.augment > 0 else None
+    train_outputs = cached_features(model, train_set, views, args, device, augmenter)
+    val_outputs = cached_features(model, val_set, 4 if args.tta == "flips" else 1, args, device)
+    return train_outputs, val_outputs, views
+
+
+def partial_setup(model, train_set: BinImages, val_set: BinImages, args, device, config):
+    """--frozen_blocks: freeze the stem and the first blocks, and return (the Tail to train, train
+    loader, validation loader) over their cached output. Each epoch shows every training photo
+    once, under one of its cached views drawn at random; validation averages its views."""
+    if args.frozen_blocks >= len(model._blocks):
+        raise TrainError(f"--frozen_blocks {args.frozen_blocks}: {args.arch} has {len(model._blocks)} blocks, "
+                         f"so at most {len(model._blocks) - 1} can be frozen")
+    for module in frozen_part(model, args.frozen_blocks):
+        module.requires_grad_(False)
+    model.to(memory_format=torch.channels_last)  # faster convolutions on CPUs too
+    train_fronts, val_fronts, views = frozen_outputs(model, train_set, val_set, args, device, config)
+    train_data = RandomView(train_fronts, train_set.targets)
+    sampler = DistributedSampler(train_data, num_replicas=WORLD, rank=RANK, shuffle=True, seed=args.seed)
+    drop_last = len(sampler) % args.batch_size == 1 and len(sampler) > 1  # BatchNorm needs 2
+    train_loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, drop_last=drop_last)
+    val_data = torch.utils.data.TensorDataset(val_fronts, torch.tensor(val_set.targets))
+    shard = torch.utils.data.Subset(val_data, range(RANK, len(val_data), WORLD))
+    val_loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"frozen stem and blocks 0-{args.frozen_blocks - 1}: training blocks {args.frozen_blocks}-"
+        f"{len(model._blocks) - 1}, the head conv and the {args.head} head ({trained / 1e6:.2f}M weights) "
+        f"on their input, cached for {len(train_set)} photos x {views} views")
+    return Tail(model, args.frozen_blocks).to(device), train_loader, val_loader
 
 
 def load_checkpoint(path: Path | None, args, n_train: int) -> dict | None:
@@ -994,16 +1118,19 @@ def run(args) -> None:
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    fit = model  # what the loop trains: the whole network, or only its head on frozen features
-    if args.freeze_backbone:
+    fit = model  # what the loop trains: the whole network, its head on frozen features, or its tail
+    if args.freeze_backbone or args.frozen_blocks:
         if pretrained is None and not checkpoint:
-            log("warning: --freeze_backbone without pretrained weights trains a head on random features")
-        if checkpoint:
+            log(f"warning: --{'freeze_backbone' if args.freeze_backbone else 'frozen_blocks'} without "
+                f"pretrained weights trains on the output of random layers")
+        if checkpoint:  # the frozen part's weights, before its output is computed
             model.load_state_dict(checkpoint["model"])
-        fit, train_loader, val_loader = frozen_setup(model, train_set, val_set, args, device, config)
+        setup = frozen_setup if args.freeze_backbone else partial_setup
+        fit, train_loader, val_loader = setup(model, train_set, val_set, args, device, config)
         train_steps = min(len(train_loader), args.max_batches or len(train_loader))
         val_steps = min(len(val_loader), args.max_batches or len(val_loader))
-    optimizer = make_optimizer(fit, args)
+    # A Tail trains the network's own modules: the optimizer groups them as for a whole network.
+    optimizer = make_optimizer(model if args.frozen_blocks else fit, args)
     total_steps = args.epochs * train_steps
     scheduler = make_scheduler(optimizer, total_steps, train_steps, args)
     dtype = amp_dtype(device, args.amp)
@@ -1042,8 +1169,9 @@ def run(args) -> None:
             train_loader.sampler.set_epoch(epoch)
         train = train_one_epoch(fit, train_loader, train_steps, optimizer, scheduler, scaler, device, dtype,
                                 args, epoch, class_weight)
+        # On cached outputs the flips are views in the data already.
         val = evaluate(fit, val_loader, val_steps, device, dtype, args.head, args.decode,
-                       "none" if args.freeze_backbone else args.tta)
+                       "none" if fit is not model else args.tta)
         seconds = time.perf_counter() - started
         log(f"epoch={epoch}/{args.epochs} train:loss={train['loss']:.4f} "
             f"train:accuracy={train['accuracy']:.4f} validation:loss={val['loss']:.4f} "
