@@ -117,7 +117,7 @@ def _model_choice(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from pipeline.local.runner import LocalRun, synthetic_data
     from pipeline.local.summary import summarize
-    from pipeline.parameters import parse_assignments
+    from pipeline.parameters import check_combination, parse_assignments
     from pipeline.profiles import defaults
     from steps import DAG
 
@@ -138,6 +138,7 @@ def cmd_run(args) -> int:
     else:
         try:
             params = {**defaults(args.profile), **parse_assignments(args.param)}
+            check_combination(params)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         if args.data:

@@ -68,6 +68,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "count from the class probabilities: argmax, median, or mean (rounded expected count)"),
     Parameter("TestTimeAugmentation", str, "none", "flips: serve the mean over the 4 flips (4x the cost)"),
     Parameter("ResizeShortSide", int, 256, "Preprocess resizes each photo's short side to this"),
+    Parameter("TuneLrMin", float, 0.001, "the lowest learning rate the tuner tries (log scale)"),
+    Parameter("TuneLrMax", float, 0.1, "the highest learning rate the tuner tries"),
     Parameter("TrialDataFraction", float, 0.1, "fraction of the training split each trial uses"),
     Parameter("TrialEpochs", int, 1, "epochs per tuning trial"),
     Parameter("Epochs", int, 10, "epochs of the final training job"),
@@ -106,3 +108,18 @@ def parse_assignments(items: list[str]) -> dict[str, object]:
     if status is not None and status not in APPROVAL_STATUSES:
         raise ValueError(f"ModelApprovalStatus must be one of {APPROVAL_STATUSES}, got {status!r}")
     return values
+
+
+def check_combination(values: dict[str, object]) -> None:
+    """What no single parameter's type can say: a range that is a range, settings that go together.
+    `values` are a profile's defaults with an execution's settings applied."""
+    low, high = values.get("TuneLrMin"), values.get("TuneLrMax")
+    if low is not None and high is not None and not 0 < low < high:
+        raise ValueError(f"TuneLrMin ({low:g}) must be above 0 and below TuneLrMax ({high:g})")
+    blocks, arch = values.get("FrozenBlocks", 0), str(values.get("Arch", ""))
+    if blocks and not arch.startswith("efficientnet"):
+        raise ValueError(f"FrozenBlocks={blocks} applies to the efficientnet_lite architectures, not {arch}; "
+                         "set FrozenBlocks=0")
+    if blocks and str(values.get("FreezeBackbone", "")).lower() == "true":
+        raise ValueError(f"FrozenBlocks={blocks} with FreezeBackbone=true: the backbone is frozen whole "
+                         "already; set one of them")

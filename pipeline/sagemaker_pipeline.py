@@ -62,7 +62,7 @@ from pathlib import Path
 
 import steps as declared
 from pipeline import profiles
-from pipeline.parameters import APPROVAL_STATUSES, BY_NAME, PARAMETERS
+from pipeline.parameters import APPROVAL_STATUSES, BY_NAME, PARAMETERS, check_combination
 from steps import base
 
 # Framework images (SageMaker PyTorch DLCs). The training image also runs the processing steps,
@@ -310,6 +310,10 @@ def parameter_values(profile: str = "full", overrides: dict | None = None) -> di
         if name not in BY_NAME:
             raise DefinitionError(f"unknown parameter {name!r}; known: {', '.join(BY_NAME)}")
         values[name] = value
+    try:
+        check_combination(values)
+    except ValueError as exc:
+        raise DefinitionError(str(exc)) from None
     return values
 
 
@@ -641,10 +645,15 @@ class _Build:
 
         trainer = self.trainer(decl.training, step_name=decl.name, trial=True,
                                max_runtime_s=decl.trial_max_runtime_s)
-        ranges = {}
+        ranges, bounds = {}, {}
         for r in decl.ranges:
             if isinstance(r, base.ContinuousRange):
-                ranges[r.name] = ContinuousParameter(r.min_value, r.max_value, scaling_type=r.scaling)
+                # Built with the build-time values (the SDK's request shape takes strings only);
+                # PrefixedTuningStep puts the parameters back, as it does for the limits.
+                ranges[r.name] = ContinuousParameter(self.build_time_value(r.min_value),
+                                                     self.build_time_value(r.max_value), scaling_type=r.scaling)
+                bounds[r.name] = {"MinValue": self.value(r.min_value, as_string=True),
+                                  "MaxValue": self.value(r.max_value, as_string=True)}
             else:
                 ranges[r.name] = CategoricalParameter(list(r.values))
         tuner = HyperparameterTuner(
@@ -668,7 +677,8 @@ class _Build:
             cache_config=self.cache(decl), retry_policies=self.retry_policies("job"),
             job_prefix=_job_prefix(self.pipeline_name, decl.name, 19),
             resource_limits={"MaxNumberOfTrainingJobs": self.value(decl.max_jobs),
-                             "MaxParallelTrainingJobs": self.value(decl.max_parallel_jobs)})
+                             "MaxParallelTrainingJobs": self.value(decl.max_parallel_jobs)},
+            bounds=bounds)
 
     def model_builder(self, model_uri):
         from sagemaker.serve.model_builder import ModelBuilder
@@ -804,16 +814,20 @@ def _prefixed_step_classes():
             return request
 
     class PrefixedTuningStep(TuningStep):
-        def __init__(self, *args, job_prefix: str, resource_limits: dict, **kwargs):
+        def __init__(self, *args, job_prefix: str, resource_limits: dict, bounds: dict, **kwargs):
             super().__init__(*args, **kwargs)
             self.job_prefix = job_prefix
             self.resource_limits = resource_limits
+            self.bounds = bounds  # continuous range name -> its MinValue/MaxValue expressions
 
         @property
         def arguments(self):
             request = super().arguments
             request.setdefault("HyperParameterTuningJobName", self.job_prefix)
-            request["HyperParameterTuningJobConfig"]["ResourceLimits"].update(self.resource_limits)
+            config = request["HyperParameterTuningJobConfig"]
+            config["ResourceLimits"].update(self.resource_limits)
+            for r in config["ParameterRanges"].get("ContinuousParameterRanges", []):
+                r.update(self.bounds.get(r["Name"], {}))
             return request
 
     _STEP_CLASSES.update(Training=PrefixedTrainingStep, Tuning=PrefixedTuningStep)

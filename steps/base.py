@@ -152,9 +152,10 @@ class MetricDefinition:
 
 @dataclass(frozen=True)
 class ContinuousRange:
+    """A bound may be a pipeline parameter: the range that suits SGD does not suit AdamW."""
     name: str
-    min_value: float
-    max_value: float
+    min_value: float | Param
+    max_value: float | Param
     scaling: str = "Logarithmic"  # SageMaker ScalingType: Auto | Linear | Logarithmic
 
 

@@ -21,7 +21,7 @@ STEP = TuningStep(
     description="Bayesian search over lr and batch size; objective validation accuracy.",
     training=TRIAL,
     ranges=(
-        ContinuousRange("lr", 0.001, 0.1, scaling="Logarithmic"),
+        ContinuousRange("lr", Param("TuneLrMin"), Param("TuneLrMax"), scaling="Logarithmic"),
         CategoricalRange("batch_size", ("32", "64", "128", "256", "512")),
     ),
     objective_metric="validation:accuracy",

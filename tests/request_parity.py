@@ -118,7 +118,7 @@ def differences(run_dir: Path, definition: dict, mapped: dict[str, str]) -> list
             check(name, "Strategy", request["Strategy"], config["Strategy"])
             check(name, "EarlyStopping", request["EarlyStopping"], config["TrainingJobEarlyStoppingType"])
             check(name, "Objective", request["Objective"], config["HyperParameterTuningJobObjective"])
-            check(name, "ParameterRanges", request["ParameterRanges"], config["ParameterRanges"])
+            check(name, "ParameterRanges", request["ParameterRanges"], resolve(config["ParameterRanges"]))
         elif kind == "Condition":
             (condition,) = args["Conditions"]
             check(name, "Operator", request["Operator"], condition["Type"])

@@ -18,7 +18,7 @@ from pipeline import synth
 
 # The whole network trained (the local profile's frozen-backbone path has its own tests).
 TINY = ["Arch=resnet18", "FreezeBackbone=false", "ImageSize=32", "ResizeShortSide=40", "TuningMaxJobs=2",
-        "TrialDataFraction=0.5", "TrialEpochs=3", "Epochs=2"]
+        "TrialDataFraction=0.5", "TrialEpochs=3", "Epochs=2", "TuneLrMin=0.02", "TuneLrMax=0.05"]
 
 
 def invmon(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -84,6 +84,12 @@ def test_every_local_job_request_equals_the_definitions(finished_run, run_defini
     assert {json.loads(r)["step"] for r in requests} >= {"Preprocess", "Tune", "Train", "Evaluate",
                                                          "CheckAccuracy"}
     assert differences(run_dir(home), run_definition, MAPPED) == []
+    # The lr range came from the execution's parameters, not the declaration's defaults.
+    (tune,) = [json.loads(r) for r in requests if json.loads(r)["step"] == "Tune"]
+    assert tune["ParameterRanges"]["ContinuousParameterRanges"][0] | {"ScalingType": "-"} == {
+        "Name": "lr", "MinValue": "0.02", "MaxValue": "0.05", "ScalingType": "-"}
+    trials = json.loads((run_dir(home) / "Tune" / "tuning.json").read_text())["trials"]
+    assert trials and all(0.02 <= float(t["hyperparameters"]["lr"]) <= 0.05 for t in trials)
 
 
 @pytest.mark.slow
@@ -188,3 +194,11 @@ def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):
     assert "Traceback" not in result.stderr
     result = invmon("run", "--param", "Nope=1", home=tmp_path / "home", check=False)
     assert "unknown parameter 'Nope'" in result.stderr
+    # Settings that do not go together, refused before a run starts
+    for params, message in ((["TuneLrMin=0.1", "TuneLrMax=0.01"], "TuneLrMin (0.1) must be above 0 and below TuneLrMax (0.01)"),
+                            (["Arch=resnet18", "FrozenBlocks=3"], "FrozenBlocks=3 applies to the efficientnet_lite"),
+                            (["FrozenBlocks=3"], "FrozenBlocks=3 with FreezeBackbone=true")):  # local: frozen
+        result = invmon("run", *[a for p in params for a in ("--param", p)], home=tmp_path / "home", check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "home" / "runs").exists() or not any((tmp_path / "home" / "runs").iterdir())

@@ -130,8 +130,10 @@ def test_tuning_job(steps):
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": get("Parameters.TuningMaxJobs"),
                                         "MaxParallelTrainingJobs": get("Parameters.TuningMaxParallelJobs")}
     ranges = config["ParameterRanges"]
+    # The lr bounds are parameters (AdamW wants another range than SGD), rendered as strings.
+    as_text = lambda name: {"Std:Join": {"On": "", "Values": [get(f"Parameters.{name}")]}}  # noqa: E731
     assert ranges["ContinuousParameterRanges"] == [
-        {"Name": "lr", "MinValue": "0.001", "MaxValue": "0.1", "ScalingType": "Logarithmic"}]
+        {"Name": "lr", "MinValue": as_text("TuneLrMin"), "MaxValue": as_text("TuneLrMax"), "ScalingType": "Logarithmic"}]
     assert ranges["CategoricalParameterRanges"] == [
         {"Name": "batch_size", "Values": ["32", "64", "128", "256", "512"]}]
     declared = [{"Name": m.name, "Regex": m.regex} for m in METRICS]
@@ -368,6 +370,15 @@ def test_half_a_vpc_config_is_refused(tmp_path):
 
     with pytest.raises(DefinitionError, match="SubnetIds and SecurityGroupIds"):
         offline_build(tmp_path, parameter_overrides={"SubnetIds": "subnet-1"})
+
+
+def test_settings_that_do_not_go_together_are_refused(tmp_path):
+    from pipeline.sagemaker_pipeline import DefinitionError
+
+    with pytest.raises(DefinitionError, match=r"TuneLrMin \(0.2\) must be above 0 and below TuneLrMax \(0.1\)"):
+        offline_build(tmp_path, parameter_overrides={"TuneLrMin": 0.2})
+    with pytest.raises(DefinitionError, match="FrozenBlocks=11 applies to the efficientnet_lite architectures, not resnet50"):
+        offline_build(tmp_path, parameter_overrides={"FrozenBlocks": 11})
 
 
 def test_offline_build_refuses_aws_calls(tmp_path):

@@ -7,7 +7,7 @@ API spelling where one exists (MetricDefinitions, ParameterRanges, PropertyFiles
 """
 from __future__ import annotations
 
-from steps.base import (CategoricalRange, ConditionStep, ContinuousRange, Dag, DeployStep, FailStep,
+from steps.base import (CategoricalRange, ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, Param,
                         ProcessingStep, RegisterStep, TrainingStep, TuningStep, upstream)
 
 STEP_TYPES = {
@@ -25,9 +25,17 @@ def metric_definitions(step: TrainingStep) -> list[dict]:
     return [{"Name": m.name, "Regex": m.regex} for m in step.metric_definitions]
 
 
+def bound(value) -> object:
+    """A range bound as the definition spells it: a number as a string, a parameter as the
+    expression that renders it as one when the execution starts."""
+    if isinstance(value, Param):
+        return {"Std:Join": {"On": "", "Values": [{"Get": f"Parameters.{value.name}"}]}}
+    return str(value)
+
+
 def parameter_ranges(step: TuningStep) -> dict:
     continuous = [
-        {"Name": r.name, "MinValue": str(r.min_value), "MaxValue": str(r.max_value), "ScalingType": r.scaling}
+        {"Name": r.name, "MinValue": bound(r.min_value), "MaxValue": bound(r.max_value), "ScalingType": r.scaling}
         for r in step.ranges if isinstance(r, ContinuousRange)
     ]
     categorical = [

@@ -8,6 +8,7 @@ failed step; steps declared `cache=True` reuse an earlier identical result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -23,10 +24,10 @@ from typing import Callable
 
 from pipeline.local import envs, jobs
 from pipeline.local.cache import StepCache, cache_key, fingerprint, link_tree
-from pipeline.local.plan import execution_plan, gated_steps
+from pipeline.local.plan import execution_plan, gated_steps, parameter_ranges
 from pipeline.local.tuner import Tuner
-from steps.base import (ConditionStep, Dag, DeployStep, FailStep, JsonGet, Param, ProcessingStep,
-                        RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
+from steps.base import (ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, JsonGet, Param,
+                        ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
 
 SYNTHETIC_PER_CLASS = 300
 # Where a step that reads the registry finds the local one's listing (scripts/evaluate/previous.py).
@@ -430,18 +431,22 @@ class LocalRun:
         step_dir = self.dir / step.name
         static = self._hyperparameters(step.training)
         max_jobs, max_parallel = int(self.value(step.max_jobs)), int(self.value(step.max_parallel_jobs))
+        # Range bounds that are parameters, as this execution set them.
+        step = dataclasses.replace(step, ranges=tuple(
+            dataclasses.replace(r, min_value=float(self.value(r.min_value)), max_value=float(self.value(r.max_value)))
+            if isinstance(r, ContinuousRange) else r for r in step.ranges))
         self.record_request(step.name, {
             "Type": "Tuning", "StaticHyperParameters": static, "Entrypoint": step.training.code.entry_point,
             "MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel,
             "Strategy": step.strategy, "EarlyStopping": step.early_stopping,
             "Objective": {"MetricName": step.objective_metric, "Type": step.objective_type},
             "MetricDefinitions": self.plan[step.name]["metric_definitions"],
-            "ParameterRanges": self.plan[step.name]["hyperparameter_ranges"]})
+            "ParameterRanges": parameter_ranges(step)})
         seed = int(self.params.get("Seed", 0))
         # The tuning config (ranges, strategy, objective, early stopping in the plan; budget, seed)
         # and the tuner's own code (and Optuna's version) are part of the key.
-        settings = {"static": static, "max_jobs": max_jobs, "max_parallel": max_parallel,
-                    "seed": seed, "plan": self.plan[step.name], "tuner": Tuner.fingerprint()}
+        settings = {"static": static, "max_jobs": max_jobs, "max_parallel": max_parallel, "seed": seed,
+                    "plan": self.plan[step.name], "ranges": parameter_ranges(step), "tuner": Tuner.fingerprint()}
         inputs = {name: self.output_path(src) for name, src in step.training.channels}
         if self._cached(step, record, settings, inputs):
             return

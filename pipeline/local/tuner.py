@@ -152,6 +152,9 @@ class Tuner:
             raise ValueError(f"early stopping {step.early_stopping!r}: expected Auto or Off")
         for r in step.ranges:  # refuse a bad range before any trial runs
             if isinstance(r, ContinuousRange):
+                if not r.min_value < r.max_value:
+                    raise ValueError(f"range {r.name}: the minimum {r.min_value:g} must be below the maximum "
+                                     f"{r.max_value:g}")
                 log_scale(r)
         self.step = step
         self.max_jobs = max_jobs
