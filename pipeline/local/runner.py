@@ -30,6 +30,7 @@ from steps.base import (ConditionStep, ContinuousRange, Dag, DeployStep, FailSte
                         ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
 
 SYNTHETIC_PER_CLASS = 300
+FEATURE_CACHE = "feature-cache"  # in the run's folder: train.py's cache of frozen-layer outputs
 # Where a step that reads the registry finds the local one's listing (scripts/evaluate/previous.py).
 REGISTRY_LISTING_ENV = "INVMON_MODEL_REGISTRY"
 
@@ -236,6 +237,8 @@ class LocalRun:
                                   resumable=not isinstance(step, FailStep))
                 self.echo(step.name, f"FAILED: {exc}")
                 self.save()
+                if not self.state["resumable"]:
+                    self._drop_feature_cache()
                 return self.state
             record.update(status="Succeeded", seconds=round(time.monotonic() - started, 1), ended_at=now())
             self.echo(step.name, f"{record['status'].lower()} in {record['seconds']:.0f}s"
@@ -243,7 +246,13 @@ class LocalRun:
             self.save()
         self.state["status"] = "Succeeded"
         self.save()
+        self._drop_feature_cache()
         return self.state
+
+    def _drop_feature_cache(self) -> None:
+        """The frozen layers' cached output (train.py) serves the trials and Train of this run only,
+        and is large (190 MB for the real profile): gone once no job can need it again."""
+        shutil.rmtree(self.dir / FEATURE_CACHE, ignore_errors=True)
 
     def _on_taken_branch(self, name: str) -> bool:
         if name not in self.gates:
@@ -398,6 +407,8 @@ class LocalRun:
         output_dir.mkdir(parents=True, exist_ok=True)
         job_name = f"{self.state['id']}-{job_dir.relative_to(self.dir).as_posix().replace('/', '-')}"
         env = jobs.training_env(channels, model_dir, output_dir, job_name, hyperparameters)
+        # The trials and Train of a run share the frozen layers' output (an explicit setting wins).
+        env["INVMON_FEATURE_CACHE"] = os.environ.get("INVMON_FEATURE_CACHE") or str(self.dir / FEATURE_CACHE)
         # Checkpoints survive a failed attempt, so a retried job resumes (SageMaker syncs them to S3).
         args = jobs.hyperparameter_args(hyperparameters) + ["--checkpoint_dir", str(job_dir / "checkpoints")]
         result = jobs.run_script(self.python(step.code), step.code, job_dir, args, env,
