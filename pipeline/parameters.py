@@ -34,7 +34,7 @@ class Parameter:
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 # Values train.py accepts for these (it checks them again, in the job, with the same message).
 CHOICES = {"Optimizer": ("sgd", "adamw"), "Decode": ("argmax", "median", "mean"),
-           "TestTimeAugmentation": ("none", "flips")}
+           "TestTimeAugmentation": ("none", "flips"), "KeepEpoch": ("best", "last")}
 
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("InputDataUrl", str, "s3://aft-vbi-pds/",
@@ -73,6 +73,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("TrialDataFraction", float, 0.1, "fraction of the training split each trial uses"),
     Parameter("TrialEpochs", int, 1, "epochs per tuning trial"),
     Parameter("Epochs", int, 10, "epochs of the final training job"),
+    Parameter("KeepEpoch", str, "best",
+              "the epoch whose weights a training job saves: best (validation accuracy) or last"),
     Parameter("Seed", int, 42, "seed for the split and the training runs"),
     Parameter("AccuracyThreshold", float, 0.3, "test accuracy a model needs to be registered"),
     Parameter("ModelApprovalStatus", str, "PendingManualApproval",

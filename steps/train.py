@@ -28,6 +28,7 @@ COMMON_HYPERPARAMETERS = (
     ("optimizer", Param("Optimizer")),
     ("decode", Param("Decode")),
     ("tta", Param("TestTimeAugmentation")),
+    ("keep_epoch", Param("KeepEpoch")),
 )
 
 # SageMaker Debugger on the Train step (pipeline/sagemaker_pipeline.py): the hook's collections and

@@ -103,7 +103,7 @@ def squares(tmp_path_factory):
 
 ARGS = ["--arch", "efficientnet_lite0", "--image_size", str(SIZE), "--frozen_blocks", str(LAST2),
         "--head", "ordinal", "--decode", "mean", "--optimizer", "adamw", "--lr", "0.003", "--backbone_lr", "0.1",
-        "--epochs", "3", "--batch_size", "8", "--checkpoint_dir", "none"]
+        "--epochs", "3", "--batch_size", "8", "--checkpoint_dir", "none", "--keep_epoch", "last"]
 
 
 def test_partial_finetune_trains_the_tail_only_and_serves(tmp_path, squares, monkeypatch):
@@ -116,6 +116,11 @@ def test_partial_finetune_trains_the_tail_only_and_serves(tmp_path, squares, mon
     model_dir = tmp_path / "a" / "model"
     config = json.loads((model_dir / "model_config.json").read_text())
     assert config["hyperparameters"]["frozen_blocks"] == LAST2 and config["decode"] == "mean"
+    # --keep_epoch last: the last epoch's weights, and its metrics repeated last for the tuner
+    last = [line for line in done.stdout.splitlines() if line.startswith("epoch=3/3")][0]
+    assert config["best_epoch"] == 3 and f"validation:accuracy={config['validation']['accuracy']:.4f}" in last
+    (repeated,) = [line for line in done.stdout.splitlines() if line.startswith("best_epoch=")]
+    assert repeated.startswith("best_epoch=3 ") and repeated.endswith(last.split("validation:loss=")[1].split(" images")[0])
 
     # The frozen part is the package's, bit for bit (BatchNorm statistics too); the tail moved.
     state = torch.load(model_dir / "model.pth", map_location="cpu", weights_only=True)

@@ -220,6 +220,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head_warmup_epochs", type=non_negative_int, default=0,
                    help="when every layer trains: epochs at the start in which only the head learns")
     p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--keep_epoch", type=text, default="best", choices=("best", "last"),
+                   help="the epoch whose weights are saved: best (highest validation accuracy) or last "
+                        "(what a cross-validation scores; a small validation split makes the best a noisy pick)")
     p.add_argument("--lr", type=positive_float, default=0.01,
                    help="base learning rate (the schedule scales it)")
     p.add_argument("--batch_size", type=positive_int, default=64)
@@ -1196,7 +1199,7 @@ def run(args) -> None:
             f"images_per_sec={train['images_per_sec']:.1f} seconds={seconds:.1f}")
         history.append({"epoch": epoch, "train": train, "validation": val, "seconds": round(seconds, 2),
                         "lr": optimizer.param_groups[0]["lr"]})
-        if val["accuracy"] > best["accuracy"]:
+        if args.keep_epoch == "last" or val["accuracy"] > best["accuracy"]:
             state = {k: v.detach().cpu().clone().contiguous() for k, v in bare.state_dict().items()}
             if args.freeze_backbone:
                 state = trainer.folded(state, head_name(args.arch) + ".")
@@ -1220,8 +1223,8 @@ def run(args) -> None:
 
 def finish(args, best: dict, history: list, config: dict, pretrained: str | None, n_train: int) -> None:
     metrics = best["metrics"]
-    # Repeat the saved (best) epoch's metrics last: a tuner reading the last value then scores
-    # the model this job actually produced.
+    # Repeat the saved (best or last) epoch's metrics last: a tuner reading the last value then
+    # scores the model this job actually produced.
     log(f"best_epoch={best['epoch']} validation:loss={metrics['loss']:.4f} "
         f"validation:accuracy={metrics['accuracy']:.4f} validation:rmse={metrics['rmse']:.4f}")
     digest = weights_digest(best["state_dict"])
