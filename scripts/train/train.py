@@ -204,7 +204,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen_blocks", type=non_negative_int, default=0,
                    help="with an efficientnet: keep the stem and the first N blocks as pretrained, compute "
                         "their output once per photo and view (see --feature_views) and train only the "
-                        "rest on it; 11 trains Lite0's last two stages, about 9x faster on a CPU than "
+                        "rest on it; 11 trains Lite0's last two stages, 6-9x faster on a CPU than "
                         "training every layer (docs/model.md). 0: every layer trains")
     p.add_argument("--feature_views", type=feature_views_arg, default=0, choices=(0, 1, 2, 4, 8),
                    help="with --freeze_backbone or --frozen_blocks: train on this many views of each photo: "
