@@ -33,6 +33,7 @@ def pretrained_lite0() -> torch.nn.Module:
 @pytest.mark.parametrize("first_block", [1, LAST2, 15])
 def test_tail_of_front_is_the_whole_network(first_block):
     model = pretrained_lite0()
+    torch.manual_seed(0)
     images = torch.randn(3, 3, SIZE, SIZE)
     model.eval()
     with torch.no_grad():
@@ -49,19 +50,21 @@ def test_tail_of_front_is_the_whole_network(first_block):
         whole = model(images)
         torch.manual_seed(7)
         split = train.Tail(model, first_block)(cached)
-    assert torch.allclose(split, whole, atol=1e-5)
+    # Tail runs in channels_last: the same sums in another order (differences of about 1e-5)
+    assert torch.allclose(split, whole, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(split, model.eval()(images), atol=1e-3)  # training mode did differ
 
 
 def test_tail_averages_the_views_it_is_given():
     model = pretrained_lite0().eval()
+    torch.manual_seed(0)
     images = torch.randn(2, 3, SIZE, SIZE)
     views = torch.stack([images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)], 1)
     tail = train.Tail(model, LAST2)
     with torch.no_grad():
         fronts = train.front(model, LAST2, views.flatten(0, 1)).unflatten(0, (2, 4))
         expected = train.with_flips(model, images, "flips")
-        assert torch.allclose(tail(fronts), expected, atol=1e-5)
+        assert torch.allclose(tail(fronts), expected, atol=1e-4, rtol=1e-4)  # channels_last: another order
         # bfloat16, as cached: close to the float32 answer
         assert torch.allclose(tail(fronts.to(torch.bfloat16)), expected, atol=0.1)
 
@@ -79,6 +82,7 @@ def test_bn_statistics_follow_the_trained_tail_and_spare_the_frozen_part():
     model = pretrained_lite0()
     tail = train.Tail(model, LAST2)
     with torch.no_grad():
+        torch.manual_seed(0)
         fronts = train.front(model.eval(), LAST2, torch.randn(16, 3, SIZE, SIZE))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("_bn0", "_blocks.10."))}
     stale = model._bn1.running_mean.clone()

@@ -733,7 +733,7 @@ def identity(args, n_train: int) -> dict:
     """What a checkpoint must agree on to be resumed (epochs may grow; workers etc. may change)."""
     keys = ("arch", "image_size", "lr", "batch_size", "seed", "data_fraction", "optimizer", "momentum",
             "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained",
-            "head", "class_weights", "freeze_backbone", "frozen_blocks", "feature_views")
+            "head", "class_weights", "freeze_backbone", "frozen_blocks", "feature_views", "keep_epoch")
     return {**{k: getattr(args, k) for k in keys}, "train_images": n_train,
             "job": os.environ.get("TRAINING_JOB_NAME", "")}
 
@@ -1191,7 +1191,7 @@ def run(args) -> None:
             recompute_bn_statistics(trainer, train_loader, train_steps, device)
         # On cached outputs the flips are views in the data already.
         val = evaluate(fit, val_loader, val_steps, device, dtype, args.head, args.decode,
-                       "none" if fit is not model else args.tta)
+                       "none" if args.freeze_backbone or args.frozen_blocks else args.tta)
         seconds = time.perf_counter() - started
         log(f"epoch={epoch}/{args.epochs} train:loss={train['loss']:.4f} "
             f"train:accuracy={train['accuracy']:.4f} validation:loss={val['loss']:.4f} "
