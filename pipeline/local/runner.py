@@ -446,18 +446,19 @@ class LocalRun:
         step = dataclasses.replace(step, ranges=tuple(
             dataclasses.replace(r, min_value=float(self.value(r.min_value)), max_value=float(self.value(r.max_value)))
             if isinstance(r, ContinuousRange) else r for r in step.ranges))
+        ranges = parameter_ranges(step)
         self.record_request(step.name, {
             "Type": "Tuning", "StaticHyperParameters": static, "Entrypoint": step.training.code.entry_point,
             "MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel,
             "Strategy": step.strategy, "EarlyStopping": step.early_stopping,
             "Objective": {"MetricName": step.objective_metric, "Type": step.objective_type},
             "MetricDefinitions": self.plan[step.name]["metric_definitions"],
-            "ParameterRanges": parameter_ranges(step)})
+            "ParameterRanges": ranges})
         seed = int(self.params.get("Seed", 0))
         # The tuning config (ranges, strategy, objective, early stopping in the plan; budget, seed)
         # and the tuner's own code (and Optuna's version) are part of the key.
         settings = {"static": static, "max_jobs": max_jobs, "max_parallel": max_parallel, "seed": seed,
-                    "plan": self.plan[step.name], "ranges": parameter_ranges(step), "tuner": Tuner.fingerprint()}
+                    "plan": self.plan[step.name], "ranges": ranges, "tuner": Tuner.fingerprint()}
         inputs = {name: self.output_path(src) for name, src in step.training.channels}
         if self._cached(step, record, settings, inputs):
             return
