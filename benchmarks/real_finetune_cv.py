@@ -37,6 +37,12 @@ Configurations (name: what differs from `ft224`):
   ft224-last2-cached-4v
                  trains on 4 of the 8 cached views: the photo and 3 augmented ones (what the `real`
                  profile caches), so caching would cost half
+  ft224-last2-cached-4v-swa, -bb03, -bb05, -bb10, -classify
+                 the same, scoring the average of the last 4 epochs' weights (SWA: torch.optim.swa_utils,
+                 BatchNorm statistics recomputed), with the backbone at 0.3x, 0.5x or 1x the head's lr, or
+                 the 5-way head
+  ft224-last3-cached-4v, -bb03
+                 the last three stages (blocks 8-15) on the cached output of blocks 0-7 (at 0.3x)
 """
 from __future__ import annotations
 
@@ -62,7 +68,7 @@ from PIL import Image  # noqa: E402
 from augment import build_train_transform  # noqa: E402
 
 inference = train.inference
-LAST2, LAST1 = 11, 15  # Lite0's first trained block: stages 6-7 (blocks 11-15), or block 15 alone
+LAST3, LAST2, LAST1 = 8, 11, 15  # Lite0's first trained block: stages 5-7 (blocks 8-15), 6-7 (11-15), or block 15 alone
 
 BASE = {"arch": "efficientnet_lite0", "size": 224, "head": "ordinal", "pretrained": "auto", "first_block": 0, "backbone_lr": 0.1,
         "warmup_head_epochs": 1, "augment": 1.0, "lr": 3e-3, "weight_decay": 0.05}
@@ -85,6 +91,19 @@ CONFIGS = {  # in the order they run by default: the most telling first
     "ft224-last1-cached": {"first_block": LAST1, "cached_views": 4},
     # What the `real` profile can afford to cache: the photo and 3 augmented views, no flips
     "ft224-last2-cached-4v": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6)},
+    # Variants of the `real` profile's recipe that cost (about) nothing more on a CPU, and one that does:
+    "ft224-last2-cached-4v-swa": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6), "swa": 4},
+    "ft224-last2-cached-4v-bb03": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6),
+                                   "backbone_lr": 0.3},
+    "ft224-last2-cached-4v-classify": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6),
+                                       "head": "classify"},
+    "ft224-last2-cached-4v-bb05": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6),
+                                   "backbone_lr": 0.5},
+    "ft224-last2-cached-4v-bb10": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6),
+                                   "backbone_lr": 1.0},
+    "ft224-last3-cached-4v": {"first_block": LAST3, "cached_views": 4, "train_views": (0, 4, 5, 6)},
+    "ft224-last3-cached-4v-bb03": {"first_block": LAST3, "cached_views": 4, "train_views": (0, 4, 5, 6),
+                                   "backbone_lr": 0.3},
 }
 
 
@@ -241,8 +260,9 @@ def fit_fold_cached(cfg: dict, fronts: torch.Tensor, labels, train_idx, test_idx
     optimizer, scheduler = optimizer_for(model, cfg, epochs, steps)
     weight = train.balanced_weights(labels[train_idx].tolist(), device)
     views = torch.tensor(cfg.get("train_views", range(fronts.shape[1])))  # the cached views it trains on
+    averaged = torch.optim.swa_utils.AveragedModel(model) if cfg.get("swa") else None
     seen, started = 0, time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         set_train(model, first)
         order = train_idx[torch.randperm(len(train_idx))]
         for batch in order[: steps * 32].split(32):
@@ -250,7 +270,14 @@ def fit_fold_cached(cfg: dict, fronts: torch.Tensor, labels, train_idx, test_idx
             step(optimizer, scheduler, lambda x: tail(model, first, x),
                  fronts[batch, view].float(), labels[batch], cfg, weight, device)
             seen += len(batch)
+        if averaged is not None and epoch >= epochs - cfg["swa"]:
+            averaged.update_parameters(model)
     rate = seen / (time.perf_counter() - started)
+    if averaged is not None:  # score the averaged weights, with BatchNorm statistics of them
+        model = averaged.module
+        draws = [(fronts[b, views[torch.randint(len(views), (len(b),))]], None) for b in train_idx.split(64)]
+        set_train(model, first)
+        train.recompute_bn_statistics(train.Tail(model, first), draws, len(draws), device)
     model.eval()
     with torch.inference_mode():
         flips = torch.stack([torch.cat([tail(model, first, fronts[chunk, v].float().contiguous(
@@ -319,7 +346,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     p.add_argument("--budget", type=float, default=0,
                    help="start no configuration after this many seconds (0: no limit)")
-    p.add_argument("--seed", type=int, default=0, help="fold f trains with torch seed 1000 * seed + f")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="fold f trains with torch seed 1000 * seed + f; several: each configuration once per seed")
     p.add_argument("--fold-seed", type=int, default=0,
                    help="another assignment of the photos to the 5 folds (real_cv.folds' seed; 0: every table's)")
     p.add_argument("--out", default="finetune_cv.jsonl")
@@ -362,23 +390,25 @@ def main() -> int:
             cache_seconds = time.perf_counter() - began
             print(f"{name}: the frozen part's output for {fronts.shape[1]} views of each photo in "
                   f"{cache_seconds:.0f}s", flush=True)
-        results = []
-        for fold in assignment[: args.folds]:
-            train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
-            seed = 1000 * args.seed + len(results)
-            if cfg.get("cached_views"):
-                results.append(fit_fold_cached(cfg, fronts, labels, train_idx, test_idx, args.epochs, device, seed))
-            else:
-                results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
-                                        args.workers, seed))
-        summary = summarize(name, cfg, results, args.epochs, time.perf_counter() - began)
-        summary["seed"], summary["fold_seed"], summary["cache_seconds"] = args.seed, args.fold_seed, round(cache_seconds, 1)
-        if args.oof:
-            folds = f"-folds{args.fold_seed}" if args.fold_seed else ""
-            save_out_of_fold(Path(args.oof) / f"{name}-e{args.epochs}-s{args.seed}{folds}.json", name, cfg, samples,
-                             labels, assignment, results, args.epochs, args.seed, args.fold_seed)
-        with open(args.out, "a") as out:
-            out.write(json.dumps(summary) + "\n")
+        for run_seed in args.seed:
+            began = time.perf_counter()
+            results = []
+            for fold in assignment[: args.folds]:
+                train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
+                seed = 1000 * run_seed + len(results)
+                if cfg.get("cached_views"):
+                    results.append(fit_fold_cached(cfg, fronts, labels, train_idx, test_idx, args.epochs, device, seed))
+                else:
+                    results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
+                                            args.workers, seed))
+            summary = summarize(f"{name} s{run_seed}", cfg, results, args.epochs, time.perf_counter() - began)
+            summary["seed"], summary["fold_seed"], summary["cache_seconds"] = run_seed, args.fold_seed, round(cache_seconds, 1)
+            if args.oof:
+                folds = f"-folds{args.fold_seed}" if args.fold_seed else ""
+                save_out_of_fold(Path(args.oof) / f"{name}-e{args.epochs}-s{run_seed}{folds}.json", name, cfg, samples,
+                                 labels, assignment, results, args.epochs, run_seed, args.fold_seed)
+            with open(args.out, "a") as out:
+                out.write(json.dumps(summary) + "\n")
     return 0
 
 
