@@ -61,8 +61,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "and view (cached) and train the rest; 0 = every layer trains"),
     Parameter("ImageSize", int, 224, "square crop the network sees, in pixels"),
     Parameter("BackboneLr", float, 1.0,
-              "when every layer trains: the pretrained backbone's lr as a multiple of the head's"),
-    Parameter("HeadWarmupEpochs", int, 0, "when every layer trains: first epochs in which only the head learns"),
+              "when the backbone trains (every layer, or the blocks after FrozenBlocks): its lr as a "
+              "multiple of the head's"),
+    Parameter("HeadWarmupEpochs", int, 0, "when the backbone trains: first epochs in which only the head learns"),
     Parameter("Optimizer", str, "sgd", "sgd (momentum 0.9) or adamw"),
     Parameter("Decode", str, "median",
               "count from the class probabilities: argmax, median, or mean (rounded expected count)"),
