@@ -317,8 +317,8 @@ def save_out_of_fold(path: Path, name: str, cfg: dict, samples, labels, assignme
                                     probabilities)
 
 
-def summarize(name: str, cfg: dict, results: list[dict], epochs: int, seconds: float) -> dict:
-    summary = {"config": name, "settings": cfg, "epochs": epochs, "seconds": round(seconds, 1),
+def summarize(name: str, cfg: dict, results: list[dict], epochs: int, seconds: float, seed: int) -> dict:
+    summary = {"config": name, "seed": seed, "settings": cfg, "epochs": epochs, "seconds": round(seconds, 1),
                "train_img_per_s": round(statistics.mean(r["train_img_per_s"] for r in results), 1),
                "pretrained": results[0]["pretrained"], "scores": {}}
     for key in results[0]["scores"]:
@@ -329,7 +329,7 @@ def summarize(name: str, cfg: dict, results: list[dict], epochs: int, seconds: f
                                   "rmse": statistics.mean(rmse), "rmse_sd": statistics.stdev(rmse) if len(rmse) > 1 else 0.0,
                                   "per_class": per_class, "folds": len(acc)}
         s = summary["scores"][key]
-        print(f"{name:15s} {key:12s} accuracy {s['accuracy']:.3f} +- {s['accuracy_sd']:.3f}  "
+        print(f"{name} s{seed} {key:12s} accuracy {s['accuracy']:.3f} +- {s['accuracy_sd']:.3f}  "
               f"RMSE {s['rmse']:.3f} +- {s['rmse_sd']:.3f}  per class "
               + " ".join(f"{v:.2f}" for v in per_class) + f"  ({summary['train_img_per_s']} img/s, {seconds:.0f}s)",
               flush=True)
@@ -401,8 +401,8 @@ def main() -> int:
                 else:
                     results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
                                             args.workers, seed))
-            summary = summarize(f"{name} s{run_seed}", cfg, results, args.epochs, time.perf_counter() - began)
-            summary["seed"], summary["fold_seed"], summary["cache_seconds"] = run_seed, args.fold_seed, round(cache_seconds, 1)
+            summary = summarize(name, cfg, results, args.epochs, time.perf_counter() - began, run_seed)
+            summary["fold_seed"], summary["cache_seconds"] = args.fold_seed, round(cache_seconds, 1)
             if args.oof:
                 folds = f"-folds{args.fold_seed}" if args.fold_seed else ""
                 save_out_of_fold(Path(args.oof) / f"{name}-e{args.epochs}-s{run_seed}{folds}.json", name, cfg, samples,
