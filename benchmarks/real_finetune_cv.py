@@ -70,6 +70,8 @@ from augment import build_train_transform  # noqa: E402
 inference = train.inference
 LAST3, LAST2, LAST1 = 8, 11, 15  # Lite0's first trained block: stages 5-7 (blocks 8-15), 6-7 (11-15), or block 15 alone
 
+# What the `real` profile can afford to cache: the photo and 3 augmented views (no flips), last two stages
+REAL_CACHED = {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6)}
 BASE = {"arch": "efficientnet_lite0", "size": 224, "head": "ordinal", "pretrained": "auto", "first_block": 0, "backbone_lr": 0.1,
         "warmup_head_epochs": 1, "augment": 1.0, "lr": 3e-3, "weight_decay": 0.05}
 CONFIGS = {  # in the order they run by default: the most telling first
@@ -89,21 +91,15 @@ CONFIGS = {  # in the order they run by default: the most telling first
     "ft224-last2-cached": {"first_block": LAST2, "cached_views": 4},
     "ft320-last2-cached": {"size": 320, "first_block": LAST2, "cached_views": 4},
     "ft224-last1-cached": {"first_block": LAST1, "cached_views": 4},
-    # What the `real` profile can afford to cache: the photo and 3 augmented views, no flips
-    "ft224-last2-cached-4v": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6)},
+    "ft224-last2-cached-4v": REAL_CACHED,
     # Variants of the `real` profile's recipe that cost (about) nothing more on a CPU, and one that does:
-    "ft224-last2-cached-4v-swa": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6), "swa": 4},
-    "ft224-last2-cached-4v-bb03": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6),
-                                   "backbone_lr": 0.3},
-    "ft224-last2-cached-4v-classify": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6),
-                                       "head": "classify"},
-    "ft224-last2-cached-4v-bb05": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6),
-                                   "backbone_lr": 0.5},
-    "ft224-last2-cached-4v-bb10": {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6),
-                                   "backbone_lr": 1.0},
-    "ft224-last3-cached-4v": {"first_block": LAST3, "cached_views": 4, "train_views": (0, 4, 5, 6)},
-    "ft224-last3-cached-4v-bb03": {"first_block": LAST3, "cached_views": 4, "train_views": (0, 4, 5, 6),
-                                   "backbone_lr": 0.3},
+    "ft224-last2-cached-4v-swa": {**REAL_CACHED, "swa": 4},
+    "ft224-last2-cached-4v-bb03": {**REAL_CACHED, "backbone_lr": 0.3},
+    "ft224-last2-cached-4v-classify": {**REAL_CACHED, "head": "classify"},
+    "ft224-last2-cached-4v-bb05": {**REAL_CACHED, "backbone_lr": 0.5},
+    "ft224-last2-cached-4v-bb10": {**REAL_CACHED, "backbone_lr": 1.0},
+    "ft224-last3-cached-4v": {**REAL_CACHED, "first_block": LAST3},
+    "ft224-last3-cached-4v-bb03": {**REAL_CACHED, "first_block": LAST3, "backbone_lr": 0.3},
 }
 
 
@@ -275,9 +271,9 @@ def fit_fold_cached(cfg: dict, fronts: torch.Tensor, labels, train_idx, test_idx
     rate = seen / (time.perf_counter() - started)
     if averaged is not None:  # score the averaged weights, with BatchNorm statistics of them
         model = averaged.module
-        draws = [(fronts[b, views[torch.randint(len(views), (len(b),))]], None) for b in train_idx.split(64)]
-        set_train(model, first)
-        train.recompute_bn_statistics(train.Tail(model, first), draws, len(draws), device)
+        batches = train_idx.split(64)
+        draws = ((fronts[b, views[torch.randint(len(views), (len(b),))]], None) for b in batches)
+        train.recompute_bn_statistics(train.Tail(model, first), draws, len(batches), device)
     model.eval()
     with torch.inference_mode():
         flips = torch.stack([torch.cat([tail(model, first, fronts[chunk, v].float().contiguous(
