@@ -59,6 +59,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("FrozenBlocks", int, 0,
               "efficientnet: keep the stem and this many blocks as pretrained, run them once per photo "
               "and view (cached) and train the rest; 0 = every layer trains"),
+    Parameter("Tails", int, 1,
+              "with FrozenBlocks: train this many tails (seeds Seed, Seed+1000, ...) on the one cached "
+              "front; the model runs the front once and averages their class probabilities"),
     Parameter("ImageSize", int, 224, "square crop the network sees, in pixels"),
     Parameter("BackboneLr", float, 1.0,
               "when the backbone trains (every layer, or the blocks after FrozenBlocks): its lr as a "
@@ -123,6 +126,12 @@ def check_combination(values: dict[str, object]) -> None:
     if blocks and not arch.startswith("efficientnet"):
         raise ValueError(f"FrozenBlocks={blocks} applies to the efficientnet_lite architectures, not {arch}; "
                          "set FrozenBlocks=0")
+    tails = values.get("Tails", 1)
+    if tails < 1:
+        raise ValueError(f"Tails must be 1 or more, got {tails}")
+    if tails > 1 and not blocks:
+        raise ValueError(f"Tails={tails} needs a front to share: set FrozenBlocks (11 on efficientnet_lite0) "
+                         "or Tails=1")
     if blocks and str(values.get("FreezeBackbone", "")).lower() == "true":
         raise ValueError(f"FrozenBlocks={blocks} with FreezeBackbone=true: the backbone is frozen whole "
                          "already; set one of them")

@@ -50,6 +50,7 @@ STEP = TrainingStep(
     hyperparameters=(
         *COMMON_HYPERPARAMETERS,
         ("epochs", Param("Epochs")),
+        ("tails", Param("Tails")),  # trials train one tail: they rank learning rates
         ("lr", TunedValue("Tune", "lr")),
         ("batch_size", TunedValue("Tune", "batch_size")),
     ),

@@ -58,15 +58,18 @@ def _num(value, digits: int = 3) -> str:
 # --------------------------------------------------------------------------- plots
 
 def loss_plot(epochs: list[dict]) -> str:
+    """Loss and accuracy per epoch; with several tails (train.py --tails) one pair of lines each."""
     plt = _pyplot()
-    x = [e["epoch"] for e in epochs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.plot(x, [e["train"]["loss"] for e in epochs], "o-", label="train")
-    left.plot(x, [e["validation"]["loss"] for e in epochs], "s-", label="validation")
+    members = sorted({e.get("member", 0) for e in epochs})
+    for member in members:
+        run = [e for e in epochs if e.get("member", 0) == member]
+        x, name = [e["epoch"] for e in run], f" (tail {member + 1})" if len(members) > 1 else ""
+        for axis, key in ((left, "loss"), (right, "accuracy")):
+            axis.plot(x, [e["train"][key] for e in run], "o-", label="train" + name)
+            axis.plot(x, [e["validation"][key] for e in run], "s-", label="validation" + name)
     left.set(title="cross-entropy loss", xlabel="epoch")
     left.legend()
-    right.plot(x, [e["train"]["accuracy"] for e in epochs], "o-", label="train")
-    right.plot(x, [e["validation"]["accuracy"] for e in epochs], "s-", label="validation")
     right.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
     right.legend()
     fig.tight_layout()

@@ -186,7 +186,9 @@ def evaluate_rules(history: dict, parameters: dict | None = None) -> list[Verdic
 
 
 def history_from_epochs(epochs: list[dict]) -> dict:
-    """train.py's history.json epochs -> the rules' layout (one step per epoch, losses only)."""
+    """train.py's history.json epochs -> the rules' layout (one step per epoch, losses only). With
+    several tails (train.py --tails), the first one's run, as the Debugger records it."""
+    epochs = [e for e in epochs if e.get("member", 0) == 0]
     return {"losses": {
         "train": [[e["epoch"], e["train"]["loss"]] for e in epochs if "train" in e],
         "validation": [[e["epoch"], e["validation"]["loss"]] for e in epochs if "validation" in e],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -117,12 +118,20 @@ def decode_counts(probabilities: torch.Tensor, decode: str = "argmax") -> torch.
     return probabilities.argmax(1)
 
 
-def build_model(arch: str, num_classes: int, head: str = "classify", image_size: int = 224) -> torch.nn.Module:
+def build_model(arch: str, num_classes: int, head: str = "classify", image_size: int = 224,
+                tails: int = 1, shared_blocks: int = 0) -> torch.nn.Module:
     """The network with a `num_classes` counting head and no weights loaded (train.py loads them).
 
     ResNets are torchvision's (head = `fc`); efficientnet_lite0 is efficientnet-lite-pytorch's
     (head = `_fc`), built for `image_size` (its TF-style "same" padding is fixed at build time).
+    With `tails` > 1 (an efficientnet): a SharedFront of that many copies, sharing their stem and
+    first `shared_blocks` blocks.
     """
+    if tails > 1:
+        if arch not in EFFICIENTNETS or not 0 < shared_blocks:
+            raise ValueError(f"tails={tails} needs an efficientnet and shared_blocks > 0, got {arch}, {shared_blocks}")
+        members = [build_model(arch, num_classes, head, image_size) for _ in range(tails)]
+        return SharedFront(members, shared_blocks, head)
     if arch in EFFICIENTNETS:
         try:
             from efficientnet_lite_pytorch import EfficientNet
@@ -138,6 +147,65 @@ def build_model(arch: str, num_classes: int, head: str = "classify", image_size:
     if head != "classify":  # torchvision's own fc is the classification head
         model.fc = make_head(head, model.fc.in_features, num_classes)
     return model
+
+
+# ------------------------------------------------- an EfficientNet split in two, and tails on one front
+
+def front(model, first_block: int, images: torch.Tensor) -> torch.Tensor:
+    """The stem, then blocks[:first_block] (no drop connect: what a frozen part computes)."""
+    if isinstance(model, SharedFront):
+        model = model.members[0]
+    x = model._swish(model._bn0(model._conv_stem(images)))
+    for block in model._blocks[:first_block]:
+        x = block(x)
+    return x
+
+
+def tail(model, first_block: int, x: torch.Tensor) -> torch.Tensor:
+    """The rest of EfficientNet.forward from blocks[first_block] on, with each block's own
+    drop-connect rate: tail(front(images)) == model(images). On a SharedFront: every member's tail,
+    their class probabilities averaged."""
+    if isinstance(model, SharedFront):
+        return mean_of_members([tail(member, first_block, x) for member in model.members], model.head)
+    blocks, rate = model._blocks, model._global_params.drop_connect_rate
+    for index in range(first_block, len(blocks)):
+        x = blocks[index](x, drop_connect_rate=rate * index / len(blocks) if rate else rate)
+    x = model._swish(model._bn1(model._conv_head(x)))
+    return model._fc(model._dropout(model._avg_pooling(x).flatten(1)))
+
+
+def mean_of_members(outputs: list[torch.Tensor], head: str) -> torch.Tensor:
+    """Several models' raw head outputs -> raw outputs in the same head's terms whose class
+    probabilities are the mean of theirs: ordinal, the logits of the mean P(count > k) (class
+    probabilities are linear in them); classify, the log of the mean softmax."""
+    if len(outputs) == 1:
+        return outputs[0]
+    stacked = torch.stack([o.float() for o in outputs])
+    if head == "ordinal":
+        return torch.logit(torch.sigmoid(stacked).mean(0), eps=1e-7)
+    if head == "classify":
+        return torch.log_softmax(stacked, -1).logsumexp(0) - math.log(len(outputs))
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+
+
+class SharedFront(torch.nn.Module):
+    """EfficientNets that share their stem and first `first_block` blocks, and differ after them
+    (tails trained from one set of pretrained weights with different seeds, on the cached output of
+    that frozen front: train.py --tails). The front runs once; the output is the members' mean
+    class probabilities, in the head's own terms (mean_of_members), so it decodes like one model.
+    Only the first member keeps the front's weights; the others hold their tails alone."""
+
+    def __init__(self, members: list[torch.nn.Module], first_block: int, head: str):
+        super().__init__()
+        for member in members[1:]:
+            member._conv_stem, member._bn0 = torch.nn.Identity(), torch.nn.Identity()
+            for index in range(first_block):
+                member._blocks[index] = torch.nn.Identity()
+        self.members = torch.nn.ModuleList(members)
+        self.first_block, self.head = first_block, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return tail(self, self.first_block, front(self, self.first_block, images))
 
 
 def to_pixels(image: Image.Image, config: dict) -> torch.Tensor:
@@ -182,7 +250,8 @@ def model_fn(model_dir: str) -> dict:
     """Load weights and settings from an extracted artifact. Returns what predict_fn takes."""
     config = load_config(model_dir)
     model = build_model(config["arch"], len(config["labels"]), head=config.get("head", "classify"),
-                        image_size=int(config["image_size"]))
+                        image_size=int(config["image_size"]), tails=int(config.get("tails", 1)),
+                        shared_blocks=int(config.get("shared_blocks", 0)))
     state = torch.load(Path(model_dir) / "model.pth", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,6 +5,7 @@
     debugger.record("train", loss)         # each training step (a scalar loss tensor)
     debugger.learning_rate(lr)             # each training step; saved at the weights' interval
     debugger.record("validation", loss)    # each validation batch
+    debugger.pause()                       # stop recording (train.py --tails: only the first tail's run)
     debugger.finish(model_dir)             # reads the trial back, writes model_dir/debugger.json
 
 With smdebug, a `smdebug.pytorch.Hook` saves losses every step and weights, biases, gradients
@@ -31,6 +32,7 @@ _modes = None
 _trial_dir: Path | None = None
 _reason = "not attached"
 _rank = 0
+_paused = False
 
 
 def _interval() -> int:
@@ -86,9 +88,15 @@ def attach(model, rank: int = 0):
     return hook
 
 
+def pause() -> None:
+    """Record no more steps (the hook stays open for finish): the trial holds one training run."""
+    global _paused
+    _paused = True
+
+
 def record(mode: str, loss) -> None:
     """One step's loss (a 0-d tensor) under `mode` ("train" or "validation")."""
-    if _hook is None:
+    if _hook is None or _paused:
         return
     _hook.record_tensor_value(tensor_name=f"loss_{mode}", tensor_value=loss.detach().float().mean())
 
@@ -96,7 +104,7 @@ def record(mode: str, loss) -> None:
 def learning_rate(lr: float) -> None:
     """The learning rate of this training step, saved when the hook saves the weights (the same
     steps on SageMaker, where the DebuggerHookConfig sets that interval)."""
-    if _hook is None:
+    if _hook is None or _paused:
         return
     from smdebug.core.collection import CollectionKeys
 
@@ -148,6 +156,8 @@ def finish(model_dir: Path) -> dict:
             import smdebug
             summary = {"status": "recorded", "smdebug": smdebug.__version__, "trial": str(_trial_dir),
                        "interval": _interval(), **summarize_trial(_trial_dir)}
+            if _paused:
+                summary["scope"] = "the first tail's training (train.py --tails trains the others after it)"
         except Exception as exc:  # a trial that cannot be read back is reported, never fatal
             summary = {"status": "missing", "reason": f"the trial could not be read back "
                                                        f"({type(exc).__name__}: {exc})"}

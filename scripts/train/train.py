@@ -6,10 +6,12 @@
 Inputs: hyperparameters as `--name value` arguments; the train and validation channels hold
 `<count>/<id>.jpg` class folders (counts 1-5) as scripts/preprocess writes them.
 Outputs, in SM_MODEL_DIR (SageMaker or the local runner tars it into model.tar.gz):
-    model.pth            state_dict of the best-validation-accuracy epoch (weights_only loadable)
+    model.pth            state_dict of the kept epoch (--keep_epoch; weights_only loadable); with
+                         --tails, of every tail's on their shared front (inference.SharedFront)
     model_config.json    arch, labels, image settings, model id, hyperparameters, metrics
     code/inference.py    the serving functions this model is loaded through
-and SM_OUTPUT_DATA_DIR/history.json with every epoch's metrics.
+and SM_OUTPUT_DATA_DIR/history.json with every epoch's metrics (with --tails, each tail's epochs
+in turn, each entry marked with its `member`).
 
 Every epoch prints one `name=value` line that SageMaker's (and the local tuner's) metric regexes
 read; the last line repeats the best epoch's validation metrics, which are those of the saved
@@ -73,9 +75,12 @@ class TrainError(Exception):
 RANK, WORLD = 0, 1
 
 
+LOG_PREFIX = ""  # "tail 2| " in the process that trains a second tail (--tails)
+
+
 def log(*parts) -> None:
     if RANK == 0:
-        print(*parts, flush=True)
+        print(LOG_PREFIX + " ".join(map(str, parts)), flush=True)
 
 
 # --------------------------------------------------------------------------- hyperparameters
@@ -206,6 +211,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "their output once per photo and view (see --feature_views) and train only the "
                         "rest on it; 11 trains Lite0's last two stages, 6-9x faster on a CPU than "
                         "training every layer (docs/model.md). 0: every layer trains")
+    p.add_argument("--tails", type=positive_int, default=1,
+                   help="with --frozen_blocks: train this many tails one after another on the same cached "
+                        "front, with seeds --seed, --seed+1000, ...; the model runs the front once and "
+                        "averages the tails' class probabilities (two tails: docs/model.md)")
     p.add_argument("--feature_views", type=feature_views_arg, default=0, choices=(0, 1, 2, 4, 8),
                    help="with --freeze_backbone or --frozen_blocks: train on this many views of each photo: "
                         "the photo as is, then views through the training augmentation at --augment "
@@ -280,6 +289,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.frozen_blocks and args.arch not in inference.EFFICIENTNETS:
         parser.error(f"argument --frozen_blocks: applies to {', '.join(inference.EFFICIENTNETS)}, "
                      f"not {args.arch}; use --freeze_backbone or 0")
+    if args.tails > 1 and not args.frozen_blocks:
+        parser.error(f"argument --tails: {args.tails} tails need a front to share: give --frozen_blocks")
     if args.frozen_blocks and args.freeze_backbone:
         parser.error("argument --frozen_blocks: --freeze_backbone already freezes every block; give one of them")
     return args
@@ -733,7 +744,8 @@ def identity(args, n_train: int) -> dict:
     """What a checkpoint must agree on to be resumed (epochs may grow; workers etc. may change)."""
     keys = ("arch", "image_size", "lr", "batch_size", "seed", "data_fraction", "optimizer", "momentum",
             "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained",
-            "head", "class_weights", "freeze_backbone", "frozen_blocks", "feature_views", "keep_epoch")
+            "head", "class_weights", "freeze_backbone", "frozen_blocks", "feature_views", "keep_epoch",
+            "tails")
     return {**{k: getattr(args, k) for k in keys}, "train_images": n_train,
             "job": os.environ.get("TRAINING_JOB_NAME", "")}
 
@@ -769,8 +781,11 @@ def weights_digest(state_dict: dict) -> str:
 def model_config(args) -> dict:
     """The preprocessing and label settings the artifact carries (inference.py reads them)."""
     mean, std = inference.normalization(args.arch)
-    return {"arch": args.arch, "labels": list(LABELS), "image_size": args.image_size,
-            "mean": list(mean), "std": list(std), "head": args.head, "decode": args.decode, "tta": args.tta}
+    config = {"arch": args.arch, "labels": list(LABELS), "image_size": args.image_size,
+              "mean": list(mean), "std": list(std), "head": args.head, "decode": args.decode, "tta": args.tta}
+    if args.tails > 1:  # inference.build_model makes a SharedFront of them
+        config.update(tails=args.tails, shared_blocks=args.frozen_blocks)
+    return config
 
 
 def load_data(args, config: dict) -> tuple[BinImages, BinImages]:
@@ -860,22 +875,8 @@ def frozen_part(model, first_block: int) -> list:
     return [model._conv_stem, model._bn0, *model._blocks[:first_block]] if first_block > 0 else []
 
 
-def front(model, first_block: int, images: torch.Tensor) -> torch.Tensor:
-    """The frozen part's output: the stem, then blocks[:first_block] (no drop connect: eval mode)."""
-    x = model._swish(model._bn0(model._conv_stem(images)))
-    for block in model._blocks[:first_block]:
-        x = block(x)
-    return x
-
-
-def tail(model, first_block: int, x: torch.Tensor) -> torch.Tensor:
-    """The rest of EfficientNet.forward from blocks[first_block] on, with each block's own
-    drop-connect rate: tail(front(images)) == model(images)."""
-    blocks, rate = model._blocks, model._global_params.drop_connect_rate
-    for index in range(first_block, len(blocks)):
-        x = blocks[index](x, drop_connect_rate=rate * index / len(blocks) if rate else rate)
-    x = model._swish(model._bn1(model._conv_head(x)))
-    return model._fc(model._dropout(model._avg_pooling(x).flatten(1)))
+# The split itself lives in inference.py, which serves it too (tails on one front: SharedFront).
+front, tail = inference.front, inference.tail
 
 
 class Tail(torch.nn.Module):
@@ -891,14 +892,20 @@ class Tail(torch.nn.Module):
         views = x.shape[1] if x.dim() == 5 else 0
         x = x.flatten(0, 1) if views else x
         # Cached in bfloat16 (half the memory); computed in the model's precision.
-        x = x.to(self.model._conv_head.weight.dtype).contiguous(memory_format=torch.channels_last)
+        x = x.to(next(self.model.parameters()).dtype).contiguous(memory_format=torch.channels_last)
         out = tail(self.model, self.first_block, x)
         return out.float().unflatten(0, (-1, views)).mean(1) if views else out
 
 
+# Views the BatchNorm statistics are recomputed over after each epoch of a tail: 256 photos' 7x7
+# maps estimate a channel's mean and variance from 12,544 values, and the pass over all 1,037
+# views of the real sample's training split cost 5 of an epoch's 27 s.
+BN_VIEWS = 256
+
+
 @torch.no_grad()
 def recompute_bn_statistics(tail: Tail, loader, steps: int, device) -> None:
-    """The trained tail's BatchNorm running statistics, recomputed over the training views with
+    """The trained tail's BatchNorm running statistics, recomputed over BN_VIEWS training views with
     this epoch's weights (torch.optim.swa_utils.update_bn, as for SWA). The running averages
     (momentum 0.01) otherwise trail the weights by hundreds of steps: with batch 256, 5 steps an
     epoch, the real profile's Train fell to 0.15 validation accuracy while its training accuracy
@@ -1067,6 +1074,12 @@ def frozen_outputs(model, train_set: BinImages, val_set: BinImages, args, device
     return train_outputs, val_outputs, views
 
 
+def freeze_front(model, first_block: int) -> None:
+    for module in frozen_part(model, first_block):
+        module.requires_grad_(False)
+    model.to(memory_format=torch.channels_last)  # faster convolutions on CPUs too
+
+
 def partial_setup(model, train_set: BinImages, val_set: BinImages, args, device, config):
     """--frozen_blocks: freeze the stem and the first blocks, and return (the Tail to train, train
     loader, validation loader) over their cached output. Each epoch shows every training photo
@@ -1074,9 +1087,7 @@ def partial_setup(model, train_set: BinImages, val_set: BinImages, args, device,
     if args.frozen_blocks >= len(model._blocks):
         raise TrainError(f"--frozen_blocks {args.frozen_blocks}: {args.arch} has {len(model._blocks)} blocks, "
                          f"so at most {len(model._blocks) - 1} can be frozen")
-    for module in frozen_part(model, args.frozen_blocks):
-        module.requires_grad_(False)
-    model.to(memory_format=torch.channels_last)  # faster convolutions on CPUs too
+    freeze_front(model, args.frozen_blocks)
     train_fronts, val_fronts, views = frozen_outputs(model, train_set, val_set, args, device, config)
     train_data = RandomView(train_fronts, train_set.targets)
     sampler = DistributedSampler(train_data, num_replicas=WORLD, rank=RANK, shuffle=True, seed=args.seed)
@@ -1109,6 +1120,23 @@ def load_checkpoint(path: Path | None, args, n_train: int) -> dict | None:
     return checkpoint
 
 
+class Session:
+    """What every tail's training shares: the data, the device, the checkpoint file."""
+
+    def __init__(self, args, device, train_loader, val_loader, train_steps, val_steps, targets, pretrained,
+                 ckpt_path):
+        self.args, self.device, self.pretrained, self.ckpt_path = args, device, pretrained, ckpt_path
+        self.class_targets, self.n_train = targets, len(targets)
+        self.train_loader, self.val_loader, self.train_steps, self.val_steps = train_loader, val_loader, train_steps, val_steps
+        self.dtype = amp_dtype(device, args.amp)
+
+    def member_checkpoint(self, member: int) -> Path | None:
+        """Each tail (--tails) checkpoints on its own; the first one where a single model does."""
+        if not self.ckpt_path or not member:
+            return self.ckpt_path
+        return self.ckpt_path.with_name(f"{self.ckpt_path.stem}-tail{member + 1}{self.ckpt_path.suffix}")
+
+
 def run(args) -> None:
     global RANK, WORLD
     RANK, WORLD, device = setup_distributed()
@@ -1120,8 +1148,6 @@ def run(args) -> None:
     train_set, val_set = load_data(args, config)
     train_loader = make_loader(train_set, args, device, train=True)
     val_loader = make_loader(val_set, args, device, train=False)
-    train_steps = min(len(train_loader), args.max_batches or len(train_loader))
-    val_steps = min(len(val_loader), args.max_batches or len(val_loader))
 
     model = inference.build_model(args.arch, len(LABELS), head=args.head, image_size=args.image_size)
     ckpt_dir = checkpoint_dir(args)  # every rank resumes from it; only rank 0 writes it
@@ -1145,15 +1171,32 @@ def run(args) -> None:
             model.load_state_dict(checkpoint["model"])
         setup = frozen_setup if args.freeze_backbone else partial_setup
         fit, train_loader, val_loader = setup(model, train_set, val_set, args, device, config)
-        train_steps = min(len(train_loader), args.max_batches or len(train_loader))
-        val_steps = min(len(val_loader), args.max_batches or len(val_loader))
+    session = Session(args, device, train_loader, val_loader,
+                      min(len(train_loader), args.max_batches or len(train_loader)),
+                      min(len(val_loader), args.max_batches or len(val_loader)),
+                      train_set.targets, pretrained, ckpt_path)
+    if args.tails == 1:
+        best, history = train_epochs(session, model, fit, checkpoint)
+    else:
+        best, history = train_tails(session, model, fit, checkpoint)
+    if RANK == 0:
+        finish(args, best, history, config, pretrained, len(train_set))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train_epochs(session: Session, model, fit, checkpoint: dict | None, member: int = 0) -> tuple[dict, list]:
+    """Train `fit` (the whole network, a head on frozen features, or a Tail of `model`) for
+    --epochs, from `checkpoint` when it holds this run; returns (kept epoch, history)."""
+    args, device, dtype = session.args, session.device, session.dtype
+    train_loader, train_steps = session.train_loader, session.train_steps
     # A Tail trains the network's own modules: the optimizer groups them as for a whole network.
     optimizer = make_optimizer(model if args.frozen_blocks else fit, args)
-    total_steps = args.epochs * train_steps
-    scheduler = make_scheduler(optimizer, total_steps, train_steps, args)
-    dtype = amp_dtype(device, args.amp)
+    scheduler = make_scheduler(optimizer, args.epochs * train_steps, train_steps, args)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    class_weight = balanced_weights(train_set.targets, device) if args.class_weights == "balanced" else None
+    class_weight = (balanced_weights(session.class_targets, device) if args.class_weights == "balanced"
+                    else None)
 
     start_epoch, history = 1, []
     best = {"epoch": 0, "accuracy": -1.0, "metrics": {}, "state_dict": None}
@@ -1166,15 +1209,17 @@ def run(args) -> None:
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         start_epoch, history, best = checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"]
-        log(f"resuming from checkpoint {ckpt_path}: epoch {checkpoint['epoch']} of {args.epochs} done, "
-            f"continuing at epoch {start_epoch}")
+        log(f"resuming from checkpoint {session.member_checkpoint(member)}: epoch {checkpoint['epoch']} of {args.epochs} done"
+            + (f" (tail {member + 1} of {args.tails})" if args.tails > 1 else "")
+            + f", continuing at epoch {start_epoch}")
     bare = model  # the whole network: its state is what is checkpointed and saved
     trainer = fit
     if WORLD > 1:
         fit = torch.nn.parallel.DistributedDataParallel(fit)  # broadcasts rank 0's weights
-    # The hook goes on the module the loop calls (the head alone on frozen features): smdebug
-    # prepares its collections in the forward pass of the module it was registered on.
-    debugger.attach(trainer, RANK)
+    if member == 0:
+        # The hook goes on the module the loop calls (the head alone on frozen features): smdebug
+        # prepares its collections in the forward pass of the module it was registered on.
+        debugger.attach(trainer, RANK)
 
     log(f"training {args.arch} at {args.image_size}px on {device} (x{WORLD}, {torch.get_num_threads()} "
         f"threads, {train_loader.num_workers} workers): {args.epochs} epochs x {train_steps} batches of "
@@ -1187,10 +1232,11 @@ def run(args) -> None:
             train_loader.sampler.set_epoch(epoch)
         train = train_one_epoch(fit, train_loader, train_steps, optimizer, scheduler, scaler, device, dtype,
                                 args, epoch, class_weight)
-        if isinstance(trainer, Tail):  # a pass over cached views costs a few seconds
-            recompute_bn_statistics(trainer, train_loader, train_steps, device)
+        if isinstance(trainer, Tail):  # a pass over a few hundred cached views: about a second
+            recompute_bn_statistics(trainer, train_loader, min(train_steps, -(-BN_VIEWS // args.batch_size)),
+                                    device)
         # On cached outputs the flips are views in the data already.
-        val = evaluate(fit, val_loader, val_steps, device, dtype, args.head, args.decode,
+        val = evaluate(fit, session.val_loader, session.val_steps, device, dtype, args.head, args.decode,
                        "none" if args.freeze_backbone or args.frozen_blocks else args.tta)
         seconds = time.perf_counter() - started
         log(f"epoch={epoch}/{args.epochs} train:loss={train['loss']:.4f} "
@@ -1204,28 +1250,127 @@ def run(args) -> None:
             if args.freeze_backbone:
                 state = trainer.folded(state, head_name(args.arch) + ".")
             best = {"epoch": epoch, "accuracy": val["accuracy"], "metrics": val, "state_dict": state}
-        if ckpt_path and RANK == 0:
-            save_atomic({"epoch": epoch, "identity": identity(args, len(train_set)), "pretrained": pretrained,
+        if session.ckpt_path and RANK == 0:
+            save_atomic({"epoch": epoch, "identity": identity(args, session.n_train),
+                         "pretrained": session.pretrained,
                          "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                          "rng": {"torch": torch.get_rng_state(),
                                  "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-                         "history": history, "best": best}, ckpt_path)
+                         "history": history, "best": best}, session.member_checkpoint(member))
     if start_epoch > args.epochs:
-        log(f"checkpoint already holds all {args.epochs} epochs: writing the model")
+        log(f"checkpoint already holds all {args.epochs} epochs" + (f" of tail {member + 1}" if args.tails > 1 else ""))
+    return best, history
 
-    if RANK == 0:
-        finish(args, best, history, config, pretrained, len(train_set))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+
+def train_tails(session: Session, model, fit, checkpoint: dict | None) -> tuple[dict, list]:
+    """--tails: train the tails on the one cached front, then combine them (tails_combined).
+
+    On a CPU each tail trains in a process of its own with its share of the cores: a tail's small
+    7x7 convolutions keep 2 threads half idle, so 2 tails at once, 1 thread each, train at 72 img/s
+    in all against 45 for one tail on 2 threads (Lite0 at 224 px, batch 32, this 2-core machine).
+    Elsewhere (a GPU, DDP) one after another. Each tail checkpoints and resumes on its own."""
+    args = session.args
+    parallel = session.device.type == "cpu" and WORLD == 1 and usable_cpus() >= args.tails
+    results: dict[int, dict] = {}
+    if not parallel:
+        best, history = train_epochs(session, model, fit, checkpoint)
+        results[0] = {"best": best, "history": history}
+        for member in range(1, args.tails):
+            results[member] = train_tail(session, member)
+        return tails_combined(session, [results[m] for m in range(args.tails)])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, usable_cpus() // args.tails))
+    folder = Path(tempfile.mkdtemp(prefix="tails-"))
+    context = torch.multiprocessing.get_context("fork")  # the cached front is shared, not copied
+    workers = {member: context.Process(target=_tail_process, args=(session, member, folder), daemon=True)
+               for member in range(1, args.tails)}
+    try:
+        for worker in workers.values():
+            worker.start()
+        best, history = train_epochs(session, model, fit, checkpoint)
+        results[0] = {"best": best, "history": history}
+        for member, worker in workers.items():
+            worker.join()
+            if worker.exitcode != 0:
+                raise TrainError(f"tail {member + 1} of {args.tails} failed (exit code {worker.exitcode}); "
+                                 f"its lines, marked 'tail {member + 1}|', are above")
+            results[member] = torch.load(folder / f"tail{member + 1}.pt", weights_only=True)
+    finally:
+        for worker in workers.values():
+            if worker.is_alive():
+                worker.terminate()
+        shutil.rmtree(folder, ignore_errors=True)
+        torch.set_num_threads(threads)
+    return tails_combined(session, [results[m] for m in range(args.tails)])
+
+
+def train_tail(session: Session, member: int) -> dict:
+    """Tail `member` (from 0) of --tails: the same start (the pretrained weights), its own seed,
+    so a new head and its own draws of photos and views. Returns {"best", "history"}."""
+    args, device = session.args, session.device
+    seed = args.seed + 1000 * member
+    seed_everything(seed + RANK)
+    log(f"tail {member + 1} of {args.tails}: seed {seed}")
+    model = inference.build_model(args.arch, len(LABELS), head=args.head, image_size=args.image_size)
+    load_pretrained(model, args.arch, args.pretrained)
+    freeze_front(model.to(device), args.frozen_blocks)
+    if isinstance(session.train_loader.sampler, DistributedSampler):
+        session.train_loader.sampler.seed = seed  # its own order of photos
+    debugger.pause()  # the Debugger trial records the first tail: one training run's steps
+    checkpoint = load_checkpoint(session.member_checkpoint(member), args, session.n_train)
+    best, history = train_epochs(session, model, Tail(model, args.frozen_blocks).to(device), checkpoint, member)
+    return {"best": best, "history": history}
+
+
+def _tail_process(session: Session, member: int, folder: Path) -> None:
+    """A forked process that trains one tail and leaves it in `folder` for the parent."""
+    global LOG_PREFIX
+    LOG_PREFIX = f"tail {member + 1}| "
+    torch.set_num_threads(max(1, usable_cpus() // session.args.tails))
+    try:
+        torch.save(train_tail(session, member), folder / f"tail{member + 1}.pt")
+    except TrainError as exc:
+        log(f"error: {exc}")
+        os._exit(2)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)  # no atexit handlers of the parent's (smdebug's, multiprocessing's) in a fork
+
+
+def tails_combined(session: Session, members: list[dict]) -> tuple[dict, list]:
+    """The tails' kept epochs as one SharedFront (the front stored once), scored on the validation
+    split as it will be served: the members' class probabilities averaged. Returns (best, history)
+    as for one model; the history holds each tail's epochs in turn, marked with its `member`."""
+    args = session.args
+    ensemble = inference.build_model(args.arch, len(LABELS), head=args.head, image_size=args.image_size,
+                                     tails=len(members), shared_blocks=args.frozen_blocks)
+    wanted = ensemble.state_dict()
+    state = {f"members.{i}.{name}": tensor for i, m in enumerate(members)
+             for name, tensor in m["best"]["state_dict"].items() if f"members.{i}.{name}" in wanted}
+    ensemble.load_state_dict(state)  # strict: every member's tail, and the front once
+    ensemble.to(session.device, memory_format=torch.channels_last)
+    val = evaluate(Tail(ensemble, args.frozen_blocks), session.val_loader, session.val_steps, session.device,
+                   session.dtype, args.head, args.decode, "none")
+    alone = ", ".join(f"{m['best']['metrics']['accuracy']:.4f}" for m in members)
+    log(f"tails: {len(members)} averaged, validation:accuracy={val['accuracy']:.4f} "
+        f"validation:rmse={val['rmse']:.4f} (each alone: accuracy {alone})")
+    best = {"epoch": [m["best"]["epoch"] for m in members], "accuracy": val["accuracy"], "metrics": val,
+            "state_dict": state}
+    return best, [{**entry, "member": index} for index, m in enumerate(members) for entry in m["history"]]
 
 
 def finish(args, best: dict, history: list, config: dict, pretrained: str | None, n_train: int) -> None:
     metrics = best["metrics"]
     # Repeat the saved (best or last) epoch's metrics last: a tuner reading the last value then
-    # scores the model this job actually produced.
-    log(f"best_epoch={best['epoch']} validation:loss={metrics['loss']:.4f} "
+    # scores the model this job actually produced (with --tails, the tails averaged).
+    kept = best["epoch"] if isinstance(best["epoch"], int) else ",".join(map(str, best["epoch"]))
+    log(f"best_epoch={kept} validation:loss={metrics['loss']:.4f} "
         f"validation:accuracy={metrics['accuracy']:.4f} validation:rmse={metrics['rmse']:.4f}")
     digest = weights_digest(best["state_dict"])
     job = os.environ.get("TRAINING_JOB_NAME", "")
@@ -1249,7 +1394,7 @@ def finish(args, best: dict, history: list, config: dict, pretrained: str | None
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         summary = {"best_epoch": best["epoch"], "model_id": config["model_id"], "epochs": history}
         (Path(output_dir) / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"model {config['model_id']} (epoch {best['epoch']}, pretrained={pretrained is not None}) "
+    log(f"model {config['model_id']} (epoch {kept}, pretrained={pretrained is not None}) "
         f"written to {model_dir}")
 
 
