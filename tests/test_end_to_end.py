@@ -220,6 +220,7 @@ def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):
     # Settings that do not go together, refused before a run starts
     for params, message in ((["TuneLrMin=0.1", "TuneLrMax=0.01"], "TuneLrMin (0.1) must be above 0 and below TuneLrMax (0.01)"),
                             (["Arch=resnet18", "FrozenBlocks=3"], "FrozenBlocks=3 applies to the efficientnet_lite"),
+                            (["Tails=2"], "Tails=2 needs a front to share: set FrozenBlocks"),
                             (["FrozenBlocks=3"], "FrozenBlocks=3 with FreezeBackbone=true")):  # local: frozen
         result = invmon("run", *[a for p in params for a in ("--param", p)], home=tmp_path / "home", check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
