@@ -157,7 +157,7 @@ def finish(model_dir: Path) -> dict:
             summary = {"status": "recorded", "smdebug": smdebug.__version__, "trial": str(_trial_dir),
                        "interval": _interval(), **summarize_trial(_trial_dir)}
             if _paused:
-                summary["scope"] = "the first tail's training (train.py --tails trains the others after it)"
+                summary["scope"] = "the first tail's training (train.py --tails trains the others beside or after it)"
         except Exception as exc:  # a trial that cannot be read back is reported, never fatal
             summary = {"status": "missing", "reason": f"the trial could not be read back "
                                                        f"({type(exc).__name__}: {exc})"}

@@ -1276,6 +1276,7 @@ def train_tails(session: Session, model, fit, checkpoint: dict | None) -> tuple[
     if not parallel:
         best, history = train_epochs(session, model, fit, checkpoint)
         results[0] = {"best": best, "history": history}
+        debugger.pause()  # the Debugger trial holds the first tail's run
         for member in range(1, args.tails):
             results[member] = train_tail(session, member)
         return tails_combined(session, [results[m] for m in range(args.tails)])
@@ -1291,6 +1292,7 @@ def train_tails(session: Session, model, fit, checkpoint: dict | None) -> tuple[
             worker.start()
         best, history = train_epochs(session, model, fit, checkpoint)
         results[0] = {"best": best, "history": history}
+        debugger.pause()  # the Debugger trial holds the first tail's run (the others never attach)
         for member, worker in workers.items():
             worker.join()
             if worker.exitcode != 0:
@@ -1318,7 +1320,6 @@ def train_tail(session: Session, member: int) -> dict:
     freeze_front(model.to(device), args.frozen_blocks)
     if isinstance(session.train_loader.sampler, DistributedSampler):
         session.train_loader.sampler.seed = seed  # its own order of photos
-    debugger.pause()  # the Debugger trial records the first tail: one training run's steps
     checkpoint = load_checkpoint(session.member_checkpoint(member), args, session.n_train)
     best, history = train_epochs(session, model, Tail(model, args.frozen_blocks).to(device), checkpoint, member)
     return {"best": best, "history": history}
