@@ -6,7 +6,8 @@ these four functions, so what Evaluate measures is what the endpoint serves.
 
 Artifact layout (model.tar.gz):
     model.pth            state_dict, loadable with torch.load(..., weights_only=True)
-    model_config.json    arch, labels, image settings, model id, training summary
+    model_config.json    arch, labels, image settings, model id, training summary; `tails` and
+                         `shared_blocks` when it holds several tails on one front (SharedFront)
     code/inference.py    this file
     code/photos.py       the one image-decoding rule (shared with Preprocess and Evaluate)
 """
