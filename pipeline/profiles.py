@@ -56,8 +56,9 @@ REAL: dict[str, object] = {
     # The tail at half the head's lr: 0.1x (the whole-network fine-tune's factor) scored
     # 0.332-0.352 over four seeds, 0.3x 0.352-0.362, 0.5x 0.362-0.367.
     "BackboneLr": 0.5,
-    # Two tails on the one cached front, their class probabilities averaged: in the same CV two
-    # such tails (seeds 2 and 3) scored 0.374 / 1.139 against 0.362-0.367 / 1.167-1.175 for one.
+    # Two tails on the one cached front, their class probabilities averaged: in the same CV the six
+    # pairs of four seeds scored 0.362-0.376 / 1.127-1.162 (mean 0.370 / 1.143), one tail
+    # 0.357-0.367 / 1.167-1.185.
     # On a CPU they train at once, a process each (train.py's train_tails), in 1.3x one tail's time.
     "Tails": 2,
     "HeadWarmupEpochs": 1,
