@@ -212,8 +212,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "rest on it; 11 trains Lite0's last two stages, 6-9x faster on a CPU than "
                         "training every layer (docs/model.md). 0: every layer trains")
     p.add_argument("--tails", type=positive_int, default=1,
-                   help="with --frozen_blocks: train this many tails one after another on the same cached "
-                        "front, with seeds --seed, --seed+1000, ...; the model runs the front once and "
+                   help="with --frozen_blocks: train this many tails on the same cached front (on a CPU at "
+                        "once, a process each), with seeds --seed, --seed+1000, ...; the model runs the front once and "
                         "averages the tails' class probabilities (two tails: docs/model.md)")
     p.add_argument("--feature_views", type=feature_views_arg, default=0, choices=(0, 1, 2, 4, 8),
                    help="with --freeze_backbone or --frozen_blocks: train on this many views of each photo: "
@@ -1272,40 +1272,36 @@ def train_tails(session: Session, model, fit, checkpoint: dict | None) -> tuple[
     Elsewhere (a GPU, DDP) one after another. Each tail checkpoints and resumes on its own."""
     args = session.args
     parallel = session.device.type == "cpu" and WORLD == 1 and usable_cpus() >= args.tails
-    results: dict[int, dict] = {}
-    if not parallel:
-        best, history = train_epochs(session, model, fit, checkpoint)
-        results[0] = {"best": best, "history": history}
-        debugger.pause()  # the Debugger trial holds the first tail's run
-        for member in range(1, args.tails):
-            results[member] = train_tail(session, member)
-        return tails_combined(session, [results[m] for m in range(args.tails)])
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, usable_cpus() // args.tails))
-    folder = Path(tempfile.mkdtemp(prefix="tails-"))
+    threads, share = torch.get_num_threads(), max(1, usable_cpus() // args.tails)
+    folder = Path(tempfile.mkdtemp(prefix="tails-")) if parallel else None
     context = torch.multiprocessing.get_context("fork")  # the cached front is shared, not copied
-    workers = {member: context.Process(target=_tail_process, args=(session, member, folder), daemon=True)
-               for member in range(1, args.tails)}
+    workers = {member: context.Process(target=_tail_process, args=(session, member, folder, share), daemon=True)
+               for member in range(1, args.tails)} if parallel else {}
     try:
-        for worker in workers.values():
-            worker.start()
+        if parallel:
+            torch.set_num_threads(share)
+            for worker in workers.values():
+                worker.start()
         best, history = train_epochs(session, model, fit, checkpoint)
-        results[0] = {"best": best, "history": history}
+        results = [{"best": best, "history": history}]
         debugger.pause()  # the Debugger trial holds the first tail's run (the others never attach)
-        for member, worker in workers.items():
-            worker.join()
-            if worker.exitcode != 0:
-                raise TrainError(f"tail {member + 1} of {args.tails} failed (exit code {worker.exitcode}); "
+        for member in range(1, args.tails):
+            if not parallel:
+                results.append(train_tail(session, member))
+                continue
+            workers[member].join()
+            if workers[member].exitcode != 0:
+                raise TrainError(f"tail {member + 1} of {args.tails} failed (exit code {workers[member].exitcode}); "
                                  f"its lines, marked 'tail {member + 1}|', are above")
-            results[member] = torch.load(folder / f"tail{member + 1}.pt", weights_only=True)
+            results.append(torch.load(folder / f"tail{member + 1}.pt", weights_only=True))
     finally:
         for worker in workers.values():
             if worker.is_alive():
                 worker.terminate()
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
         torch.set_num_threads(threads)
-    return tails_combined(session, [results[m] for m in range(args.tails)])
+    return tails_combined(session, results)
 
 
 def train_tail(session: Session, member: int) -> dict:
@@ -1325,11 +1321,11 @@ def train_tail(session: Session, member: int) -> dict:
     return {"best": best, "history": history}
 
 
-def _tail_process(session: Session, member: int, folder: Path) -> None:
-    """A forked process that trains one tail and leaves it in `folder` for the parent."""
+def _tail_process(session: Session, member: int, folder: Path, threads: int) -> None:
+    """A forked process that trains one tail on `threads` threads and leaves it in `folder` for the parent."""
     global LOG_PREFIX
     LOG_PREFIX = f"tail {member + 1}| "
-    torch.set_num_threads(max(1, usable_cpus() // session.args.tails))
+    torch.set_num_threads(threads)
     try:
         torch.save(train_tail(session, member), folder / f"tail{member + 1}.pt")
     except TrainError as exc:
