@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 SMDEBUG_CONFIG = Path("/opt/ml/input/config/debughookconfig.json")
@@ -33,6 +34,12 @@ _trial_dir: Path | None = None
 _reason = "not attached"
 _rank = 0
 _paused = False
+
+
+def _say(line: str) -> None:
+    """One line in one write (train.py's `say`): a forked tail's lines share the pipe."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _interval() -> int:
@@ -55,7 +62,7 @@ def attach(model, rank: int = 0):
         from smdebug.pytorch import Hook, SaveConfig, modes
     except Exception as exc:  # ImportError, or numpy/protobuf incompatibilities raised at import
         _reason = f"smdebug is not usable here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-        print(f"debugger: off: {_reason}", flush=True)
+        _say(f"debugger: off: {_reason}")
         return None
     try:
         if SMDEBUG_CONFIG.is_file():  # on SageMaker: the DebuggerHookConfig decides
@@ -76,7 +83,7 @@ def attach(model, rank: int = 0):
         losses.save_config = SaveConfig(save_interval=1)
     except Exception as exc:  # a hook that cannot start must not stop the training
         _reason = f"the smdebug hook could not start ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-        print(f"debugger: off: {_reason}", flush=True)
+        _say(f"debugger: off: {_reason}")
         return None
     # Set the mode from model.training before smdebug's own pre-hook counts the step.
     model.register_forward_pre_hook(
@@ -84,7 +91,7 @@ def attach(model, rank: int = 0):
     hook.register_module(model)
     _hook, _modes = hook, modes
     _reason = ""
-    print(f"debugger: smdebug {smdebug.__version__} hook on, trial in {_trial_dir}", flush=True)
+    _say(f"debugger: smdebug {smdebug.__version__} hook on, trial in {_trial_dir}")
     return hook
 
 
@@ -163,6 +170,5 @@ def finish(model_dir: Path) -> dict:
                                                        f"({type(exc).__name__}: {exc})"}
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     (Path(model_dir) / "debugger.json").write_text(json.dumps(summary) + "\n")
-    print(f"debugger: {summary['status']}" + (f" ({summary['reason']})" if summary.get("reason") else ""),
-          flush=True)
+    _say(f"debugger: {summary['status']}" + (f" ({summary['reason']})" if summary.get("reason") else ""))
     return summary

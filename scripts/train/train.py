@@ -80,7 +80,14 @@ LOG_PREFIX = ""  # "tail 2| " in the process that trains a second tail (--tails)
 
 def log(*parts) -> None:
     if RANK == 0:
-        print(LOG_PREFIX + " ".join(map(str, parts)), flush=True)
+        say(LOG_PREFIX + " ".join(map(str, parts)))
+
+
+def say(line: str) -> None:
+    """One line to stdout in one write: with PYTHONUNBUFFERED, print() writes its newline apart,
+    and a forked tail's line (--tails) could land between the two on the shared pipe."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- hyperparameters
