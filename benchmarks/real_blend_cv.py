@@ -2,7 +2,7 @@
 
     python benchmarks/real_blend_cv.py [--frozen 224 260_lite2 ...] [--l2 0.1] [--fold-seed 0]
                                        [--oof DIR/ft320-e20-s0.json ...] [--tta flips] [--largest 3]
-                                       [--out blends.json] [--save DIR]
+                                       [--recall-floor 0.2] [--out blends.json] [--save DIR]
 
 Each source gives every photo of the 1,731 its class probabilities from a model that did not
 train on it (out of fold):
@@ -13,8 +13,10 @@ train on it (out of fold):
                   or without its flip TTA (--tta), or what --save wrote for a frozen source
 Every source alone, and the mean of the probabilities of every combination of up to --largest
 sources, is decoded two ways: median (the count where the cumulative probability reaches 1/2,
-the profiles' default) and mean (the rounded expected count, what RMSE rewards). Prints accuracy
-and RMSE, mean +- standard deviation over the folds, and per-class accuracy, best RMSE first.
+the profiles' default) and mean (the rounded expected count, what RMSE rewards), and with
+--recall-floor a third way: mean with the end cuts fitted on another fold (train.py --recall_floor).
+Prints accuracy and RMSE, mean +- standard deviation over the folds, per-class accuracy and the
+lowest fold's count 1 and count 5, best RMSE first.
 A blend costs nothing to score: the probabilities are fixed before any of this runs, and a blend
 is their plain mean, so nothing here is fitted to a held-out photo. Choosing the best of many
 rows is still a choice made on these folds: read a difference smaller than the fold spread as noise.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "inference"))
 
 import real_cv  # noqa: E402  (the folds, the heads and the scores)
 import torch  # noqa: E402
+import inference  # noqa: E402
 from inference import decode_counts  # noqa: E402  (the decoding the endpoint does)
 
 K = real_cv.K
@@ -116,19 +119,28 @@ def aligned(source: Source, first: Source) -> torch.Tensor:
     return source.probabilities[index]
 
 
-def cross_validated(probabilities: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor, how: str) -> dict:
+def cross_validated(probabilities: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor, how: str,
+                    floor: float = 0.0) -> dict:
     """Accuracy and RMSE of each fold's held-out photos: the fold spread, as the other tables have it.
-    A fold with a photo that has no probabilities (a run cut short) is left out."""
-    tests = [folds == f for f in folds.unique().tolist() if f >= 0]
-    scores = [real_cv.score(decode_counts(probabilities[test], how), labels[test]) for test in tests
-              if not probabilities[test].isnan().any()]
+    A fold with a photo that has no probabilities (a run cut short) is left out. With `floor`
+    (mean decoding), each fold is decoded with the cuts inference.floor_cuts fits on the next fold,
+    as Train fits them on its one validation split: 346 photos of another model's held-out output."""
+    numbers = [f for f in folds.unique().tolist() if f >= 0]
+    scores = []
+    for i, number in enumerate(numbers):
+        test, fit = folds == number, folds == numbers[(i + 1) % len(numbers)]
+        if probabilities[test].isnan().any():
+            continue
+        cuts = inference.floor_cuts(probabilities[fit], labels[fit], floor) if floor else None
+        scores.append(real_cv.score(decode_counts(probabilities[test], how, cuts), labels[test]))
     if not scores:
         raise SystemExit("no fold has probabilities for every one of its photos")
     acc, rmse = [s["accuracy"] for s in scores], [s["rmse"] for s in scores]
     spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
     return {"accuracy": statistics.mean(acc), "accuracy_sd": spread(acc), "rmse": statistics.mean(rmse),
             "rmse_sd": spread(rmse), "folds": len(scores),
-            "per_class": [statistics.mean(s["per_class"][c] for s in scores) for c in range(K)]}
+            "per_class": [statistics.mean(s["per_class"][c] for s in scores) for c in range(K)],
+            "lowest_fold": [min(s["per_class"][c] for s in scores) for c in range(K)]}
 
 
 def main() -> int:
@@ -145,6 +157,9 @@ def main() -> int:
                    help="out-of-fold probabilities from benchmarks/real_finetune_cv.py --oof, or from --save")
     p.add_argument("--tta", default="flips", choices=("none", "flips"), help="which of an --oof file's probabilities")
     p.add_argument("--largest", type=int, default=3, help="blend at most this many sources")
+    p.add_argument("--recall-floor", type=float, default=0.0, metavar="F",
+                   help="also score mean decoding with the end cuts moved to this recall (train.py "
+                        "--recall_floor), fitted on the next fold")
     p.add_argument("--out", type=Path, default=None, help="write every row as JSON here")
     p.add_argument("--save", type=Path, default=None, metavar="DIR",
                    help="also write each --frozen source's probabilities to DIR/frozen-<SPEC>-l2-<L2>.json "
@@ -173,13 +188,17 @@ def main() -> int:
             for how in ("median", "mean"):
                 rows.append({"sources": list(combo), "decode": how,
                              **cross_validated(blended, first.labels, first.folds, how)})
+            if args.recall_floor:
+                rows.append({"sources": list(combo), "decode": f"floor{args.recall_floor:g}",
+                             **cross_validated(blended, first.labels, first.folds, "mean", args.recall_floor)})
     rows.sort(key=lambda r: r["rmse"])
     width = max(len(" + ".join(r["sources"])) for r in rows)
-    print(f"{'sources':<{width}}  decode  accuracy         RMSE             per class 1..5   "
+    print(f"{'sources':<{width}}  decode    accuracy         RMSE             per class 1..5   lowest fold 1, 5  "
           f"({len(first.photos)} photos, {rows[0]['folds']} folds)")
     for r in rows:
-        print(f"{' + '.join(r['sources']):<{width}}  {r['decode']:<6}  {r['accuracy']:.3f} +- {r['accuracy_sd']:.3f}  "
-              f"{r['rmse']:.3f} +- {r['rmse_sd']:.3f}  " + " ".join(f"{v:.2f}" for v in r["per_class"]))
+        print(f"{' + '.join(r['sources']):<{width}}  {r['decode']:<8}  {r['accuracy']:.3f} +- {r['accuracy_sd']:.3f}  "
+              f"{r['rmse']:.3f} +- {r['rmse_sd']:.3f}  " + " ".join(f"{v:.2f}" for v in r["per_class"])
+              + f"   {r['lowest_fold'][0]:.2f} {r['lowest_fold'][-1]:.2f}")
     labels = first.labels
     majority = real_cv.score(torch.full_like(labels, int(torch.bincount(labels, minlength=K).argmax())), labels)
     print(f"majority class: accuracy {majority['accuracy']:.3f}, RMSE {majority['rmse']:.3f}")

@@ -70,6 +70,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("Optimizer", str, "sgd", "sgd (momentum 0.9) or adamw"),
     Parameter("Decode", str, "median",
               "count from the class probabilities: argmax, median, or mean (rounded expected count)"),
+    Parameter("RecallFloor", float, 0.0,
+              "with Decode=mean: Train moves the cuts of the lowest and highest counts until each reaches "
+              "this recall on the validation split; 0 = plain rounding"),
     Parameter("TestTimeAugmentation", str, "none", "flips: serve the mean over the 4 flips (4x the cost)"),
     Parameter("ResizeShortSide", int, 256, "Preprocess resizes each photo's short side to this"),
     Parameter("TuneLrMin", float, 0.001, "the lowest learning rate the tuner tries (log scale)"),
@@ -132,6 +135,12 @@ def check_combination(values: dict[str, object]) -> None:
     if tails > 1 and not blocks:
         raise ValueError(f"Tails={tails} needs a front to share: set FrozenBlocks (11 on efficientnet_lite0) "
                          "or Tails=1")
+    floor = values.get("RecallFloor", 0.0)
+    if not 0 <= floor < 1:
+        raise ValueError(f"RecallFloor must be from 0 to below 1, got {floor:g}")
+    if floor and values.get("Decode") != "mean":
+        raise ValueError(f"RecallFloor={floor:g} moves the cuts of Decode=mean, not {values.get('Decode')}; "
+                         "set Decode=mean or RecallFloor=0")
     if blocks and str(values.get("FreezeBackbone", "")).lower() == "true":
         raise ValueError(f"FrozenBlocks={blocks} with FreezeBackbone=true: the backbone is frozen whole "
                          "already; set one of them")

@@ -107,16 +107,61 @@ def class_probabilities(outputs: torch.Tensor, head: str = "classify") -> torch.
     raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
 
 
-def decode_counts(probabilities: torch.Tensor, decode: str = "argmax") -> torch.Tensor:
+def decode_counts(probabilities: torch.Tensor, decode: str = "argmax", cuts: list[float] | None = None) -> torch.Tensor:
     """[N, K] class probabilities -> [N] class indices. argmax: the most likely count; median:
     the count where the cumulative probability first reaches 1/2 (closer on average); mean: the
-    expected count, rounded (the smallest squared error: what RMSE rewards)."""
+    expected count, rounded (the smallest squared error: what RMSE rewards). Mean decoding is the
+    number of `cuts` (K-1 ascending thresholds on the expected class index) it exceeds: rounding,
+    with a tie to the lower count, unless floor_cuts moved the end ones."""
     if decode == "mean":
-        expected = (probabilities * torch.arange(probabilities.shape[1], device=probabilities.device)).sum(1)
-        return expected.round().long().clamp(0, probabilities.shape[1] - 1)
+        k = probabilities.shape[1]
+        expected = (probabilities * torch.arange(k, device=probabilities.device)).sum(1)
+        thresholds = torch.tensor([i + 0.5 for i in range(k - 1)] if cuts is None else cuts,
+                                  dtype=expected.dtype, device=expected.device)
+        return (expected[:, None] > thresholds).sum(1)
     if decode == "median":
         return (probabilities.cumsum(1) < 0.5).sum(1).clamp_max(probabilities.shape[1] - 1)
     return probabilities.argmax(1)
+
+
+def floor_cuts(probabilities: torch.Tensor, targets: torch.Tensor, floor: float) -> list[float]:
+    """Mean decoding's cuts with the two end ones moved inward just far enough that the lowest and
+    the highest class reach `floor` recall on these photos (held-out ones: the validation split).
+
+    The rounded expected count is pulled toward the middle, so it is the end classes that a
+    squared-error decision starves (count 5 in ABID). Each end cut moves to halfway between the
+    photo that brings its class to the floor and the next one, and at most half a class: a class
+    that needs more is left under the floor rather than eating its neighbour."""
+    k = probabilities.shape[1]
+    cuts = [i + 0.5 for i in range(k - 1)]
+    if k < 3 or floor <= 0:
+        return cuts
+    # In float32 throughout, as decode_counts compares them: a cut must fall on the right side of
+    # the photo it is for after the rounding too.
+    expected = (probabilities.float() * torch.arange(k, dtype=torch.float32)).sum(1)
+    # The highest class: answered when the expected index is over cuts[-1].
+    top = expected[targets == k - 1].sort(descending=True).values
+    need = math.ceil(floor * len(top))
+    if need and int((top > cuts[-1]).sum()) < need:
+        a = top[need - 1]
+        b = top[need] if need < len(top) else a - 0.01
+        cut = torch.minimum((a + b) / 2, torch.nextafter(a, torch.tensor(-math.inf)))
+        cuts[-1] = max(float(cut), k - 2.0)
+    # The lowest class: answered when the expected index is at most cuts[0].
+    bottom = expected[targets == 0].sort().values
+    need = math.ceil(floor * len(bottom))
+    if need and int((bottom <= cuts[0]).sum()) < need:
+        a = bottom[need - 1]
+        b = bottom[need] if need < len(bottom) else a + 0.01
+        cuts[0] = min(float(torch.maximum((a + b) / 2, a)), 1.0)
+    return cuts
+
+
+def served_cuts(config: dict) -> list[float] | None:
+    """model_config.json's "cuts", kept on the expected count in items ("answer 5 over 4.41"), as
+    decode_counts' thresholds on the class index; None (plain rounding) where there are none."""
+    cuts = config.get("cuts")
+    return None if cuts is None else [c - config["labels"][0] for c in cuts]
 
 
 def build_model(arch: str, num_classes: int, head: str = "classify", image_size: int = 224,
@@ -286,7 +331,7 @@ def predict_fn(data: Image.Image | list[Image.Image], model: dict) -> dict | lis
         outputs = torch.stack([outputs, model["model"](batch.flip(-1)), model["model"](batch.flip(-2)),
                                model["model"](batch.flip(-1).flip(-2))]).mean(0)
     probabilities = class_probabilities(outputs, config.get("head", "classify")).cpu()
-    counts = decode_counts(probabilities, config.get("decode", "argmax"))
+    counts = decode_counts(probabilities, config.get("decode", "argmax"), served_cuts(config))
     labels = config["labels"]
     version = os.environ.get("MODEL_VERSION") or config.get("model_id", "unknown")
     predictions = [

@@ -179,6 +179,7 @@ FROZEN_WEIGHT_DECAY = 0.2
 augment_strength = _typed("augment", _augment, lambda v: 0 <= v <= 3 and math.isfinite(v),
                           "on, off or a strength from 0 to 3")
 amp_mode = _typed("amp", _amp, None, "auto, bf16, fp16 or off")
+recall_floor_arg = _typed("recall_floor", float, lambda v: 0 <= v < 1, "a fraction from 0 to below 1")
 max_batches_arg = _typed("max_batches", _optional_int, lambda v: v >= 0, "an integer >= 0 or none")
 workers_arg = _typed("workers", _workers, lambda v: v >= -1, "auto or an integer >= 0")
 feature_views_arg = _typed("feature_views", lambda v: 0 if v.lower() == "auto" else _int(v), None,
@@ -208,6 +209,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=text, default="median", choices=("argmax", "median", "mean"),
                    help="count from the class probabilities: the most likely one, the median, or the "
                         "rounded expected count")
+    p.add_argument("--recall_floor", type=recall_floor_arg, default=0.0,
+                   help="with --decode mean: move the cuts of the lowest and highest counts until each reaches "
+                        "this recall on the validation split (the rounded expected count starves them); "
+                        "0 = plain rounding")
     p.add_argument("--class_weights", type=text, default="balanced", choices=("balanced", "none"),
                    help="balanced: loss weights inversely proportional to the class frequencies")
     p.add_argument("--freeze_backbone", type=switch, default=False,
@@ -298,6 +303,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      f"not {args.arch}; use --freeze_backbone or 0")
     if args.tails > 1 and not args.frozen_blocks:
         parser.error(f"argument --tails: {args.tails} tails need a front to share: give --frozen_blocks")
+    if args.recall_floor and args.decode != "mean":
+        parser.error(f"argument --recall_floor: moves the cuts of --decode mean, not {args.decode}; "
+                     "give --decode mean or 0")
     if args.frozen_blocks and args.freeze_backbone:
         parser.error("argument --frozen_blocks: --freeze_backbone already freezes every block; give one of them")
     return args
@@ -697,6 +705,7 @@ def evaluate(model, loader, steps, device, dtype, head: str = "classify", decode
     model.eval()
     loss_sum, correct, squared, seen = 0.0, 0, 0.0, 0
     labels = torch.tensor(LABELS, dtype=torch.float32, device=device)
+    kept_probabilities, kept_targets = [], []
     for batch in itertools.islice(loader, steps):
         images, targets = to_device(batch, device)
         with autocast(device, dtype):
@@ -710,9 +719,51 @@ def evaluate(model, loader, steps, device, dtype, head: str = "classify", decode
         correct += (predicted == targets).sum().item()
         squared += ((labels[predicted] - labels[targets]) ** 2).sum().item()  # error in items
         seen += len(targets)
+        kept_probabilities.append(probabilities.cpu())
+        kept_targets.append(targets.cpu())
     loss_sum, correct, squared, seen = all_sum([loss_sum, correct, squared, seen], device)
+    # "outputs": this rank's photos, for --recall_floor; the caller pops them (history is JSON).
     return {"loss": loss_sum / seen, "accuracy": correct / seen, "rmse": math.sqrt(squared / seen),
-            "images": int(seen)}
+            "images": int(seen), "outputs": (torch.cat(kept_probabilities), torch.cat(kept_targets))}
+
+
+def gathered(outputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """evaluate's (probabilities, targets) of every rank's shard of the validation split, on every rank."""
+    if not dist.is_initialized():
+        return outputs
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, outputs)
+    return torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts])
+
+
+def floored(best: dict, floor: float) -> dict:
+    """--recall_floor: the kept model's cuts (inference.floor_cuts) fitted on its validation
+    outputs, and its validation metrics decoded with them (loss is unchanged: it is the decoding
+    that moves). The metrics are then scored on the photos the cuts were fitted on; Evaluate's
+    test split is the held-out measure."""
+    probabilities, targets = best["outputs"]
+    cuts = inference.floor_cuts(probabilities, targets, floor)
+    labels = torch.tensor(LABELS, dtype=torch.float32)
+
+    def scored(predicted: torch.Tensor) -> tuple[float, float, list[float]]:
+        per_class = [float((predicted[targets == c] == c).float().mean()) if (targets == c).any() else math.nan
+                     for c in range(len(LABELS))]
+        return (float((predicted == targets).float().mean()),
+                float(((labels[predicted] - labels[targets]) ** 2).mean().sqrt()), per_class)
+
+    before = scored(inference.decode_counts(probabilities, "mean"))
+    after = scored(inference.decode_counts(probabilities, "mean", cuts))
+    count_cuts = [round(c + LABELS[0], 4) for c in cuts]
+    log(f"recall floor {floor:g}: cuts on the expected count {', '.join(f'{c:g}' for c in count_cuts)} "
+        f"(count {LABELS[0]} recall {before[2][0]:.3f} -> {after[2][0]:.3f}, count {LABELS[-1]} "
+        f"{before[2][-1]:.3f} -> {after[2][-1]:.3f}); validation accuracy {before[0]:.4f} -> {after[0]:.4f}, "
+        f"rmse {before[1]:.4f} -> {after[1]:.4f}, on the photos the cuts were fitted on")
+    short = [LABELS[c] for c in (0, -1) if after[2][c] < floor]  # nan (no such photo) is not short
+    if short:
+        log(f"recall floor {floor:g}: count {' and '.join(map(str, short))} stays under it; a cut moves at most "
+            f"half a count, not into its neighbour")
+    metrics = {**best["metrics"], "accuracy": after[0], "rmse": after[1]}
+    return {**best, "accuracy": after[0], "metrics": metrics, "cuts": count_cuts}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -1186,6 +1237,8 @@ def run(args) -> None:
         best, history = train_epochs(session, model, fit, checkpoint)
     else:
         best, history = train_tails(session, model, fit, checkpoint)
+    if args.recall_floor:
+        best = floored(best, args.recall_floor)
     if RANK == 0:
         finish(args, best, history, config, pretrained, len(train_set))
     if dist.is_initialized():
@@ -1245,6 +1298,7 @@ def train_epochs(session: Session, model, fit, checkpoint: dict | None, member: 
         # On cached outputs the flips are views in the data already.
         val = evaluate(fit, session.val_loader, session.val_steps, device, dtype, args.head, args.decode,
                        "none" if args.freeze_backbone or args.frozen_blocks else args.tta)
+        outputs = val.pop("outputs")
         seconds = time.perf_counter() - started
         log(f"epoch={epoch}/{args.epochs} train:loss={train['loss']:.4f} "
             f"train:accuracy={train['accuracy']:.4f} validation:loss={val['loss']:.4f} "
@@ -1256,7 +1310,8 @@ def train_epochs(session: Session, model, fit, checkpoint: dict | None, member: 
             state = {k: v.detach().cpu().clone().contiguous() for k, v in bare.state_dict().items()}
             if args.freeze_backbone:
                 state = trainer.folded(state, head_name(args.arch) + ".")
-            best = {"epoch": epoch, "accuracy": val["accuracy"], "metrics": val, "state_dict": state}
+            best = {"epoch": epoch, "accuracy": val["accuracy"], "metrics": val, "state_dict": state,
+                    "outputs": gathered(outputs)}
         if session.ckpt_path and RANK == 0:
             save_atomic({"epoch": epoch, "identity": identity(args, session.n_train),
                          "pretrained": session.pretrained,
@@ -1361,11 +1416,12 @@ def tails_combined(session: Session, members: list[dict]) -> tuple[dict, list]:
     ensemble.to(session.device, memory_format=torch.channels_last)
     val = evaluate(Tail(ensemble, args.frozen_blocks), session.val_loader, session.val_steps, session.device,
                    session.dtype, args.head, args.decode, "none")
+    outputs = gathered(val.pop("outputs"))
     alone = ", ".join(f"{m['best']['metrics']['accuracy']:.4f}" for m in members)
     log(f"tails: {len(members)} averaged, validation:accuracy={val['accuracy']:.4f} "
         f"validation:rmse={val['rmse']:.4f} (each alone: accuracy {alone})")
     best = {"epoch": [m["best"]["epoch"] for m in members], "accuracy": val["accuracy"], "metrics": val,
-            "state_dict": state}
+            "state_dict": state, "outputs": outputs}
     return best, [{**entry, "member": index} for index, m in enumerate(members) for entry in m["history"]]
 
 
@@ -1384,6 +1440,7 @@ def finish(args, best: dict, history: list, config: dict, pretrained: str | None
               "pretrained": pretrained is not None,
               "pretrained_source": pretrained,
               "best_epoch": best["epoch"],
+              **({"cuts": best["cuts"]} if "cuts" in best else {}),  # inference.served_cuts
               "validation": {k: metrics[k] for k in ("accuracy", "rmse", "loss", "images")},
               "train_images": n_train,
               "hyperparameters": {k: v for k, v in vars(args).items()},
