@@ -753,7 +753,7 @@ def floored(best: dict, floor: float) -> dict:
 
     before = scored(inference.decode_counts(probabilities, "mean"))
     after = scored(inference.decode_counts(probabilities, "mean", cuts))
-    count_cuts = [round(c + LABELS[0], 4) for c in cuts]
+    count_cuts = [c + LABELS[0] for c in cuts]  # unrounded: float32 values, exact through JSON and back
     log(f"recall floor {floor:g}: cuts on the expected count {', '.join(f'{c:g}' for c in count_cuts)} "
         f"(count {LABELS[0]} recall {before[2][0]:.3f} -> {after[2][0]:.3f}, count {LABELS[-1]} "
         f"{before[2][-1]:.3f} -> {after[2][-1]:.3f}); validation accuracy {before[0]:.4f} -> {after[0]:.4f}, "
