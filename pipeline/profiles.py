@@ -67,8 +67,8 @@ REAL: dict[str, object] = {
     # The rounded expected count is what RMSE rewards, and it starves count 5 (0.18-0.21 in the CV
     # above, 0.127 on a pipeline run's test split). Train moves the 4|5 cut until count 5 reaches
     # 0.2 on the validation split: in the same CV, the cut fitted on one other fold, the six pairs
-    # keep 0.369 / 1.149 on average and no held-out fold scores count 5 under 0.16
-    # (benchmarks/real_blend_cv.py --recall-floor, docs/model.md).
+    # score 0.369 / 1.150 on average and no held-out fold scores count 5 under 0.16
+    # (benchmarks/real_blend_cv.py --recall-floor; docs/model.md, "Count 5 and the recall floor").
     "RecallFloor": 0.2,
     # Trials share the cached frozen output; short trials rank the learning rates, the final job
     # trains as long as the cross-validation did. AdamW's range, around the 3e-3 measured: the

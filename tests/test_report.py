@@ -29,7 +29,8 @@ def run(tmp_path_factory) -> Path:
     data = {"train": write_split(root / "train", 8, seed=1),
             "validation": write_split(root / "validation", 4, seed=2)}
     write_split(root / "test", 4, seed=3)
-    run_train(root, data, *FAST, "--epochs", "3", "--checkpoint_dir", "none", "--pretrained", "none")
+    run_train(root, data, *FAST, "--epochs", "3", "--checkpoint_dir", "none", "--pretrained", "none",
+              "--decode", "mean", "--recall_floor", "0.5")
     tar_model(root / "model", root / "model.tar.gz")
     (root / "report").mkdir()
     (root / "report" / "data_report.json").write_text(json.dumps({
@@ -68,6 +69,17 @@ def test_report_is_self_contained_and_has_every_section(report):
     assert sum(kind == "plot" for kind, _ in images) == 3 and sum(kind == "photo" for kind, _ in images) == 20
     assert "previous version (7)" in page and "0.1230" in page  # the previous version's accuracy
     assert "corrupt 2" in page and "unlabelled 1" in page
+
+
+def test_the_decoding_and_its_cuts_are_stated(report, run):
+    cuts = json.loads((run / "model" / "model_config.json").read_text())["cuts"]
+    evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["decoding"] == {"head": "ordinal", "decode": "mean", "tta": "none", "cuts": cuts,
+                                      "recall_floor": 0.5}
+    page = report.read_text()
+    assert ("Counts decoded as the rounded expected count, cut on the expected count at "
+            + ", ".join(f"{c:.4g}" for c in cuts) + " (Train moved the end cuts where count 1 or count 5 was "
+            "under 0.5 recall on the validation split") in page
 
 
 def test_gate_previous_version_and_worst_mistakes_first(report, run):

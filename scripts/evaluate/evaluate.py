@@ -133,6 +133,14 @@ def import_inference(code_dir: Path) -> ModuleType:
     return module
 
 
+def decoding(config: dict) -> dict:
+    """How the artifact turns its class probabilities into a count (model_config.json): beside
+    the per-class scores, since moved cuts trade RMSE for the end counts' recall."""
+    floor = (config.get("hyperparameters") or {}).get("recall_floor")
+    return {**{k: config[k] for k in ("head", "decode", "tta", "cuts") if k in config},
+            **({"recall_floor": floor} if floor else {})}
+
+
 def model_id(model_dir: Path) -> str | None:
     config = model_dir / "model_config.json"
     try:
@@ -387,6 +395,7 @@ def evaluate(args: argparse.Namespace) -> dict:
               f" (corruptions: {', '.join(corruptions) or 'none'})", flush=True)
         scores = score(inference, model, photos, args.batch_size, corruptions, args.seed)
         identity = model_id(model_dir) or scores.model_version
+        how = decoding(model.get("config") or {}) if isinstance(model, dict) else {}
         history = read_json(model_dir / "history.json")
         debugger = read_json(model_dir / "debugger.json")
     if not scores.y_true:
@@ -407,6 +416,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "test_images": len(y_true),
         "skipped": scores.skipped,
         "model_id": identity,
+        "decoding": how,
         "standard_deviation": {
             "accuracy": "binomial standard error sqrt(a*(1-a)/n)",
             "other": f"bootstrap standard error, {BOOTSTRAP_SAMPLES} resamples, seed {args.seed}",

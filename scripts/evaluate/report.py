@@ -188,7 +188,24 @@ def _headline(evaluation: dict, threshold: float | None, previous: dict | None, 
 def _per_class(evaluation: dict) -> str:
     rows = "".join(f"<tr><td>{_e(label)}</td><td>{c['support']}</td><td>{_num(c['accuracy'])}</td>"
                    f"<td>{_num(c['rmse'])}</td></tr>" for label, c in evaluation["per_class"].items())
-    return f"<table><tr><th>count</th><th>photos</th><th>accuracy</th><th>rmse</th></tr>{rows}</table>"
+    table = f"<table><tr><th>count</th><th>photos</th><th>accuracy</th><th>rmse</th></tr>{rows}</table>"
+    return table + _decoding(evaluation.get("decoding") or {})
+
+
+def _decoding(how: dict) -> str:
+    """One line on how the counts were decoded: a reviewer reads the end counts' accuracy with it."""
+    names = {"mean": "the rounded expected count", "median": "the median count", "argmax": "the most likely count"}
+    if how.get("decode") not in names:
+        return ""
+    text = f"Counts decoded as {names[how['decode']]}"
+    if how.get("cuts"):
+        text += f", cut on the expected count at {', '.join(f'{c:.4g}' for c in how['cuts'])}"
+        if how.get("recall_floor"):
+            text += (f" (Train moved the end cuts where count 1 or count 5 was under "
+                     f"{how['recall_floor']:g} recall on the validation split; plain rounding cuts at x.5)")
+    if how.get("tta") == "flips":
+        text += ", averaged over the 4 flips"
+    return f"<p class='note'>{_e(text)}.</p>"
 
 
 def _robustness(evaluation: dict) -> str:
