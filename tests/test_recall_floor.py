@@ -91,6 +91,9 @@ def test_served_cuts_are_on_the_count():
     config = {"labels": [1, 2, 3, 4, 5], "cuts": [1.5, 2.5, 3.5, 4.41]}
     assert inference.served_cuts(config) == pytest.approx([0.5, 1.5, 2.5, 3.41])
     assert inference.served_cuts({"labels": [1, 2, 3, 4, 5]}) is None
+    for bad in ([1.5, 2.5, 3.5], [1.5, 3.5, 2.5, 4.5], [1.5, 2.5, 3.5, float("nan")], "1.5,2.5,3.5,4.5"):
+        with pytest.raises(ValueError, match="cuts must be 4 ascending numbers"):
+            inference.served_cuts({**config, "cuts": bad})
 
 
 def test_train_fits_the_cuts_and_the_artifact_serves_them(tmp_path, squares):  # noqa: F811

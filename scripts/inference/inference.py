@@ -160,8 +160,14 @@ def floor_cuts(probabilities: torch.Tensor, targets: torch.Tensor, floor: float)
 def served_cuts(config: dict) -> list[float] | None:
     """model_config.json's "cuts", kept on the expected count in items ("answer 5 over 4.41"), as
     decode_counts' thresholds on the class index; None (plain rounding) where there are none."""
-    cuts = config.get("cuts")
-    return None if cuts is None else [c - config["labels"][0] for c in cuts]
+    cuts, labels = config.get("cuts"), config["labels"]
+    if cuts is None:
+        return None
+    if (not isinstance(cuts, list) or len(cuts) != len(labels) - 1
+            or not all(isinstance(c, (int, float)) and math.isfinite(c) for c in cuts)
+            or any(a >= b for a, b in zip(cuts, cuts[1:]))):
+        raise ValueError(f"model_config.json: cuts must be {len(labels) - 1} ascending numbers, got {cuts!r}")
+    return [c - labels[0] for c in cuts]
 
 
 def build_model(arch: str, num_classes: int, head: str = "classify", image_size: int = 224,
@@ -295,6 +301,7 @@ def load_config(model_dir: str | os.PathLike) -> dict:
 def model_fn(model_dir: str) -> dict:
     """Load weights and settings from an extracted artifact. Returns what predict_fn takes."""
     config = load_config(model_dir)
+    served_cuts(config)  # a malformed artifact fails here, at load, not on every request
     model = build_model(config["arch"], len(config["labels"]), head=config.get("head", "classify"),
                         image_size=int(config["image_size"]), tails=int(config.get("tails", 1)),
                         shared_blocks=int(config.get("shared_blocks", 0)))
