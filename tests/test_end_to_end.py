@@ -207,6 +207,8 @@ def test_the_real_profiles_partial_finetune_runs_through_the_pipeline(tiny_data,
     assert not (folder / "feature-cache").exists()
     config = json.loads((folder / "run.json").read_text())["steps"]["Train"]["properties"]["HyperParameters"]
     assert (config["frozen_blocks"], config["optimizer"], config["decode"]) == ("11", "adamw", "mean")
+    assert config["recall_floor"] == "0.2"
+    assert "recall floor 0.2: cuts on the expected count" in (folder / "Train" / "log.txt").read_text()
     assert 0.001 <= float(config["lr"]) <= 0.01
 
 
@@ -221,7 +223,8 @@ def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):
     for params, message in ((["TuneLrMin=0.1", "TuneLrMax=0.01"], "TuneLrMin (0.1) must be above 0 and below TuneLrMax (0.01)"),
                             (["Arch=resnet18", "FrozenBlocks=3"], "FrozenBlocks=3 applies to the efficientnet_lite"),
                             (["Tails=2"], "Tails=2 needs a front to share: set FrozenBlocks"),
-                            (["FrozenBlocks=3"], "FrozenBlocks=3 with FreezeBackbone=true")):  # local: frozen
+                            (["FrozenBlocks=3"], "FrozenBlocks=3 with FreezeBackbone=true"),  # local: frozen
+                            (["RecallFloor=0.2"], "RecallFloor=0.2 moves the cuts of Decode=mean, not median")):
         result = invmon("run", *[a for p in params for a in ("--param", p)], home=tmp_path / "home", check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
