@@ -741,6 +741,9 @@ def floored(best: dict, floor: float) -> dict:
     outputs, and its validation metrics decoded with them (loss is unchanged: it is the decoding
     that moves). The metrics are then scored on the photos the cuts were fitted on; Evaluate's
     test split is the held-out measure."""
+    if "outputs" not in best:  # a checkpoint written before train.py kept them
+        raise TrainError("--recall_floor: the checkpoint's kept epoch holds no validation outputs to fit the cuts "
+                         "on; train again without the checkpoint, or with --recall_floor 0")
     probabilities, targets = best["outputs"]
     cuts = inference.floor_cuts(probabilities, targets, floor)
     labels = torch.tensor(LABELS, dtype=torch.float32)
