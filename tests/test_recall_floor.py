@@ -15,7 +15,7 @@ from conftest import import_script
 from pipeline.parameters import check_combination
 from pipeline.profiles import defaults
 from test_partial_finetune import ARGS, squares  # noqa: F401 (fixture)
-from test_train import load_serving, run_train
+from test_train import FAST, data, load_serving, run_train  # noqa: F401 (fixture)
 
 inference = import_script("inference", "inference")
 DEFAULT = [0.5, 1.5, 2.5, 3.5]
@@ -140,3 +140,19 @@ def test_recall_floor_needs_mean_decoding(tmp_path, squares):  # noqa: F811
         check_combination({**values, "Decode": "median"})
     with pytest.raises(ValueError, match="RecallFloor must be from 0 to below 1"):
         check_combination({**values, "RecallFloor": 1.5})
+
+
+def test_a_checkpoint_without_validation_outputs_is_refused_by_name(tmp_path, data):  # noqa: F811
+    """A job resumed from a checkpoint written before train.py kept the kept epoch's validation
+    outputs has nothing to fit the cuts on: it says so, with no traceback."""
+    args = [*FAST, "--epochs", "1", "--decode", "mean", "--pretrained", "none", "--checkpoint_dir", str(tmp_path / "ckpt")]
+    run_train(tmp_path / "first", data, *args)
+    path = tmp_path / "ckpt" / "checkpoint.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    assert "outputs" in checkpoint["best"]
+    del checkpoint["best"]["outputs"]
+    torch.save(checkpoint, path)
+    done = run_train(tmp_path / "again", data, *args, "--recall_floor", "0.2", expect_ok=False)
+    assert "checkpoint already holds all 1 epochs" in done.stdout
+    assert done.returncode != 0 and "the checkpoint's kept epoch holds no validation outputs" in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
