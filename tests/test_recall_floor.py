@@ -18,11 +18,7 @@ from test_partial_finetune import ARGS, squares  # noqa: F401 (fixture)
 from test_train import FAST, data, load_serving, run_train  # noqa: F401 (fixture)
 
 inference = import_script("inference", "inference")
-DEFAULT = [0.5, 1.5, 2.5, 3.5]
-
-
-def expected_index(probabilities: torch.Tensor) -> torch.Tensor:
-    return (probabilities * torch.arange(probabilities.shape[1])).sum(1)
+DEFAULT = [0.5, 1.5, 2.5, 3.5]  # written out: what inference.rounding_cuts(5) must be
 
 
 def recall(predicted: torch.Tensor, targets: torch.Tensor, c: int) -> float:
@@ -39,6 +35,7 @@ def peaked(indices: list[float]) -> torch.Tensor:
 
 
 def test_default_cuts_are_rounding():
+    assert inference.rounding_cuts(5) == DEFAULT
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(500, 5) * 2, 1)
     assert torch.equal(inference.decode_counts(p, "mean", DEFAULT), inference.decode_counts(p, "mean"))

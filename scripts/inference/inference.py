@@ -107,6 +107,16 @@ def class_probabilities(outputs: torch.Tensor, head: str = "classify") -> torch.
     raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
 
 
+def expected_index(probabilities: torch.Tensor) -> torch.Tensor:
+    """[N, K] class probabilities -> [N] expected class index: what mean decoding cuts."""
+    return (probabilities * torch.arange(probabilities.shape[1], device=probabilities.device)).sum(1)
+
+
+def rounding_cuts(k: int) -> list[float]:
+    """Mean decoding's cuts when nothing moved them: 0.5, 1.5, ... (plain rounding)."""
+    return [i + 0.5 for i in range(k - 1)]
+
+
 def decode_counts(probabilities: torch.Tensor, decode: str = "argmax", cuts: list[float] | None = None) -> torch.Tensor:
     """[N, K] class probabilities -> [N] class indices. argmax: the most likely count; median:
     the count where the cumulative probability first reaches 1/2 (closer on average); mean: the
@@ -114,9 +124,8 @@ def decode_counts(probabilities: torch.Tensor, decode: str = "argmax", cuts: lis
     number of `cuts` (K-1 ascending thresholds on the expected class index) it exceeds: rounding,
     with a tie to the lower count, unless floor_cuts moved the end ones."""
     if decode == "mean":
-        k = probabilities.shape[1]
-        expected = (probabilities * torch.arange(k, device=probabilities.device)).sum(1)
-        thresholds = torch.tensor([i + 0.5 for i in range(k - 1)] if cuts is None else cuts,
+        expected = expected_index(probabilities)
+        thresholds = torch.tensor(rounding_cuts(probabilities.shape[1]) if cuts is None else cuts,
                                   dtype=expected.dtype, device=expected.device)
         return (expected[:, None] > thresholds).sum(1)
     if decode == "median":
@@ -133,12 +142,12 @@ def floor_cuts(probabilities: torch.Tensor, targets: torch.Tensor, floor: float)
     photo that brings its class to the floor and the next one, and at most half a class: a class
     that needs more is left under the floor rather than eating its neighbour."""
     k = probabilities.shape[1]
-    cuts = [i + 0.5 for i in range(k - 1)]
+    cuts = rounding_cuts(k)
     if k < 3 or floor <= 0:
         return cuts
     # In float32 throughout, as decode_counts compares them: a cut must fall on the right side of
     # the photo it is for after the rounding too.
-    expected = (probabilities.float() * torch.arange(k, dtype=torch.float32)).sum(1)
+    expected = expected_index(probabilities.float().cpu())
     # The highest class: answered when the expected index is over cuts[-1].
     top = expected[targets == k - 1].sort(descending=True).values
     need = math.ceil(floor * len(top))
