@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -225,8 +226,7 @@ class LocalRegistry:
                             (table,)).fetchone() is not None
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
-        # WAL: readers never block the writer, and writers queue on the busy timeout.
-        conn.execute("PRAGMA journal_mode = WAL")
+        self._enter_wal(conn)
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Statement by statement: executescript() would commit our transaction first.
@@ -246,6 +246,24 @@ class LocalRegistry:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _enter_wal(conn: sqlite3.Connection) -> None:
+        """WAL: readers never block the writer, and writers queue on the busy timeout.
+
+        Switching a new file into WAL needs the exclusive lock, and when two processes switch it
+        at once SQLite answers "locked" at once instead of waiting (waiting could deadlock). So
+        retry up to the busy timeout; once the file is in WAL the pragma is a no-op.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

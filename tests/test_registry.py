@@ -150,6 +150,38 @@ def test_two_processes_registering_at_once_get_distinct_consecutive_versions(tmp
         assert all(stored[v].startswith(f"/w{worker}/") for v in versions)
 
 
+FRESH_FILES = 40  # each a race to create the file; without the WAL retry 2-14 of 80 failed
+
+
+def _create_in_step(paths: list[str], worker: int, barrier, results) -> None:
+    errors = []
+    for path in paths:
+        barrier.wait()  # both processes open the same new file together
+        try:
+            LocalRegistry(path).register("bin-count", f"/w{worker}.tar.gz", {})
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    results.put(errors)
+
+
+def test_two_processes_creating_a_new_registry_at_once_both_register(tmp_path):
+    """Two runs whose first registration creates the same file: switching a new file into WAL
+    answers "locked" at once (no busy wait) to the process that loses, which must wait, not fail."""
+    paths = [str(tmp_path / f"r{i}.db") for i in range(FRESH_FILES)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    workers = [ctx.Process(target=_create_in_step, args=(paths, w, barrier, results))
+               for w in range(2)]
+    for p in workers:
+        p.start()
+    errors = [e for _ in workers for e in results.get(timeout=120)]
+    for p in workers:
+        p.join(timeout=60)
+    assert not errors, f"{len(errors)} of {2 * FRESH_FILES} first registrations failed: {errors[0]}"
+    for path in paths:
+        assert [v.version for v in LocalRegistry(path).list_versions("bin-count")] == [1, 2]
+
+
 def test_endpoints_create_update_and_list(registry):
     registry.register("bin-count", "/a.tar.gz", {})
     registry.register("bin-count", "/b.tar.gz", {})
