@@ -48,6 +48,11 @@ class MicroBatcher:
                 pass
         self._thread.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def queued(self) -> int:
+        """Decoded images waiting for a forward pass (not the batch now running)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
     def submit(self, item: Any) -> asyncio.Future:
         """Queue one decoded image; the future gets its prediction (or the batch's exception)."""
         future = asyncio.get_running_loop().create_future()

@@ -1,6 +1,7 @@
 """The local endpoint: the model artifact served over HTTP like a SageMaker real-time endpoint.
 
-    GET  /ping          -> 200 {"status": "ok", "model_version": ...}; 503 until the model is loaded
+    GET  /ping          -> 200 {"status": "ok", "model_version": ..., "in_flight": n, "queued": n};
+                           503 until the model is loaded
     POST /invocations   image/jpeg | image/png | application/x-image body
                         -> 200 {"count": n, "probabilities": {...}, "model_version": ...}
 
@@ -505,7 +506,10 @@ def create_app(artifact: str | Path, model_version: str | None = None,
             status = "failed" if state.load_error else "loading"
             return JSONResponse({"status": status, "error": state.load_error}, status_code=503,
                                 headers={"Retry-After": str(settings.retry_after_s)})
-        return JSONResponse({"status": "ok", "model_version": state.model.model_version})
+        # The load beside the health: requests admitted (the --max-queue count) and decoded
+        # photos waiting for a forward pass, for an operator watching a busy server.
+        return JSONResponse({"status": "ok", "model_version": state.model.model_version,
+                             "in_flight": state.in_flight, "queued": state.batcher.queued})
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:

@@ -150,7 +150,9 @@ def check_bad(response, status: int, words: str) -> None:
 
 
 def test_ping_names_the_model_version(client):
-    assert client.get("/ping").json() == {"status": "ok", "model_version": VERSION}
+    # An idle server: nothing admitted, nothing waiting for a forward pass.
+    assert client.get("/ping").json() == {"status": "ok", "model_version": VERSION,
+                                          "in_flight": 0, "queued": 0}
 
 
 def test_jpeg_png_and_x_image_photos_get_the_same_count(client, jpeg, png):
@@ -207,7 +209,8 @@ def test_predict_local_matches_the_endpoint(client, tiny_artifact, jpeg_photo, t
 
 
 def test_real_server_good_and_bad_requests(live, jpeg, png, bomb):
-    assert live.get("/ping").json() == {"status": "ok", "model_version": VERSION}
+    assert live.get("/ping").json() == {"status": "ok", "model_version": VERSION,
+                                        "in_flight": 0, "queued": 0}
     by_jpeg = check_prediction(live.post("/invocations", content=jpeg,
                                          headers={"Content-Type": "image/jpeg"}))
     by_png = check_prediction(live.post("/invocations", content=png,

@@ -71,6 +71,24 @@ class Held:
         return self.calls()
 
 
+def wait_load(http: httpx.Client, timeout: float = 30, **want: int) -> dict:
+    """Poll /ping until its load figures are `want` (e.g. queued=8): no sleep to guess at."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ping = http.get("/ping").json()
+        if all(ping.get(key) == value for key, value in want.items()):
+            return ping
+        assert time.monotonic() < deadline, f"/ping said {ping}, wanted {want}"
+        time.sleep(0.02)
+
+
+def wait_log(server, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.log():
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{server.log()}"
+        time.sleep(0.02)
+
+
 def access_lines(log: str, path: str = "/invocations") -> list[str]:
     return [line for line in log.splitlines() if f'"POST {path}"' in line or f'"GET {path}"' in line]
 
@@ -119,7 +137,8 @@ def test_concurrent_requests_share_one_forward_pass(tmp_path):
             held.wait_calls(10)
             rest = [pool.submit(http.post, "/invocations", content=p, headers=JPEG)
                     for p in photos[1:]]
-            time.sleep(1.0)  # all eight are decoded and queued behind the held batch
+            # All eight are decoded and queued behind the held batch; /ping says so.
+            assert wait_load(http, queued=8)["in_flight"] == 9
             held.hold.unlink()
             answers = [f.result() for f in [first] + rest]
         assert [r.status_code for r in answers] == [200] * 9
@@ -140,7 +159,7 @@ def test_past_the_queue_limit_the_answer_is_503_with_retry_after(tmp_path):
         admitted = [pool.submit(http.post, "/invocations", content=bin_photo(i), headers=JPEG)
                     for i in range(3)]
         held.wait_calls(1)
-        time.sleep(0.5)
+        wait_load(http, in_flight=3)  # all three admitted (in the held batch, or behind it)
         refused = http.post("/invocations", content=bin_photo(9), headers=JPEG)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
@@ -187,9 +206,9 @@ def test_work_is_dropped_when_the_client_goes_away(tmp_path):
         first = pool.submit(http.post, "/invocations", content=bin_photo(1), headers=JPEG)
         held.wait_calls(1)
         gone = raw_request(server.port, bin_photo(2))
-        time.sleep(0.5)  # decoded and queued behind the held batch
+        wait_load(http, queued=1)  # decoded and queued behind the held batch
         gone.close()
-        time.sleep(0.5)
+        wait_log(server, '"POST /invocations" 499')  # the server saw it go
         held.hold.unlink()
         assert first.result().status_code == 200
         assert http.post("/invocations", content=bin_photo(3), headers=JPEG).status_code == 200
