@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import runner_dags
+from waiting import wait_for
 from pipeline.local.runner import LocalRun, RunLocked, os_problem
 
 SCRIPT = Path(runner_dags.__file__)
@@ -24,15 +25,6 @@ def start(kind: str, root: Path, home: Path, *resume: str) -> subprocess.Popen:
     env = {**os.environ, "FAULT_ROOT": str(root), "INVMON_HOME": str(home)}
     return subprocess.Popen([sys.executable, str(SCRIPT), kind, str(root), str(home), *resume],
                             env=env, stdout=subprocess.PIPE, text=True)
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def job_pids(root: Path) -> list[int]:

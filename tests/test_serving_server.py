@@ -17,6 +17,7 @@ import pytest
 
 from conftest import make_artifact
 from serving_testing import ServerProcess, bin_photo, patched_artifact
+from waiting import wait_for
 
 JPEG = {"Content-Type": "image/jpeg"}
 
@@ -63,30 +64,24 @@ class Held:
             return []
         return [json.loads(line) for line in self.calls_file.read_text().split()]
 
-    def wait_calls(self, n: int, timeout: float = 30) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while len(self.calls()) < n:
-            assert time.monotonic() < deadline, f"predict_fn called {self.calls()}, wanted {n}"
-            time.sleep(0.02)
+    def wait_calls(self, n: int) -> list[int]:
+        wait_for(lambda: len(self.calls()) >= n, 30, lambda: f"{n} predict_fn calls: {self.calls()}")
         return self.calls()
 
 
-def wait_load(http: httpx.Client, timeout: float = 30, **want: int) -> dict:
-    """Poll /ping until its load figures are `want` (e.g. queued=8): no sleep to guess at."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ping = http.get("/ping").json()
-        if all(ping.get(key) == value for key, value in want.items()):
-            return ping
-        assert time.monotonic() < deadline, f"/ping said {ping}, wanted {want}"
-        time.sleep(0.02)
+def wait_load(http: httpx.Client, **want: int) -> dict:
+    """/ping once its load figures are `want` (e.g. queued=8)."""
+    pings = []
+
+    def reached() -> dict | None:
+        pings.append(http.get("/ping").json())
+        return pings[-1] if all(pings[-1].get(k) == v for k, v in want.items()) else None
+
+    return wait_for(reached, 30, lambda: f"/ping to say {want}; it said {pings[-1]}")
 
 
 def wait_log(server, text: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in server.log():
-        assert time.monotonic() < deadline, f"{text!r} never logged:\n{server.log()}"
-        time.sleep(0.02)
+    wait_for(lambda: text in server.log(), timeout, lambda: f"{text!r} in the log:\n{server.log()}")
 
 
 def access_lines(log: str, path: str = "/invocations") -> list[str]:
@@ -291,9 +286,10 @@ def test_one_access_log_line_per_request_with_status_and_latency(plain_server):
                     for i in range(3)]
         statuses.append(http.post("/invocations", content=b"nope", headers=JPEG).status_code)
         statuses.append(http.post("/invocations", content=b"x", headers={}).status_code)
-    deadline = time.monotonic() + 10  # each line is written as its answer is sent
-    while len(lines := access_lines(server.log())[before:]) < 5 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # Each line is written as its answer is sent.
+    wait_for(lambda: len(access_lines(server.log())[before:]) >= 5, 10,
+             lambda: f"5 access-log lines: {access_lines(server.log())[before:]}")
+    lines = access_lines(server.log())[before:]
     assert statuses == [200, 200, 200, 400, 415]
     assert len(lines) == 5, lines
     for line, status in zip(lines, statuses):
