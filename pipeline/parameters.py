@@ -83,6 +83,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("KeepEpoch", str, "best",
               "the epoch whose weights a training job saves: best (validation accuracy) or last"),
     Parameter("Seed", int, 42, "seed for the split and the training runs"),
+    Parameter("EnableDebugger", str, "false",
+              "true: the Train job on SageMaker carries SageMaker Debugger's hook and built-in rules "
+              "(for accounts that have Debugger); the report's rule verdicts come from Evaluate either way"),
     Parameter("AccuracyThreshold", float, 0.3, "test accuracy a model needs to be registered"),
     Parameter("ModelApprovalStatus", str, "PendingManualApproval",
               "status of the new model version: " + " | ".join(APPROVAL_STATUSES)),
