@@ -9,7 +9,9 @@ The artifact is loaded through its own `code/inference.py` (model_fn, input_fn, 
 output_fn), the same functions the Evaluate step and the SageMaker endpoint use. Bad input
 always gets a 4xx with a JSON body `{"error": "..."}`: 415 content type, 406 Accept, 413 size,
 400 empty or undecodable body, 408 a body that does not arrive in time; overload a 503 with
-Retry-After (too many requests in progress, or no answer within the request timeout).
+Retry-After (too many requests in progress, or no answer within the request timeout). The
+errors inference.py raises carry their status (`status_code`, as the SageMaker toolkit's do)
+and are answered with it, so both servers give the same code for the same request.
 
 How a request is served: admitted (or 503) before its body is read; body read under a deadline;
 input_fn in a small decode pool; then its image joins a micro-batch and predict_fn scores the
@@ -137,12 +139,21 @@ class LoadedModel:
     def invalid_input(self) -> type[Exception]:
         return getattr(self.inference, "InvalidInput", ValueError)
 
+    def refused(self, exc: Exception, default: int) -> RequestError:
+        """The artifact's own error as the answer: the status it carries (inference.py's errors
+        have `status_code`, as the SageMaker toolkit's do), else `default` (older artifacts)."""
+        status = getattr(exc, "status_code", None)
+        if not (isinstance(status, int) and 400 <= status < 500):
+            status = default
+        return RequestError(status, getattr(exc, "message", None) or str(exc))
+
     def decode(self, body: bytes, content_type: str):
-        """input_fn: body -> image, or RequestError(400) naming what is wrong with it."""
+        """input_fn: body -> image, or RequestError (its status, 400 by default) naming what is
+        wrong with it."""
         try:
             image = self.inference.input_fn(body, content_type)
         except self.invalid_input as exc:
-            raise RequestError(400, str(exc)) from None
+            raise self.refused(exc, 400) from None
         if self.presize and isinstance(image, Image.Image):
             # predict_fn's own resize, done here in the decode threads: in parallel with the
             # forward pass instead of before it, and a waiting image holds 96x96, not 16 MP.
@@ -161,24 +172,21 @@ class LoadedModel:
         try:
             return self.inference.output_fn(prediction, accept)
         except self.invalid_input as exc:
-            raise RequestError(406, str(exc)) from None
+            raise self.refused(exc, 406) from None
 
     def predict(self, body: bytes, content_type: str, accept: str = JSON) -> str:
         """Raw request body -> response text, exactly the endpoint's path. Raises RequestError."""
         try:
             image = self.inference.input_fn(body, content_type)
         except self.invalid_input as exc:
-            raise RequestError(400, str(exc)) from None
+            raise self.refused(exc, 400) from None
         try:
             prediction = self.inference.predict_fn(image, self.model)
         except self.invalid_input as exc:
-            raise RequestError(400, str(exc)) from None
+            raise self.refused(exc, 400) from None
         if isinstance(prediction, dict):
             prediction["model_version"] = self.model_version
-        try:
-            return self.inference.output_fn(prediction, accept)
-        except self.invalid_input as exc:
-            raise RequestError(406, str(exc)) from None
+        return self.render(prediction, accept)
 
 
 def load_model(artifact: str | Path, model_version: str | None = None) -> LoadedModel:

