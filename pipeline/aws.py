@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from pipeline.parameters import BY_NAME
+from pipeline.parameters import BY_NAME, ParameterError, validate
 from pipeline.registry import STATUSES, ModelVersion, NotFoundError, RegistryError
 
 TERMINAL = ("Succeeded", "Failed", "Stopped")
@@ -118,6 +118,10 @@ def start(sm, pipeline_name: str, parameters: dict | None = None, commit_id: str
     from pipeline.sagemaker_pipeline import MAX_ENDPOINT_NAME, MAX_PARALLEL_STEPS, fixed_parameters
 
     parameters = parameters or {}
+    try:  # names and ranges of what is set, before the account is asked anything
+        validate(parameters)
+    except ParameterError as exc:
+        raise AwsError(str(exc)) from None
     definition = deployed_definition(sm, pipeline_name)
     declared = {p["Name"]: p for p in definition.get("Parameters", [])}
     fixed = fixed_parameters(definition)
@@ -135,6 +139,11 @@ def start(sm, pipeline_name: str, parameters: dict | None = None, commit_id: str
             raise AwsError(f"StagingEndpointName may have at most {MAX_ENDPOINT_NAME} characters "
                            f"(the endpoint config is named <endpoint>-<execution id>)")
     effective = {**{n: p.get("DefaultValue") for n, p in declared.items()}, **parameters}
+    try:  # the ranges, before anything starts (the definition's defaults were checked at upsert)
+        validate({n: BY_NAME[n].parse(str(v)) if n not in parameters else v
+                  for n, v in effective.items() if n in BY_NAME})
+    except ParameterError as exc:
+        raise AwsError(str(exc)) from None
     problem = pipeline_endpoint_problem(effective)
     if problem:
         raise AwsError(problem)

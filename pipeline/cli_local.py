@@ -117,7 +117,7 @@ def _model_choice(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from pipeline.local.runner import LocalRun, synthetic_data
     from pipeline.local.summary import summarize
-    from pipeline.parameters import check_combination, parse_assignments
+    from pipeline.parameters import parse_assignments, validate
     from pipeline.profiles import defaults
     from steps import DAG
 
@@ -138,13 +138,13 @@ def cmd_run(args) -> int:
     else:
         try:
             params = {**defaults(args.profile), **parse_assignments(args.param)}
-            check_combination(params)
+            if args.data:
+                params["InputDataUrl"] = str(Path(args.data).expanduser().resolve())
+            if args.manifest:
+                params["ManifestUrl"] = str(Path(args.manifest).expanduser().resolve())
+            validate(params)  # before the synthetic data is generated and before any step
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        if args.data:
-            params["InputDataUrl"] = str(Path(args.data).expanduser().resolve())
-        if args.manifest:
-            params["ManifestUrl"] = str(Path(args.manifest).expanduser().resolve())
         if not params["InputDataUrl"]:
             params["InputDataUrl"] = str(synthetic_data(home, int(params["Seed"])))
         run = LocalRun.create(home, DAG, params, args.profile)
@@ -352,6 +352,13 @@ def _resolve_model(args) -> tuple[Path, str]:
     artifact = Path(version.artifact_uri)
     if not artifact.exists():
         raise CommandError(f"model artifact {artifact} of {group} version {version.version} is missing")
+    if args.version is None:  # an endpoint serves only the bytes that were registered
+        from pipeline.deploy import DeployError, verify_local_artifact
+
+        try:
+            verify_local_artifact(version)
+        except DeployError as exc:
+            raise CommandError(str(exc)) from None
     return artifact, f"{version.group}/{version.version}"
 
 

@@ -11,7 +11,15 @@ Rules:
 - Approving deploys to production; if that deploy fails the version stays Approved, the
   failure is reported and production keeps what it served.
 - Rejecting what production serves moves production to the newest other Approved version, or,
-  if there is none, leaves it as it is and flags it.
+  if there is none, leaves it as it is and flags it. What production serves is read again after
+  the status change; a read that fails is an error and a flag, never "not served".
+- Every deploy checks the artifact against the SHA-256 recorded at registration and refuses a
+  mismatch, naming both digests. On SageMaker the verified artifact is copied under the bucket's
+  `registry/` prefix (which the roles that build cannot write) and the Model serves that copy.
+- An approval event deploys only the newest Approved version of the group, and the status is
+  read again right before traffic switches: duplicate, late and out-of-order events change
+  nothing. Models and endpoint configs are named by version and artifact, so two deliveries of
+  one event build the same ones and the second finds the switch already made or under way.
 """
 from __future__ import annotations
 
@@ -21,7 +29,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from pipeline.registry import Endpoint, ModelVersion, NotFoundError, RegistryError
+from pipeline.registry import (DIGEST_PROPERTY, Endpoint, ModelVersion, NotFoundError, RegistryError,
+                               file_sha256, sha256_of)
 
 STAGES = {"staging": "staging", "prod": "production"}
 EVENT_TYPE = "SageMaker Model Package State Change"
@@ -34,6 +43,11 @@ ALARM_SUFFIXES = ("invocation-5xx", "model-latency")
 
 class DeployError(RegistryError):
     """A deploy that was refused or failed; the message says what is still served."""
+
+
+class NoChange(Exception):
+    """Nothing to switch: the endpoint serves it already, or another delivery of the same event
+    is switching it; or the version stopped being the one to deploy. The message says which."""
 
 
 def endpoint_name(group: str, stage: str) -> str:
@@ -90,14 +104,60 @@ def choose(registry, group: str, stage: str, version: int | None) -> ModelVersio
     return model
 
 
-def deploy(registry, target, group: str, stage: str, version: int | None = None) -> Outcome:
+def recorded_digest(model: ModelVersion) -> str:
+    """The SHA-256 recorded at registration; a version without one cannot be deployed."""
+    recorded = model.properties.get(DIGEST_PROPERTY, "")
+    if not recorded:
+        raise DeployError(f"refused: {model.name} has no {DIGEST_PROPERTY} recorded at registration, so "
+                          f"its artifact cannot be verified; register it again (nothing was changed)")
+    return recorded
+
+
+def verify_artifact(model: ModelVersion, actual: str) -> None:
+    """Refuse an artifact whose bytes are not those registered (nothing is changed)."""
+    recorded = recorded_digest(model)
+    if actual != recorded:
+        raise DeployError(f"refused: the artifact of {model.name} is not the one registered: "
+                          f"{model.artifact_uri} has SHA-256 {actual}, the registry recorded {recorded} "
+                          f"(nothing was changed)")
+
+
+def deploy_problem(registry, model: ModelVersion, newest_only: bool) -> str | None:
+    """Why `model` may not go to production now, read afresh; None when it may.
+    `newest_only`: an approval event deploys only the newest Approved version of the group."""
+    status = registry.get(model.group, model.version).status
+    if status != "Approved":
+        return f"{model.name} is {status} now"
+    if newest_only:
+        newest = registry.latest(model.group, "Approved")
+        if newest is not None and newest.version != model.version:
+            return f"{newest.name} is the newest Approved version, not {model.name}"
+    return None
+
+
+def deploy(registry, target, group: str, stage: str, version: int | None = None,
+           newest_only: bool = False) -> Outcome:
+    """Put `version` (default: the newest Approved) on the stage's endpoint. With `newest_only`
+    (approval events) a version that is not the newest Approved one changes nothing."""
     name = endpoint_name(group, stage)
-    model = choose(registry, group, stage, version)
+    if newest_only:  # an event: a version it no longer makes sense to deploy is no error
+        model = registry.get(group, version)
+        if problem := deploy_problem(registry, model, True):
+            return Outcome(name, model, None, False, f"{name} left as it is: {problem}")
+    else:
+        model = choose(registry, group, stage, version)
+    recheck = None
+    if stage == "prod":
+        def recheck() -> str | None:  # right before the traffic switches
+            return deploy_problem(registry, model, newest_only)
     current = target.current(name)
     previous = current.version if current and current.group == group else None
-    if previous == model.version and not (current and current.flag):
+    if previous == model.version and not (current and current.flag) and current.pending is None:
         return Outcome(name, model, previous, False, f"{name} already serves {model.name}")
-    target.deploy(name, model, stage)
+    try:
+        target.deploy(name, model, stage, recheck=recheck)
+    except NoChange as exc:
+        return Outcome(name, model, previous, False, f"{name} left as it is: {exc}")
     return Outcome(name, model, previous, True, f"{name} now serves {model.name}"
                    + (f" (was version {previous})" if previous else ""))
 
@@ -116,13 +176,31 @@ def approve(registry, target, group: str, version: int, note: str = "") -> Outco
 
 
 def reject(registry, target, group: str, version: int, note: str = "") -> Outcome | None:
-    """Reject; if production serves it, roll production back or flag it."""
+    """Reject; if production serves it (or is switching to it), roll production back or flag it."""
     model = registry.set_status(group, version, "Rejected", note)
-    name = endpoint_name(group, "prod")
-    current = _safe_current(target, name)
-    if not current or current.group != group or current.version != model.version:
+    return roll_back_from(registry, target, model)
+
+
+def roll_back_from(registry, target, model: ModelVersion) -> Outcome | None:
+    """After `model` was rejected: read what production serves now and, if it is `model`, move
+    it to the newest other Approved version, or flag it. None when production does not serve it."""
+    name = endpoint_name(model.group, "prod")
+    try:
+        current = target.current(name)
+    except RegistryError as exc:  # unknown is not "not served": say so, and ask for a person
+        flagged = _try_flag(target, name, f"not read after {model.name} was rejected; check what it serves")
+        raise DeployError(f"{model.name} is Rejected, but what {name} serves could not be read ({exc}); "
+                          + ("it is flagged: check it with invmon endpoints" if flagged else
+                             "flagging it failed too: check it with invmon endpoints")) from None
+    if not current or current.group != model.group or model.version not in (current.version, current.pending):
         return None
-    fallback = [v for v in registry.list_versions(group)
+    if current.pending == model.version:  # a deploy of it is under way: it cannot be overtaken
+        _try_flag(target, name, f"switching to Rejected version {model.version}; reject it again when "
+                                "the update ends")
+        raise DeployError(f"{model.name} is Rejected, but {name} is switching to it right now ({current.status}); "
+                          f"it is flagged: run `invmon models reject {model.version}` again when the update "
+                          f"ends to roll it back")
+    fallback = [v for v in registry.list_versions(model.group)
                 if v.status == "Approved" and v.version != model.version]
     if not fallback:
         flag = f"serves Rejected version {model.version}; no other Approved version to roll back to"
@@ -131,12 +209,9 @@ def reject(registry, target, group: str, version: int, note: str = "") -> Outcom
     newest = fallback[-1]
     try:
         target.deploy(name, newest, "prod")
-    except RegistryError as exc:
+    except (RegistryError, NoChange) as exc:
         flag = f"serves Rejected version {model.version}; rollback to {newest.name} failed"
-        try:
-            target.flag(name, flag)
-        except RegistryError:
-            pass  # the error below says the same
+        _try_flag(target, name, flag)
         raise DeployError(f"{model.name} is Rejected, but rolling production back to {newest.name} "
                           f"failed: {exc}; production still serves version {model.version} (flagged)") from None
     return Outcome(name, newest, model.version, True,
@@ -150,7 +225,22 @@ def _safe_current(target, name: str) -> Endpoint | None:
         return None
 
 
+def _try_flag(target, name: str, text: str) -> bool:
+    try:
+        target.flag(name, text)
+        return True
+    except RegistryError:
+        return False
+
+
 # --------------------------------------------------------------------------- local back-end
+
+
+def verify_local_artifact(model: ModelVersion) -> None:
+    """The registered file, present and with the SHA-256 recorded at registration."""
+    if not os.path.isfile(model.artifact_uri):
+        raise DeployError(f"model artifact {model.artifact_uri} of {model.name} is missing")
+    verify_artifact(model, file_sha256(model.artifact_uri))
 
 
 class LocalTarget:
@@ -165,9 +255,11 @@ class LocalTarget:
         except NotFoundError:
             return None
 
-    def deploy(self, name: str, model: ModelVersion, stage: str) -> None:
-        if not os.path.isfile(model.artifact_uri):
-            raise DeployError(f"model artifact {model.artifact_uri} of {model.name} is missing")
+    def deploy(self, name: str, model: ModelVersion, stage: str, recheck=None) -> None:
+        verify_local_artifact(model)
+        if recheck and (problem := recheck()):
+            raise NoChange(problem)
+        # The status is checked again inside the registry's write transaction.
         self.registry.deploy(name, model.group, model.version, require_approved=stage == "prod")
 
     def flag(self, name: str, text: str) -> None:
@@ -183,30 +275,55 @@ class LocalTarget:
 
 PACKAGE_ARN = re.compile(r":model-package/(?P<group>[^/]+)/(?P<version>\d+)$")
 FLAG_TAG = "invmon:flag"
+# Verified artifacts, by group, version and SHA-256, in the bucket of the registered one: only the
+# deploy function (and a reviewer deploying by hand) may write here (infra/invmon.yaml).
+REGISTRY_PREFIX = "registry"
+# The Model's container names the package it serves and the digest of what it serves.
+PACKAGE_ENV, DIGEST_ENV = "INVMON_MODEL_PACKAGE_ARN", "INVMON_ARTIFACT_SHA256"
+ALREADY_EXISTS = ("already exist", "Cannot create already existing")
+IN_PROGRESS = ("in-progress", "in progress", "is being updated", "Cannot update")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise DeployError(f"model artifact {uri!r} is not an s3://bucket/key URI")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
 
 
 class SageMakerTarget:
-    """SageMaker real-time endpoints: a new Model + EndpointConfig per deploy, then
-    CreateEndpoint, or UpdateEndpoint with a blue/green DeploymentConfig that rolls back by
-    itself when one of the endpoint's alarms fires while the new fleet bakes."""
+    """SageMaker real-time endpoints: a Model + EndpointConfig per version and artifact (named by
+    both, so a repeated deploy reuses them), then CreateEndpoint, or UpdateEndpoint with a
+    blue/green DeploymentConfig that rolls back by itself when one of the endpoint's alarms fires
+    while the new fleet bakes."""
 
     def __init__(self, sm, role_arn: str, instance_type: str = "ml.m5.large",
-                 alarms: dict[str, list[str]] | None = None, clock=time.time):
+                 alarms: dict[str, list[str]] | None = None, clock=time.time, s3=None):
         self.sm, self.role_arn, self.instance_type = sm, role_arn, instance_type
         self.alarms = alarms or {}
         self.clock = clock
+        self._s3 = s3
+
+    @property
+    def s3(self):
+        if self._s3 is None:
+            from pipeline.aws import client
+
+            self._s3 = client("s3", self.sm.meta.region_name)
+        return self._s3
 
     def _call(self, fn, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
 
         from pipeline.aws import describe_error
 
+        service = "S3" if fn.__self__ is self._s3 else "SageMaker"
         try:
             return fn(**kwargs)
         except ClientError as exc:
-            raise DeployError(f"SageMaker refused {fn.__name__}: {describe_error(exc)}") from None
+            raise DeployError(f"{service} refused {fn.__name__}: {describe_error(exc)}") from None
         except BotoCoreError as exc:
-            raise DeployError(f"cannot reach SageMaker: {exc}") from None
+            raise DeployError(f"cannot reach {service}: {exc}") from None
 
     def _describe(self, name: str) -> dict | None:
         """The endpoint, or None where there is none (any other failure is a DeployError)."""
@@ -217,23 +334,29 @@ class SageMakerTarget:
                 return None
             raise
 
+    def _served_by(self, config_name: str) -> tuple[str, int]:
+        """(group, version) of the package an endpoint config's model serves; ("?", 0) if none."""
+        config = self._call(self.sm.describe_endpoint_config, EndpointConfigName=config_name)
+        model = self._call(self.sm.describe_model, ModelName=config["ProductionVariants"][0]["ModelName"])
+        container = (model.get("Containers") or [model.get("PrimaryContainer") or {}])[0]
+        arn = container.get("ModelPackageName") or (container.get("Environment") or {}).get(PACKAGE_ENV, "")
+        found = PACKAGE_ARN.search(arn)
+        return (found["group"], int(found["version"])) if found else ("?", 0)
+
     def current(self, name: str) -> Endpoint | None:
         endpoint = self._describe(name)
         if endpoint is None:
             return None
-        config = self._call(self.sm.describe_endpoint_config,
-                            EndpointConfigName=endpoint["EndpointConfigName"])
-        model = self._call(self.sm.describe_model,
-                           ModelName=config["ProductionVariants"][0]["ModelName"])
-        containers = model.get("Containers") or [model.get("PrimaryContainer") or {}]
-        found = PACKAGE_ARN.search(containers[0].get("ModelPackageName", ""))
+        group, version = self._served_by(endpoint["EndpointConfigName"])
+        pending_config = (endpoint.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+        pending = (self._served_by(pending_config)[1]
+                   if pending_config and pending_config != endpoint["EndpointConfigName"] else None)
         tags = self._call(self.sm.list_tags, ResourceArn=endpoint["EndpointArn"]).get("Tags", [])
         flag = next((t["Value"] for t in tags if t["Key"] == FLAG_TAG), "")
         changed = endpoint.get("LastModifiedTime")
-        return Endpoint(name=name, group=found["group"] if found else "?",
-                        version=int(found["version"]) if found else 0,
+        return Endpoint(name=name, group=group, version=version,
                         updated_at=changed.isoformat() if hasattr(changed, "isoformat") else str(changed or ""),
-                        flag=flag, status=endpoint.get("EndpointStatus", ""))
+                        flag=flag, status=endpoint.get("EndpointStatus", ""), pending=pending)
 
     def deployment_config(self, name: str) -> dict:
         alarms = self.alarms.get(name, alarm_names(name))
@@ -246,40 +369,150 @@ class SageMakerTarget:
             "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": a} for a in alarms]},
         }
 
-    def deploy(self, name: str, model: ModelVersion, stage: str) -> None:
+    # ------------------------------------------------------------------ the artifact
+
+    def _object_sha256(self, bucket: str, key: str) -> tuple[str, str] | None:
+        """(SHA-256, ETag) of an object, read whole; None where there is no such object."""
+        try:
+            found = self._call(self.s3.get_object, Bucket=bucket, Key=key)
+        except DeployError as exc:
+            if "NoSuchKey" in str(exc):
+                return None
+            raise
+        return sha256_of(found["Body"].iter_chunks(1 << 20)), found.get("ETag", "")
+
+    def registry_copy(self, model: ModelVersion) -> str:
+        """The verified artifact under `registry/<group>/<version>/<sha256>/` of its bucket.
+
+        The registered object is read and hashed; a mismatch with the SHA-256 recorded at
+        registration is refused with both digests. The copy is made only from the object version
+        that was hashed (CopySourceIfMatch). An existing copy is hashed too before it is used."""
+        recorded = recorded_digest(model)
+        bucket, key = _split_s3(model.artifact_uri)
+        copy_key = f"{REGISTRY_PREFIX}/{model.group}/{model.version}/{recorded}/model.tar.gz"
+        copy_uri = f"s3://{bucket}/{copy_key}"
+        existing = self._object_sha256(bucket, copy_key)
+        if existing is not None:
+            if existing[0] != recorded:
+                raise DeployError(f"refused: the registry's copy of {model.name} ({copy_uri}) has SHA-256 "
+                                  f"{existing[0]}, the registry recorded {recorded} (nothing was changed)")
+            return copy_uri
+        source = self._object_sha256(bucket, key)
+        if source is None:
+            raise DeployError(f"model artifact {model.artifact_uri} of {model.name} is missing")
+        verify_artifact(model, source[0])
+        self._call(self.s3.copy_object, Bucket=bucket, Key=copy_key, CopySourceIfMatch=source[1],
+                   CopySource={"Bucket": bucket, "Key": key}, MetadataDirective="REPLACE",
+                   Metadata={"sha256": recorded, "model-package": model.arn})
+        return copy_uri
+
+    def resource_name(self, name: str, model: ModelVersion, image: str) -> str:
+        """The Model's and EndpointConfig's name: by endpoint, version, artifact and settings, so
+        that every delivery of one deploy builds the same ones (at most 63 characters)."""
+        settings = "\0".join((model.properties.get(DIGEST_PROPERTY, ""), image, self.instance_type,
+                              self.role_arn))
+        return f"{name[:38]}-v{model.version}-{sha256_of([settings.encode()])[:10]}"
+
+    # ------------------------------------------------------------------ the switch
+
+    def _create(self, fn, describe, name_key: str, name: str, **kwargs) -> bool:
+        """Create a named resource; False when it exists already (another delivery made it)."""
+        try:
+            describe(**{name_key: name})
+            return False
+        except DeployError:
+            pass
+        try:
+            self._call(fn, **{name_key: name}, **kwargs)
+            return True
+        except DeployError as exc:
+            if any(text in str(exc) for text in ALREADY_EXISTS):
+                return False
+            raise
+
+    def _delete(self, model_name: str | None, config_name: str | None) -> None:
+        """Remove what this deploy created and did not use (best effort: the names are reused)."""
+        for fn, key, value in ((self.sm.delete_endpoint_config, "EndpointConfigName", config_name),
+                               (self.sm.delete_model, "ModelName", model_name)):
+            if value:
+                try:
+                    self._call(fn, **{key: value})
+                except DeployError:
+                    pass
+
+    def deploy(self, name: str, model: ModelVersion, stage: str, recheck=None) -> None:
         if not model.arn:
             raise DeployError(f"{model.name} has no model package ARN")
         if not self.role_arn:
             raise DeployError("a SageMaker deploy needs the model's execution role: pass --role-arn "
                               "or set INVMON_MODEL_ROLE_ARN (the stack's ModelRoleArn output)")
-        if stage == "prod":  # checked again here: the caller may not be `choose`
-            status = self._call(self.sm.describe_model_package, ModelPackageName=model.arn)
-            if status.get("ModelApprovalStatus") != "Approved":
-                raise DeployError(f"refused: {model.name} is {status.get('ModelApprovalStatus')}; "
-                                  "production serves only Approved versions (nothing was changed)")
+        package = self._call(self.sm.describe_model_package, ModelPackageName=model.arn)
+        if stage == "prod" and package.get("ModelApprovalStatus") != "Approved":  # the caller may not be `choose`
+            raise DeployError(f"refused: {model.name} is {package.get('ModelApprovalStatus')}; "
+                              "production serves only Approved versions (nothing was changed)")
+        container = ((package.get("InferenceSpecification") or {}).get("Containers") or [{}])[0]
+        if not container.get("Image"):
+            raise DeployError(f"{model.name} names no serving image in its InferenceSpecification")
+        data_url = self.registry_copy(model)
+        resource = self.resource_name(name, model, container["Image"])
         existing = self._describe(name)
-        if existing and existing.get("EndpointStatus") not in ("InService",):
-            raise DeployError(f"endpoint {name} is {existing.get('EndpointStatus')}; deploy again "
-                              "when it is InService (nothing was changed)")
-        # Names stay within 63 characters and are unique per deploy (a config is never reused).
-        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(self.clock()))
-        resource = f"{name[:38]}-v{model.version}-{stamp}"
-        tags = [{"Key": "invmon:model-package", "Value": model.arn}]
-        self._call(self.sm.create_model, ModelName=resource, ExecutionRoleArn=self.role_arn,
-                   Containers=[{"ModelPackageName": model.arn}], Tags=tags)
-        self._call(self.sm.create_endpoint_config, EndpointConfigName=resource, Tags=tags,
-                   ProductionVariants=[{"VariantName": VARIANT, "ModelName": resource,
-                                        "InitialInstanceCount": 1,
-                                        "InstanceType": self.instance_type}])
-        if existing is None:
-            self._call(self.sm.create_endpoint, EndpointName=name, EndpointConfigName=resource,
-                       Tags=[{"Key": "invmon:stage", "Value": stage}])
-            return
-        self._call(self.sm.update_endpoint, EndpointName=name, EndpointConfigName=resource,
-                   DeploymentConfig=self.deployment_config(name))
+        if existing is not None:
+            pending = (existing.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+            if existing.get("EndpointStatus") != "InService":
+                if resource in (pending, existing.get("EndpointConfigName")):
+                    raise NoChange(f"it is switching to {model.name} already ({existing.get('EndpointStatus')})")
+                raise DeployError(f"endpoint {name} is {existing.get('EndpointStatus')}; deploy again "
+                                  "when it is InService (nothing was changed)")
+            if existing.get("EndpointConfigName") == resource:
+                self._clear_flag(existing)  # serves it already: a flag on it is what was asked
+                return
+        tags = [{"Key": "invmon:model-package", "Value": model.arn}, {"Key": "invmon:stage", "Value": stage}]
+        environment = {**(container.get("Environment") or {}), PACKAGE_ENV: model.arn,
+                       DIGEST_ENV: model.properties[DIGEST_PROPERTY]}
+        made_model = self._create(
+            self.sm.create_model, lambda **k: self._call(self.sm.describe_model, **k), "ModelName", resource,
+            ExecutionRoleArn=self.role_arn, Tags=tags,
+            Containers=[{"Image": container["Image"], "ModelDataUrl": data_url, "Environment": environment}])
+        made_config = self._create(
+            self.sm.create_endpoint_config, lambda **k: self._call(self.sm.describe_endpoint_config, **k),
+            "EndpointConfigName", resource, Tags=tags,
+            ProductionVariants=[{"VariantName": VARIANT, "ModelName": resource, "InitialInstanceCount": 1,
+                                 "InstanceType": self.instance_type}])
+        if recheck and (problem := recheck()):
+            self._delete(resource if made_model else None, resource if made_config else None)
+            raise NoChange(f"not switched: {problem}")
+        self._switch(name, resource, existing)
+        if existing is not None:
+            self._clear_flag(existing)
+        if stage == "prod" and recheck and (problem := recheck()):  # rejected while it switched
+            flag = f"switched to {model.name} while it stopped being deployable ({problem})"
+            self.flag(name, flag)
+            raise DeployError(f"{name} {flag}; it is flagged: run `invmon models reject {model.version}` "
+                              "when the update ends to roll it back")
+
+    def _switch(self, name: str, config: str, existing: dict | None) -> None:
+        """Create the endpoint or update it blue/green; a second delivery racing the first finds
+        the switch made or under way, which is success (NoChange), never a failed invocation."""
+        try:
+            if existing is None:
+                self._call(self.sm.create_endpoint, EndpointName=name, EndpointConfigName=config,
+                           Tags=[{"Key": "invmon:stage", "Value": "production" if "prod" in name else "staging"}])
+            else:
+                self._call(self.sm.update_endpoint, EndpointName=name, EndpointConfigName=config,
+                           DeploymentConfig=self.deployment_config(name))
+        except DeployError as exc:
+            if not any(text in str(exc) for text in ALREADY_EXISTS + IN_PROGRESS):
+                raise
+            now = self._describe(name) or {}
+            targets = (now.get("EndpointConfigName"), (now.get("PendingDeploymentSummary") or {}).get("EndpointConfigName"))
+            if config in targets:
+                raise NoChange(f"another delivery is switching it to {config} already") from None
+            raise
+
+    def _clear_flag(self, endpoint: dict) -> None:
         if any(t["Key"] == FLAG_TAG for t in
-               self._call(self.sm.list_tags, ResourceArn=existing["EndpointArn"]).get("Tags", [])):
-            self._call(self.sm.delete_tags, ResourceArn=existing["EndpointArn"], TagKeys=[FLAG_TAG])
+               self._call(self.sm.list_tags, ResourceArn=endpoint["EndpointArn"]).get("Tags", [])):
+            self._call(self.sm.delete_tags, ResourceArn=endpoint["EndpointArn"], TagKeys=[FLAG_TAG])
 
     def flag(self, name: str, text: str) -> None:
         endpoint = self._describe(name)
@@ -303,29 +536,46 @@ def sagemaker_target(sm, role_arn: str | None = None, instance_type: str | None 
 
 
 def handler(event: dict, context=None) -> dict:
-    """The deploy function: EventBridge's "SageMaker Model Package State Change" for this
-    group's change to Approved deploys that version to production. Anything else is ignored
-    (the rule already filters; this is the second lock). A failed deploy raises: the invocation
-    fails, its error is logged and the function's error alarm fires; the version stays Approved."""
+    """The deploy function, invoked by EventBridge's "SageMaker Model Package State Change" of
+    this group (infra/invmon.yaml). Events may come twice, late or out of order, so each is only a
+    hint to look at the registry again:
+    - Approved: deploy that version to production if it is, now, the newest Approved version
+      (re-checked right before traffic switches); otherwise change nothing and say why.
+    - Rejected: if production serves that version (a reject in the console, say), roll it back
+      to the newest other Approved version, or flag it.
+    Anything else is ignored (the rule already filters; this is the second lock). A failed deploy
+    raises: the invocation fails, its error is logged and the function's error alarm fires."""
     from pipeline.aws import SageMakerRegistry, client, resolve_region
 
     group = os.environ["INVMON_MODEL_PACKAGE_GROUP"]
     detail = event.get("detail") or {}
+    status = detail.get("ModelApprovalStatus")
     why = None
     if event.get("detail-type") != EVENT_TYPE or event.get("source") != "aws.sagemaker":
         why = f"not a model package state change ({event.get('detail-type')!r})"
     elif detail.get("ModelPackageGroupName") != group:
         why = f"group {detail.get('ModelPackageGroupName')!r} is not {group!r}"
-    elif detail.get("ModelApprovalStatus") != "Approved":
-        why = f"status {detail.get('ModelApprovalStatus')!r} is not Approved"
+    elif status not in ("Approved", "Rejected"):
+        why = f"status {status!r} is neither Approved nor Rejected"
     if why:
         result = {"deployed": False, "ignored": why}
     else:
-        sm = client("sagemaker", resolve_region(event.get("region")))
+        region = resolve_region(event.get("region"))
+        sm = client("sagemaker", region)
         registry = SageMakerRegistry(sagemaker_client=sm)
-        outcome = deploy(registry, sagemaker_target(sm), group, "prod",
-                         int(detail["ModelPackageVersion"]))
+        target = sagemaker_target(sm)
+        version = int(detail["ModelPackageVersion"])
+        name = endpoint_name(group, "prod")
+        if status == "Approved":
+            outcome = deploy(registry, target, group, "prod", version, newest_only=True)
+        else:
+            model = registry.get(group, version)
+            outcome = (roll_back_from(registry, target, model) if model.status == "Rejected" else
+                       Outcome(name, model, None, False, f"{name} left as it is: {model.name} is {model.status} now"))
+            outcome = outcome or Outcome(name, model, None, False,
+                                         f"{name} left as it is: it does not serve {model.name}")
         result = {"deployed": outcome.changed, "endpoint": outcome.endpoint,
-                  "version": outcome.version.version, "message": outcome.message}
+                  "version": outcome.version.version, "message": outcome.message,
+                  "event": f"{group}/{version} {status}"}
     print(json.dumps(result))  # CloudWatch Logs
     return result

@@ -52,11 +52,11 @@ def shown(value) -> str:
 def parameter_table() -> str:
     others = [p for p in PROFILES if p != "full"]
     users = used_by()
-    head = ["Parameter", "Type", "Default (`full`)", *[f"`{p}` profile" for p in others], "Used by", "What it does"]
+    head = ["Parameter", "Type", "Allowed", "Default (`full`)", *[f"`{p}` profile" for p in others], "Used by", "What it does"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in PARAMETERS:
         full = PROFILES["full"][p.name]
-        cells = [f"`{p.name}`", p.type.__name__, shown(full)]
+        cells = [f"`{p.name}`", p.type.__name__, p.describe().replace("|", "\\|"), shown(full)]
         cells += ["same" if PROFILES[o][p.name] == full else shown(PROFILES[o][p.name]) for o in others]
         cells += [", ".join(users.get(p.name, [])) or "job settings", p.help.replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")

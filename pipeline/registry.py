@@ -15,6 +15,7 @@ locked or corrupt file) become RegistryError with one line that names the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,6 +34,11 @@ STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 SCHEMA_VERSION = 2
 # The property naming the Evaluate step's report.html (a file:// or s3:// URI), on both back-ends.
 REPORT_PROPERTY = "EvaluationReport"
+# The SHA-256 of model.tar.gz recorded at registration (hex), on both back-ends; every deploy
+# checks the artifact against it (pipeline/deploy.py).
+DIGEST_PROPERTY = "ArtifactSha256"
+# A new version is registered with one of these: Approved is a reviewer's step (set_status).
+REGISTRABLE = ("PendingManualApproval", "Rejected")
 BUSY_TIMEOUT_MS = 30_000
 # "bin-count-production", "bin-count-prod", "prod-bin-count", "production".
 PRODUCTION_NAME = re.compile(r"(^|[-_.])prod(uction)?($|[-_.])", re.IGNORECASE)
@@ -106,6 +112,7 @@ class Endpoint:
     updated_at: str
     flag: str = ""  # why this endpoint needs a person (e.g. it serves a Rejected version)
     status: str = ""  # the SageMaker back-end's EndpointStatus
+    pending: int | None = None  # the version an update in progress switches it to (SageMaker)
 
 
 def open_registry(home: str | os.PathLike | None = None) -> "LocalRegistry":
@@ -114,6 +121,19 @@ def open_registry(home: str | os.PathLike | None = None) -> "LocalRegistry":
 
 def is_production(endpoint_name: str) -> bool:
     return bool(PRODUCTION_NAME.search(endpoint_name))
+
+
+def sha256_of(chunks) -> str:
+    """Hex SHA-256 over an iterable of byte chunks (a file read in blocks, an S3 body stream)."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return sha256_of(iter(lambda: f.read(1 << 20), b""))
 
 
 def _now() -> str:
@@ -286,13 +306,30 @@ class LocalRegistry:
 
     def register(self, group: str, artifact_uri: str, metrics: dict | None = None,
                  status: str = "PendingManualApproval", run_id: str | None = None,
-                 description: str = "", properties: dict[str, str] | None = None) -> ModelVersion:
-        """Add the next version (1, 2, 3, ...) of `group`."""
+                 description: str = "", properties: dict[str, str] | None = None,
+                 artifact_sha256: str | None = None) -> ModelVersion:
+        """Add the next version (1, 2, 3, ...) of `group`, never as Approved.
+
+        The artifact's SHA-256 is recorded (`DIGEST_PROPERTY`): the one given, checked against
+        the file when it is here, else the file's own.
+        """
         if not group:
             raise RegistryError("model package group name is empty")
         _check_status(status)
+        if status not in REGISTRABLE:
+            raise RegistryError(f"the registry registers a new version as PendingManualApproval (or "
+                                f"Rejected), not {status}: approving is a reviewer's step "
+                                f"(invmon models approve V)")
         metrics_json = json.dumps(metrics or {})
         properties = {str(k): str(v) for k, v in (properties or {}).items()}
+        if os.path.isfile(artifact_uri):
+            found = file_sha256(artifact_uri)
+            if artifact_sha256 and artifact_sha256 != found:
+                raise RegistryError(f"refused to register {artifact_uri}: its SHA-256 is {found}, "
+                                    f"not the {artifact_sha256} it was registered with")
+            artifact_sha256 = found
+        if artifact_sha256:
+            properties[DIGEST_PROPERTY] = artifact_sha256
         now = _now()
         with self._write() as conn:
             (version,) = conn.execute(

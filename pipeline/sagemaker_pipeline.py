@@ -62,7 +62,7 @@ from pathlib import Path
 
 import steps as declared
 from pipeline import profiles
-from pipeline.parameters import APPROVAL_STATUSES, BY_NAME, PARAMETERS, check_combination
+from pipeline.parameters import BY_NAME, PARAMETERS, REGISTERED_STATUS, ParameterError, validate
 from steps import base
 
 # Framework images (SageMaker PyTorch DLCs). The training image also runs the processing steps,
@@ -305,16 +305,10 @@ def offline_environment(offline: bool = True):
 
 def parameter_values(profile: str = "full", overrides: dict | None = None) -> dict:
     """The profile's defaults with `overrides` (already typed, see parse_assignments) applied."""
-    values = profiles.defaults(profile)
-    for name, value in (overrides or {}).items():
-        if name not in BY_NAME:
-            raise DefinitionError(f"unknown parameter {name!r}; known: {', '.join(BY_NAME)}")
-        values[name] = value
     try:
-        check_combination(values)
-    except ValueError as exc:
+        return validate({**profiles.defaults(profile), **(overrides or {})})
+    except ParameterError as exc:
         raise DefinitionError(str(exc)) from None
-    return values
 
 
 def _split_list(text: str) -> list[str]:
@@ -361,8 +355,8 @@ def _pipeline_parameter_objects(values: dict) -> dict:
         elif p.type is float:
             made[p.name] = ParameterFloat(name=p.name, default_value=float(value))
         else:
-            enum = list(APPROVAL_STATUSES) if p.name == "ModelApprovalStatus" else None
-            made[p.name] = ParameterString(name=p.name, default_value=str(value), enum_values=enum)
+            made[p.name] = ParameterString(name=p.name, default_value=str(value),
+                                           enum_values=list(p.choices) or None)
     return made
 
 
@@ -708,24 +702,26 @@ class _Build:
         from sagemaker.core.workflow.functions import Join
         from sagemaker.mlops.workflow.model_step import ModelStep
 
-        from pipeline.registry import REPORT_PROPERTY
+        from pipeline.registry import DIGEST_PROPERTY, REPORT_PROPERTY
 
         metrics_uri = Join(on="/", values=[self.output_uri(decl.metrics), decl.metrics_file])
         # The report is not a metrics document SageMaker reads, so it is not in ModelMetrics: the
         # package names it in its own key/values, where `invmon models show` and Studio show it.
         properties = ({REPORT_PROPERTY: Join(on="/", values=[self.output_uri(decl.metrics), decl.report_file])}
-                      if decl.report_file else None)
+                      if decl.report_file else {})
+        if decl.artifact_digest is not None:  # what Evaluate scored; every deploy checks it
+            properties[DIGEST_PROPERTY] = self.json_get(decl.artifact_digest)
         builder = self.model_builder(self.output_uri(decl.model))
         step_args = builder.register(
             model_package_group_name=self.params[decl.model_package_group.name],
-            approval_status=self.params[decl.approval_status.name],
+            approval_status=REGISTERED_STATUS,  # never a parameter: only a reviewer approves
             content_types=SERVING_CONTENT_TYPES,
             response_types=SERVING_RESPONSE_TYPES,
             inference_instances=[self.params["InferenceInstanceType"]],
             transform_instances=[self.params["InferenceInstanceType"]],
             model_metrics=ModelMetrics(model_statistics=MetricsSource(
                 content_type="application/json", s3_uri=metrics_uri)),
-            customer_metadata_properties=properties,
+            customer_metadata_properties=properties or None,
         )
         return ModelStep(name=decl.name, step_args=step_args, description=decl.description or None,
                          retry_policies=self.retry_policies("api"))

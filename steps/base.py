@@ -235,10 +235,12 @@ class RegisterStep:
     model: StepOutput  # the model artifact (model.tar.gz)
     metrics: StepOutput  # the output holding evaluation.json
     metrics_file: str
-    model_package_group: Param
-    approval_status: Param
+    model_package_group: Param  # registered PendingManualApproval, always (parameters.REGISTERED_STATUS)
     code: Code  # the inference code the serving container runs
     description: str = ""
+    # The SHA-256 of the model.tar.gz that Evaluate scored: recorded with the version
+    # (ArtifactSha256), checked by every deploy.
+    artifact_digest: JsonGet | None = None
     # A file of the metrics output that goes with the version (Evaluate's report.html); its URI
     # is the version's EvaluationReport property (CustomerMetadataProperties on SageMaker).
     report_file: str | None = None

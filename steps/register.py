@@ -1,16 +1,16 @@
 """Register: a new model version with evaluation.json attached as its model metrics and the
 evaluation report (report.html) named by its EvaluationReport property."""
-from steps.base import Code, Param, RegisterStep, StepOutput
+from steps.base import Code, JsonGet, Param, RegisterStep, StepOutput
 from steps.evaluate import EVALUATION, REPORT_FILE
 
 STEP = RegisterStep(
     name="Register",
-    description="New version in the model package group; status from ModelApprovalStatus.",
+    description="New version in the model package group, PendingManualApproval: only a reviewer approves.",
     model=StepOutput("Train", "model"),
     metrics=StepOutput("Evaluate", EVALUATION.output),
     metrics_file=EVALUATION.path,
     model_package_group=Param("ModelPackageGroupName"),
-    approval_status=Param("ModelApprovalStatus"),
     code=Code("inference", "inference.py"),
     report_file=REPORT_FILE,
+    artifact_digest=JsonGet("Evaluate", EVALUATION.name, "artifact.sha256"),
 )

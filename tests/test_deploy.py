@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import deploy
 from pipeline.cli import main
-from pipeline.registry import open_registry
+from pipeline.registry import RegistryError, open_registry
 
 GROUP = "bin-count"
 
@@ -180,9 +180,26 @@ def test_a_run_naming_another_endpoint_is_refused_before_any_step(params, invmon
 
 def test_the_cli_run_refuses_production_in_one_line(invmon_home):
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--param", "ModelApprovalStatus=Approved",
+        [sys.executable, "-m", "pipeline", "run",
          "--param", "StagingEndpointName=bin-count-production", "--data", str(invmon_home)],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "StagingEndpointName=bin-count-production refused" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_a_run_cannot_register_its_model_as_approved(invmon_home):
+    """The approval status is no parameter: a run asking for Approved is refused before it
+    starts, and the registry itself refuses to register a version as Approved."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--param", "ModelApprovalStatus=Approved",
+         "--data", str(invmon_home)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "invmon: error: ModelApprovalStatus=Approved refused: a run registers its model as "
+        "PendingManualApproval; only a reviewer approves it (invmon models approve V, or the "
+        "Model Registry on AWS)"]
+    assert not (invmon_home / "runs").exists()  # no run was created
+    with pytest.raises(RegistryError, match="registers a new version as PendingManualApproval"):
+        open_registry(invmon_home).register(GROUP, "/m.tar.gz", {}, status="Approved")
+    assert open_registry(invmon_home).list_versions() == []

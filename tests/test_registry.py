@@ -36,13 +36,14 @@ def test_versions_increment_per_group(registry):
 def test_record_round_trips_and_persists_across_connections(tmp_path):
     path = tmp_path / "registry.db"
     made = LocalRegistry(path).register("bin-count", "s3://bucket/model.tar.gz", METRICS,
-                                        status="Approved", run_id="run-7", description="first",
-                                        properties={"EvaluationReport": "file:///reports/run-7.html"})
+                                        status="Rejected", run_id="run-7", description="first",
+                                        properties={"EvaluationReport": "file:///reports/run-7.html"},
+                                        artifact_sha256="ab" * 32)
     got = LocalRegistry(path).get("bin-count", 1)  # a new object, new connections
     assert isinstance(got, ModelVersion)
     assert got == made
     assert got.metrics["multiclass_classification_metrics"]["accuracy"]["value"] == 0.71
-    assert got.properties == {"EvaluationReport": "file:///reports/run-7.html"}
+    assert got.properties == {"EvaluationReport": "file:///reports/run-7.html", "ArtifactSha256": "ab" * 32}
     assert datetime.fromisoformat(got.created_at).utcoffset().total_seconds() == 0  # ISO UTC
     # The file is a real SQLite database, in WAL mode, with a schema version.
     with sqlite3.connect(path) as conn:

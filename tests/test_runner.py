@@ -94,7 +94,7 @@ def small_dag(root: Path, cache: bool = True) -> Dag:
                       if_true=("Register", "Deploy"), if_false=("TooLow",)),
         RegisterStep("Register", model=StepOutput("Train", "model"), metrics=StepOutput("Evaluate", "evaluation"),
                      metrics_file="evaluation.json", model_package_group=Param("Group"),
-                     approval_status=Param("Status"), code=Code("evaluate", "main.py", root=root)),
+                     code=Code("evaluate", "main.py", root=root)),
         DeployStep("Deploy", register_step="Register", endpoint_name=Param("Endpoint"),
                    instance_type=Param("Tag")),
         FailStep("TooLow", message=("accuracy ", accuracy, " is below Threshold ", Param("Threshold"))),

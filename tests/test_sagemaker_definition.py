@@ -14,7 +14,7 @@ import pytest
 from aws_testing import (BUCKET, REGION, ROLE, NetworkGuard, all_steps, aws_env,
                          default_offline_definition, offline_build, patched_environ)
 from pipeline import profiles
-from pipeline.parameters import APPROVAL_STATUSES, PARAMETERS
+from pipeline.parameters import PARAMETERS
 
 TYPES = {str: "String", int: "Integer", float: "Float"}
 
@@ -64,9 +64,9 @@ def test_parameters_and_defaults_come_from_parameters_py_and_the_profile(definit
         assert built["Type"] == TYPES[declared.type], declared.name
         if declared.name != "ManifestUrl":  # a local file: its uploaded copy (next test)
             assert built["DefaultValue"] == full[declared.name], declared.name
-    approval = next(p for p in params if p["Name"] == "ModelApprovalStatus")
-    assert approval["DefaultValue"] == "PendingManualApproval"
-    assert approval["EnumValues"] == list(APPROVAL_STATUSES)
+        # A parameter with a set of values carries it: SageMaker refuses any other at start.
+        assert built.get("EnumValues") == (list(declared.choices) or None), declared.name
+    assert "ModelApprovalStatus" not in [p["Name"] for p in params]  # a run cannot approve
 
 
 def test_preprocess_reads_only_the_manifests_objects(moto_build, steps):
@@ -179,9 +179,9 @@ def test_fail_message_carries_measured_accuracy_and_threshold(steps):
     assert "below AccuracyThreshold" in text
 
 
-def test_register_with_evaluation_metrics_and_approval_parameter(steps):
+def test_register_with_evaluation_metrics_always_pending_approval(steps):
     args = steps["Register"]["Arguments"]
-    assert args["ModelApprovalStatus"] == get("Parameters.ModelApprovalStatus")
+    assert args["ModelApprovalStatus"] == "PendingManualApproval"  # a literal, never a parameter
     assert args["ModelPackageGroupName"] == get("Parameters.ModelPackageGroupName")
     stats = args["ModelMetrics"]["ModelQuality"]["Statistics"]
     assert stats["ContentType"] == "application/json"
@@ -201,9 +201,12 @@ def test_the_registered_model_names_the_evaluation_report(steps):
     (output,) = [o for o in steps["Evaluate"]["Arguments"]["ProcessingOutputConfig"]["Outputs"]
                  if o["OutputName"] == "evaluation"]
     assert output["S3Output"]["LocalPath"] == "/opt/ml/processing/evaluation"  # evaluate.py writes report.html there
-    assert steps["Register"]["Arguments"]["CustomerMetadataProperties"] == {"EvaluationReport": {"Std:Join": {
-        "On": "/", "Values": [get("Steps.Evaluate.ProcessingOutputConfig.Outputs['evaluation'].S3Output.S3Uri"),
-                              "report.html"]}}}
+    assert steps["Register"]["Arguments"]["CustomerMetadataProperties"] == {
+        "EvaluationReport": {"Std:Join": {"On": "/", "Values": [
+            get("Steps.Evaluate.ProcessingOutputConfig.Outputs['evaluation'].S3Output.S3Uri"), "report.html"]}},
+        # The SHA-256 of the model.tar.gz Evaluate scored, which every deploy checks.
+        "ArtifactSha256": {"Std:JsonGet": {"Path": "artifact.sha256", "PropertyFile": {
+            "Get": "Steps.Evaluate.PropertyFiles.EvaluationReport"}}}}
 
 
 def test_evaluate_looks_up_the_previous_version_in_the_registry_itself(steps):
@@ -375,7 +378,7 @@ def test_half_a_vpc_config_is_refused(tmp_path):
 def test_settings_that_do_not_go_together_are_refused(tmp_path):
     from pipeline.sagemaker_pipeline import DefinitionError
 
-    with pytest.raises(DefinitionError, match=r"TuneLrMin \(0.2\) must be above 0 and below TuneLrMax \(0.1\)"):
+    with pytest.raises(DefinitionError, match=r"TuneLrMin \(0.2\) must be below TuneLrMax \(0.1\)"):
         offline_build(tmp_path, parameter_overrides={"TuneLrMin": 0.2})
     with pytest.raises(DefinitionError, match="FrozenBlocks=11 applies to the efficientnet_lite architectures, not resnet50"):
         offline_build(tmp_path, parameter_overrides={"FrozenBlocks": 11})

@@ -205,8 +205,14 @@ class LocalRun:
 
     def _execute(self) -> dict:
         from pipeline.deploy import pipeline_endpoint_problem
+        from pipeline.parameters import BY_NAME, ParameterError, validate
 
-        if problem := pipeline_endpoint_problem(self.params):  # never deploy to production
+        try:  # every declared parameter within its range, before any step runs
+            validate({k: v for k, v in self.params.items() if k in BY_NAME})
+            problem = pipeline_endpoint_problem(self.params)  # never deploy to production
+        except ParameterError as exc:
+            problem = str(exc)
+        if problem:
             self.state.update(status="Failed", failure=problem, resumable=False)
             self.save()
             return self.state
@@ -492,6 +498,7 @@ class LocalRun:
         self.echo(step.name, f"{step.left.json_path} = {left:.4f} >= {step.right.name} = {right} -> {outcome}")
 
     def _register(self, step: RegisterStep, record: dict) -> None:
+        from pipeline.parameters import REGISTERED_STATUS
         from pipeline.registry import REPORT_PROPERTY, open_registry
 
         artifact = self.output_path(step.model) / "model.tar.gz"
@@ -503,6 +510,7 @@ class LocalRun:
             # Copy beside, then rename: a stop mid-copy never leaves a torn artifact in the store.
             partial = store / f".model.tar.gz.part-{os.getpid()}"
             shutil.copy2(artifact, partial)
+            partial.chmod(0o444)  # registered bytes are not to be edited in place
             os.replace(partial, store / "model.tar.gz")
         properties = {}
         report = self.output_path(step.metrics) / step.report_file if step.report_file else None
@@ -523,10 +531,14 @@ class LocalRun:
                                     "status": version.status, "artifact": version.artifact_uri}
             self.echo(step.name, f"already registered by this run: {version.group} version {version.version}")
             return
+        # The registry records the stored copy's SHA-256 and refuses one that is not what
+        # Evaluate scored.
+        scored = str(self.value(step.artifact_digest)) if step.artifact_digest else None
         version = registry.register(
             str(self.value(step.model_package_group)), str(store / "model.tar.gz"), metrics,
-            status=str(self.value(step.approval_status)), run_id=self.state["id"],
+            status=REGISTERED_STATUS, run_id=self.state["id"],
             description=f"run {self.state['id']} ({self.state['profile']} profile)", properties=properties,
+            artifact_sha256=scored,
         )
         record["properties"] = {"group": version.group, "version": version.version,
                                 "status": version.status, "artifact": version.artifact_uri,
@@ -536,9 +548,13 @@ class LocalRun:
     def _deploy(self, step: DeployStep, record: dict) -> None:
         from pipeline.registry import open_registry
 
+        from pipeline.deploy import verify_local_artifact
+
         registered = self.state["steps"][step.register_step]["properties"]
         name = str(self.value(step.endpoint_name))
-        endpoint = open_registry(self.home).deploy(name, registered["group"], registered["version"],
+        registry = open_registry(self.home)
+        verify_local_artifact(registry.get(registered["group"], registered["version"]))
+        endpoint = registry.deploy(name, registered["group"], registered["version"],
                                                    require_approved=False)
         record["properties"] = {"endpoint": endpoint.name, "group": endpoint.group,
                                 "version": endpoint.version}

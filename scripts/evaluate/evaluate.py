@@ -35,6 +35,7 @@ import argparse
 import csv
 import importlib.util
 import io
+import hashlib
 import json
 import math
 import os
@@ -376,10 +377,22 @@ def parse_corruptions(text: str) -> list[str]:
     return names
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     corruptions = parse_corruptions(args.corruptions)
     if args.batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # The gate's threshold, checked here too: an execution started past `invmon start` (the
+    # StartPipelineExecution API) must not switch the gate off with -inf or nan.
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise EvaluationError(f"--threshold {args.threshold} refused: AccuracyThreshold takes 0 to 1")
     tarball = find_tarball(Path(args.model))
     photos = list_test_set(Path(args.test))
     with tempfile.TemporaryDirectory(prefix="invmon-eval-") as tmp:
@@ -412,6 +425,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                             "rmse": round(rmse(y_true, np.array(predicted)), 6),
                             "severity": SEVERITY[kind]}
     report.update({
+        # What was scored, byte for byte: Register records it and every deploy checks it.
+        "artifact": {"sha256": file_sha256(tarball)},
         "robustness": robustness,
         "test_images": len(y_true),
         "skipped": scores.skipped,
