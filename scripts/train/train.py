@@ -822,11 +822,36 @@ def write_artifact(model_dir: Path, best: dict, config: dict) -> None:
     serving = Path(inference.__file__).resolve()
     shutil.copy(serving, code / "inference.py")
     shutil.copy(serving.with_name("photos.py"), code / "photos.py")  # inference.py's image rule
-    # Only in the repo checkout is the requirements.txt beside inference.py the serving one; in
-    # the training container that folder is train.py's own (it holds training requirements).
-    requirements = serving.parent / "requirements.txt"
-    if serving.parent != HERE and requirements.is_file():
-        shutil.copy(requirements, code / "requirements.txt")
+    # Self-contained: what model_fn needs beyond the serving image (torch, torchvision, Pillow,
+    # numpy) travels inside the artifact, so the serving container installs nothing at start
+    # (no code/requirements.txt: the toolkit would pip install it, which needs network).
+    if config["arch"] in inference.EFFICIENTNETS:
+        vendor_package(*inference.EFFICIENTNET_PACKAGE, code)
+
+
+def vendor_package(distribution: str, module: str, code: Path) -> None:
+    """Copy an installed pure-Python package's source into code/<module>/, unmodified, with its
+    license files and a note of where it comes from (inference.py imports it from there)."""
+    from importlib import metadata
+
+    dist = metadata.distribution(distribution)
+    dest = code / module
+    shutil.rmtree(dest, ignore_errors=True)
+    files = [f for f in dist.files or () if f.parts[0] == module and f.suffix == ".py"]
+    licenses = [f for f in dist.files or () if f.name.upper().startswith(("LICENSE", "NOTICE", "COPYING"))]
+    if not files or not licenses:
+        raise TrainError(f"cannot put {distribution} in the artifact: its installed files "
+                         f"({len(files)} sources, {len(licenses)} license files) are not all there")
+    for file in files:
+        target = code / Path(*file.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(dist.locate_file(file), target)
+    for file in licenses:
+        shutil.copyfile(dist.locate_file(file), dest / file.name)
+    (dest / "VENDORED.txt").write_text(
+        f"{distribution} {dist.version} ({dist.metadata.get('License') or 'see LICENSE'}), "
+        f"its Python source unmodified, copied from the installed distribution at build time.\n"
+        f"Home: {dist.metadata.get('Home-page') or 'the package index'}\n")
 
 
 def weights_digest(state_dict: dict) -> str:
