@@ -133,3 +133,21 @@ def all_steps(definition: dict) -> dict[str, dict]:
 
     walk(definition["Steps"])
     return found
+
+
+def keep_customer_metadata(monkeypatch) -> None:
+    """moto 5 replaces a model package's CustomerMetadataProperties with None on any
+    UpdateModelPackage that does not name them (an approval, say); SageMaker keeps them and
+    merges what an update names. Make moto do what SageMaker does."""
+    from moto.sagemaker.models import SageMakerModelBackend
+
+    update = SageMakerModelBackend.update_model_package
+
+    def merging(self, model_package_arn, model_approval_status, approval_description,
+                customer_metadata_properties, *args, **kwargs):
+        kept = dict(self.describe_model_package(model_package_arn).customer_metadata_properties or {})
+        kept.update(customer_metadata_properties or {})
+        return update(self, model_package_arn, model_approval_status, approval_description,
+                      kept or None, *args, **kwargs)
+
+    monkeypatch.setattr(SageMakerModelBackend, "update_model_package", merging)

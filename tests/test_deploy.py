@@ -3,6 +3,7 @@ approve/reject with notes, rollback and flags, the staging-only rule for pipelin
 registry errors as one line. Real SQLite files, the real CLI entry point."""
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import subprocess
 import sys
@@ -124,6 +125,44 @@ def test_rejecting_the_only_approved_version_leaves_production_flagged(registry,
     # The next approval replaces it and clears the flag.
     assert run(capsys, "models", "approve", "2")[0] == 0
     assert serving(registry) == 2 and registry.get_endpoint("bin-count-production").flag == ""
+
+
+def test_a_swapped_artifact_is_refused_at_deploy_and_serve_naming_both_digests(registry, capsys):
+    assert run(capsys, "models", "approve", "1")[0] == 0
+    registry.set_status(GROUP, 2, "Approved")
+    artifact = Path(registry.get(GROUP, 2).artifact_uri)
+    recorded = registry.get(GROUP, 2).properties["ArtifactSha256"]
+    assert recorded == hashlib.sha256(b"model 2").hexdigest()  # recorded at registration
+    artifact.write_bytes(b"another model, same path")
+    code, _, err = run(capsys, "deploy", "--stage", "prod", "--version", "2")
+    assert code == 2 and "Traceback" not in err
+    assert (f"refused: the artifact of bin-count/2 is not the one registered: {artifact} has SHA-256 "
+            f"{hashlib.sha256(b'another model, same path').hexdigest()}, the registry recorded {recorded}") in err
+    assert serving(registry) == 1
+    # An endpoint already pointing at it will not serve the swapped bytes either.
+    assert run(capsys, "deploy", "--stage", "staging", "--version", "3")[0] == 0
+    Path(registry.get(GROUP, 3).artifact_uri).write_bytes(b"swapped after the deploy")
+    code, _, err = run(capsys, "serve", "--endpoint", "bin-count-staging")
+    assert code == 2 and "the artifact of bin-count/3 is not the one registered" in err
+
+
+def test_reject_that_cannot_read_production_fails_and_flags(registry, capsys, monkeypatch):
+    assert run(capsys, "models", "approve", "1")[0] == 0
+    assert run(capsys, "models", "approve", "2")[0] == 0
+
+    def unreadable(self, name):
+        raise RegistryError(f"registry {self.registry.path} is locked by another writer")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(deploy.LocalTarget, "current", unreadable)
+        code, out, err = run(capsys, "models", "reject", "2")
+    assert code == 1 and "rolled back" not in out and "Traceback" not in err
+    assert ("bin-count/2 is Rejected, but what bin-count-production serves could not be read (registry "
+            in err and "is locked by another writer); it is flagged: check it with invmon endpoints" in err)
+    assert registry.get(GROUP, 2).status == "Rejected"
+    assert "not read after bin-count/2 was rejected" in registry.get_endpoint("bin-count-production").flag
+    code, out, _ = run(capsys, "models", "reject", "2")  # once it can be read, the rollback happens
+    assert code == 0 and "rolled back from Rejected version 2 to bin-count/1" in out
 
 
 def test_registry_errors_are_one_line(invmon_home, registry, capsys, monkeypatch):

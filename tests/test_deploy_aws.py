@@ -9,15 +9,18 @@ service model for UpdateEndpoint, then applied to moto's endpoint so that what f
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
+import threading
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from aws_testing import REGION, ROOT, aws_env, moto_server, patched_environ
+from aws_testing import REGION, ROOT, aws_env, keep_customer_metadata, moto_server, patched_environ
 from pipeline.cli import main
 
 GROUP = "bin-count"
@@ -26,15 +29,31 @@ EVENTS = Path(__file__).parent / "events"
 IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.6-cpu-py312"
 
 
+ARTIFACTS = "invmon-artifacts"
+
+
 def register(sm, group: str = GROUP, n: int = 3) -> list[str]:
+    """n versions of `group`, each with a real model.tar.gz object in S3 and its SHA-256 recorded
+    as the Register step records it (CustomerMetadataProperties ArtifactSha256)."""
+    import boto3
+
+    s3 = boto3.Session(region_name=REGION).client("s3")
+    if ARTIFACTS not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket=ARTIFACTS)
     sm.create_model_package_group(ModelPackageGroupName=group)
-    return [sm.create_model_package(
-        ModelPackageGroupName=group, ModelApprovalStatus="PendingManualApproval",
-        InferenceSpecification={"Containers": [{"Image": IMAGE,
-                                                "ModelDataUrl": f"s3://bucket/{group}/{i}/model.tar.gz"}],
-                                "SupportedContentTypes": ["image/jpeg"],
-                                "SupportedResponseMIMETypes": ["application/json"]},
-    )["ModelPackageArn"] for i in range(n)]
+    arns = []
+    for i in range(n):
+        body = b"model.tar.gz of %s version %d" % (group.encode(), i + 1)
+        s3.put_object(Bucket=ARTIFACTS, Key=f"{group}/{i}/model.tar.gz", Body=body)
+        arns.append(sm.create_model_package(
+            ModelPackageGroupName=group, ModelApprovalStatus="PendingManualApproval",
+            InferenceSpecification={"Containers": [{"Image": IMAGE, "ModelDataUrl":
+                                                    f"s3://{ARTIFACTS}/{group}/{i}/model.tar.gz"}],
+                                    "SupportedContentTypes": ["image/jpeg"],
+                                    "SupportedResponseMIMETypes": ["application/json"]},
+            CustomerMetadataProperties={"ArtifactSha256": hashlib.sha256(body).hexdigest()},
+        )["ModelPackageArn"])
+    return arns
 
 
 @pytest.fixture
@@ -44,44 +63,102 @@ def sm(monkeypatch):
 
     env = aws_env()
     env["INVMON_MODEL_ROLE_ARN"] = MODEL_ROLE
+    keep_customer_metadata(monkeypatch)
     with patched_environ(env), mock_aws():
         client = boto3.Session(region_name=REGION).client("sagemaker")
         register(client)
         yield client
 
 
+class Updates(list):
+    """UpdateEndpoint as SageMaker answers it, which moto 5.2 cannot: each request is recorded
+    (after botocore's own validation against UpdateEndpoint's model) and applied to moto's
+    endpoint. With `hold`, an update stays in progress (EndpointStatus Updating, with a
+    PendingDeploymentSummary) until `finish()`, and a second update meanwhile is refused as
+    SageMaker refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.hold = False
+        self.pending: dict[str, str] = {}  # endpoint -> config it is switching to
+        self.lock = threading.Lock()
+        self.barrier: threading.Barrier | None = None  # deliveries meet here before they update
+        self.local = threading.local()  # each thread's request, from record() to apply()
+        self.failing: dict = {}  # operation -> answer (see fail())
+        self.after: dict = {}  # operation -> callback after SageMaker answered it
+
+    def endpoint(self, name):
+        from moto.sagemaker.models import sagemaker_backends
+
+        return sagemaker_backends["123456789012"][REGION].endpoints[name]
+
+    def record(self, params, model, **_):  # the API parameters, before botocore serializes them
+        from botocore.validate import validate_parameters
+
+        validate_parameters(params, model.input_shape)  # raises ParamValidationError
+        self.local.params = json.loads(json.dumps(params))
+        with self.lock:
+            self.append(self.local.params)
+
+    def apply(self, **_):  # short-circuits the HTTP call moto cannot answer
+        from botocore.awsrequest import AWSResponse
+        from moto.core.utils import utcnow
+
+        params = self.local.params
+        if self.barrier is not None:
+            self.barrier.wait(timeout=30)
+        name = params["EndpointName"]
+        with self.lock:
+            if name in self.pending:
+                return AWSResponse("", 400, {}, None), {"Error": {
+                    "Code": "ValidationException",
+                    "Message": f"Cannot update in-progress endpoint \"{name}\"."}, "ResponseMetadata": {}}
+            endpoint = self.endpoint(name)
+            if self.hold:
+                self.pending[name] = params["EndpointConfigName"]
+            else:
+                endpoint.endpoint_config_name = params["EndpointConfigName"]
+            endpoint.last_modified_time = utcnow()
+            return AWSResponse("", 200, {}, None), {"EndpointArn": endpoint.arn}
+
+    def describe(self, parsed, **_):  # an update in progress shows as it does on SageMaker
+        name = parsed.get("EndpointName")
+        if name in self.pending:
+            parsed["EndpointStatus"] = "Updating"
+            parsed["PendingDeploymentSummary"] = {"EndpointConfigName": self.pending[name]}
+
+    def finish(self):
+        with self.lock:
+            for name, config in self.pending.items():
+                self.endpoint(name).endpoint_config_name = config
+            self.pending.clear()
+
+    def fail(self, operation: str, code: str = "ThrottlingException"):
+        """Make every `operation` call fail with `code` (a read that cannot be made)."""
+        from botocore.awsrequest import AWSResponse
+
+        self.failing[operation] = lambda **_: (AWSResponse("", 400, {}, None), {
+            "Error": {"Code": code, "Message": "Rate exceeded"}, "ResponseMetadata": {}})
+
+    def hook(self, made):
+        for operation, answer in self.failing.items():
+            made.meta.events.register(f"before-call.sagemaker.{operation}", answer)
+        for operation, callback in self.after.items():
+            made.meta.events.register(f"after-call.sagemaker.{operation}", callback)
+        made.meta.events.register("before-parameter-build.sagemaker.UpdateEndpoint", self.record)
+        made.meta.events.register("before-call.sagemaker.UpdateEndpoint", self.apply)
+        made.meta.events.register("after-call.sagemaker.DescribeEndpoint", self.describe)
+        return made
+
+
 @pytest.fixture
 def updates(monkeypatch):
     """UpdateEndpoint requests invmon sends, checked against botocore's model, applied to moto."""
-    from botocore.awsrequest import AWSResponse
-    from botocore.validate import validate_parameters
-    from moto.core.utils import utcnow
-    from moto.sagemaker.models import sagemaker_backends
-
     from pipeline import aws
 
-    recorded: list[dict] = []
-
-    def record(params, model, **_):  # the API parameters, before botocore serializes them
-        validate_parameters(params, model.input_shape)  # raises ParamValidationError
-        recorded.append(json.loads(json.dumps(params)))
-
-    def apply(model, **_):  # short-circuits the HTTP call moto cannot answer
-        params = recorded[-1]
-        endpoint = sagemaker_backends["123456789012"][REGION].endpoints[params["EndpointName"]]
-        endpoint.endpoint_config_name = params["EndpointConfigName"]
-        endpoint.last_modified_time = utcnow()
-        return AWSResponse("", 200, {}, None), {"EndpointArn": endpoint.arn}
-
+    recorded = Updates()
     real_client = aws.client
-
-    def client(service, region):
-        made = real_client(service, region)
-        made.meta.events.register("before-parameter-build.sagemaker.UpdateEndpoint", record)
-        made.meta.events.register("before-call.sagemaker.UpdateEndpoint", apply)
-        return made
-
-    monkeypatch.setattr(aws, "client", client)
+    monkeypatch.setattr(aws, "client", lambda service, region: recorded.hook(real_client(service, region)))
     return recorded
 
 
@@ -95,6 +172,18 @@ def resources(sm) -> tuple[list, list, list]:
     return ([m["ModelName"] for m in sm.list_models()["Models"]],
             [c["EndpointConfigName"] for c in sm.list_endpoint_configs()["EndpointConfigs"]],
             [e["EndpointName"] for e in sm.list_endpoints()["Endpoints"]])
+
+
+def s3():
+    import boto3
+
+    return boto3.Session(region_name=REGION).client("s3")
+
+
+def approve(sm, *versions: int, status: str = "Approved") -> None:
+    for version in versions:
+        sm.update_model_package(ModelPackageArn=package(sm, version)["ModelPackageArn"],
+                                ModelApprovalStatus=status)
 
 
 def package(sm, version: int) -> dict:
@@ -128,7 +217,13 @@ def test_deploy_of_an_approved_version_creates_model_config_and_endpoint(sm, cap
     assert endpoints == ["bin-count-production"] and len(models) == 1 and configs == models
     model = sm.describe_model(ModelName=models[0])
     assert model["ExecutionRoleArn"] == MODEL_ROLE
-    assert model["Containers"] == [{"ModelPackageName": package(sm, 2)["ModelPackageArn"]}]
+    # The model serves the verified copy under registry/, which the roles that build cannot
+    # write, with the package's image; its environment names the package and the digest.
+    digest = package(sm, 2)["CustomerMetadataProperties"]["ArtifactSha256"]
+    copy = f"registry/bin-count/2/{digest}/model.tar.gz"
+    assert model["Containers"] == [{"Image": IMAGE, "ModelDataUrl": f"s3://{ARTIFACTS}/{copy}", "Environment": {
+        "INVMON_MODEL_PACKAGE_ARN": package(sm, 2)["ModelPackageArn"], "INVMON_ARTIFACT_SHA256": digest}}]
+    assert hashlib.sha256(s3().get_object(Bucket=ARTIFACTS, Key=copy)["Body"].read()).hexdigest() == digest
     variant = sm.describe_endpoint_config(EndpointConfigName=configs[0])["ProductionVariants"][0]
     assert (variant["ModelName"], variant["InstanceType"]) == (models[0], "ml.c5.xlarge")
 
@@ -200,10 +295,14 @@ def test_start_refuses_parameters_that_name_the_production_endpoint(sm, capsys):
                                  {"Name": "ModelApprovalStatus", "DefaultValue": "PendingManualApproval"}]}
     sm.create_pipeline(PipelineName="guarded", RoleArn=MODEL_ROLE,
                        PipelineDefinition=json.dumps({**definition, "Version": "2020-12-01", "Steps": []}))
-    for params in ({"StagingEndpointName": "bin-count-production", "ModelApprovalStatus": "Approved"},
-                   {"ModelPackageGroupName": "other"}):
+    for params in ({"StagingEndpointName": "bin-count-production"}, {"ModelPackageGroupName": "other"}):
         with pytest.raises(aws.AwsError, match="deploys only to its group's staging endpoint"):
             aws.start(sm, "guarded", params)
+    # A definition upserted before the approval status stopped being a parameter still declares
+    # it: start refuses to set it all the same.
+    with pytest.raises(aws.AwsError, match="ModelApprovalStatus refused: a run registers its model as "
+                                           "PendingManualApproval; only a reviewer approves it"):
+        aws.start(sm, "guarded", {"ModelApprovalStatus": "Approved"})
     assert sm.list_pipeline_executions(PipelineName="guarded")["PipelineExecutionSummaries"] == []
     assert aws.start(sm, "guarded", {})  # the group's own staging endpoint starts
 
@@ -268,9 +367,10 @@ for path in sys.argv[2:]:
 """
 
 
-def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_path):
+def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_path, monkeypatch):
     import boto3
 
+    keep_customer_metadata(monkeypatch)
     archive = deploy_function_zip()
     with moto_server() as endpoint:
         env = aws_env(endpoint_url=endpoint)
@@ -295,8 +395,9 @@ def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_pa
             results = [json.loads(line) for line in done.stdout.splitlines()]
             assert [r["deployed"] for r in results] == [False, False, False]
             assert "is not 'bin-count'" in results[0]["ignored"]
-            assert "'Rejected' is not Approved" in results[1]["ignored"]
-            assert "'PendingManualApproval' is not Approved" in results[2]["ignored"]
+            # A Rejected event rolls production back if it serves that version; here it serves nothing.
+            assert results[1]["message"] == "bin-count-production left as it is: it does not serve bin-count/1"
+            assert "'PendingManualApproval' is neither Approved nor Rejected" in results[2]["ignored"]
             assert resources(sm) == ([], [], [])
 
             done = subprocess.run(
@@ -307,12 +408,13 @@ def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_pa
             assert done.returncode == 0, done.stderr
             first, again = (json.loads(line) for line in done.stdout.splitlines())
             assert first == {"deployed": True, "endpoint": "bin-count-production", "version": 2,
-                             "message": "bin-count-production now serves bin-count/2"}
+                             "message": "bin-count-production now serves bin-count/2",
+                             "event": "bin-count/2 Approved"}
             assert again["deployed"] is False and "already serves bin-count/2" in again["message"]
             models, configs, endpoints = resources(sm)
             assert endpoints == ["bin-count-production"] and len(models) == len(configs) == 1
-            assert sm.describe_model(ModelName=models[0])["Containers"][0]["ModelPackageName"] \
-                == package(sm, 2)["ModelPackageArn"]
+            assert sm.describe_model(ModelName=models[0])["Containers"][0]["Environment"][
+                "INVMON_MODEL_PACKAGE_ARN"] == package(sm, 2)["ModelPackageArn"]
 
 
 def test_models_show_names_the_report_the_register_step_recorded(sm, capsys):
@@ -329,3 +431,162 @@ def test_models_show_names_the_report_the_register_step_recorded(sm, capsys):
     assert code == 0 and f"evaluation report: {report}" in out.splitlines()
     code, out, _ = run(capsys, "models", "show", "1", "--backend", "aws")  # registered without one
     assert code == 0 and "evaluation report: none recorded for this version" in out
+
+
+# --------------------------------------------------------------------------- the gate, attacked
+
+
+def event(version: int, status: str = "Approved") -> dict:
+    """An EventBridge "SageMaker Model Package State Change" for bin-count/`version`."""
+    made = json.loads((EVENTS / "model_package_approved.json").read_text())
+    arn = f"arn:aws:sagemaker:{REGION}:123456789012:model-package/{GROUP}/{version}"
+    made["resources"] = [arn]
+    made["detail"].update(ModelPackageVersion=version, ModelPackageArn=arn, ModelApprovalStatus=status,
+                          ModelPackageName=f"{GROUP}/{version}")
+    return made
+
+
+def deliver(*events_: dict) -> list[dict]:
+    from pipeline import deploy
+
+    with patched_environ({**os.environ, "INVMON_MODEL_PACKAGE_GROUP": GROUP}):
+        return [deploy.handler(e) for e in events_]
+
+
+def production(sm) -> int | None:
+    from pipeline import deploy
+
+    found = deploy.sagemaker_target(sm).current("bin-count-production")
+    return found.version if found else None
+
+
+def test_a_swapped_artifact_is_refused_at_deploy_naming_both_digests(sm, capsys, updates):
+    approve(sm, 2)
+    recorded = package(sm, 2)["CustomerMetadataProperties"]["ArtifactSha256"]
+    swapped = b"a model.tar.gz whose code/inference.py does something else"
+    s3().put_object(Bucket=ARTIFACTS, Key="bin-count/1/model.tar.gz", Body=swapped)  # version 2's object
+    code, _, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws")
+    assert code == 2 and "Traceback" not in err
+    assert (f"refused: the artifact of bin-count/2 is not the one registered: s3://{ARTIFACTS}/bin-count/1/"
+            f"model.tar.gz has SHA-256 {hashlib.sha256(swapped).hexdigest()}, the registry recorded {recorded}"
+            in err)
+    assert resources(sm) == ([], [], [])
+    from pipeline.deploy import DeployError
+
+    with pytest.raises(DeployError, match=f"has SHA-256 {hashlib.sha256(swapped).hexdigest()}, the registry "
+                                          f"recorded {recorded}"):
+        deliver(event(2))  # the deploy function's invocation fails: its error alarm fires
+    assert resources(sm) == ([], [], [])
+
+
+def test_a_swapped_registry_copy_is_refused_too(sm, capsys, updates):
+    approve(sm, 1, 2)
+    assert run(capsys, "deploy", "--stage", "prod", "--version", "2", "--backend", "aws")[0] == 0
+    recorded = package(sm, 2)["CustomerMetadataProperties"]["ArtifactSha256"]
+    s3().put_object(Bucket=ARTIFACTS, Key=f"registry/bin-count/2/{recorded}/model.tar.gz", Body=b"swapped")
+    assert run(capsys, "deploy", "--stage", "prod", "--version", "1", "--backend", "aws")[0] == 0
+    code, _, err = run(capsys, "deploy", "--stage", "prod", "--version", "2", "--backend", "aws")
+    assert code == 2 and f"has SHA-256 {hashlib.sha256(b'swapped').hexdigest()}, the registry recorded {recorded}" in err
+    assert production(sm) == 1
+
+
+def test_duplicate_stale_out_of_order_and_late_events_leave_production_on_the_newest_approved(sm, updates):
+    approve(sm, 1, 2, 3)
+    # Out of order: version 3's approval arrives before version 2's, then version 1's, late.
+    results = deliver(event(3), event(2), event(1), event(3))
+    assert [r["deployed"] for r in results] == [True, False, False, False]
+    assert results[1]["message"] == ("bin-count-production left as it is: bin-count/3 is the newest "
+                                     "Approved version, not bin-count/2")
+    assert "bin-count/3 is the newest Approved version, not bin-count/1" in results[2]["message"]
+    assert results[3]["message"] == "bin-count-production already serves bin-count/3"  # a duplicate
+    assert production(sm) == 3
+    # A reviewer rejects 3 in the console: its Rejected event rolls production back to 2 ...
+    approve(sm, 3, status="Rejected")
+    (rolled,) = deliver(event(3, "Rejected"))
+    assert rolled["deployed"] and rolled["message"] == ("bin-count-production rolled back from Rejected "
+                                                        "version 3 to bin-count/2")
+    # ... and 3's approval, delivered again late, changes nothing.
+    (late,) = deliver(event(3))
+    assert not late["deployed"] and late["message"] == "bin-count-production left as it is: bin-count/3 is Rejected now"
+    assert production(sm) == 2
+    models, configs, _ = resources(sm)
+    assert len(models) == len(configs) == 2  # one per version served, none orphaned
+
+
+def test_two_deliveries_at_once_switch_once_and_neither_fails(sm, updates):
+    approve(sm, 1)
+    deliver(event(1))
+    approve(sm, 2)
+    updates.hold, updates.barrier = True, threading.Barrier(2)  # both reach UpdateEndpoint together
+    results, errors = [], []
+
+    def one():
+        try:
+            results.extend(deliver(event(2)))
+        except Exception as exc:  # a failed invocation
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(r["deployed"] for r in results) == [False, True]
+    (second,) = [r for r in results if not r["deployed"]]
+    assert "another delivery is switching it to bin-count-production-v2-" in second["message"]
+    assert len(updates) == 2  # both asked; SageMaker refused the second as in progress
+    updates.finish()
+    assert production(sm) == 2
+    models, configs, _ = resources(sm)
+    assert len(models) == len(configs) == 2  # the second delivery built nothing of its own
+
+
+def test_a_version_rejected_while_it_deploys_is_not_switched(sm, updates):
+    approve(sm, 1)
+    deliver(event(1))
+    approve(sm, 2)
+    before = resources(sm)
+
+    def reviewer_rejects(**_):  # between the function's first check and its switch
+        approve(sm, 2, status="Rejected")
+
+    updates.after["CreateEndpointConfig"] = reviewer_rejects
+    (result,) = deliver(event(2))
+    assert not result["deployed"]
+    assert result["message"] == "bin-count-production left as it is: not switched: bin-count/2 is Rejected now"
+    assert production(sm) == 1 and len(updates) == 0
+    assert resources(sm) == before  # what it had built for version 2 is gone again
+
+
+def test_reject_that_cannot_read_production_fails_and_flags(sm, capsys, updates, monkeypatch):
+    approve(sm, 1, 2)
+    assert run(capsys, "deploy", "--stage", "prod", "--backend", "aws")[0] == 0
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    updates.fail("DescribeEndpointConfig")  # throttled: what production serves cannot be read
+    code, out, err = run(capsys, "models", "reject", "2", "--backend", "aws")
+    assert code == 1 and "Traceback" not in err
+    assert ("bin-count/2 is Rejected, but what bin-count-production serves could not be read "
+            "(SageMaker refused describe_endpoint_config: ThrottlingException: Rate exceeded); it is flagged") in err
+    assert package(sm, 2)["ModelApprovalStatus"] == "Rejected"
+    arn = sm.describe_endpoint(EndpointName="bin-count-production")["EndpointArn"]
+    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=arn)["Tags"]}
+    assert "not read after bin-count/2 was rejected" in tags["invmon:flag"]
+
+
+def test_reject_while_production_switches_to_it_fails_and_flags(sm, capsys, updates):
+    approve(sm, 1, 2)
+    assert run(capsys, "deploy", "--stage", "prod", "--version", "1", "--backend", "aws")[0] == 0
+    updates.hold = True
+    assert run(capsys, "deploy", "--stage", "prod", "--backend", "aws")[0] == 0  # switching to 2
+    code, _, err = run(capsys, "models", "reject", "2", "--backend", "aws")
+    assert code == 1
+    assert "bin-count/2 is Rejected, but bin-count-production is switching to it right now (Updating)" in err
+    arn = sm.describe_endpoint(EndpointName="bin-count-production")["EndpointArn"]
+    tags = {t["Key"]: t["Value"] for t in sm.list_tags(ResourceArn=arn)["Tags"]}
+    assert "switching to Rejected version 2" in tags["invmon:flag"]
+    updates.finish()
+    updates.hold = False
+    code, out, _ = run(capsys, "models", "reject", "2", "--backend", "aws")  # again, once it ended
+    assert code == 0 and "rolled back from Rejected version 2 to bin-count/1" in out
+    assert production(sm) == 1
