@@ -5,6 +5,7 @@ declarations (`steps.DAG`), pipeline/parameters.py and a profile's defaults, and
 declaration type into SDK v3 objects:
 
     ProcessingStep -> FrameworkProcessor (PyTorch image, the step's own source + requirements)
+                      (each step container's image and requirements file: steps/images.py)
     TuningStep     -> HyperparameterTuner over a ModelTrainer, tuner.tune() -> TuningStep
     TrainingStep   -> ModelTrainer.train() -> TrainingStep (checkpoints + managed spot)
     ConditionStep  -> ConditionStep(ConditionGreaterThanOrEqualTo(JsonGet, parameter))
@@ -46,6 +47,11 @@ definition is built (at upsert, from the profile or `--param`):
     the VPC config holds the literal lists given at build time; the parameters stay in the
     definition as a record. `invmon start` refuses overrides that the definition cannot honour
     (see `fixed_parameters`).
+  - EnableDebugger: "true" at build time gives the Train job SageMaker Debugger's hook and
+    built-in rules (DebugHookConfig, DebugRuleConfigurations) and the image and requirements file
+    that carry smdebug (steps/images.py, train-debugger); "false" gives none of them. A pipeline
+    cannot add request fields or change an image at run time, so the parameter stays in the
+    definition as a record and `invmon start` refuses to override it.
 """
 from __future__ import annotations
 
@@ -63,14 +69,10 @@ from pathlib import Path
 import steps as declared
 from pipeline import profiles
 from pipeline.parameters import BY_NAME, PARAMETERS, REGISTERED_STATUS, ParameterError, validate
-from steps import base
+from steps import base, images
 
-# Framework images (SageMaker PyTorch DLCs). The training image also runs the processing steps,
-# so Preprocess/Evaluate get the same torch/torchvision as training.
-PYTORCH_TRAINING = ("2.10", "py313")
-PYTORCH_INFERENCE = ("2.6", "py312")
-# CPU or GPU image is chosen from the build-time instance type (an image cannot follow a
-# run-time parameter). A GPU image still runs on a CPU instance; the reverse loses the GPU.
+# Each step container's image (framework version, Python, CPU/GPU) and requirements file are
+# declared in steps/images.py; the CPU or GPU image follows the build-time instance type.
 
 CACHE_EXPIRY = "P30D"
 MAX_PARALLEL_STEPS = 2  # ParallelismConfiguration sent with create/update and each start
@@ -89,6 +91,7 @@ PLACEHOLDER_BUCKET = "invmon-definition-placeholder"
 # Parameters whose value is fixed into the definition's structure when it is built.
 KMS_PARAMETER = "KmsKeyId"
 VPC_PARAMETERS = ("SubnetIds", "SecurityGroupIds")
+DEBUGGER_PARAMETER = "EnableDebugger"
 
 
 class OfflineError(RuntimeError):
@@ -327,6 +330,10 @@ def fixed_parameters(definition: dict) -> dict[str, str]:
         fixed[name] = (f"{name} is fixed when the pipeline is upserted (a pipeline cannot turn a "
                        f"string into a subnet/security-group list at run time); "
                        f"re-run `invmon upsert --param {name}=...`")
+    fixed[DEBUGGER_PARAMETER] = (f"{DEBUGGER_PARAMETER} is fixed when the pipeline is upserted (it decides the "
+                                 f"Train job's image, requirements and Debugger fields, which a pipeline "
+                                 f"cannot change at run time); re-run `invmon upsert --param "
+                                 f"{DEBUGGER_PARAMETER}=...`")
     for name in (KMS_PARAMETER, *_optional_input_parameters(declared.DAG)):
         if defaults.get(name) in ("", None):
             fixed[name] = (f"{name} was empty when the pipeline was upserted, so the definition "
@@ -392,6 +399,15 @@ class _Build:
     def kms(self):
         return self.params[KMS_PARAMETER] if self.values[KMS_PARAMETER] else None
 
+    @property
+    def debugger_on(self) -> bool:
+        """EnableDebugger at build time (see the module docstring)."""
+        value = str(self.values[DEBUGGER_PARAMETER]).strip().lower()
+        if value not in ("true", "false"):
+            raise DefinitionError(f"{DEBUGGER_PARAMETER} takes true or false, got "
+                                  f"{self.values[DEBUGGER_PARAMETER]!r}")
+        return value == "true"
+
     def vpc(self) -> tuple[list[str], list[str]] | None:
         subnets, groups = (_split_list(self.values[n]) for n in VPC_PARAMETERS)
         if bool(subnets) != bool(groups):
@@ -424,12 +440,27 @@ class _Build:
         cached = decl.cache and getattr(decl, "reads_registry", None) is None
         return CacheConfig(enable_caching=True, expire_after=CACHE_EXPIRY) if cached else None
 
-    def image(self, scope: str, instance_type: str) -> str:
+    def container(self, code: base.Code, *, debugger: bool = False) -> images.Container:
+        """The step container (image + requirements file) that runs `code` (steps/images.py)."""
+        try:
+            container = images.container_for(code.source_dir, debugger=debugger)
+        except KeyError as exc:
+            raise DefinitionError(exc.args[0]) from None
+        if container.requirements.parent != code.path:
+            raise DefinitionError(f"{container.requirements} is not in scripts/{code.source_dir}, "
+                                  "so the job would not have it")
+        return container
+
+    def requirements(self, container: images.Container) -> str | None:
+        """The requirements file name inside the staged source dir, for the SDK (None: none)."""
+        return container.requirements_name if container.requirements.is_file() else None
+
+    def image(self, container: images.Container) -> str:
         from sagemaker.core import image_uris
 
-        version, py = PYTORCH_TRAINING if scope == "training" else PYTORCH_INFERENCE
-        return image_uris.retrieve("pytorch", region=self.region, version=version, py_version=py,
-                                   instance_type=instance_type, image_scope=scope)
+        image = container.image
+        return image_uris.retrieve("pytorch", region=self.region, version=image.version, py_version=image.python,
+                                   instance_type=self.values[container.instance_type], image_scope=image.scope)
 
     def execution_uri(self, *parts):
         """s3://BUCKET/PIPELINE/<execution id>/<parts...>: one place per execution."""
@@ -503,8 +534,9 @@ class _Build:
 
         vpc = self.vpc()
         prefix = _job_prefix(self.pipeline_name, decl.name, 40)
+        container = self.container(decl.code)
         processor = FrameworkProcessor(
-            image_uri=self.image("training", self.values["ProcessingInstanceType"]),
+            image_uri=self.image(container),
             role=self.role,
             instance_type=self.params["ProcessingInstanceType"],
             instance_count=self.params["ProcessingInstanceCount"],
@@ -543,7 +575,7 @@ class _Build:
         source = self.stage_code(decl.code)
         step_args = processor.run(
             code=decl.code.entry_point, source_dir=source,
-            requirements="requirements.txt" if decl.code.requirements.is_file() else None,
+            requirements=self.requirements(container),
             inputs=inputs, outputs=outputs, arguments=arguments,
             # A fixed job name keeps the helper-script URIs stable (the SDK derives them from
             # it); the service still gives every job a unique name from this prefix.
@@ -557,8 +589,9 @@ class _Build:
                               retry_policies=self.retry_policies("job"))
 
     def trainer(self, decl: base.TrainingStep, *, step_name: str, trial: bool,
-                max_runtime_s: int | None = None):
-        """A ModelTrainer for `decl`, run as pipeline step `step_name` (Tune for the trials)."""
+                max_runtime_s: int | None = None, debugger: bool = False):
+        """A ModelTrainer for `decl`, run as pipeline step `step_name` (Tune for the trials); with
+        `debugger`, in the container that carries smdebug (steps/images.py, train-debugger)."""
         from sagemaker.core.training.configs import (CheckpointConfig, Compute, MetricDefinition,
                                                      Networking, OutputDataConfig, SourceCode,
                                                      StoppingCondition)
@@ -566,14 +599,15 @@ class _Build:
 
         vpc = self.vpc()
         spot = decl.checkpoints and not trial  # only a job that resumes from checkpoints
+        container = self.container(decl.code, debugger=debugger)
         trainer = ModelTrainer(
-            training_image=self.image("training", self.values["TrainingInstanceType"]),
+            training_image=self.image(container),
             role=self.role,
             sagemaker_session=self.session,
             base_job_name=_job_prefix(self.pipeline_name, step_name, 40),
             source_code=SourceCode(
                 source_dir=self.stage_code(decl.code), entry_script=decl.code.entry_point,
-                requirements="requirements.txt" if decl.code.requirements.is_file() else None),
+                requirements=self.requirements(container)),
             compute=Compute(
                 instance_type=self.params["TrainingInstanceType"],
                 instance_count=self.params["TrainingInstanceCount"],
@@ -603,16 +637,19 @@ class _Build:
         return [InputData(channel_name=name, data_source=self.value(src)) for name, src in decl.channels]
 
     def training(self, decl: base.TrainingStep):
-        trainer = self.trainer(decl, step_name=decl.name, trial=False)
+        debugger = self.debugger_on
+        trainer = self.trainer(decl, step_name=decl.name, trial=False, debugger=debugger)
         step_args = trainer.train(input_data_config=self.channels(decl))
         return _prefixed_step_classes()[0](
             name=decl.name, step_args=step_args, description=decl.description or None,
             retry_policies=self.retry_policies("job"),
-            job_prefix=_job_prefix(self.pipeline_name, decl.name, 40), extra=self.debugger(decl.name))
+            job_prefix=_job_prefix(self.pipeline_name, decl.name, 40),
+            extra=self.debugger(decl.name) if debugger else None)
 
     def debugger(self, step_name: str) -> dict:
-        """DebugHookConfig + the built-in rules (steps/train.py). ModelTrainer (SDK v3) has no
-        debugger settings, so they are added to the step's CreateTrainingJob request."""
+        """DebugHookConfig + the built-in rules (steps/train.py), with EnableDebugger=true only.
+        ModelTrainer (SDK v3) has no debugger settings, so they are added to the step's
+        CreateTrainingJob request."""
         from sagemaker.core import image_uris
 
         from steps.train import DEBUGGER_COLLECTIONS, DEBUGGER_RULES
@@ -678,7 +715,7 @@ class _Build:
         from sagemaker.serve.model_builder import ModelBuilder
 
         return ModelBuilder(
-            image_uri=self.image("inference", self.values["InferenceInstanceType"]),
+            image_uri=self.image(self.container(self.dag_register_code())),
             s3_model_data_url=model_uri,
             role_arn=self.role,
             sagemaker_session=self.session,

@@ -31,9 +31,11 @@ COMMON_HYPERPARAMETERS = (
     ("keep_epoch", Param("KeepEpoch")),
 )
 
-# SageMaker Debugger on the Train step (pipeline/sagemaker_pipeline.py): the hook's collections and
-# the built-in rules, with their built-in default parameters. scripts/train/debugger.py records the
-# same collections locally and scripts/evaluate/rules.py computes the same four verdicts.
+# SageMaker Debugger on the Train step, with EnableDebugger=true only (pipeline/sagemaker_pipeline.py;
+# the job then runs in steps/images.py's train-debugger container, which installs smdebug): the hook's
+# collections and the built-in rules, with their built-in default parameters. scripts/train/debugger.py
+# records the same collections where smdebug is installed, and scripts/evaluate/rules.py computes the
+# same four verdicts on every run, from the Debugger's data or from history.json's per-epoch losses.
 DEBUGGER_COLLECTIONS = (("losses", 1), ("gradients", 50), ("weights", 50), ("biases", 50))  # save_interval
 DEBUGGER_RULES = (
     ("LossNotDecreasing", {"mode": "TRAIN"}),  # as smdebug_rulesconfig's loss_not_decreasing()

@@ -1,31 +1,39 @@
-"""smdebug in the training step's own environment: the hook records a real run and the trial reads back.
+"""smdebug in the Train job's Debugger environment: the hook records a real run and the trial reads back;
+without it (the default everywhere) training is unchanged and the report still has the four rule verdicts.
 
-The environment is the one the local runner builds for scripts/train/requirements.txt (smdebug
-1.0.34 with numpy<2, protobuf<3.21, pandas<2.3 over the project's environment), cached under
-.invmon/envs like the runner's. Where it cannot be built (no package index), the test says why;
-the report tests cover the missing-data path (tests/test_report.py).
+The Debugger environment is the one scripts/train/requirements-debugger.txt gives the Train job with
+EnableDebugger=true (train's requirements.txt, then smdebug 1.0.34 with numpy<2, protobuf<3.21,
+pandas<2.3), built over the project's environment the way the local runner builds step environments
+and cached under .invmon/envs like them. Where it cannot be built (no package index), the test says
+why; the report tests cover the missing-data path too (tests/test_report.py).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, import_script
 from pipeline.local.envs import StepEnvironmentError, python_for
+from pipeline.local.jobs import tar_model
 from test_train import FAST, TRAIN, write_split
 
 rules = import_script("evaluate", "rules")
+debugger = import_script("train", "debugger")
+EVALUATE = ROOT / "scripts" / "evaluate" / "evaluate.py"
+DEBUGGER_REQUIREMENTS = ROOT / "scripts" / "train" / "requirements-debugger.txt"
 
 
 def training_environment() -> Path:
     """The training step's python (built once, cached like the runner's), or skip saying why."""
     envs = Path(os.environ.get("INVMON_HOME", ROOT / ".invmon")) / "envs"
     try:
-        return python_for(ROOT / "scripts" / "train" / "requirements.txt", envs)
+        return python_for(DEBUGGER_REQUIREMENTS, envs)
     except StepEnvironmentError as exc:
         pytest.skip(f"the training step environment (smdebug) cannot be built here: {str(exc)[-300:]}")
 
@@ -46,6 +54,25 @@ def train(python: Path, tmp: Path, data: dict, *args: str, **env) -> subprocess.
     return done
 
 
+def evaluate(tmp: Path) -> tuple[dict, str]:
+    """Evaluate's job on the artifact train() left in tmp/model (the same script and arguments on
+    both back-ends): evaluation.json's rule verdicts and the report page."""
+    tar_model(tmp / "model", tmp / "model.tar.gz")
+    test = write_split(tmp / "test", 1, seed=3)
+    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(tmp / "model.tar.gz"), "--test", str(test),
+                           "--output", str(tmp / "evaluation"), "--corruptions", "none"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    evaluation = json.loads((tmp / "evaluation" / "evaluation.json").read_text())
+    page = (tmp / "evaluation" / "report.html").read_text()
+    verdicts = {v["rule"]: v["status"] for v in evaluation["debugger_rules"]["verdicts"]}
+    assert set(verdicts) == set(rules.RULES)
+    for rule, status in verdicts.items():  # every verdict is in the page, on every artifact
+        assert re.search(rf"<td>{rule}</td><td class='\w+'>{status}</td>", page), rule
+    return evaluation, page
+
+
+@pytest.mark.pypi
 def test_the_hook_records_losses_weights_and_gradients_and_the_trial_reads_back(step_python, tmp_path):
     data = {"train": write_split(tmp_path / "train", 4, seed=1), "validation": write_split(tmp_path / "val", 2, seed=2)}
     done = train(step_python, tmp_path, data, "--epochs", "2", "--checkpoint_dir", "none", "--pretrained", "none",
@@ -76,18 +103,36 @@ def test_the_hook_records_losses_weights_and_gradients_and_the_trial_reads_back(
     assert int(gradients) > 10 and int(weights) > 10 and int(rates) == 1 and steps.strip().startswith("[0,")
     verdicts = {v.rule: v.status for v in rules.evaluate_rules(summary)}
     assert verdicts["VanishingGradient"] == verdicts["ExplodingTensor"] == rules.NO_ISSUES, verdicts
+    # Evaluate reads the recorded trial's summary from the artifact: the same verdicts, in the report.
+    evaluation, page = evaluate(tmp_path)
+    assert {v["rule"]: v["status"] for v in evaluation["debugger_rules"]["verdicts"]} == verdicts
+    assert evaluation["debugger_rules"]["note"].startswith("Debugger data recorded by smdebug 1.0.34")
+    assert "loss per step" in page
 
 
-def test_without_smdebug_training_works_and_says_why(tmp_path):
-    """The project's environment has no smdebug (DESIGN.md): same run, no Debugger data, a reason."""
-    import sys
+def test_without_smdebug_training_works_and_the_report_still_has_the_four_verdicts(tmp_path):
+    """The default everywhere: train's requirements.txt has no smdebug, nor has the project's
+    environment (DESIGN.md). Same run, its curves in history.json, no Debugger data and the reason;
+    Evaluate's report gives the four verdicts from the per-epoch losses, as on SageMaker without
+    EnableDebugger (same Evaluate request, same artifact layout)."""
     data = {"train": write_split(tmp_path / "train", 4, seed=1), "validation": write_split(tmp_path / "val", 2, seed=2)}
-    done = train(Path(sys.executable), tmp_path, data, "--epochs", "1", "--checkpoint_dir", "none",
+    done = train(Path(sys.executable), tmp_path, data, "--epochs", "3", "--checkpoint_dir", "none",
                  "--pretrained", "none")
-    assert "debugger: off: smdebug is not usable here (ModuleNotFoundError" in done.stdout
+    assert f"debugger: off: {debugger.NOT_INSTALLED}" in done.stdout
+    assert "DebugHookConfig" not in done.stdout  # no hook config here: nothing asked for the Debugger
     summary = json.loads((tmp_path / "model" / "debugger.json").read_text())
-    assert summary["status"] == "missing" and "smdebug" in summary["reason"]
+    assert summary == {"status": "missing", "reason": debugger.NOT_INSTALLED}
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert [(e["epoch"], "loss" in e["train"], "loss" in e["validation"]) for e in history["epochs"]] == [
+        (epoch, True, True) for epoch in (1, 2, 3)]  # the curves, as every run records them
     assert (tmp_path / "model" / "model.pth").is_file()
+    evaluation, page = evaluate(tmp_path)
+    verdicts = {v["rule"]: v["status"] for v in evaluation["debugger_rules"]["verdicts"]}
+    assert verdicts["VanishingGradient"] == rules.NO_DATA  # no gradients recorded without the hook
+    # The per-epoch losses are enough for Overfit, and ExplodingTensor checks them for NaN/inf.
+    assert verdicts["Overfit"] in (rules.ISSUES, rules.NO_ISSUES) and verdicts["ExplodingTensor"] == rules.NO_ISSUES
+    assert f"Debugger data missing ({debugger.NOT_INSTALLED})" in evaluation["debugger_rules"]["note"]
+    assert "Debugger data missing" in page and "loss per step" not in page
 
 
 def test_invmon_status_shows_the_training_jobs_rule_verdicts():

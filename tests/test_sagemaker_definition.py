@@ -363,9 +363,9 @@ def test_kms_vpc_and_manifest_are_used_when_given(tmp_path):
 
     from pipeline.sagemaker_pipeline import fixed_parameters
 
-    assert set(fixed_parameters(built)) == {"SubnetIds", "SecurityGroupIds"}
+    assert set(fixed_parameters(built)) == {"SubnetIds", "SecurityGroupIds", "EnableDebugger"}
     assert set(fixed_parameters(json.loads(default_offline_definition()))) == {
-        "SubnetIds", "SecurityGroupIds", "KmsKeyId"}  # the full profile ships a manifest
+        "SubnetIds", "SecurityGroupIds", "EnableDebugger", "KmsKeyId"}  # the full profile ships a manifest
 
 
 def test_half_a_vpc_config_is_refused(tmp_path):
@@ -395,7 +395,87 @@ def test_offline_build_refuses_aws_calls(tmp_path):
     assert guard.attempts == []
 
 
-def test_train_has_the_debugger_hook_and_the_four_built_in_rules(steps):
+# --------------------------------------------------------------------------- images and Debugger
+
+
+def _image(container, instance_type: str) -> str:
+    from sagemaker.core import image_uris
+
+    image = container.image
+    return image_uris.retrieve("pytorch", region=REGION, version=image.version, py_version=image.python,
+                               instance_type=instance_type, image_scope=image.scope)
+
+
+def _driver_lines(staged: dict[str, bytes], step: dict, channel: str, script: str) -> list[str]:
+    """The line of a job's SDK driver script (sm_train.sh, runproc.sh) that installs requirements."""
+    if "TrainingJobDefinition" in step["Arguments"]:
+        inputs = step["Arguments"]["TrainingJobDefinition"]["InputDataConfig"]
+    else:
+        inputs = step["Arguments"]["InputDataConfig"]
+    uri = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in inputs}[channel]
+    key = uri.removeprefix(f"s3://{BUCKET}/").rstrip("/") + f"/{script}"
+    return [line.strip() for line in staged[key].decode().splitlines() if "install_requirements.py" in line]
+
+
+def _staged(folder) -> dict[str, bytes]:
+    root = folder / BUCKET
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def debugger_build(tmp_path_factory):
+    """The definition upserted with EnableDebugger=true, and the files it staged."""
+    folder = tmp_path_factory.mktemp("debugger-on")
+    return offline_build(folder, parameter_overrides={"EnableDebugger": "true"}), _staged(folder)
+
+
+def test_every_step_runs_in_the_image_steps_images_declares(steps):
+    """steps/images.py is the one place: each job's image is its container's, CPU or GPU from the
+    build-time instance type (full profile: ml.m5.xlarge processing, ml.g4dn.xlarge training,
+    ml.m5.large serving)."""
+    from steps import images
+
+    def training_image(step):
+        args = step["Arguments"]
+        return (args.get("TrainingJobDefinition") or args)["AlgorithmSpecification"]["TrainingImage"]
+
+    assert steps["Preprocess"]["Arguments"]["AppSpecification"]["ImageUri"] == _image(images.PREPROCESS, "ml.m5.xlarge")
+    assert steps["Evaluate"]["Arguments"]["AppSpecification"]["ImageUri"] == _image(images.EVALUATE, "ml.m5.xlarge")
+    assert training_image(steps["Tune"]) == training_image(steps["Train"]) == _image(images.TRAIN, "ml.g4dn.xlarge")
+    assert training_image(steps["Train"]).endswith("/pytorch-training:2.10-gpu-py313")
+    served = _image(images.INFERENCE, "ml.m5.large")
+    assert steps["Register"]["Arguments"]["InferenceSpecification"]["Containers"][0]["Image"] == served
+    assert steps["Deploy-Model"]["Arguments"]["PrimaryContainer"]["Image"] == served
+    assert served.endswith("/pytorch-inference:2.6-cpu-py312")
+
+
+def test_by_default_the_train_job_has_no_debugger_at_all(definition, steps, tmp_path):
+    """EnableDebugger=false (every profile's default): no hook, no rules, no rules image, and the
+    job installs train's own requirements.txt, which has no smdebug."""
+    text = json.dumps(definition)
+    for absent in ("DebugHookConfig", "DebugRuleConfigurations", "sagemaker-debugger-rules"):
+        assert absent not in text, absent
+    staged = tmp_path / "staged"
+    offline_build(staged)
+    files = _staged(staged)
+    for name in ("Tune", "Train"):
+        assert _driver_lines(files, steps[name], "sm_drivers", "sm_train.sh") == [
+            "$SM_PYTHON_CMD /opt/ml/input/data/sm_drivers/scripts/install_requirements.py requirements.txt"]
+    assert not any(line.startswith("smdebug") for line in _requirement_lines("train/requirements.txt"))
+
+
+def _requirement_lines(relative: str) -> list[str]:
+    from steps.base import SCRIPTS
+
+    return [line.split("#")[0].strip() for line in (SCRIPTS / relative).read_text().splitlines()
+            if line.split("#")[0].strip()]
+
+
+def test_with_the_debugger_train_has_the_hook_the_four_rules_and_smdebugs_image(debugger_build):
+    from steps import images
+
+    definition, staged = debugger_build
+    steps = all_steps(definition)
     args = steps["Train"]["Arguments"]
     hook = args["DebugHookConfig"]
     assert {"Std:Join"} == set(hook["S3OutputPath"]) and "debugger" in hook["S3OutputPath"]["Std:Join"]["Values"]
@@ -406,4 +486,43 @@ def test_train_has_the_debugger_hook_and_the_four_built_in_rules(steps):
     for name, rule in rules.items():
         assert rule["RuleParameters"]["rule_to_invoke"] == name
         assert rule["RuleEvaluatorImage"].endswith(".amazonaws.com/sagemaker-debugger-rules:latest")
-    assert "DebugHookConfig" not in steps["Tune"]["Arguments"]["TrainingJobDefinition"]  # trials: no hook
+    # smdebug's numpy<2 has no wheel for Python 3.13: the Train job runs in the Python 3.12 image
+    # and installs requirements-debugger.txt (train's file + smdebug) from the same staged code.
+    assert args["AlgorithmSpecification"]["TrainingImage"] == _image(images.TRAIN_DEBUGGER, "ml.g4dn.xlarge")
+    assert args["AlgorithmSpecification"]["TrainingImage"].endswith("/pytorch-training:2.9-gpu-py312")
+    assert _driver_lines(staged, steps["Train"], "sm_drivers", "sm_train.sh") == [
+        "$SM_PYTHON_CMD /opt/ml/input/data/sm_drivers/scripts/install_requirements.py requirements-debugger.txt"]
+    assert "smdebug==1.0.34" in _requirement_lines("train/requirements-debugger.txt")
+    # The trials keep their image and have no hook; every other step is the same request.
+    assert "DebugHookConfig" not in steps["Tune"]["Arguments"]["TrainingJobDefinition"]
+    default = all_steps(json.loads(default_offline_definition()))
+    assert [n for n in steps if steps[n] != default[n]] == ["Train"]
+
+
+def test_enable_debugger_is_fixed_at_upsert_and_start_refuses_to_change_it(debugger_build):
+    """A pipeline cannot add request fields or change an image at run time: `invmon start` refuses
+    an EnableDebugger other than the one upserted, with the command that changes it."""
+    from pipeline import aws
+    from pipeline.sagemaker_pipeline import fixed_parameters
+
+    class Deployed:  # the SageMaker API as `invmon start` uses it, for one upserted definition
+        def __init__(self, definition):
+            self.text, self.started = json.dumps(definition), []
+
+        def describe_pipeline(self, PipelineName):
+            return {"PipelineDefinition": self.text}
+
+        def start_pipeline_execution(self, **request):
+            self.started.append(request)
+            return {"PipelineExecutionArn": "arn:aws:sagemaker:us-east-1:123456789012:pipeline/bin-count/execution/x"}
+
+    for definition, upserted, other in ((json.loads(default_offline_definition()), "false", "true"),
+                                        (debugger_build[0], "true", "false")):
+        assert "EnableDebugger" in fixed_parameters(definition)
+        sm = Deployed(definition)
+        with pytest.raises(aws.AwsError, match=(
+                r"cannot override EnableDebugger at start: EnableDebugger is fixed when the pipeline is "
+                r"upserted .* re-run `invmon upsert --param EnableDebugger=\.\.\.`")):
+            aws.start(sm, "bin-count", {"EnableDebugger": other})
+        aws.start(sm, "bin-count", {"EnableDebugger": upserted})  # the value it has: nothing to refuse
+        assert sm.started[-1]["PipelineParameters"] == [{"Name": "EnableDebugger", "Value": upserted}]

@@ -1,5 +1,11 @@
 """SageMaker Debugger (smdebug) for train.py, isolated: it records when smdebug imports, else nothing.
 
+smdebug is opt-in. It is installed only in the Train job of a pipeline upserted with
+EnableDebugger=true (scripts/train/requirements-debugger.txt, in the Python 3.12 image: its numpy<2
+has no wheel for 3.13), which also carries SageMaker's DebugHookConfig and built-in rules. Everywhere
+else (the default on SageMaker, the trials, the local run) training is unchanged without it: its
+curves are in history.json, and Evaluate computes the four rule verdicts from them.
+
     import debugger
     debugger.attach(model, rank)           # once, on the bare (not DDP-wrapped) module
     debugger.record("train", loss)         # each training step (a scalar loss tensor)
@@ -27,6 +33,8 @@ import sys
 from pathlib import Path
 
 SMDEBUG_CONFIG = Path("/opt/ml/input/config/debughookconfig.json")
+NOT_INSTALLED = ("smdebug is not installed (SageMaker Debugger is opt-in: EnableDebugger=true "
+                 "installs it, scripts/train/requirements-debugger.txt)")
 
 _hook = None
 _modes = None
@@ -61,8 +69,14 @@ def attach(model, rank: int = 0):
         from smdebug.core.collection import CollectionKeys
         from smdebug.pytorch import Hook, SaveConfig, modes
     except Exception as exc:  # ImportError, or numpy/protobuf incompatibilities raised at import
-        _reason = f"smdebug is not usable here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "smdebug":
+            _reason = NOT_INSTALLED
+        else:
+            _reason = f"smdebug is not usable here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
         _say(f"debugger: off: {_reason}")
+        if SMDEBUG_CONFIG.is_file():  # the job asked for the Debugger and cannot record for it
+            _say(f"debugger: this job has SageMaker's DebugHookConfig ({SMDEBUG_CONFIG}) but no working smdebug: "
+                 "the built-in rules will find no tensors")
         return None
     try:
         if SMDEBUG_CONFIG.is_file():  # on SageMaker: the DebuggerHookConfig decides
