@@ -5,12 +5,17 @@ uvicorn closes idle kept-alive connections (timeout_keep_alive), caps open conne
 a request's headers: a client that connects and trickles header bytes holds its connection
 forever. GuardedH11 adds that deadline; the app itself bounds the body (ServingSettings).
 
+On SIGTERM or Ctrl-C the server drains: requests already admitted finish (the graceful
+shutdown waits as long as a request may take: its body deadline plus its answer deadline),
+requests that arrive meanwhile get 503 with Retry-After, never a 500.
+
 `python -m pipeline.http_server ARTIFACT --fd N` serves on a socket the caller already bound
 (tests and benchmarks: no port picked, released and raced for).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import socket
 import sys
@@ -67,12 +72,60 @@ class GuardedH11(H11Protocol):
         super().connection_lost(exc)
 
 
+class Draining:
+    """ASGI wrapper: once shutdown has begun, a new request is answered 503 with Retry-After
+    (JSON, connection closed) while the requests already admitted finish."""
+
+    def __init__(self, app, retry_after_s: int = 1):
+        self.app, self.retry_after_s = app, retry_after_s
+        self.draining = False
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.draining and scope["type"] == "http":
+            body = json.dumps({"error": "the server is shutting down; retry shortly"}).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(self.retry_after_s).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            log.info('%s "%s %s" 503 (shutting down)', _client(scope), scope.get("method"), scope.get("path"))
+            return
+        await self.app(scope, receive, send)
+
+
+def _client(scope) -> str:
+    host, port = scope.get("client") or ("-", "-")
+    return f"{host}:{port}"
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app when a shutdown signal arrives (before it stops)."""
+
+    def __init__(self, config: uvicorn.Config, gate: Draining):
+        super().__init__(config)
+        self.gate = gate
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.gate.draining:
+            log.info("shutting down: finishing the requests in progress (up to %g s), refusing new ones",
+                     self.config.timeout_graceful_shutdown)
+        self.gate.draining = True
+        super().handle_exit(sig, frame)
+
+
+def graceful_timeout_s(settings: ServingSettings) -> float:
+    """How long a shutdown waits for admitted requests: the longest one may take to arrive and
+    be answered (past that it would have been a 503 anyway), plus a second to send it."""
+    return settings.body_timeout_s + settings.request_timeout_s + 1.0
+
+
 def uvicorn_config(app, settings: ServingSettings, log_level: str = "info") -> uvicorn.Config:
     protocol = type("GuardedH11", (GuardedH11,), {"header_timeout_s": settings.header_timeout_s})
     return uvicorn.Config(
         app, http=protocol, log_level=log_level, access_log=False,  # AccessLog writes one line
         timeout_keep_alive=settings.keep_alive_s, limit_concurrency=settings.max_connections,
-        h11_max_incomplete_event_size=16 * 1024, timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=16 * 1024,
+        # Never shorter than a request may take: a request cut off by this becomes a 500.
+        timeout_graceful_shutdown=graceful_timeout_s(settings),
     )
 
 
@@ -100,9 +153,9 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8080, model_version: st
         if server is not None:
             server.should_exit = True
 
-    app = create_app(artifact, model_version, settings=settings, background_load=True,
-                     on_load_failure=stop)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    app = Draining(create_app(artifact, model_version, settings=settings, background_load=True,
+                              on_load_failure=stop), settings.retry_after_s)
+    server = DrainingServer(uvicorn_config(app, settings), app)
     if sock is None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
