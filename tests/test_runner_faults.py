@@ -145,3 +145,36 @@ def test_disk_full_and_permission_errors_are_one_clear_line():
                                 "permissions, then --resume")
     assert os_problem(wrapped).startswith("permission denied (/runs/x)")
     assert os_problem(ValueError("a step's own error")) is None
+
+
+def test_resume_never_signals_a_process_it_did_not_start(fault):
+    """run.json names process groups by pid and start time; a pid now worn by another process
+    (pid reuse), or recorded without its start time, is left alone. A finished job's group is
+    forgotten as soon as it ends."""
+    import psutil
+
+    root, home = fault
+    (root / "go-processing").touch()
+    run = LocalRun.create(home, runner_dags.dag("wait", root), runner_dags.PARAMS, "test",
+                          echo=lambda line: None)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                 start_new_session=True)  # its own group: killpg would reach it
+    try:
+        started = psutil.Process(bystander.pid).create_time()
+        step = next(iter(run.state["steps"].values()))
+        step["process_groups"] = [{"pgid": bystander.pid, "started": started - 3600},  # pid reused
+                                  bystander.pid]  # an older run.json: no start time
+        run.save()
+        lines = []
+        state = LocalRun.load(home, runner_dags.dag("wait", root), run.state["id"], echo=lines.append).execute()
+        assert state["status"] == "Succeeded", state.get("failure")
+        assert alive(bystander.pid)
+        assert any(f"not stopping process group {bystander.pid}: its number now belongs to a process "
+                   "this run did not start" in line for line in lines)
+        assert any(f"not stopping process group {bystander.pid}: recorded by an older invmon" in line
+                   for line in lines)
+        saved = json.loads((home / "runs" / run.state["id"] / "run.json").read_text())
+        assert all("process_groups" not in s for s in saved["steps"].values())  # ended jobs forgotten
+    finally:
+        bystander.kill()
+        bystander.wait()

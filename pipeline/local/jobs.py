@@ -66,6 +66,29 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def identity(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None where there is none: with
+    its pid, what tells this process from a later one that reuses the number."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def still_ours(pgid: int, started: float) -> bool:
+    """Whether `pgid` is still the process group a job of ours led: its leader alive, started
+    when we recorded, and still the leader of that group."""
+    found = identity(pgid)
+    if found is None or abs(found - started) > 0.05:
+        return False
+    try:
+        return os.getpgid(pgid) == pgid
+    except ProcessLookupError:
+        return False
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -91,13 +114,15 @@ def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: di
                echo: Callable[[str], None] | None = None,
                should_stop: Callable[[dict[str, list[float]]], bool] | None = None,
                max_runtime_s: float | None = None,
-               on_start: Callable[[int], None] | None = None) -> JobResult:
+               on_start: Callable[[int, float], None] | None = None,
+               on_end: Callable[[int], None] | None = None) -> JobResult:
     """Stage the code like /opt/ml/code, run the entry point, stream and parse its log.
 
     `should_stop` is asked after every metric line (the tuner's early stopping); when it says
     yes the job is terminated and reported as stopped, not failed. A job still running after
     `max_runtime_s` (the step's MaxRuntimeInSeconds) is stopped and fails with JobTimedOut.
-    `on_start(pgid)` lets the runner record the job's process group (see LocalRun).
+    `on_start(pgid, started)` lets the runner record the job's process group and when its leader
+    started (see LocalRun); `on_end(pgid)` tells it the group is gone.
     """
     code_dir = stage_source(code, workdir / "code")
     patterns = [(m.name, re.compile(m.regex)) for m in metrics]
@@ -116,7 +141,7 @@ def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: di
         with _LIVE_LOCK:
             _LIVE[proc.pid] = code.entry_point
         if on_start:
-            on_start(proc.pid)
+            on_start(proc.pid, identity(proc.pid) or 0.0)
         timer = None
         timed_out = threading.Event()
         if max_runtime_s:
@@ -160,6 +185,8 @@ def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: di
                 os.killpg(proc.pid, signal.SIGKILL)
             with _LIVE_LOCK:
                 _LIVE.pop(proc.pid, None)
+            if on_end:
+                on_end(proc.pid)
     if timed_out.is_set():
         raise JobTimedOut(f"{code.entry_point} ran past its MaxRuntimeInSeconds of {max_runtime_s:g} s "
                           f"and was stopped; end of its log ({log_path}):\n{tail(log_path)}")

@@ -124,12 +124,25 @@ class LocalRun:
             f.write(json.dumps({"step": step, **request}, sort_keys=True, default=str) + "\n")
 
     def _job_started(self, record: dict):
-        """on_start for a job: remember its process group, so a resume after kill -9 can stop it."""
-        def started(pgid: int) -> None:
+        """on_start for a job: remember its process group and when its leader started, so a
+        resume after kill -9 can stop it, and only it (a pid may be reused)."""
+        def started(pgid: int, since: float) -> None:
             with self._save_lock:
-                record.setdefault("process_groups", []).append(pgid)
+                record.setdefault("process_groups", []).append({"pgid": pgid, "started": since})
             self.save()
         return started
+
+    def _job_ended(self, record: dict):
+        """on_end for a job: its process group is gone, forget it."""
+        def ended(pgid: int) -> None:
+            with self._save_lock:
+                groups = [g for g in record.get("process_groups", []) if g.get("pgid") != pgid]
+                if groups:
+                    record["process_groups"] = groups
+                else:
+                    record.pop("process_groups", None)
+            self.save()
+        return ended
 
     def echo(self, step: str, message: str) -> None:
         line = f"{datetime.now():%H:%M:%S} {step:<14}| {message}"
@@ -183,11 +196,17 @@ class LocalRun:
         """Jobs of an earlier executor of this run that was killed (-9) may still be running:
         their process groups are in run.json; stop them before running the step again."""
         for record in self.state["steps"].values():
-            for pgid in record.pop("process_groups", []):
-                if jobs.group_alive(pgid):
-                    self.echo("runner", f"stopping process group {pgid} left by a killed runner")
+            for group in record.pop("process_groups", []):
+                if not isinstance(group, dict):  # recorded without its start time: cannot be told apart
+                    self.echo("runner", f"not stopping process group {group}: recorded by an older "
+                                        "invmon without the process's start time")
+                elif jobs.still_ours(group["pgid"], group["started"]):
+                    self.echo("runner", f"stopping process group {group['pgid']} left by a killed runner")
                     with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(pgid, signal.SIGKILL)
+                        os.killpg(group["pgid"], signal.SIGKILL)
+                elif jobs.group_alive(group["pgid"]):
+                    self.echo("runner", f"not stopping process group {group['pgid']}: its number now "
+                                        "belongs to a process this run did not start")
 
     def execute(self) -> dict:
         """Run every step not yet succeeded, in order. Returns the final state."""
@@ -377,6 +396,7 @@ class LocalRun:
             self._registry_listing(step, step_dir),
             step_dir / "log.txt", echo=lambda line: self.echo(step.name, line),
             max_runtime_s=step.max_runtime_s, on_start=self._job_started(record),
+            on_end=self._job_ended(record),
         )
         record["outputs"] = {o.name: str(Path(local(o.source)).relative_to(step_dir)) for o in step.outputs}
         properties = {}
@@ -420,7 +440,7 @@ class LocalRun:
         result = jobs.run_script(self.python(step.code), step.code, job_dir, args, env,
                                  job_dir / "log.txt", metrics=step.metric_definitions, echo=echo,
                                  should_stop=should_stop, max_runtime_s=max_runtime_s or step.max_runtime_s,
-                                 on_start=self._job_started(record))
+                                 on_start=self._job_started(record), on_end=self._job_ended(record))
         if not result.stopped_early:
             jobs.tar_model(model_dir, job_dir / "model" / "model.tar.gz")
         return result
