@@ -107,7 +107,8 @@ def test_artifact_is_complete_and_serves_through_its_own_code(trained, data):
     tmp, done = trained
     model_dir = tmp / "model"
     assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()) == [
-        "code/inference.py", "code/photos.py", "debugger.json", "history.json", "model.pth", "model_config.json"]
+        "MAR-INF/MANIFEST.json", "MAR-INF/model-config.yaml", "code/inference.py", "code/photos.py", "debugger.json",
+        "history.json", "model.pth", "model_config.json"]
     for name in ("inference.py", "photos.py"):
         serving_code = (ROOT / "scripts" / "inference" / name).read_text()
         assert (model_dir / "code" / name).read_text() == serving_code

@@ -15,6 +15,8 @@ Artifact layout (model.tar.gz):
                          beside it), copied in by train.py for those archs: the artifact needs no
                          package beyond the serving image's torch, torchvision, Pillow and numpy,
                          so no requirements.txt, no pip install and no network at start
+    MAR-INF/             TorchServe's manifest and model config (serving container): a model
+                         that fails to load makes its /ping unhealthy after 30 s, not 300
 
 Errors: a bad request raises InvalidInput (or a subclass), which carries its HTTP status
 (`status_code`: 400 not an image, 415 content type, 406 Accept). Where the SageMaker inference

@@ -827,6 +827,13 @@ def write_artifact(model_dir: Path, best: dict, config: dict) -> None:
     # (no code/requirements.txt: the toolkit would pip install it, which needs network).
     if config["arch"] in inference.EFFICIENTNETS:
         vendor_package(*inference.EFFICIENTNET_PACKAGE, code)
+    # TorchServe (the SageMaker PyTorch serving container) reads a model folder's manifest: with
+    # this one, a model that cannot load turns /ping to 500 "Unhealthy" after 30 s of retries,
+    # not TorchServe's default 300 s (the handler stays the toolkit's, which runs code/inference.py).
+    (model_dir / "MAR-INF").mkdir(exist_ok=True)
+    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(
+        {"runtime": "python", "model": {"modelName": "model", "configFile": "MAR-INF/model-config.yaml"}}) + "\n")
+    (model_dir / "MAR-INF" / "model-config.yaml").write_text("maxRetryTimeoutInSec: 30\n")
 
 
 def vendor_package(distribution: str, module: str, code: Path) -> None:
