@@ -472,6 +472,8 @@ class SageMakerTarget:
         made_model = self._create(
             self.sm.create_model, lambda **k: self._call(self.sm.describe_model, **k), "ModelName", resource,
             ExecutionRoleArn=self.role_arn, Tags=tags,
+            # The artifact carries everything model_fn needs: the container needs no network.
+            EnableNetworkIsolation=True,
             Containers=[{"Image": container["Image"], "ModelDataUrl": data_url, "Environment": environment}])
         made_config = self._create(
             self.sm.create_endpoint_config, lambda **k: self._call(self.sm.describe_endpoint_config, **k),

@@ -712,6 +712,7 @@ class _Build:
             bounds=bounds)
 
     def model_builder(self, model_uri):
+        from sagemaker.core.training.configs import Networking
         from sagemaker.serve.model_builder import ModelBuilder
 
         return ModelBuilder(
@@ -720,6 +721,8 @@ class _Build:
             role_arn=self.role,
             sagemaker_session=self.session,
             log_level=None,  # its default resets the SDK's shared logger to DEBUG
+            # The artifact is self-contained (nothing to pip-install at start): no network needed.
+            network=Networking(enable_network_isolation=True),
             # model.tar.gz carries code/inference.py (DESIGN: self-contained artifact): the
             # serving container runs it from the model directory, nothing is repacked.
             env_vars={"SAGEMAKER_PROGRAM": self.dag_register_code().entry_point,

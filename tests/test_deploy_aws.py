@@ -86,6 +86,7 @@ class Updates(list):
         self.local = threading.local()  # each thread's request, from record() to apply()
         self.failing: dict = {}  # operation -> answer (see fail())
         self.after: dict = {}  # operation -> callback after SageMaker answered it
+        self.models: list[dict] = []  # CreateModel requests
 
     def endpoint(self, name):
         from moto.sagemaker.models import sagemaker_backends
@@ -145,6 +146,8 @@ class Updates(list):
             made.meta.events.register(f"before-call.sagemaker.{operation}", answer)
         for operation, callback in self.after.items():
             made.meta.events.register(f"after-call.sagemaker.{operation}", callback)
+        made.meta.events.register("before-parameter-build.sagemaker.CreateModel",
+                                  lambda params, **_: self.models.append(dict(params)))
         made.meta.events.register("before-parameter-build.sagemaker.UpdateEndpoint", self.record)
         made.meta.events.register("before-call.sagemaker.UpdateEndpoint", self.apply)
         made.meta.events.register("after-call.sagemaker.DescribeEndpoint", self.describe)
@@ -206,7 +209,7 @@ def test_approve_and_reject_change_the_status_in_the_registry_with_notes(sm, cap
     assert '"note": "blurry bins"' in out
 
 
-def test_deploy_of_an_approved_version_creates_model_config_and_endpoint(sm, capsys):
+def test_deploy_of_an_approved_version_creates_model_config_and_endpoint(sm, capsys, updates):
     sm.update_model_package(ModelPackageArn=package(sm, 2)["ModelPackageArn"],
                             ModelApprovalStatus="Approved")
     code, out, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws",
@@ -224,6 +227,8 @@ def test_deploy_of_an_approved_version_creates_model_config_and_endpoint(sm, cap
     assert model["Containers"] == [{"Image": IMAGE, "ModelDataUrl": f"s3://{ARTIFACTS}/{copy}", "Environment": {
         "INVMON_MODEL_PACKAGE_ARN": package(sm, 2)["ModelPackageArn"], "INVMON_ARTIFACT_SHA256": digest}}]
     assert hashlib.sha256(s3().get_object(Bucket=ARTIFACTS, Key=copy)["Body"].read()).hexdigest() == digest
+    # moto does not echo EnableNetworkIsolation back: the request itself says it.
+    assert updates.models[0]["EnableNetworkIsolation"] is True  # self-contained: no network at start
     variant = sm.describe_endpoint_config(EndpointConfigName=configs[0])["ProductionVariants"][0]
     assert (variant["ModelName"], variant["InstanceType"]) == (models[0], "ml.c5.xlarge")
 

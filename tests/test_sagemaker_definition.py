@@ -224,6 +224,8 @@ def test_evaluate_looks_up_the_previous_version_in_the_registry_itself(steps):
 def test_deploy_creates_or_updates_the_staging_endpoint_from_the_registered_model(steps):
     model = steps["Deploy-Model"]["Arguments"]["PrimaryContainer"]
     assert model["ModelDataUrl"] == get("Steps.Register.InferenceSpecification.Containers[0].ModelDataUrl")
+    # The artifact is self-contained: the serving container starts with no network at all.
+    assert steps["Deploy-Model"]["Arguments"]["EnableNetworkIsolation"] is True
     config = steps["Deploy-EndpointConfig"]["Arguments"]
     (variant,) = config["ProductionVariants"]
     assert variant["ModelName"] == get("Steps.Deploy-Model.ModelName")
