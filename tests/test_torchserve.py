@@ -10,6 +10,7 @@ tests are skipped, saying so (.ci/run installs Debian's default-jre-headless).
 """
 from __future__ import annotations
 
+import subprocess
 import time
 from collections import Counter
 
@@ -79,6 +80,11 @@ def test_the_toolkit_serves_on_loopback_only(servers):
     assert f"Inference API bind to: http://127.0.0.1:{torchserve.port}" in log
     assert "0.0.0.0" not in "\n".join(line for line in log.splitlines() if "bind to:" in line)
     assert "requirements.txt" not in log  # nothing was pip installed at start
+    # The toolkit's environment has no efficientnet_lite_pytorch: the artifact's own copy serves.
+    probe = subprocess.run([str(torchserve.python), "-c", "import importlib.util as u; "
+                            "print(u.find_spec('efficientnet_lite_pytorch'), u.find_spec('torch') is not None)"],
+                           capture_output=True, text=True, cwd=torchserve.workdir)
+    assert probe.stdout.split() == ["None", "True"], probe.stdout + probe.stderr
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
