@@ -114,6 +114,7 @@ def test_the_torch_free_script_tests_pass_under_the_images_python(runs, version)
         pytest.skip(done)
     tail = (done.stdout + done.stderr)[-3000:]
     assert done.returncode == 0, f"under Python {version}:\n{tail}"
-    last = done.stdout.strip().splitlines()[-1]
-    summary = re.fullmatch(rf"(\d+) passed(, \d+ skipped)?, {len(DESELECT)} deselected in .*", last)
-    assert summary and int(summary.group(1)) >= 40, tail  # every file ran, nothing failed
+    last = done.stdout.strip().splitlines()[-1]  # "47 passed, 3 deselected[, N warnings] in 22.9s"
+    summary = re.match(r"(\d+) passed\b", last)
+    assert summary and int(summary.group(1)) >= 40, tail  # every file ran, not an empty selection
+    assert f"{len(DESELECT)} deselected" in last and not re.search(r"failed|error", last), tail
