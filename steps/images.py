@@ -71,6 +71,8 @@ TRAIN_DEBUGGER = Container("train-debugger", PYTORCH_TRAINING_PY312,
                            compiled_in_image=("pyinstrument-cext",))
 EVALUATE = Container("evaluate", PYTORCH_TRAINING, SCRIPTS / "evaluate" / "requirements.txt",
                      "ProcessingInstanceType")
+# Serving installs nothing at start (the model runs with network isolation; the artifact carries the
+# code it needs): this file says what the serving code needs on top of the image, and must hold there.
 INFERENCE = Container("inference", PYTORCH_INFERENCE, SCRIPTS / "inference" / "requirements.txt",
                       "InferenceInstanceType")
 
