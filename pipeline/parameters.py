@@ -166,8 +166,9 @@ PARAMETERS: tuple[Parameter, ...] = (
             "the epoch whose weights a training job saves: best (validation accuracy) or last", "best", "last"),
     _number("Seed", int, 42, "seed for the split and the training runs", 0, 2**31 - 1),
     _choice("EnableDebugger", "false",
-            "true: the Train job on SageMaker carries SageMaker Debugger's hook and built-in rules "
-            "(for accounts that have Debugger); the report's rule verdicts come from Evaluate either way",
+            "true: Train runs with SageMaker Debugger's client (smdebug) and, on SageMaker, the hook and "
+            "built-in rules, for accounts that have Debugger (fixed at upsert); the report's rule verdicts "
+            "come from Evaluate either way",
             *TRUE_FALSE),
     _number("AccuracyThreshold", float, 0.3, "test accuracy a model needs to be registered", 0.0, 1.0),
     _text("ModelPackageGroupName", "bin-count", "model registry group",

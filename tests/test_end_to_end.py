@@ -221,11 +221,15 @@ def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):
     result = invmon("run", "--param", "Nope=1", home=tmp_path / "home", check=False)
     assert "unknown parameter 'Nope'" in result.stderr
     # Settings that do not go together, refused before a run starts
-    for params, message in ((["TuneLrMin=0.1", "TuneLrMax=0.01"], "TuneLrMin (0.1) must be above 0 and below TuneLrMax (0.01)"),
+    for params, message in ((["TuneLrMin=0.1", "TuneLrMax=0.01"], "TuneLrMin (0.1) must be below TuneLrMax (0.01)"),
                             (["Arch=resnet18", "FrozenBlocks=3"], "FrozenBlocks=3 applies to the efficientnet_lite"),
                             (["Tails=2"], "Tails=2 needs a front to share: set FrozenBlocks"),
                             (["FrozenBlocks=3"], "FrozenBlocks=3 with FreezeBackbone=true"),  # local: frozen
-                            (["RecallFloor=0.2"], "RecallFloor=0.2 moves the cuts of Decode=mean, not median")):
+                            (["RecallFloor=0.2"], "RecallFloor=0.2 moves the cuts of Decode=mean, not median"),
+                            (["AccuracyThreshold=-inf"], "AccuracyThreshold=-inf refused: AccuracyThreshold takes 0 to 1"),
+                            (["Epochs=0"], "Epochs=0 refused: Epochs takes 1 to 200"),
+                            (["TuningMaxJobs=1", "TuningMaxParallelJobs=2"],
+                             "TuningMaxParallelJobs (2) cannot exceed TuningMaxJobs (1)")):
         result = invmon("run", *[a for p in params for a in ("--param", p)], home=tmp_path / "home", check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr

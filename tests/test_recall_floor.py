@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import import_script
-from pipeline.parameters import check_combination
+from pipeline.parameters import check_combination, validate
 from pipeline.profiles import defaults
 from test_partial_finetune import ARGS, squares  # noqa: F401 (fixture)
 from test_train import FAST, data, load_serving, run_train  # noqa: F401 (fixture)
@@ -135,8 +135,8 @@ def test_recall_floor_needs_mean_decoding(tmp_path, squares):  # noqa: F811
     check_combination(values)
     with pytest.raises(ValueError, match="RecallFloor=0.2 moves the cuts of Decode=mean, not median"):
         check_combination({**values, "Decode": "median"})
-    with pytest.raises(ValueError, match="RecallFloor must be from 0 to below 1"):
-        check_combination({**values, "RecallFloor": 1.5})
+    with pytest.raises(ValueError, match="RecallFloor=1.5 refused: RecallFloor takes 0 to 0.9"):
+        validate({**values, "RecallFloor": 1.5})
 
 
 def test_a_checkpoint_without_validation_outputs_is_refused_by_name(tmp_path, data):  # noqa: F811

@@ -233,3 +233,20 @@ def test_cache_key_follows_symlinked_folders_and_ignores_hidden_bookkeeping(setu
     (elsewhere / "d.jpg").write_bytes(b"two")  # a photo behind the link changed
     new_run(setup).execute()
     assert runs_of_count_step(tmp_path) == 2
+
+
+def test_train_uses_the_debugger_container_only_when_enabled(invmon_home, monkeypatch):
+    """As on SageMaker (steps/images.py): Train's environment comes from requirements-debugger.txt
+    with EnableDebugger=true, from requirements.txt otherwise; the tuning trials never."""
+    from pipeline.local import envs
+    from pipeline.profiles import defaults
+    from steps import DAG
+    from steps.train import CODE
+
+    asked = []
+    monkeypatch.setattr(envs, "python_for", lambda requirements, *a, **k: asked.append(requirements.name))
+    run = LocalRun.create(invmon_home, DAG, {**defaults("local"), "EnableDebugger": "true"}, "local",
+                          echo=lambda line: None)
+    run.python(CODE, debugger=True)
+    run.python(CODE)
+    assert asked == ["requirements-debugger.txt", "requirements.txt"]

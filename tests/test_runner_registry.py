@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from conftest import import_script
-from pipeline.registry import REPORT_PROPERTY, open_registry
+from pipeline.registry import REPORT_PROPERTY, file_sha256, open_registry
 from steps.base import Dag, Param
 from test_runner import new_run, setup, small_dag, write_script  # noqa: F401 (setup is a fixture)
 
@@ -80,7 +80,8 @@ def test_evaluate_sees_the_registry_and_register_keeps_each_runs_report(setup, c
     assert main(["models", "show", "1", "--group", "toy"]) == 0
     out = capsys.readouterr().out
     assert f"evaluation report: {report1.as_uri()}" in out.splitlines()
-    assert json.loads(out[:out.rindex("}") + 1])["properties"] == {REPORT_PROPERTY: report1.as_uri()}
+    assert json.loads(out[:out.rindex("}") + 1])["properties"] == {
+        REPORT_PROPERTY: report1.as_uri(), "ArtifactSha256": file_sha256(registry.get("toy", 1).artifact_uri)}
     report1.unlink()
     assert main(["models", "show", "1", "--group", "toy"]) == 0
     assert "(missing: the file was removed)" in capsys.readouterr().out
@@ -91,7 +92,8 @@ def test_a_step_that_does_not_read_the_registry_gets_no_listing(setup):
     state = new_run(setup).execute()  # test_runner's DAG: no reads_registry, no report_file
     assert state["status"] == "Succeeded", state["failure"]
     assert not (home / "runs" / state["id"] / "Evaluate" / "registry.json").exists()
-    assert open_registry(home).get("toy", 1).properties == {}
+    registered = open_registry(home).get("toy", 1)  # no report; the artifact's digest, always
+    assert registered.properties == {"ArtifactSha256": file_sha256(registered.artifact_uri)}
 
 
 def test_a_step_that_reads_the_registry_is_never_taken_from_the_cache(setup):

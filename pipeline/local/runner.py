@@ -343,9 +343,16 @@ class LocalRun:
             raise FileNotFoundError(f"parameter {source.name}: {path} does not exist")
         return path.resolve()
 
-    def python(self, code) -> Path:
-        return envs.python_for(code.requirements, self.home / "envs",
-                               log=lambda m: self.echo("env", m))
+    def python(self, code, debugger: bool = False) -> Path:
+        """The step's environment: its container's requirements file (steps/images.py), the
+        Debugger's for Train when EnableDebugger is true, as on SageMaker."""
+        from steps.base import SCRIPTS
+        from steps.images import container_for
+
+        requirements = code.requirements  # a script folder of its own (a test's toy DAG)
+        if code.root == SCRIPTS:
+            requirements = container_for(code.source_dir, debugger=debugger).requirements
+        return envs.python_for(requirements, self.home / "envs", log=lambda m: self.echo("env", m))
 
     # -- caching ---------------------------------------------------------------------------------
     def _cached(self, step, record: dict, settings: dict, inputs: dict[str, Path | None]) -> bool:
@@ -424,7 +431,8 @@ class LocalRun:
         return {REGISTRY_LISTING_ENV: str(listing)}
 
     def _training_job(self, step: TrainingStep, job_dir: Path, hyperparameters: dict[str, str],
-                      echo, record: dict, should_stop=None, max_runtime_s: int | None = None) -> jobs.JobResult:
+                      echo, record: dict, should_stop=None, max_runtime_s: int | None = None,
+                      debugger: bool = False) -> jobs.JobResult:
         """One training job (the Train step or a tuning trial) in `job_dir`."""
         channels = {name: self.output_path(src) for name, src in step.channels}
         model_dir, output_dir = job_dir / "model_dir", job_dir / "output" / "data"
@@ -437,7 +445,7 @@ class LocalRun:
         env["INVMON_FEATURE_CACHE"] = os.environ.get("INVMON_FEATURE_CACHE") or str(self.dir / FEATURE_CACHE)
         # Checkpoints survive a failed attempt, so a retried job resumes (SageMaker syncs them to S3).
         args = jobs.hyperparameter_args(hyperparameters) + ["--checkpoint_dir", str(job_dir / "checkpoints")]
-        result = jobs.run_script(self.python(step.code), step.code, job_dir, args, env,
+        result = jobs.run_script(self.python(step.code, debugger), step.code, job_dir, args, env,
                                  job_dir / "log.txt", metrics=step.metric_definitions, echo=echo,
                                  should_stop=should_stop, max_runtime_s=max_runtime_s or step.max_runtime_s,
                                  on_start=self._job_started(record), on_end=self._job_ended(record))
@@ -456,8 +464,11 @@ class LocalRun:
             "MetricDefinitions": self.plan[step.name]["metric_definitions"],
             "Channels": sorted(name for name, _ in step.channels)})
         self.echo(step.name, f"hyperparameters {hyperparameters}")
+        # SageMaker Debugger's client in Train's environment only when asked (tuning trials never).
+        debugger = str(self.params.get("EnableDebugger", "false")).lower() == "true"
         result = self._training_job(step, step_dir, hyperparameters,
-                                    echo=lambda line: self.echo(step.name, line), record=record)
+                                    echo=lambda line: self.echo(step.name, line), record=record,
+                                    debugger=debugger)
         record["outputs"] = {"model": "model"}
         record["properties"] = {
             "HyperParameters": hyperparameters,
