@@ -415,20 +415,32 @@ class SageMakerTarget:
 
     # ------------------------------------------------------------------ the switch
 
-    def _create(self, fn, describe, name_key: str, name: str, **kwargs) -> bool:
-        """Create a named resource; False when it exists already (another delivery made it)."""
-        try:
-            describe(**{name_key: name})
-            return False
-        except DeployError:
-            pass
-        try:
-            self._call(fn, **{name_key: name}, **kwargs)
-            return True
-        except DeployError as exc:
-            if any(text in str(exc) for text in ALREADY_EXISTS):
+    def _create(self, fn, describe, name_key: str, name: str, same, **kwargs) -> bool:
+        """Create a named resource; False when it exists already (another delivery made it).
+
+        An existing one is used only if `same(described)` says it is what this deploy would have
+        made: the names are predictable, and another role (the pipeline's models are named
+        `<pipeline>-*`, which may be `<group>-*`) could make one first pointing elsewhere."""
+        for attempt in range(2):
+            try:
+                found = describe(**{name_key: name})
+            except DeployError:
+                found = None
+            if found is not None:
+                if not same(found):
+                    raise DeployError(f"refused: {name} exists already and is not what this deploy "
+                                      "would make (another artifact, image, role or size); nothing "
+                                      "was switched, delete it or look into who made it")
                 return False
-            raise
+            if attempt:
+                break
+            try:
+                self._call(fn, **{name_key: name}, **kwargs)
+                return True
+            except DeployError as exc:
+                if not any(text in str(exc) for text in ALREADY_EXISTS):
+                    raise  # else another delivery made it meanwhile: check it, as above
+        raise DeployError(f"{name} could not be created nor read")
 
     def _delete(self, model_name: str | None, config_name: str | None) -> None:
         """Remove what this deploy created and did not use (best effort: the names are reused)."""
@@ -469,15 +481,25 @@ class SageMakerTarget:
         tags = [{"Key": "invmon:model-package", "Value": model.arn}, {"Key": "invmon:stage", "Value": stage}]
         environment = {**(container.get("Environment") or {}), PACKAGE_ENV: model.arn,
                        DIGEST_ENV: model.properties[DIGEST_PROPERTY]}
+        def same_model(found: dict) -> bool:
+            have = (found.get("Containers") or [found.get("PrimaryContainer") or {}])[0]
+            return (have.get("ModelDataUrl"), have.get("Image"), found.get("ExecutionRoleArn")) == \
+                (data_url, container["Image"], self.role_arn)
+
+        def same_config(found: dict) -> bool:
+            variants = found.get("ProductionVariants") or [{}]
+            return [(v.get("ModelName"), v.get("InstanceType")) for v in variants] == \
+                [(resource, self.instance_type)]
+
         made_model = self._create(
             self.sm.create_model, lambda **k: self._call(self.sm.describe_model, **k), "ModelName", resource,
-            ExecutionRoleArn=self.role_arn, Tags=tags,
+            same_model, ExecutionRoleArn=self.role_arn, Tags=tags,
             # The artifact carries everything model_fn needs: the container needs no network.
             EnableNetworkIsolation=True,
             Containers=[{"Image": container["Image"], "ModelDataUrl": data_url, "Environment": environment}])
         made_config = self._create(
             self.sm.create_endpoint_config, lambda **k: self._call(self.sm.describe_endpoint_config, **k),
-            "EndpointConfigName", resource, Tags=tags,
+            "EndpointConfigName", resource, same_config, Tags=tags,
             ProductionVariants=[{"VariantName": VARIANT, "ModelName": resource, "InitialInstanceCount": 1,
                                  "InstanceType": self.instance_type}])
         if recheck and (problem := recheck()):

@@ -595,3 +595,22 @@ def test_reject_while_production_switches_to_it_fails_and_flags(sm, capsys, upda
     code, out, _ = run(capsys, "models", "reject", "2", "--backend", "aws")  # again, once it ended
     assert code == 0 and "rolled back from Rejected version 2 to bin-count/1" in out
     assert production(sm) == 1
+
+
+def test_a_model_made_in_advance_under_the_deploys_name_is_refused(sm, capsys, updates):
+    """Model names are predictable (endpoint, version, digest, settings), and the pipeline role may
+    create models named <pipeline>-*, which is <group>-* by default: a model planted under the
+    name the deploy will use, pointing at another artifact, is refused, not served."""
+    from pipeline import deploy
+    from pipeline.aws import SageMakerRegistry
+
+    approve(sm, 2)
+    target = deploy.sagemaker_target(sm)
+    version = SageMakerRegistry(sagemaker_client=sm).get(GROUP, 2)
+    name = target.resource_name("bin-count-production", version, IMAGE)
+    s3().put_object(Bucket=ARTIFACTS, Key="planted/model.tar.gz", Body=b"someone else's model")
+    sm.create_model(ModelName=name, ExecutionRoleArn=MODEL_ROLE,
+                    Containers=[{"Image": IMAGE, "ModelDataUrl": f"s3://{ARTIFACTS}/planted/model.tar.gz"}])
+    code, _, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws")
+    assert code == 2 and f"refused: {name} exists already and is not what this deploy would make" in err
+    assert resources(sm)[1:] == ([], [])  # no config, no endpoint
