@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import profiles
 from pipeline.endpoint import load_model
@@ -109,9 +110,16 @@ def test_each_profile_artifact_loads_with_only_the_serving_image(profile, image,
         assert all(f.startswith(result["model_dir"] + f"/code/{ARCH_PACKAGE}/") for f in result["arch_modules"])
     else:
         assert result["arch_modules"] == []
-    # The same answers as the local endpoint's load of the same artifact, in the project's env.
-    local = load_model(tarball)
-    expected = [local.predict(p.read_bytes(), "image/jpeg") for p in photos]
+    # The same answers as the local endpoint's load of the same artifact, in the project's env,
+    # on one thread as the isolated run (OMP_NUM_THREADS=1): another thread count sums in another
+    # order, which moved a probability's 6th decimal on a fresh clone.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = load_model(tarball)
+        expected = [local.predict(p.read_bytes(), "image/jpeg") for p in photos]
+    finally:
+        torch.set_num_threads(threads)
     assert [json.loads(a) for a in result["answers"]] == [json.loads(e) for e in expected]
     assert result["answers"] == expected
 
