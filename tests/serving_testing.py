@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class ServerProcess:
-    def __init__(self, artifact: Path, log_path: Path, **settings):
+    def __init__(self, artifact: Path, log_path: Path, env: dict[str, str] | None = None, **settings):
         self.artifact = artifact
         self.log_path = log_path
         self.settings = settings
+        self.env = env or {}  # on top of this process's environment
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(256)
@@ -41,7 +42,7 @@ class ServerProcess:
                 "--fd", str(self.sock.fileno())]
         for name, value in self.settings.items():
             args += ["--" + name.replace("_", "-"), str(value)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self.env)
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(args, cwd=ROOT, env=env, pass_fds=[self.sock.fileno()],
                                         stdout=self.log_file, stderr=subprocess.STDOUT)

@@ -38,7 +38,7 @@ def servers(tmp_path_factory):
     python, built = toolkit_python()
     workdir = tmp_path_factory.mktemp("torchserve")
     torchserve = TorchServeProcess(python, artifact, workdir)
-    local = ServerProcess(artifact, workdir / "local.log")
+    local = ServerProcess(artifact, workdir / "local.log", env={"OMP_NUM_THREADS": "1"})  # as TorchServe's
     try:
         torchserve.start()
         local.start(wait_ready=False)

@@ -141,6 +141,9 @@ class TorchServeProcess:
             "TS_GRPC_INFERENCE_ADDRESS": "127.0.0.1", "TS_GRPC_INFERENCE_PORT": str(free_port()),
             "TS_GRPC_MANAGEMENT_ADDRESS": "127.0.0.1", "TS_GRPC_MANAGEMENT_PORT": str(free_port()),
             "TS_INITIAL_WORKER_PORT": str(worker_port),
+            # One thread, as the local endpoint the answers are compared with byte for byte: another
+            # thread count sums in another order.
+            "OMP_NUM_THREADS": "1",
         }
 
     def start(self) -> "TorchServeProcess":
