@@ -8,13 +8,24 @@ STAMP := $(VENV)/.installed
 
 # The environment is built once and rebuilt when pyproject.toml changes.
 # torch/torchvision come from pip (never uv/poetry): on the project's machines pip takes them from disk.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -c "$$STEP_CODE_PTH"
 	touch $(STAMP)
 
 env: $(STAMP)
+
+# The step containers' code is importable in this environment as each container imports it
+# (SageMaker puts /opt/ml/code on PYTHONPATH): one folder per container, listed in a .pth file,
+# so tests and benchmarks import scripts/<step>/ modules by their plain names.
+define STEP_CODE_PTH
+import pathlib, sysconfig
+folders = sorted(str(p.resolve()) for p in pathlib.Path("scripts").iterdir() if p.is_dir())
+pathlib.Path(sysconfig.get_paths()["purelib"], "invmon-step-code.pth").write_text("\n".join(folders) + "\n")
+endef
+export STEP_CODE_PTH
 
 run: $(STAMP)
 	$(BIN)/invmon run $(ARGS)

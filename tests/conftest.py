@@ -1,9 +1,9 @@
 """Shared fixtures: a tiny real model artifact, the real ABID sample, an isolated INVMON_HOME."""
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +15,13 @@ FILE_LIST = ROOT.parent / "shared" / "data" / "file_list.json"
 
 
 def import_script(folder: str, module: str):
-    """Import scripts/<folder>/<module>.py the way its container would (its folder on sys.path)."""
-    path = str(SCRIPTS / folder)
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return __import__(module)
+    """scripts/<folder>/<module>.py, by its plain name, as its container imports it (`make env`
+    lists the step folders in the environment's invmon-step-code.pth)."""
+    imported = importlib.import_module(module)
+    expected = (SCRIPTS / folder).resolve()
+    if Path(imported.__file__).resolve().parent != expected:
+        raise ImportError(f"{module} came from {imported.__file__}, not {expected}: run `make env`")
+    return imported
 
 
 def make_artifact(dest: Path, arch: str = "resnet18", image_size: int = 32, seed: int = 0,
