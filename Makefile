@@ -56,9 +56,10 @@ gpu-carry: $(STAMP)
 clean:
 	rm -rf .invmon build
 
-# The Lambda deploy function of infra/invmon.yaml: the modules pipeline/deploy.py needs, nothing
+# The Lambda deploy function of infra/invmon.yaml: the modules pipeline/registry/deploy.py needs, nothing
 # else (the Lambda runtime provides boto3; the SageMaker SDK is never imported).
-DEPLOY_FUNCTION_MODULES := __init__ aws deploy home parameters registry
+DEPLOY_FUNCTION_MODULES := __init__ home registry/__init__ registry/deploy registry/local registry/sagemaker \
+	sagemaker/__init__ sagemaker/clients
 deploy-function:
 	mkdir -p build
 	rm -f build/deploy-function.zip

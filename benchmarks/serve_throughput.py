@@ -2,7 +2,7 @@
 
     python benchmarks/serve_throughput.py            (make bench-serve)
 
-Starts the real server (`python -m pipeline.http_server`, on a socket bound here) with the
+Starts the real server (`python -m pipeline.serving.http_server`, on a socket bound here) with the
 local profile's network (EfficientNet-Lite0 at 160 px; random weights: speed does not depend on
 them, or --artifact for a trained one), sends real photos (../shared/data/abid-sample, else generated
 ones) from 1, 4 and 16 concurrent keep-alive clients, and measures in the same run the bare
@@ -111,8 +111,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    from pipeline.bulk import raw_forward_rate
-    from pipeline.endpoint import load_model
+    from pipeline.serving.bulk import raw_forward_rate
+    from pipeline.serving.endpoint import load_model
 
     work = Path(tempfile.mkdtemp(prefix="invmon-bench-"))
     artifact = args.artifact or make_artifact(work)
@@ -124,7 +124,7 @@ def main() -> int:
     sock.bind(("127.0.0.1", 0))
     sock.listen(256)
     port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "pipeline.http_server", str(artifact), "--fd", str(sock.fileno())]
+    command = [sys.executable, "-m", "pipeline.serving.http_server", str(artifact), "--fd", str(sock.fileno())]
     if args.max_batch:
         command += ["--max-batch", str(args.max_batch)]
     if args.max_wait_ms is not None:

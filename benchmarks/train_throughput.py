@@ -13,7 +13,7 @@ Pipeline and raw passes alternate, and the median of the rounds is reported, so 
 shared with other work slows both alike.
 
 --data is a folder of `<count>/<id>.jpg` class folders (a Preprocess output split); without it a
-synthetic set is generated in a temporary folder (pipeline.synth bin photos, resized the way
+synthetic set is generated in a temporary folder (pipeline.data.synth bin photos, resized the way
 Preprocess resizes them).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def synthetic_class_folders(dest: Path, images: int, short_side: int) -> Path:
     """`images` photos in `<count>/<id>.jpg` folders, short side resized like Preprocess does."""
     per_class = -(-images // 5)
     try:
-        from pipeline.synth import write_dataset
+        from pipeline.data.synth import write_dataset
     except ImportError:
         write_dataset = None
     out = dest / "train"
@@ -56,7 +56,7 @@ def synthetic_class_folders(dest: Path, images: int, short_side: int) -> Path:
             (out / str(count)).mkdir(parents=True, exist_ok=True)
             image.save(out / str(count) / f"{meta.stem}.jpg", quality=90)
         return out
-    # pipeline.synth not available: coloured discs on a gray floor, count = number of discs.
+    # pipeline.data.synth not available: coloured discs on a gray floor, count = number of discs.
     gen = torch.Generator().manual_seed(0)
     for count in range(1, 6):
         (out / str(count)).mkdir(parents=True, exist_ok=True)

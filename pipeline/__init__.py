@@ -2,7 +2,7 @@
 
 
 def get_pipeline(*args, **kwargs):
-    """The SageMaker pipeline (see pipeline/sagemaker_pipeline.py); the SDK loads only when called."""
-    from pipeline.sagemaker_pipeline import get_pipeline as build
+    """The SageMaker pipeline (see pipeline/sagemaker/definition.py); the SDK loads only when called."""
+    from pipeline.sagemaker.definition import get_pipeline as build
 
     return build(*args, **kwargs)

@@ -2,7 +2,7 @@
 
 A declaration says *what* a step runs and how it is wired; it never says how to run it.
 Two executors read the same objects: `pipeline.local` (subprocesses on this machine) and
-`pipeline.sagemaker_pipeline` (SageMaker Python SDK v3). Nothing here imports either.
+`pipeline.sagemaker.definition` (SageMaker Python SDK v3). Nothing here imports either.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TRAINING_MAX_RUNTIME_S = 24 * 3600
 
 @dataclass(frozen=True)
 class Param:
-    """A reference to a pipeline parameter (see pipeline/parameters.py)."""
+    """A reference to a pipeline parameter (see pipeline/dag/parameters.py)."""
 
     name: str
 

@@ -2,7 +2,7 @@
 
 A SageMaker job starts an AWS Deep Learning Container and pip-installs its step's requirements
 file before the script runs, so the image (framework version, Python, CPU or GPU) and the file are
-chosen together. `pipeline/sagemaker_pipeline.py` builds every request from these declarations, and
+chosen together. `pipeline/sagemaker/definition.py` builds every request from these declarations, and
 tests/test_step_requirements.py resolves every file with pip for its image's Python and platform
 (binary wheels only, torch and torchvision held at what the image ships). docs/aws.md, "Images and
 requirements", says why these images and what was measured.

@@ -31,7 +31,7 @@ COMMON_HYPERPARAMETERS = (
     ("keep_epoch", Param("KeepEpoch")),
 )
 
-# SageMaker Debugger on the Train step, with EnableDebugger=true only (pipeline/sagemaker_pipeline.py;
+# SageMaker Debugger on the Train step, with EnableDebugger=true only (pipeline/sagemaker/definition.py;
 # the job then runs in steps/images.py's train-debugger container, which installs smdebug): the hook's
 # collections and the built-in rules, with their built-in default parameters. scripts/train/debugger.py
 # records the same collections where smdebug is installed, and scripts/evaluate/rules.py computes the

@@ -102,7 +102,7 @@ def moto_server(reset: bool = True):
 
 def offline_build(staging: Path, role: str = ROLE, bucket: str = BUCKET, **kwargs) -> dict:
     """The definition built offline: no AWS settings at all, and no network."""
-    from pipeline import sagemaker_pipeline as sp
+    from pipeline.sagemaker import definition as sp
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     with patched_environ(env), NetworkGuard() as guard:

@@ -64,10 +64,10 @@ def abid_sample() -> Path:
 @pytest.fixture(scope="session")
 def bin_photos(tmp_path_factory) -> Path:
     """Photos in 1/ ... 5/ folders: the real ABID sample when ../shared has it, generated bin
-    photos (pipeline.synth) otherwise, so the core contracts run on a checkout without it."""
+    photos (pipeline.data.synth) otherwise, so the core contracts run on a checkout without it."""
     if ABID_SAMPLE.is_dir():
         return ABID_SAMPLE
-    from pipeline import synth
+    from pipeline.data import synth
 
     out = tmp_path_factory.mktemp("generated-bins")
     abid = out / "abid"

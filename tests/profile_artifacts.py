@@ -2,7 +2,7 @@
 
 train.py runs as the Train step runs it (a subprocess, its code staged as the container stages
 it, the SM_* environment), with the Train step's hyperparameters taken from the profile's own
-defaults (steps/train.py STEP, pipeline/profiles.py): the same arch, head, frozen blocks, tails,
+defaults (steps/train.py STEP, pipeline/dag/profiles.py): the same arch, head, frozen blocks, tails,
 decoding and TTA, so the artifact holds what that profile's artifact holds. Only the sizes are
 cut: 64 px photos of squares, 2 epochs, a fixed lr and batch size where the tuner would choose.
 Trained once per test process, packed as SageMaker packs SM_MODEL_DIR.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import profiles
+from pipeline.dag import profiles
 from pipeline.local.jobs import tar_model
 from steps.base import Param, TunedValue, stage_source
 from steps.train import CODE, STEP

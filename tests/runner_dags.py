@@ -12,11 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pipeline.local.runner import LocalRun  # noqa: E402
-from steps.base import (PROCESSING_BASE, Code, ContinuousRange, Dag, MetricDefinition, Param,  # noqa: E402
+from pipeline.local.runner import LocalRun
+from steps.base import (PROCESSING_BASE, Code, ContinuousRange, Dag, MetricDefinition, Param,
                         ProcessingOutput, ProcessingStep, StepOutput, TrainingStep, TuningStep)
 
 WAIT_SCRIPT = """

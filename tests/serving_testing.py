@@ -1,7 +1,7 @@
 """A real local endpoint in a subprocess, for tests and the serving benchmark.
 
 The test binds and listens on 127.0.0.1 first, then hands the socket to the server process
-(`python -m pipeline.http_server ARTIFACT --fd N`): no port is picked, released and raced for,
+(`python -m pipeline.serving.http_server ARTIFACT --fd N`): no port is picked, released and raced for,
 and requests may be sent before the server has started (they wait in the listen backlog).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 120) -> "ServerProcess":
-        args = [sys.executable, "-m", "pipeline.http_server", str(self.artifact),
+        args = [sys.executable, "-m", "pipeline.serving.http_server", str(self.artifact),
                 "--fd", str(self.sock.fileno())]
         for name, value in self.settings.items():
             args += ["--" + name.replace("_", "-"), str(value)]

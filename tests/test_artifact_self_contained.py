@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import profiles
-from pipeline.endpoint import load_model
+from pipeline.dag import profiles
+from pipeline.serving.endpoint import load_model
 from profile_artifacts import profile_artifact
 from serving_image import link_serving_image, run_isolated
 

@@ -217,7 +217,7 @@ FAILED_SCRIPT = [
 
 
 def test_follow_prints_each_change_once_and_reports_the_failed_step():
-    from pipeline.aws import follow
+    from pipeline.sagemaker.executions import follow
 
     lines = []
     sm = ScriptedSageMaker(FAILED_SCRIPT, "Failed", failure="Step failure: One or multiple steps failed.")
@@ -232,10 +232,10 @@ def test_follow_prints_each_change_once_and_reports_the_failed_step():
 
 
 def test_start_wait_exits_non_zero_with_the_failed_steps_reason(monkeypatch, capsys):
-    from pipeline import aws
+    from pipeline.sagemaker import clients, executions
 
     sm = ScriptedSageMaker(FAILED_SCRIPT, "Failed")
-    monkeypatch.setattr(aws, "client", lambda service, region: sm)
+    monkeypatch.setattr(clients, "client", lambda service, region: sm)
     assert main(["start", "--region", REGION, "--wait", "--poll-seconds", "0", "--commit-id", COMMIT]) == 1
     captured = capsys.readouterr()
     assert "Tune" in captured.out and "Succeeded" in captured.out
@@ -245,10 +245,10 @@ def test_start_wait_exits_non_zero_with_the_failed_steps_reason(monkeypatch, cap
 
 
 def test_start_wait_exits_zero_when_the_execution_succeeds(monkeypatch, capsys):
-    from pipeline import aws
+    from pipeline.sagemaker import clients, executions
 
     script = [[step("Preprocess", "Executing")], [step("Preprocess", "Succeeded"), step("Deploy", "Succeeded")]]
-    monkeypatch.setattr(aws, "client", lambda service, region: ScriptedSageMaker(script, "Succeeded"))
+    monkeypatch.setattr(clients, "client", lambda service, region: ScriptedSageMaker(script, "Succeeded"))
     assert main(["start", "--region", REGION, "--wait", "--poll-seconds", "0"]) == 0
     assert "execution succeeded" in capsys.readouterr().out
 
@@ -275,8 +275,8 @@ def _register(sm, s3, group: str, accuracy: float) -> str:
 def test_sagemaker_registry_has_the_local_registry_methods(moto_aws, capsys):
     import boto3
 
-    from pipeline.aws import SageMakerRegistry
-    from pipeline.registry import ModelVersion, NotFoundError, RegistryError
+    from pipeline.registry.sagemaker import SageMakerRegistry
+    from pipeline.registry.local import ModelVersion, NotFoundError, RegistryError
 
     sm, s3 = moto_aws, boto3.Session(region_name=REGION).client("s3")
     sm.create_model_package_group(ModelPackageGroupName="bin-count")

@@ -136,7 +136,7 @@ def test_without_smdebug_training_works_and_the_report_still_has_the_four_verdic
 
 
 def test_invmon_status_shows_the_training_jobs_rule_verdicts():
-    from pipeline.aws import debugger_rule_lines
+    from pipeline.sagemaker.executions import debugger_rule_lines
 
     class FakeSageMaker:
         def describe_training_job(self, TrainingJobName):

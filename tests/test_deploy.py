@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import deploy
+from pipeline.registry import deploy
 from pipeline.cli import main
-from pipeline.registry import RegistryError, open_registry
+from pipeline.registry.local import RegistryError, open_registry
 
 GROUP = "bin-count"
 
@@ -170,7 +170,7 @@ def test_registry_errors_are_one_line(invmon_home, registry, capsys, monkeypatch
     assert code == 2 and "model version bin-count/9 not found" in err and "Traceback" not in err
 
     # Locked: another process holds the write lock; a write waits (briefly here), then says so.
-    monkeypatch.setattr("pipeline.registry.BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr("pipeline.registry.local.BUSY_TIMEOUT_MS", 200)
     holder = sqlite3.connect(invmon_home / "registry.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
@@ -205,7 +205,7 @@ def test_reading_a_missing_registry_creates_nothing(invmon_home, capsys):
 ])
 def test_a_run_naming_another_endpoint_is_refused_before_any_step(params, invmon_home):
     from pipeline.local.runner import LocalRun
-    from pipeline.profiles import defaults
+    from pipeline.dag.profiles import defaults
     from steps import DAG
 
     run = LocalRun.create(invmon_home, DAG, {**defaults("local"), **params}, "local",

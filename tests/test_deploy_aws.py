@@ -157,11 +157,11 @@ class Updates(list):
 @pytest.fixture
 def updates(monkeypatch):
     """UpdateEndpoint requests invmon sends, checked against botocore's model, applied to moto."""
-    from pipeline import aws
+    from pipeline.sagemaker import clients
 
     recorded = Updates()
-    real_client = aws.client
-    monkeypatch.setattr(aws, "client", lambda service, region: recorded.hook(real_client(service, region)))
+    real_client = clients.client
+    monkeypatch.setattr(clients, "client", lambda service, region: recorded.hook(real_client(service, region)))
     return recorded
 
 
@@ -293,7 +293,7 @@ def test_rejecting_what_production_serves_rolls_back_or_flags(sm, capsys, update
 
 
 def test_start_refuses_parameters_that_name_the_production_endpoint(sm, capsys):
-    from pipeline import aws
+    from pipeline.sagemaker import clients, executions
 
     definition = {"Parameters": [{"Name": "ModelPackageGroupName", "DefaultValue": "bin-count"},
                                  {"Name": "StagingEndpointName", "DefaultValue": "bin-count-staging"},
@@ -301,15 +301,15 @@ def test_start_refuses_parameters_that_name_the_production_endpoint(sm, capsys):
     sm.create_pipeline(PipelineName="guarded", RoleArn=MODEL_ROLE,
                        PipelineDefinition=json.dumps({**definition, "Version": "2020-12-01", "Steps": []}))
     for params in ({"StagingEndpointName": "bin-count-production"}, {"ModelPackageGroupName": "other"}):
-        with pytest.raises(aws.AwsError, match="deploys only to its group's staging endpoint"):
-            aws.start(sm, "guarded", params)
+        with pytest.raises(clients.AwsError, match="deploys only to its group's staging endpoint"):
+            executions.start(sm, "guarded", params)
     # A definition upserted before the approval status stopped being a parameter still declares
     # it: start refuses to set it all the same.
-    with pytest.raises(aws.AwsError, match="ModelApprovalStatus refused: a run registers its model as "
+    with pytest.raises(clients.AwsError, match="ModelApprovalStatus refused: a run registers its model as "
                                            "PendingManualApproval; only a reviewer approves it"):
-        aws.start(sm, "guarded", {"ModelApprovalStatus": "Approved"})
+        executions.start(sm, "guarded", {"ModelApprovalStatus": "Approved"})
     assert sm.list_pipeline_executions(PipelineName="guarded")["PipelineExecutionSummaries"] == []
-    assert aws.start(sm, "guarded", {})  # the group's own staging endpoint starts
+    assert executions.start(sm, "guarded", {})  # the group's own staging endpoint starts
 
 
 def test_predict_invokes_the_sagemaker_endpoint(sm, capsys, tmp_path):
@@ -365,10 +365,10 @@ class Absent(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Absent())
 sys.path = [p for p in sys.path if "site-packages" in p or "python3" in p and "wt-" not in p]
 sys.path.insert(0, sys.argv[1])
-import pipeline.deploy
-assert pipeline.deploy.__file__.startswith(sys.argv[1]), pipeline.deploy.__file__
+import pipeline.registry.deploy
+assert pipeline.registry.deploy.__file__.startswith(sys.argv[1]), pipeline.registry.deploy.__file__
 for path in sys.argv[2:]:
-    pipeline.deploy.handler(json.load(open(path)), None)  # it logs its result as a JSON line
+    pipeline.registry.deploy.handler(json.load(open(path)), None)  # it logs its result as a JSON line
 """
 
 
@@ -452,14 +452,14 @@ def event(version: int, status: str = "Approved") -> dict:
 
 
 def deliver(*events_: dict) -> list[dict]:
-    from pipeline import deploy
+    from pipeline.registry import deploy
 
     with patched_environ({**os.environ, "INVMON_MODEL_PACKAGE_GROUP": GROUP}):
         return [deploy.handler(e) for e in events_]
 
 
 def production(sm) -> int | None:
-    from pipeline import deploy
+    from pipeline.registry import deploy
 
     found = deploy.sagemaker_target(sm).current("bin-count-production")
     return found.version if found else None
@@ -476,7 +476,7 @@ def test_a_swapped_artifact_is_refused_at_deploy_naming_both_digests(sm, capsys,
             f"model.tar.gz has SHA-256 {hashlib.sha256(swapped).hexdigest()}, the registry recorded {recorded}"
             in err)
     assert resources(sm) == ([], [], [])
-    from pipeline.deploy import DeployError
+    from pipeline.registry.deploy import DeployError
 
     with pytest.raises(DeployError, match=f"has SHA-256 {hashlib.sha256(swapped).hexdigest()}, the registry "
                                           f"recorded {recorded}"):
@@ -601,8 +601,8 @@ def test_a_model_made_in_advance_under_the_deploys_name_is_refused(sm, capsys, u
     """Model names are predictable (endpoint, version, digest, settings), and the pipeline role may
     create models named <pipeline>-*, which is <group>-* by default: a model planted under the
     name the deploy will use, pointing at another artifact, is refused, not served."""
-    from pipeline import deploy
-    from pipeline.aws import SageMakerRegistry
+    from pipeline.registry import deploy
+    from pipeline.registry.sagemaker import SageMakerRegistry
 
     approve(sm, 2)
     target = deploy.sagemaker_target(sm)

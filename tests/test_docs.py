@@ -1,12 +1,12 @@
 """Docs that cannot go stale: the README's parameter table is generated from the code."""
 from __future__ import annotations
 
-from pipeline import docs
-from pipeline.parameters import PARAMETERS
+from pipeline.cli import docs
+from pipeline.dag.parameters import PARAMETERS
 
 
 def test_readme_parameter_table_matches_the_code():
-    assert docs.main(["--check"]) == 0, "run: python -m pipeline.docs"
+    assert docs.main(["--check"]) == 0, "run: python -m pipeline.cli.docs"
 
 
 def test_the_table_has_a_row_per_parameter_with_its_users():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import synth
+from pipeline.data import synth
 
 # The whole network trained (the local profile's frozen-backbone path has its own tests).
 TINY = ["Arch=resnet18", "FreezeBackbone=false", "ImageSize=32", "ResizeShortSide=40", "TuningMaxJobs=2",
@@ -55,7 +55,7 @@ def run_dir(home: Path) -> Path:
 def run_definition(finished_run, tmp_path_factory):
     """The SageMaker definition built with the run's own parameters (the data as an S3 URI)."""
     from aws_testing import offline_build
-    from pipeline.parameters import BY_NAME
+    from pipeline.dag.parameters import BY_NAME
 
     home, _, _ = finished_run
     state = json.loads((run_dir(home) / "run.json").read_text())

@@ -24,7 +24,7 @@ from PIL import Image
 
 from conftest import make_artifact
 from serving_testing import bin_photo
-from pipeline.endpoint import (ArtifactError, EndpointError, create_app, predict_local,
+from pipeline.serving.endpoint import (ArtifactError, EndpointError, create_app, predict_local,
                                predict_remote)
 
 with warnings.catch_warnings():  # starlette nudges towards httpx2, which is not installed here

@@ -90,6 +90,9 @@ def run_tests(version: str) -> tuple[str, subprocess.CompletedProcess | str]:
     venv_python = environment(python, version)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONPATH", "VIRTUAL_ENV"))}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # The step folders on the path, as /opt/ml/code is in the container (`make env` does the same
+    # for the project's environment with a .pth file).
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in sorted((ROOT / "scripts").iterdir()) if p.is_dir())
     done = subprocess.run([str(venv_python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                            *TESTS, *(f"--deselect={node}" for node in DESELECT)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

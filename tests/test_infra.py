@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from aws_testing import REGION, ROOT, aws_env, patched_environ
-from pipeline import deploy
+from pipeline.registry import deploy
 
 CFN_LINT = [sys.executable, "-c", "import sys, cfnlint.runner; sys.exit(cfnlint.runner.main())"]
 TEMPLATES = sorted((ROOT / "infra").glob("*.yaml"))
@@ -120,7 +120,7 @@ def test_the_template_runs_the_deploy_code(template):
     (function,) = resources(template, "AWS::Lambda::Function").values()
     props = function["Properties"]
     module, _, name = props["Handler"].rpartition(".")
-    assert f"{module}.{name}" == "pipeline.deploy.handler" and callable(deploy.handler)
+    assert f"{module}.{name}" == "pipeline.registry.deploy.handler" and callable(deploy.handler)
     assert set(props["Environment"]["Variables"]) >= {
         "INVMON_MODEL_PACKAGE_GROUP", "INVMON_MODEL_ROLE_ARN", "INVMON_INSTANCE_TYPE"}
     alarms = {a["Properties"]["AlarmName"]["!Sub"]

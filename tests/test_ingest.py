@@ -234,7 +234,7 @@ def test_runner_mirrors_s3_once_through_the_same_code_and_caches_preprocess(serv
     """`invmon run --data s3://... --manifest FILE`: the runner fetches the selection into its
     cache once; a second run fetches nothing and reuses the cached Preprocess."""
     from pipeline.local.runner import LocalRun
-    from pipeline.profiles import defaults
+    from pipeline.dag.profiles import defaults
     from steps import preprocess as declared
     from steps.base import Dag
 

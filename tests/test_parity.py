@@ -1,6 +1,6 @@
 """Parity: the SageMaker definition and the local runner's plan describe the same pipeline.
 
-The plan is what pipeline/local executes (pipeline.local.plan.execution_plan). Here the same
+The plan is what pipeline/local executes (pipeline.dag.compile.execution_plan). Here the same
 facts are read back out of the SageMaker definition JSON, with no help from steps/: the steps
 and their data dependencies (from the Get references and DependsOn), the metric regexes,
 hyperparameter ranges, tuning objective, property files, condition branches and caching. A
@@ -16,17 +16,17 @@ import pytest
 
 import steps as declared
 from aws_testing import default_offline_definition, offline_build
-from pipeline import profiles
-from pipeline.parameters import PARAMETERS
+from pipeline.dag import profiles
+from pipeline.dag.parameters import PARAMETERS
 from steps.base import CategoricalRange, ContinuousRange, Dag, MetricDefinition, PropertyFile
 
 # The local plan's step types, as they appear in the definition (Deploy is an Endpoint step
-# with its "-Model" and "-EndpointConfig" helpers; see pipeline/sagemaker_pipeline.py).
+# with its "-Model" and "-EndpointConfig" helpers; see pipeline/sagemaker/definition.py).
 SAGEMAKER_TYPE = {"Deploy": "Endpoint"}
 
 
 def local_plan(dag: Dag) -> dict:
-    from pipeline.local.plan import execution_plan
+    from pipeline.dag.compile import execution_plan
 
     if len(inspect.signature(execution_plan).parameters) > 1:
         return execution_plan(dag, profiles.defaults("full"))
@@ -123,7 +123,7 @@ def assert_same(local: dict, sagemaker: dict[str, dict]):
 def test_the_definition_and_the_local_plan_are_the_same_pipeline():
     definition = json.loads(default_offline_definition())
     assert_same(local_plan(declared.DAG), sagemaker_plan(definition, declared.DAG.names))
-    # Both executors take their parameters from pipeline/parameters.py.
+    # Both executors take their parameters from pipeline/dag/parameters.py.
     assert [p["Name"] for p in definition["Parameters"]] == [p.name for p in PARAMETERS]
 
 

@@ -14,10 +14,10 @@ import json
 import pytest
 import uvicorn
 
-from pipeline import bulk
+from pipeline.serving import bulk
 from pipeline.cli import main as invmon
-from pipeline.endpoint import create_app, load_model
-from pipeline.registry import open_registry
+from pipeline.serving.endpoint import create_app, load_model
+from pipeline.registry.local import open_registry
 from serving_testing import bin_photo
 
 CLASSES = ["p1", "p2", "p3", "p4", "p5"]
@@ -88,7 +88,7 @@ def test_bulk_answers_match_the_endpoint_one_by_one(staged, folder, tmp_path):
                    "--no-raw"]) == 0
     rows = {row["path"]: row for row in read_rows(out)}
     model = load_model(staged)
-    from pipeline.endpoint import predict_local
+    from pipeline.serving.endpoint import predict_local
     for path, row in rows.items():
         if row["error"]:
             continue

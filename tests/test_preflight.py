@@ -8,7 +8,7 @@ import os
 import pytest
 
 from aws_testing import BUCKET, REGION, ROLE, all_steps, aws_env, default_offline_definition, patched_environ
-from pipeline.preflight import Issue, PreflightError, check_definition, preflight
+from pipeline.sagemaker.preflight import Issue, PreflightError, check_definition, preflight
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def test_the_built_definition_passes(definition):
 
 
 def test_every_step_type_is_checked_against_its_api():
-    from pipeline.preflight import STEP_APIS
+    from pipeline.sagemaker.preflight import STEP_APIS
 
     types = {s["Type"] for s in all_steps(json.loads(default_offline_definition())).values()}
     assert types - {"Condition", "Fail"} <= set(STEP_APIS)
@@ -116,7 +116,7 @@ def test_preflight_error_lists_step_and_field(definition):
 
 def _corrupt(monkeypatch):
     """Make the builder produce a definition whose Train step asks for a bad instance count."""
-    from pipeline import sagemaker_pipeline as sp
+    from pipeline.sagemaker import definition as sp
 
     real = sp.definition
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import import_script
-from pipeline.parameters import check_combination, validate
-from pipeline.profiles import defaults
+from pipeline.dag.parameters import check_combination, validate
+from pipeline.dag.profiles import defaults
 from test_partial_finetune import ARGS, squares  # noqa: F401 (fixture)
 from test_train import FAST, data, load_serving, run_train  # noqa: F401 (fixture)
 

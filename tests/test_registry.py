@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.home import invmon_home as invmon_home_dir
 
-from pipeline.registry import (Endpoint, LocalRegistry, ModelVersion, NotFoundError, RegistryError,
+from pipeline.registry.local import (Endpoint, LocalRegistry, ModelVersion, NotFoundError, RegistryError,
                                is_production, open_registry)
 
 METRICS = {"multiclass_classification_metrics":
@@ -54,7 +54,7 @@ def test_record_round_trips_and_persists_across_connections(tmp_path):
 
 def test_a_schema_1_registry_is_read_as_is_and_migrated_by_the_first_write(tmp_path):
     """A registry written before versions had properties (schema 1, no properties column)."""
-    from pipeline import registry as module
+    from pipeline.registry import local as module
 
     path = tmp_path / "registry.db"
     schema_1 = module.SCHEMA.replace("    properties   TEXT    NOT NULL DEFAULT '{}',\n", "")

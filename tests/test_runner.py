@@ -139,7 +139,7 @@ def test_full_run_follows_the_container_contract(setup):
     # Condition true: registered in the real SQLite registry and deployed to staging.
     assert state["steps"]["Check"]["properties"] == {"outcome": True, "left": 0.6, "right": 0.5}
     assert state["steps"]["TooLow"]["status"] == "Skipped"
-    from pipeline.registry import open_registry
+    from pipeline.registry.local import open_registry
 
     registry = open_registry(home)
     version = registry.get("toy", state["steps"]["Register"]["properties"]["version"])
@@ -156,7 +156,7 @@ def test_gate_failure_names_metric_and_threshold_and_registers_nothing(setup):
     assert state["failure"] == "TooLow: accuracy 0.2000 is below Threshold 0.5"
     assert state["steps"]["Register"]["status"] == "Skipped"
     assert state["steps"]["Deploy"]["status"] == "Skipped"
-    from pipeline.registry import open_registry
+    from pipeline.registry.local import open_registry
 
     assert open_registry(home).list_versions("toy") == []
 
@@ -239,7 +239,7 @@ def test_train_uses_the_debugger_container_only_when_enabled(invmon_home, monkey
     """As on SageMaker (steps/images.py): Train's environment comes from requirements-debugger.txt
     with EnableDebugger=true, from requirements.txt otherwise; the tuning trials never."""
     from pipeline.local import envs
-    from pipeline.profiles import defaults
+    from pipeline.dag.profiles import defaults
     from steps import DAG
     from steps.train import CODE
 

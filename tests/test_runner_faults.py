@@ -113,7 +113,7 @@ def test_ctrl_c_during_tune_leaves_no_trial_process_behind(fault):
 def test_a_resumed_register_does_not_register_the_same_run_twice(tmp_path, invmon_home, monkeypatch):
     from test_runner import small_dag
 
-    from pipeline.registry import open_registry
+    from pipeline.registry.local import open_registry
 
     data = tmp_path / "data"
     data.mkdir()

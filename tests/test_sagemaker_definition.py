@@ -13,8 +13,8 @@ import pytest
 
 from aws_testing import (BUCKET, REGION, ROLE, NetworkGuard, all_steps, aws_env,
                          default_offline_definition, offline_build, patched_environ)
-from pipeline import profiles
-from pipeline.parameters import PARAMETERS
+from pipeline.dag import profiles
+from pipeline.dag.parameters import PARAMETERS
 
 TYPES = {str: "String", int: "Integer", float: "Float"}
 
@@ -25,7 +25,7 @@ def moto_build():
     import boto3
     from moto import mock_aws
 
-    from pipeline import sagemaker_pipeline as sp
+    from pipeline.sagemaker import definition as sp
 
     with patched_environ(aws_env()), mock_aws(), NetworkGuard() as guard:
         boto3.Session(region_name=REGION).client("s3").create_bucket(Bucket=BUCKET)
@@ -72,7 +72,7 @@ def test_parameters_and_defaults_come_from_parameters_py_and_the_profile(definit
 def test_preprocess_reads_only_the_manifests_objects(moto_build, steps):
     """The default execution reads the shipped 10,441-image manifest's objects, one by one, from
     the public bucket: no processing input mounts InputDataUrl (the 535k-image bucket)."""
-    from pipeline.parameters import ABID_MANIFEST
+    from pipeline.dag.parameters import ABID_MANIFEST
 
     definition, objects, _ = moto_build
     preprocess = steps["Preprocess"]["Arguments"]
@@ -363,7 +363,7 @@ def test_kms_vpc_and_manifest_are_used_when_given(tmp_path):
     assert inputs["manifest"]["S3Input"]["S3Uri"] == get("Parameters.ManifestUrl")
     assert inputs["manifest"]["S3Input"]["LocalPath"] == "/opt/ml/processing/input/manifest"
 
-    from pipeline.sagemaker_pipeline import fixed_parameters
+    from pipeline.sagemaker.definition import fixed_parameters
 
     assert set(fixed_parameters(built)) == {"SubnetIds", "SecurityGroupIds", "EnableDebugger"}
     assert set(fixed_parameters(json.loads(default_offline_definition()))) == {
@@ -371,14 +371,14 @@ def test_kms_vpc_and_manifest_are_used_when_given(tmp_path):
 
 
 def test_half_a_vpc_config_is_refused(tmp_path):
-    from pipeline.sagemaker_pipeline import DefinitionError
+    from pipeline.sagemaker.definition import DefinitionError
 
     with pytest.raises(DefinitionError, match="SubnetIds and SecurityGroupIds"):
         offline_build(tmp_path, parameter_overrides={"SubnetIds": "subnet-1"})
 
 
 def test_settings_that_do_not_go_together_are_refused(tmp_path):
-    from pipeline.sagemaker_pipeline import DefinitionError
+    from pipeline.sagemaker.definition import DefinitionError
 
     with pytest.raises(DefinitionError, match=r"TuneLrMin \(0.2\) must be below TuneLrMax \(0.1\)"):
         offline_build(tmp_path, parameter_overrides={"TuneLrMin": 0.2})
@@ -388,7 +388,7 @@ def test_settings_that_do_not_go_together_are_refused(tmp_path):
 
 def test_offline_build_refuses_aws_calls(tmp_path):
     """Anything in the build that needs AWS fails loudly offline instead of reaching out."""
-    from pipeline import sagemaker_pipeline as sp
+    from pipeline.sagemaker import definition as sp
 
     with patched_environ({k: v for k, v in aws_env().items()}), NetworkGuard() as guard:
         session = sp.make_session(REGION, BUCKET, "bin-count", offline_dir=tmp_path)
@@ -504,8 +504,8 @@ def test_with_the_debugger_train_has_the_hook_the_four_rules_and_smdebugs_image(
 def test_enable_debugger_is_fixed_at_upsert_and_start_refuses_to_change_it(debugger_build):
     """A pipeline cannot add request fields or change an image at run time: `invmon start` refuses
     an EnableDebugger other than the one upserted, with the command that changes it."""
-    from pipeline import aws
-    from pipeline.sagemaker_pipeline import fixed_parameters
+    from pipeline.sagemaker import clients, executions
+    from pipeline.sagemaker.definition import fixed_parameters
 
     class Deployed:  # the SageMaker API as `invmon start` uses it, for one upserted definition
         def __init__(self, definition):
@@ -522,9 +522,9 @@ def test_enable_debugger_is_fixed_at_upsert_and_start_refuses_to_change_it(debug
                                         (debugger_build[0], "true", "false")):
         assert "EnableDebugger" in fixed_parameters(definition)
         sm = Deployed(definition)
-        with pytest.raises(aws.AwsError, match=(
+        with pytest.raises(clients.AwsError, match=(
                 r"cannot override EnableDebugger at start: EnableDebugger is fixed when the pipeline is "
                 r"upserted .* re-run `invmon upsert --param EnableDebugger=\.\.\.`")):
-            aws.start(sm, "bin-count", {"EnableDebugger": other})
-        aws.start(sm, "bin-count", {"EnableDebugger": upserted})  # the value it has: nothing to refuse
+            executions.start(sm, "bin-count", {"EnableDebugger": other})
+        executions.start(sm, "bin-count", {"EnableDebugger": upserted})  # the value it has: nothing to refuse
         assert sm.started[-1]["PipelineParameters"] == [{"Name": "EnableDebugger", "Value": upserted}]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.batching import MicroBatcher, PixelBudget
+from pipeline.serving.batching import MicroBatcher, PixelBudget
 
 
 class Recorder:

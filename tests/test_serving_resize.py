@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from conftest import make_artifact
-from pipeline.endpoint import load_model
+from pipeline.serving.endpoint import load_model
 from serving_testing import bin_photo, patched_artifact
 
 CROPPING_TO_PIXELS = """

@@ -1,6 +1,6 @@
 """The local server under load and slow or vanishing clients: a real uvicorn process.
 
-Each test runs `python -m pipeline.http_server` on a socket the test bound, with a real model
+Each test runs `python -m pipeline.serving.http_server` on a socket the test bound, with a real model
 artifact; where a test must hold the forward pass, the artifact's predict_fn waits for a file
 (and logs each call's batch size), so the timing is the test's, not the machine's.
 """

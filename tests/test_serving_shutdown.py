@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from pipeline.endpoint import ServingSettings
-from pipeline.http_server import Draining, graceful_timeout_s, uvicorn_config
+from pipeline.serving.endpoint import ServingSettings
+from pipeline.serving.http_server import Draining, graceful_timeout_s, uvicorn_config
 from serving_testing import ServerProcess, bin_photo
 from test_serving_server import JPEG, Held, wait_log
 

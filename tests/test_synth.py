@@ -1,4 +1,4 @@
-"""pipeline/synth.py: deterministic synthetic bin photos in ABID bucket layout."""
+"""pipeline/data/synth.py: deterministic synthetic bin photos in ABID bucket layout."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, import_script
-from pipeline import synth
+from pipeline.data import synth
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -116,7 +116,7 @@ def test_rewriting_a_synth_folder_leaves_no_stale_files(tmp_path):
 
 
 def test_command_line_and_preprocess_accept_the_output(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "pipeline.synth", str(tmp_path / "d"),
+    res = subprocess.run([sys.executable, "-m", "pipeline.data.synth", str(tmp_path / "d"),
                           "--per-class", "4", "--seed", "5"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -132,7 +132,7 @@ def test_command_line_and_preprocess_accept_the_output(tmp_path):
 
 
 def test_command_line_errors_are_clear(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "pipeline.synth", str(tmp_path / "d"),
+    res = subprocess.run([sys.executable, "-m", "pipeline.data.synth", str(tmp_path / "d"),
                           "--per-class", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "per_class must be at least 1" in res.stderr
     assert "Traceback" not in res.stderr

@@ -24,7 +24,7 @@ from typing import Callable
 
 from pipeline.local import envs, jobs
 from pipeline.local.cache import StepCache, cache_key, fingerprint, link_tree
-from pipeline.local.plan import execution_plan, gated_steps, parameter_ranges
+from pipeline.dag.compile import execution_plan, gated_steps, parameter_ranges
 from pipeline.local.tuner import Tuner
 from steps.base import (ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, JsonGet, Param,
                         ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
@@ -223,8 +223,8 @@ class LocalRun:
                 raise
 
     def _execute(self) -> dict:
-        from pipeline.deploy import pipeline_endpoint_problem
-        from pipeline.parameters import BY_NAME, ParameterError, validate
+        from pipeline.registry.deploy import pipeline_endpoint_problem
+        from pipeline.dag.parameters import BY_NAME, ParameterError, validate
 
         try:  # every declared parameter within its range, before any step runs
             validate({k: v for k, v in self.params.items() if k in BY_NAME})
@@ -318,7 +318,7 @@ class LocalRun:
         selection is mirrored once into $INVMON_HOME/data/s3 through the step's own code."""
         text = str(self.value(item.source)).strip() if isinstance(item.source, Param) else ""
         if item.s3_selection is not None and text.startswith("s3://"):
-            from pipeline import data
+            from pipeline.data import fetch as data
 
             sel = item.s3_selection
             manifest = self.source_path(sel.manifest, optional=True)
@@ -421,7 +421,7 @@ class LocalRun:
         picks the version itself (newest Approved, else newest), the same rule on both back-ends."""
         if step.reads_registry is None:
             return {}
-        from pipeline.registry import open_registry
+        from pipeline.registry.local import open_registry
 
         group = str(self.value(step.reads_registry))
         versions = open_registry(self.home).list_versions(group)
@@ -529,8 +529,8 @@ class LocalRun:
         self.echo(step.name, f"{step.left.json_path} = {left:.4f} >= {step.right.name} = {right} -> {outcome}")
 
     def _register(self, step: RegisterStep, record: dict) -> None:
-        from pipeline.parameters import REGISTERED_STATUS
-        from pipeline.registry import REPORT_PROPERTY, open_registry
+        from pipeline.dag.parameters import REGISTERED_STATUS
+        from pipeline.registry.local import REPORT_PROPERTY, open_registry
 
         artifact = self.output_path(step.model) / "model.tar.gz"
         metrics = json.loads((self.output_path(step.metrics) / step.metrics_file).read_text())
@@ -577,9 +577,9 @@ class LocalRun:
         self.echo(step.name, f"registered {version.group} version {version.version} ({version.status})")
 
     def _deploy(self, step: DeployStep, record: dict) -> None:
-        from pipeline.registry import open_registry
+        from pipeline.registry.local import open_registry
 
-        from pipeline.deploy import verify_local_artifact
+        from pipeline.registry.deploy import verify_local_artifact
 
         registered = self.state["steps"][step.register_step]["properties"]
         name = str(self.value(step.endpoint_name))
@@ -602,7 +602,7 @@ class LocalRun:
 
 def synthetic_data(home: Path, seed: int, echo=print) -> Path:
     """The embedded default data, generated once per seed under $INVMON_HOME/data."""
-    from pipeline import synth
+    from pipeline.data import synth
 
     out = home / "data" / f"synthetic-seed{seed}-{SYNTHETIC_PER_CLASS}"
     if not (out / ".complete").exists():

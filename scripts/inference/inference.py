@@ -1,7 +1,7 @@
 """Serving code of the bin-count model: the SageMaker PyTorch serving functions.
 
 This file travels inside every model artifact as `code/inference.py`. The SageMaker endpoint,
-the local endpoint (pipeline/endpoint.py) and the Evaluate step all load the model through
+the local endpoint (pipeline/serving/endpoint.py) and the Evaluate step all load the model through
 these four functions, so what Evaluate measures is what the endpoint serves.
 
 Artifact layout (model.tar.gz):

@@ -35,7 +35,7 @@ SCHEMA_VERSION = 2
 # The property naming the Evaluate step's report.html (a file:// or s3:// URI), on both back-ends.
 REPORT_PROPERTY = "EvaluationReport"
 # The SHA-256 of model.tar.gz recorded at registration (hex), on both back-ends; every deploy
-# checks the artifact against it (pipeline/deploy.py).
+# checks the artifact against it (pipeline/registry/deploy.py).
 DIGEST_PROPERTY = "ArtifactSha256"
 # A new version is registered with one of these: Approved is a reviewer's step (set_status).
 REGISTRABLE = ("PendingManualApproval", "Rejected")

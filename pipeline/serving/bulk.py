@@ -108,7 +108,7 @@ class CsvOut:
 
 def decode_photo(model, photo: Path):
     """(image, None) or (None, the reason it cannot be counted)."""
-    from pipeline.endpoint import RequestError, content_type_for
+    from pipeline.serving.endpoint import RequestError, content_type_for
 
     try:
         body = photo.read_bytes()
@@ -150,7 +150,7 @@ def count_local(model, photos: list[Path], batch_size: int = 16, workers: int = 
 def count_remote(url: str, photos: list[Path], concurrency: int = 8, timeout: float = 60.0,
                  retries: int = 5) -> Iterator[Row]:
     """Rows in photo order from a running endpoint; a 503 is retried after its Retry-After."""
-    from pipeline.endpoint import JSON, content_type_for
+    from pipeline.serving.endpoint import JSON, content_type_for
 
     endpoint = url.rstrip("/")
     if not endpoint.endswith("/invocations"):

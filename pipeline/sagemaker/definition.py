@@ -1,7 +1,7 @@
 """The bin-count DAG as a SageMaker pipeline (SageMaker Python SDK v3).
 
 `get_pipeline()` is the SageMaker project-template entry point. It reads nothing but the step
-declarations (`steps.DAG`), pipeline/parameters.py and a profile's defaults, and translates each
+declarations (`steps.DAG`), pipeline/dag/parameters.py and a profile's defaults, and translates each
 declaration type into SDK v3 objects:
 
     ProcessingStep -> FrameworkProcessor (PyTorch image, the step's own source + requirements)
@@ -67,8 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import steps as declared
-from pipeline import profiles
-from pipeline.parameters import BY_NAME, PARAMETERS, REGISTERED_STATUS, ParameterError, validate
+from pipeline.dag import profiles
+from pipeline.dag.parameters import BY_NAME, PARAMETERS, REGISTERED_STATUS, ParameterError, validate
 from steps import base, images
 
 # Each step container's image (framework version, Python, CPU/GPU) and requirements file are
@@ -742,7 +742,7 @@ class _Build:
         from sagemaker.core.workflow.functions import Join
         from sagemaker.mlops.workflow.model_step import ModelStep
 
-        from pipeline.registry import DIGEST_PROPERTY, REPORT_PROPERTY
+        from pipeline.registry.local import DIGEST_PROPERTY, REPORT_PROPERTY
 
         metrics_uri = Join(on="/", values=[self.output_uri(decl.metrics), decl.metrics_file])
         # The report is not a metrics document SageMaker reads, so it is not in ModelMetrics: the
@@ -950,7 +950,7 @@ def _build_pipeline(region, role, default_bucket, pipeline_name, profile, sagema
 def _translate(build: _Build, dag: base.Dag) -> list:
     """The SDK steps for the declarations, as the pipeline's top-level step list."""
     build.vpc()  # fail early on half a VPC config
-    from pipeline.deploy import pipeline_endpoint_problem
+    from pipeline.registry.deploy import pipeline_endpoint_problem
 
     if problem := pipeline_endpoint_problem(build.values):  # executions deploy only to staging
         raise DefinitionError(problem)

@@ -14,7 +14,7 @@ head (train.py's default).
 """
 from __future__ import annotations
 
-from pipeline.parameters import BY_NAME, PARAMETERS
+from pipeline.dag.parameters import BY_NAME, PARAMETERS
 
 FULL: dict[str, object] = {p.name: p.default for p in PARAMETERS}
 

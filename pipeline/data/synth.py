@@ -13,7 +13,7 @@ colour that stands out from the cardboard, and overlap only partly; what makes i
 is the spread of sizes, shapes and colours, tape strips over the items, a label sticker, uneven
 light, blur and noise.
 
-    python -m pipeline.synth OUT [--per-class N] [--seed S] [--workers N]
+    python -m pipeline.data.synth OUT [--per-class N] [--seed S] [--workers N]
 """
 from __future__ import annotations
 
@@ -321,7 +321,7 @@ def prepare(out: Path) -> None:
     """Start from an empty set; refuse to overwrite image folders this module did not write."""
     images = out / "bin-images"
     if images.exists() and any(images.iterdir()) and not (out / MARKER).is_file():
-        raise FileExistsError(f"{out} already holds bin-images/ not written by pipeline.synth; "
+        raise FileExistsError(f"{out} already holds bin-images/ not written by pipeline.data.synth; "
                               "choose an empty folder")
     for name in ("bin-images", "metadata"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -366,7 +366,7 @@ def write_dataset(out: Path, per_class: int = 300, seed: int = 0, size: tuple[in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.synth",
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.synth",
                                 description="Write synthetic bin photos in ABID bucket layout.")
     p.add_argument("out", type=Path)
     p.add_argument("--per-class", type=int, default=300)

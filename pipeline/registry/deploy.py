@@ -29,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from pipeline.registry import (DIGEST_PROPERTY, Endpoint, ModelVersion, NotFoundError, RegistryError,
+from pipeline.registry.local import (DIGEST_PROPERTY, Endpoint, ModelVersion, NotFoundError, RegistryError,
                                file_sha256, sha256_of)
 
 STAGES = {"staging": "staging", "prod": "production"}
@@ -307,7 +307,7 @@ class SageMakerTarget:
     @property
     def s3(self):
         if self._s3 is None:
-            from pipeline.aws import client
+            from pipeline.sagemaker.clients import client
 
             self._s3 = client("s3", self.sm.meta.region_name)
         return self._s3
@@ -315,7 +315,7 @@ class SageMakerTarget:
     def _call(self, fn, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from pipeline.aws import describe_error
+        from pipeline.sagemaker.clients import describe_error
 
         service = "S3" if fn.__self__ is self._s3 else "SageMaker"
         try:
@@ -569,7 +569,8 @@ def handler(event: dict, context=None) -> dict:
       to the newest other Approved version, or flag it.
     Anything else is ignored (the rule already filters; this is the second lock). A failed deploy
     raises: the invocation fails, its error is logged and the function's error alarm fires."""
-    from pipeline.aws import SageMakerRegistry, client, resolve_region
+    from pipeline.registry.sagemaker import SageMakerRegistry
+    from pipeline.sagemaker.clients import client, resolve_region
 
     group = os.environ["INVMON_MODEL_PACKAGE_GROUP"]
     detail = event.get("detail") or {}

@@ -1,16 +1,18 @@
 """`invmon`: the command line of the bin-count pipeline.
 
-Local commands live here; the AWS commands (definition, upsert, start, status, executions) are
-registered by pipeline/cli_aws.py so that nothing on the local path imports the SageMaker SDK.
+Each module registers its commands: local.py (run, runs, serve, predict, models, data),
+aws.py (definition, upsert, start, status, executions), deploy.py (deploy, endpoints). None of
+them imports the SageMaker SDK at import time, so the local path never needs it.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-
-class CommandError(Exception):
-    """A user-facing error: printed as `invmon: error: ...`, exit code 2, no traceback."""
+from pipeline.cli import aws as cli_aws
+from pipeline.cli import deploy as cli_deploy
+from pipeline.cli import local as cli_local
+from pipeline.cli.errors import CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +20,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="invmon", description="Count items in warehouse bin photos: pipeline, registry, endpoint."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from pipeline import cli_aws, cli_deploy, cli_local
-
     cli_local.add_commands(commands)
     cli_aws.add_commands(commands)
     cli_deploy.add_commands(commands)

@@ -1,11 +1,11 @@
 """`invmon deploy` and `invmon endpoints` on both back-ends, and the back-end plumbing that
-`invmon models approve/reject` share with them (the rules are in pipeline/deploy.py)."""
+`invmon models approve/reject` share with them (the rules are in pipeline/registry/deploy.py)."""
 from __future__ import annotations
 
 import argparse
 import functools
 
-from pipeline.cli import CommandError
+from pipeline.cli.errors import CommandError
 
 
 def add_commands(commands) -> None:
@@ -33,25 +33,25 @@ def backend_options(parser: argparse.ArgumentParser) -> None:
 
 
 def group_of(args) -> str:
-    from pipeline.parameters import BY_NAME
+    from pipeline.dag.parameters import BY_NAME
 
     return args.group or str(BY_NAME["ModelPackageGroupName"].default)
 
 
 def registry_of(args):
     if args.backend == "aws":
-        from pipeline.aws import SageMakerRegistry
+        from pipeline.registry.sagemaker import SageMakerRegistry
 
         return SageMakerRegistry(region=args.region)
     from pipeline.home import invmon_home
-    from pipeline.registry import open_registry
+    from pipeline.registry.local import open_registry
 
     return open_registry(invmon_home())
 
 
 def target_of(args, registry):
     """Where endpoints live: records in the local registry, or SageMaker endpoints."""
-    from pipeline import deploy
+    from pipeline.registry import deploy
 
     if args.backend == "aws":
         return deploy.sagemaker_target(registry.sm, getattr(args, "role_arn", None),
@@ -64,8 +64,8 @@ def one_line_errors(handler):
 
     @functools.wraps(handler)
     def wrapped(args) -> int:
-        from pipeline.aws import AwsError
-        from pipeline.registry import RegistryError
+        from pipeline.sagemaker.clients import AwsError
+        from pipeline.registry.local import RegistryError
 
         try:
             return handler(args)
@@ -76,7 +76,7 @@ def one_line_errors(handler):
 
 @one_line_errors
 def cmd_deploy(args) -> int:
-    from pipeline import deploy
+    from pipeline.registry import deploy
 
     registry = registry_of(args)
     outcome = deploy.deploy(registry, target_of(args, registry), group_of(args), args.stage,
@@ -89,7 +89,7 @@ def cmd_deploy(args) -> int:
 
 @one_line_errors
 def cmd_endpoints(args) -> int:
-    from pipeline import deploy
+    from pipeline.registry import deploy
 
     group = group_of(args)
     registry = registry_of(args)

@@ -1,59 +1,22 @@
-"""The AWS side of `invmon`: upsert/start/follow SageMaker pipeline executions, and the
-SageMaker Model Registry back-end of the model registry.
+"""SageMaker pipeline executions: upsert, start, follow, status, and one call to an endpoint.
 
-Plain boto3 here (start, status, executions, registry): only building and upserting the
-definition needs the SageMaker SDK (pipeline/sagemaker_pipeline.py). Every function takes the
-client it uses, so tests can hand in moto's or a scripted one.
+Plain boto3 here: only building and upserting the definition needs the SageMaker SDK
+(pipeline/sagemaker/definition.py). Every function takes the client it uses, so tests can hand
+in moto's or a scripted one.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable
 
-from pipeline.parameters import BY_NAME, ParameterError, validate
-from pipeline.registry import STATUSES, ModelVersion, NotFoundError, RegistryError
+from pipeline.dag.parameters import BY_NAME, ParameterError, validate
+from pipeline.sagemaker.clients import AwsError, describe_error
 
 TERMINAL = ("Succeeded", "Failed", "Stopped")
-
-
-class AwsError(Exception):
-    """An AWS request that cannot be made or did not succeed; the message says what to do."""
-
-
-def resolve_region(explicit: str | None = None) -> str:
-    region = explicit or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if not region:
-        raise AwsError("no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION")
-    return region
-
-
-def client(service: str, region: str):
-    """A boto3 client; boto3 itself honours AWS_ENDPOINT_URL(_<SERVICE>) (e.g. a moto server).
-
-    Throttling and transient network errors are retried by botocore's standard retry mode
-    (AWS_MAX_ATTEMPTS overrides the attempts), never by a loop of ours.
-    """
-    import boto3
-    from botocore.config import Config
-
-    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
-    config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10,
-                    read_timeout=60)
-    return boto3.Session(region_name=region).client(service, config=config)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a botocore error: code and message, no traceback."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict) and "Error" in response:
-        err = response["Error"]
-        return f"{err.get('Code', 'Error')}: {err.get('Message', '')}".strip()
-    return str(exc) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -79,7 +42,7 @@ def pipeline_exists(sm, pipeline_name: str) -> bool:
 
 def upsert(pipeline, role_arn: str, description: str | None = None) -> dict:
     """Create the pipeline or update it; returns {"PipelineArn", "created": bool}."""
-    from pipeline.sagemaker_pipeline import parallelism_config
+    from pipeline.sagemaker.definition import parallelism_config
 
     existed = pipeline_exists(pipeline.sagemaker_session.sagemaker_client, pipeline.name)
     response = pipeline.upsert(role_arn=role_arn, description=description,
@@ -114,8 +77,8 @@ def start(sm, pipeline_name: str, parameters: dict | None = None, commit_id: str
     The commit id goes into the execution's display name (commit-<first 12>) and, whole, into
     its description ("CommitId=<sha>"), where the console and list-executions show it.
     """
-    from pipeline.deploy import pipeline_endpoint_problem
-    from pipeline.sagemaker_pipeline import MAX_ENDPOINT_NAME, MAX_PARALLEL_STEPS, fixed_parameters
+    from pipeline.registry.deploy import pipeline_endpoint_problem
+    from pipeline.sagemaker.definition import MAX_ENDPOINT_NAME, MAX_PARALLEL_STEPS, fixed_parameters
 
     parameters = parameters or {}
     try:  # names and ranges of what is set, before the account is asked anything
@@ -289,152 +252,17 @@ def executions_report(sm, pipeline_name: str, max_results: int = 20) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- model registry
-
-
-def _iso(value) -> str:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.isoformat()
-    return str(value or "")
-
-
-class SageMakerRegistry:
-    """The SageMaker Model Registry with the LocalRegistry's methods and ModelVersion records.
-
-    A model package group is a group; its versioned model packages are the versions. Metrics
-    are the evaluation.json the Register step attached (ModelMetrics.ModelQuality.Statistics).
-    Errors are RegistryError/NotFoundError, as with the local back-end.
-    """
-
-    def __init__(self, region: str | None = None, sagemaker_client=None, s3_client=None):
-        if sagemaker_client is None:
-            try:
-                region = resolve_region(region)
-            except AwsError as exc:
-                raise RegistryError(str(exc)) from None
-        self.sm = sagemaker_client or client("sagemaker", region)
-        self._s3 = s3_client
-        self._region = region
-
-    @property
-    def s3(self):
-        if self._s3 is None:
-            self._s3 = client("s3", self._region or self.sm.meta.region_name)
-        return self._s3
-
-    def _call(self, fn, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(**kwargs)
-        except ClientError as exc:
-            message = describe_error(exc)
-            if message.startswith("ResourceNotFound") or "does not exist" in message:
-                raise NotFoundError(f"SageMaker Model Registry: {message}") from None
-            raise RegistryError(f"SageMaker Model Registry: {message}") from None
-        except BotoCoreError as exc:
-            raise RegistryError(f"SageMaker Model Registry: {exc}") from None
-
-    def groups(self) -> list[str]:
-        names, token = [], None
-        while True:
-            kwargs = {"NextToken": token} if token else {}
-            page = self._call(self.sm.list_model_package_groups, **kwargs)
-            names += [g["ModelPackageGroupName"] for g in page.get("ModelPackageGroupSummaryList", [])]
-            token = page.get("NextToken")
-            if not token:
-                return sorted(names)
-
-    def _summaries(self, group: str, status: str | None = None) -> list[dict]:
-        found, token = [], None
-        while True:
-            kwargs = {"ModelPackageGroupName": group, "ModelPackageType": "Versioned"}
-            if status:
-                kwargs["ModelApprovalStatus"] = status
-            if token:
-                kwargs["NextToken"] = token
-            page = self._call(self.sm.list_model_packages, **kwargs)
-            found += page.get("ModelPackageSummaryList", [])
-            token = page.get("NextToken")
-            if not token:
-                return sorted(found, key=lambda s: s.get("ModelPackageVersion", 0))
-
-    def _metrics(self, package: dict) -> dict:
-        uri = (((package.get("ModelMetrics") or {}).get("ModelQuality") or {})
-               .get("Statistics") or {}).get("S3Uri")
-        if not uri or not uri.startswith("s3://"):
-            return {}
-        bucket, _, key = uri[5:].partition("/")
-        try:
-            return json.loads(self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except Exception as exc:  # the version still lists; say why its metrics are missing
-            return {"unavailable": f"{uri}: {describe_error(exc)}"}
-
-    def _version(self, arn: str) -> ModelVersion:
-        p = self._call(self.sm.describe_model_package, ModelPackageName=arn)
-        containers = (p.get("InferenceSpecification") or {}).get("Containers") or [{}]
-        return ModelVersion(
-            group=p.get("ModelPackageGroupName", ""),
-            version=int(p.get("ModelPackageVersion", 0)),
-            status=p.get("ModelApprovalStatus", ""),
-            artifact_uri=containers[0].get("ModelDataUrl", ""),
-            metrics=self._metrics(p),
-            created_at=_iso(p.get("CreationTime")),
-            updated_at=_iso(p.get("LastModifiedTime") or p.get("CreationTime")),
-            run_id=(p.get("MetadataProperties") or {}).get("GeneratedBy"),
-            description=p.get("ModelPackageDescription", "") or "",
-            note=p.get("ApprovalDescription", "") or "",
-            arn=p.get("ModelPackageArn", arn),
-            properties=dict(p.get("CustomerMetadataProperties") or {}),  # REPORT_PROPERTY among them
-        )
-
-    def list_versions(self, group: str | None = None) -> list[ModelVersion]:
-        groups = [group] if group is not None else self.groups()
-        return [self._version(s["ModelPackageArn"]) for g in groups for s in self._summaries(g)]
-
-    def _arn(self, group: str, version) -> str:
-        try:
-            number = int(version)
-        except (TypeError, ValueError):
-            raise RegistryError(f"model version must be a whole number from 1, got {version!r}") from None
-        for s in self._summaries(group):
-            if int(s.get("ModelPackageVersion", 0)) == number:
-                return s["ModelPackageArn"]
-        raise NotFoundError(f"model version {group}/{number} not found in the SageMaker Model Registry")
-
-    def get(self, group: str, version: int) -> ModelVersion:
-        return self._version(self._arn(group, version))
-
-    def set_status(self, group: str, version: int, status: str, note: str = "") -> ModelVersion:
-        if status not in STATUSES:
-            raise RegistryError(f"unknown approval status {status!r}; use one of {', '.join(STATUSES)}")
-        arn = self._arn(group, version)
-        kwargs = {"ModelPackageArn": arn, "ModelApprovalStatus": status}
-        if note:
-            kwargs["ApprovalDescription"] = note
-        self._call(self.sm.update_model_package, **kwargs)
-        return self._version(arn)
-
-    def latest(self, group: str, status: str | None = None) -> ModelVersion | None:
-        if status is not None and status not in STATUSES:
-            raise RegistryError(f"unknown approval status {status!r}; use one of {', '.join(STATUSES)}")
-        summaries = self._summaries(group, status)
-        return self._version(summaries[-1]["ModelPackageArn"]) if summaries else None
-
-
 # --------------------------------------------------------------------------- endpoints
 
 
 def invoke_endpoint(runtime, endpoint_name: str, body: bytes, content_type: str) -> dict:
     """One photo to a SageMaker endpoint (sagemaker-runtime InvokeEndpoint); the JSON answer.
 
-    Errors become pipeline.endpoint.EndpointError with one line (the CLI reports it per photo).
+    Errors become pipeline.serving.endpoint.EndpointError with one line (the CLI reports it per photo).
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from pipeline.endpoint import EndpointError
+    from pipeline.serving.endpoint import EndpointError
 
     try:
         response = runtime.invoke_endpoint(EndpointName=endpoint_name, Body=body,

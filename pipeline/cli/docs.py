@@ -1,7 +1,7 @@
-"""The README's parameter table, generated from pipeline/parameters.py, profiles.py and steps/.
+"""The README's parameter table, generated from pipeline/dag/parameters.py, profiles.py and steps/.
 
-    python -m pipeline.docs          # rewrite the table in README.md
-    python -m pipeline.docs --check  # exit 1 when README.md is out of date (tests/test_docs.py)
+    python -m pipeline.cli.docs          # rewrite the table in README.md
+    python -m pipeline.cli.docs --check  # exit 1 when README.md is out of date (tests/test_docs.py)
 """
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from pipeline.parameters import PARAMETERS
-from pipeline.profiles import PROFILES
+from pipeline.dag.parameters import PARAMETERS
+from pipeline.dag.profiles import PROFILES
 from steps import DAG
 from steps.base import Param
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-START, END = "<!-- parameters:start (python -m pipeline.docs) -->", "<!-- parameters:end -->"
+README = Path(__file__).resolve().parents[2] / "README.md"
+START, END = "<!-- parameters:start (python -m pipeline.cli.docs) -->", "<!-- parameters:end -->"
 
 
 def params_in(value, found: set[str]) -> set[str]:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     new = render(text)
     if check:
         if new != text:
-            print("README.md's parameter table is out of date: run python -m pipeline.docs", file=sys.stderr)
+            print("README.md's parameter table is out of date: run python -m pipeline.cli.docs", file=sys.stderr)
             return 1
         return 0
     README.write_text(new)

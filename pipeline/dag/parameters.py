@@ -1,7 +1,7 @@
 """Pipeline parameters: the knobs an execution can be started with.
 
 The same list becomes SageMaker `ParameterString/Integer/Float` objects and the local runner's
-`--param Name=Value` settings. Defaults come from a profile (pipeline/profiles.py).
+`--param Name=Value` settings. Defaults come from a profile (pipeline/dag/profiles.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 # The reference recipe's 10,441-image subset of ABID (Udacity's file_list.json), shipped with
 # the package: the definition uploads it, so the default execution reads exactly these images.
-ABID_MANIFEST = Path(__file__).resolve().parent / "manifests" / "abid-10441.json"
+ABID_MANIFEST = Path(__file__).resolve().parent.parent / "data" / "manifests" / "abid-10441.json"
 
 
 class ParameterError(ValueError):

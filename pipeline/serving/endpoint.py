@@ -15,8 +15,8 @@ and are answered with it, so both servers give the same code for the same reques
 
 How a request is served: admitted (or 503) before its body is read; body read under a deadline;
 input_fn in a small decode pool; then its image joins a micro-batch and predict_fn scores the
-whole batch as one list (pipeline/batching.py). A client that leaves has its work dropped.
-ServingSettings holds every limit; pipeline/http_server.py runs it under uvicorn.
+whole batch as one list (pipeline/serving/batching.py). A client that leaves has its work dropped.
+ServingSettings holds every limit; pipeline/serving/http_server.py runs it under uvicorn.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeline.batching import MicroBatcher, PixelBudget
+from pipeline.serving.batching import MicroBatcher, PixelBudget
 
 JSON = "application/json"
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -553,13 +553,6 @@ def create_app(artifact: str | Path, model_version: str | None = None,
             state.in_flight -= 1
 
     return app
-
-def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8080,
-          model_version: str | None = None, settings: ServingSettings | None = None) -> int:
-    """Serve the artifact until interrupted (Ctrl-C); see pipeline/http_server.py."""
-    from pipeline.http_server import serve as run_server
-
-    return run_server(artifact, host, port, model_version, settings)
 
 
 # --------------------------------------------------------------------------- clients

@@ -16,8 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.cli import CommandError
-from pipeline.profiles import PROFILES
+from pipeline.cli.errors import CommandError
+from pipeline.dag.profiles import PROFILES
 
 DEFAULT_PIPELINE = "bin-count"
 
@@ -89,9 +89,9 @@ def _aws_errors(handler):
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from pipeline.aws import AwsError, describe_error
-        from pipeline.preflight import PreflightError
-        from pipeline.sagemaker_pipeline import DefinitionError, OfflineError
+        from pipeline.sagemaker.clients import AwsError, describe_error
+        from pipeline.sagemaker.preflight import PreflightError
+        from pipeline.sagemaker.definition import DefinitionError, OfflineError
 
         warnings_filters(getattr(args, "verbose", False))
         try:
@@ -132,7 +132,7 @@ def quiet_sdk_loggers(verbose: bool) -> None:
 @contextlib.contextmanager
 def _sdk(region: str):
     """Ready the process for the SDK; INVMON_SDK_TELEMETRY=off turns its telemetry off."""
-    from pipeline import sagemaker_pipeline as sp
+    from pipeline.sagemaker import definition as sp
 
     sp.sdk_import_region(region)
     off = os.environ.get("INVMON_SDK_TELEMETRY", "").lower() in ("0", "off", "false", "no")
@@ -141,13 +141,13 @@ def _sdk(region: str):
 
 
 def _region(args) -> str:
-    from pipeline.aws import resolve_region
+    from pipeline.sagemaker.clients import resolve_region
 
     return resolve_region(args.region)
 
 
 def _overrides(items: list[str]) -> dict:
-    from pipeline.parameters import parse_assignments
+    from pipeline.dag.parameters import parse_assignments
 
     try:
         return parse_assignments(items)
@@ -156,7 +156,7 @@ def _overrides(items: list[str]) -> dict:
 
 
 def _build(args, region: str, role: str, bucket: str | None, offline_dir: Path | None):
-    from pipeline import sagemaker_pipeline as sp
+    from pipeline.sagemaker import definition as sp
 
     overrides = _overrides(args.param)
     with sp.offline_environment(offline_dir is not None):
@@ -169,7 +169,8 @@ def _build(args, region: str, role: str, bucket: str | None, offline_dir: Path |
 
 
 def _checked_definition(pipeline) -> str:
-    from pipeline import preflight, sagemaker_pipeline as sp
+    from pipeline.sagemaker import preflight
+    from pipeline.sagemaker import definition as sp
 
     text = sp.definition(pipeline)
     preflight.preflight(text)
@@ -178,11 +179,11 @@ def _checked_definition(pipeline) -> str:
 
 @_aws_errors
 def cmd_definition(args) -> int:
-    from pipeline import sagemaker_pipeline as sp
+    from pipeline.sagemaker import definition as sp
 
     region = args.region
     if not region:
-        from pipeline.aws import AwsError, resolve_region
+        from pipeline.sagemaker.clients import AwsError, resolve_region
 
         try:
             region = resolve_region(None)
@@ -213,7 +214,7 @@ def cmd_definition(args) -> int:
 def cmd_upsert(args) -> int:
     import tempfile
 
-    from pipeline import aws
+    from pipeline.sagemaker import executions
 
     region = _region(args)
     if not args.role_arn.strip():
@@ -225,7 +226,7 @@ def cmd_upsert(args) -> int:
             _checked_definition(_build(args, region, args.role_arn,
                                        args.bucket or "preflight-bucket", Path(tmp)))
         pipeline = _build(args, region, args.role_arn, args.bucket, None)
-        result = aws.upsert(pipeline, args.role_arn, description=args.description)
+        result = executions.upsert(pipeline, args.role_arn, description=args.description)
     verb = "created" if result["created"] else "updated"
     print(f"pipeline {pipeline.name} {verb}: {result['PipelineArn']}")
     print(f"start it: invmon start --region {region}" +
@@ -240,17 +241,17 @@ def _quiet_boto(verbose: bool) -> None:
 
 @_aws_errors
 def cmd_start(args) -> int:
-    from pipeline import aws
+    from pipeline.sagemaker import clients, executions
 
     region = _region(args)
-    sm = aws.client("sagemaker", region)
-    arn = aws.start(sm, args.pipeline_name, _overrides(args.param), commit_id=args.commit_id,
+    sm = clients.client("sagemaker", region)
+    arn = executions.start(sm, args.pipeline_name, _overrides(args.param), commit_id=args.commit_id,
                     display_name=args.display_name)
     print(f"started {arn}")
     if not args.wait:
         print(f"follow it: invmon status {arn}")
         return 0
-    outcome = aws.follow(sm, arn, poll_seconds=args.poll_seconds,
+    outcome = executions.follow(sm, arn, poll_seconds=args.poll_seconds,
                          out=lambda line: print(line, flush=True))
     if outcome.ok:
         print(f"execution succeeded: {arn}")
@@ -263,18 +264,18 @@ def cmd_start(args) -> int:
 
 @_aws_errors
 def cmd_status(args) -> int:
-    from pipeline import aws
+    from pipeline.sagemaker import clients, executions
 
-    sm = aws.client("sagemaker", _region(args))
-    arn = args.execution_arn or aws.latest_execution(sm, args.pipeline_name)
-    print(aws.status_report(sm, arn))
+    sm = clients.client("sagemaker", _region(args))
+    arn = args.execution_arn or executions.latest_execution(sm, args.pipeline_name)
+    print(executions.status_report(sm, arn))
     return 0
 
 
 @_aws_errors
 def cmd_executions(args) -> int:
-    from pipeline import aws
+    from pipeline.sagemaker import clients, executions
 
-    sm = aws.client("sagemaker", _region(args))
-    print(aws.executions_report(sm, args.pipeline_name, args.max))
+    sm = clients.client("sagemaker", _region(args))
+    print(executions.executions_report(sm, args.pipeline_name, args.max))
     return 0

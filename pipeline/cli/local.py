@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cli import CommandError
+from pipeline.cli.errors import CommandError
 from pipeline.home import invmon_home
-from pipeline.profiles import PROFILES
-from pipeline.registry import RegistryError
+from pipeline.dag.profiles import PROFILES
+from pipeline.registry.local import RegistryError
 
 
 def add_commands(commands) -> None:
@@ -100,7 +100,7 @@ def add_commands(commands) -> None:
                     "checked as Preprocess checks them, with fetch_report.json. Anonymous access "
                     "when no AWS credentials are configured; AWS_ENDPOINT_URL for other stores. "
                     "A rerun fetches only what is missing or damaged.")
-    from pipeline.data import ingest
+    from pipeline.data.fetch import ingest
 
     ingest().add_arguments(fetch)
     fetch.set_defaults(handler=cmd_data_fetch)
@@ -117,8 +117,8 @@ def _model_choice(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from pipeline.local.runner import LocalRun, synthetic_data
     from pipeline.local.summary import summarize
-    from pipeline.parameters import parse_assignments, validate
-    from pipeline.profiles import defaults
+    from pipeline.dag.parameters import parse_assignments, validate
+    from pipeline.dag.profiles import defaults
     from steps import DAG
 
     home = invmon_home()
@@ -205,16 +205,16 @@ def cmd_runs_show(args) -> int:
 # -- models ------------------------------------------------------------------------------------
 def _registry(args):
     if args.backend == "aws":
-        from pipeline.aws import SageMakerRegistry
+        from pipeline.registry.sagemaker import SageMakerRegistry
 
         return _registry_call(SageMakerRegistry, region=args.region)
-    from pipeline.registry import open_registry
+    from pipeline.registry.local import open_registry
 
     return open_registry(invmon_home())
 
 
 def _group(args) -> str:
-    from pipeline.parameters import BY_NAME
+    from pipeline.dag.parameters import BY_NAME
 
     return args.group or str(BY_NAME["ModelPackageGroupName"].default)
 
@@ -261,7 +261,7 @@ def report_line(version) -> str:
     beside the artifact for a local version registered before it was recorded."""
     from urllib.parse import unquote, urlparse
 
-    from pipeline.registry import REPORT_PROPERTY
+    from pipeline.registry.local import REPORT_PROPERTY
 
     uri = version.properties.get(REPORT_PROPERTY, "")
     if not uri:
@@ -275,7 +275,8 @@ def report_line(version) -> str:
 
 
 def cmd_models_approve(args) -> int:
-    from pipeline import cli_deploy, deploy
+    from pipeline.cli import deploy as cli_deploy
+    from pipeline.registry import deploy
 
     registry = _registry(args)
     group = _group(args)
@@ -303,7 +304,7 @@ def cmd_models_approve(args) -> int:
 def _review(action, *args):
     """Approve or reject (which may deploy): (failed, outcome). A failed deploy is reported in one
     line and exits 1 with the status change kept; a registry problem is a usage error."""
-    from pipeline import deploy
+    from pipeline.registry import deploy
 
     try:
         return False, action(*args)
@@ -315,7 +316,8 @@ def _review(action, *args):
 
 
 def cmd_models_reject(args) -> int:
-    from pipeline import cli_deploy, deploy
+    from pipeline.cli import deploy as cli_deploy
+    from pipeline.registry import deploy
 
     registry = _registry(args)
     group = _group(args)
@@ -332,8 +334,8 @@ def cmd_models_reject(args) -> int:
 # -- serving -----------------------------------------------------------------------------------
 def _resolve_model(args) -> tuple[Path, str]:
     """(artifact path, version label) for --endpoint / --version, default the staging endpoint."""
-    from pipeline.parameters import BY_NAME
-    from pipeline.registry import NotFoundError, is_production, open_registry
+    from pipeline.dag.parameters import BY_NAME
+    from pipeline.registry.local import NotFoundError, is_production, open_registry
 
     registry = open_registry(invmon_home())
     group = _group(args)
@@ -353,7 +355,7 @@ def _resolve_model(args) -> tuple[Path, str]:
     if not artifact.exists():
         raise CommandError(f"model artifact {artifact} of {group} version {version.version} is missing")
     if args.version is None:  # an endpoint serves only the bytes that were registered
-        from pipeline.deploy import DeployError, verify_local_artifact
+        from pipeline.registry.deploy import DeployError, verify_local_artifact
 
         try:
             verify_local_artifact(version)
@@ -365,7 +367,8 @@ def _resolve_model(args) -> tuple[Path, str]:
 def cmd_serve(args) -> int:
     from dataclasses import replace
 
-    from pipeline.endpoint import ServingSettings, serve
+    from pipeline.serving.endpoint import ServingSettings
+    from pipeline.serving.http_server import serve
 
     artifact, label = _resolve_model(args)
     settings = ServingSettings()
@@ -378,8 +381,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from pipeline.bulk import NoPhotos, collect_photos
-    from pipeline.endpoint import ArtifactError, EndpointError, load_model, predict_local, predict_remote
+    from pipeline.serving.bulk import NoPhotos, collect_photos
+    from pipeline.serving.endpoint import ArtifactError, EndpointError, load_model, predict_local, predict_remote
 
     try:
         photos = collect_photos(args.photos)
@@ -425,7 +428,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_data_fetch(args) -> int:
-    from pipeline.data import ingest
+    from pipeline.data.fetch import ingest
 
     module = ingest()
     try:
@@ -437,22 +440,22 @@ def cmd_data_fetch(args) -> int:
 
 def _sagemaker_predictor(args):
     """Photos to a SageMaker endpoint through sagemaker-runtime InvokeEndpoint."""
-    from pipeline import aws
-    from pipeline.endpoint import content_type_for
+    from pipeline.sagemaker import clients, executions
+    from pipeline.serving.endpoint import content_type_for
 
     if not args.endpoint:
         raise CommandError("--backend aws needs --endpoint NAME (e.g. bin-count-production)")
     try:
-        runtime = aws.client("sagemaker-runtime", aws.resolve_region(args.region))
-    except aws.AwsError as exc:
+        runtime = clients.client("sagemaker-runtime", clients.resolve_region(args.region))
+    except clients.AwsError as exc:
         raise CommandError(str(exc)) from None
-    return lambda photo: aws.invoke_endpoint(runtime, args.endpoint, photo.read_bytes(),
+    return lambda photo: executions.invoke_endpoint(runtime, args.endpoint, photo.read_bytes(),
                                              content_type_for(photo))
 
 
 def _predict_csv(args, photos: list[Path], model) -> int:
     """Bulk counting into a CSV; bad photos are rows with their error (exit status 0)."""
-    from pipeline import bulk
+    from pipeline.serving import bulk
 
     if args.batch_size < 1 or args.concurrency < 1:
         raise CommandError("--batch-size and --concurrency must be at least 1")
@@ -473,7 +476,7 @@ def _predict_csv(args, photos: list[Path], model) -> int:
 
 
 def cmd_data_synth(args) -> int:
-    from pipeline import synth
+    from pipeline.data import synth
 
     summary = synth.write_dataset(args.out, per_class=args.per_class, seed=args.seed)
     print(json.dumps(summary, indent=2, default=str))

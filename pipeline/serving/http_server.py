@@ -9,7 +9,7 @@ On SIGTERM or Ctrl-C the server drains: requests already admitted finish (the gr
 shutdown waits as long as a request may take: its body deadline plus its answer deadline),
 requests that arrive meanwhile get 503 with Retry-After, never a 500.
 
-`python -m pipeline.http_server ARTIFACT --fd N` serves on a socket the caller already bound
+`python -m pipeline.serving.http_server ARTIFACT --fd N` serves on a socket the caller already bound
 (tests and benchmarks: no port picked, released and raced for).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pipeline.endpoint import ServingSettings, create_app
+from pipeline.serving.endpoint import ServingSettings, create_app
 
 log = logging.getLogger("invmon.endpoint")
 
@@ -183,7 +183,7 @@ def settings_from(args) -> ServingSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.http_server")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.serving.http_server")
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--fd", type=int, help="serve on this already bound socket")
     parser.add_argument("--host", default="127.0.0.1")

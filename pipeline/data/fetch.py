@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,12 +14,15 @@ from steps.base import SCRIPTS
 
 
 def ingest() -> ModuleType:
-    """scripts/preprocess/ingest.py, imported as its container imports it (folder on sys.path)."""
-    for folder in (SCRIPTS / "preprocess", SCRIPTS / "inference"):
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
-    import ingest as module
-
+    """scripts/preprocess/ingest.py by its plain name, as its container imports it: `make env`
+    lists the step folders in the environment (invmon-step-code.pth)."""
+    try:
+        import ingest as module
+    except ImportError as exc:
+        raise ImportError(f"the Preprocess container's code is not importable ({exc}): "
+                          "run `make env`, which installs the step folders' path") from None
+    if Path(module.__file__).resolve().parent != (SCRIPTS / "preprocess").resolve():
+        raise ImportError(f"`ingest` resolves to {module.__file__}, not scripts/preprocess: run `make env`")
     return module
 
 

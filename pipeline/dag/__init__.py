@@ -1,0 +1,1 @@
+"""Parameters, profiles and the compile stage: the DAG of steps/ made concrete."""

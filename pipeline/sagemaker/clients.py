@@ -1,0 +1,42 @@
+"""boto3 clients for the AWS half: region, retries, one-line errors. Plain boto3, no SDK."""
+from __future__ import annotations
+
+import os
+
+
+class AwsError(Exception):
+    """An AWS request that cannot be made or did not succeed; the message says what to do."""
+
+
+def resolve_region(explicit: str | None = None) -> str:
+    region = explicit or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise AwsError("no AWS region: pass --region or set AWS_REGION / AWS_DEFAULT_REGION")
+    return region
+
+
+def client(service: str, region: str):
+    """A boto3 client; boto3 itself honours AWS_ENDPOINT_URL(_<SERVICE>) (e.g. a moto server).
+
+    Throttling and transient network errors are retried by botocore's standard retry mode
+    (AWS_MAX_ATTEMPTS overrides the attempts), never by a loop of ours.
+    """
+    import boto3
+    from botocore.config import Config
+
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
+    config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10,
+                    read_timeout=60)
+    return boto3.Session(region_name=region).client(service, config=config)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a botocore error: code and message, no traceback."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        err = response["Error"]
+        return f"{err.get('Code', 'Error')}: {err.get('Message', '')}".strip()
+    return str(exc) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- pipelines

@@ -1,0 +1,1 @@
+"""The local endpoint: model loading, the HTTP server, micro-batching, bulk prediction."""
