@@ -1,8 +1,9 @@
 """The vocabulary every step declaration is written in.
 
 A declaration says *what* a step runs and how it is wired; it never says how to run it.
-Two executors read the same objects: `pipeline.local` (subprocesses on this machine) and
-`pipeline.sagemaker.definition` (SageMaker Python SDK v3). Nothing here imports either.
+pipeline/dag/compile.py compiles the declarations into step requests, which two executors run:
+`pipeline.local` (subprocesses on this machine) and `pipeline.sagemaker.definition` (SageMaker
+Python SDK v3). Nothing here imports any of them.
 """
 from __future__ import annotations
 
@@ -279,38 +280,3 @@ class Dag:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.steps]
-
-
-def upstream(step: Step) -> list[str]:
-    """Names of the steps whose outputs or properties `step` reads (its data dependencies)."""
-    deps: list[str] = []
-
-    def add(name: str) -> None:
-        if name not in deps:
-            deps.append(name)
-
-    if isinstance(step, ProcessingStep):
-        for i in step.inputs:
-            if isinstance(i.source, StepOutput):
-                add(i.source.step)
-    elif isinstance(step, TrainingStep):
-        for _, src in step.channels:
-            add(src.step)
-        for _, value in step.hyperparameters:
-            if isinstance(value, TunedValue):
-                add(value.tuning_step)
-    elif isinstance(step, TuningStep):
-        for d in upstream(step.training):
-            add(d)
-    elif isinstance(step, ConditionStep):
-        add(step.left.step)
-    elif isinstance(step, RegisterStep):
-        add(step.model.step)
-        add(step.metrics.step)
-    elif isinstance(step, DeployStep):
-        add(step.register_step)
-    elif isinstance(step, FailStep):
-        for part in step.message:
-            if isinstance(part, JsonGet):
-                add(part.step)
-    return deps

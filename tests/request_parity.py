@@ -1,10 +1,15 @@
-"""Compare the job requests a local run made (requests.jsonl) with the SageMaker definition's.
+"""Read a SageMaker definition back and compare it with the compile stage's requests.
 
-The definition's values are pipeline expressions (`Get`, `Std:Join`, `Std:JsonGet`); they are
-evaluated here with the run's own parameters and step properties, so that what the runner
-passed to each script is checked against what SageMaker would pass, value for value. The only
-mapping applied is the one the runner makes on purpose: an S3 dataset the step reads itself
-(InputDataUrl) is handed to the local script as the folder it was mirrored to.
+Two comparisons, both independent of the code they check (this module evaluates the
+definition's expressions itself):
+- `plan_differences`: every field of every compiled request (plan.json, `invmon plan`) is in
+  the definition's step with the same value; the SDK adds fields of its own (images, roles,
+  the code channels), which are not compared. Dependencies, branches, caching and property
+  files are read from the definition and compared too.
+- `run_differences`: every request a local run executed (executed.jsonl) is the definition's
+  request evaluated with the run's own parameters and step results.
+A Deploy (type Endpoint) is compiled as one request with its Model and EndpointConfig parts;
+the definition makes each part a step of its own, "<name>-Model" and "<name>-EndpointConfig".
 """
 from __future__ import annotations
 
@@ -14,17 +19,139 @@ from pathlib import Path
 
 from aws_testing import all_steps
 
-SDK_ADDED_INPUTS = {"code", "aux", "entrypoint"}  # FrameworkProcessor's own inputs
-SDK_ADDED_CHANNELS = {"code", "sm_drivers"}  # ModelTrainer's own channels
+# Lists whose items are matched by name (the SDK adds items of its own, e.g. the code channel).
+KEYS = ("InputName", "OutputName", "ChannelName", "Name", "RuleConfigurationName", "CollectionName",
+        "VariantName")
+ENDPOINT_PARTS = ("Model", "EndpointConfig")
 
 
-class Resolver:
-    """Evaluates definition expressions with a local run's parameters and step properties."""
+def missing(expected, built, path: str = "") -> list[str]:
+    """Where `built` lacks or differs from a field of `expected` (built may have more)."""
+    if isinstance(expected, dict):
+        if not isinstance(built, dict):
+            return [f"{path}: {built!r} is not an object"]
+        found = []
+        for key, value in expected.items():
+            if key not in built:
+                found.append(f"{path}.{key}: not in the definition")
+            else:
+                found += missing(value, built[key], f"{path}.{key}")
+        return found
+    if isinstance(expected, list):
+        if not isinstance(built, list):
+            return [f"{path}: {built!r} is not a list"]
+        if not expected and all(isinstance(i, dict) for i in built):
+            return []  # no named item compiled (e.g. no optional input): the SDK's own may be there
+        key = next((k for k in KEYS if expected and all(isinstance(i, dict) and k in i for i in expected)), None)
+        if key:
+            by_key = {i.get(key): i for i in built if isinstance(i, dict)}
+            return [d for item in expected
+                    for d in ([f"{path}[{item[key]}]: not in the definition"] if item[key] not in by_key
+                              else missing(item, by_key[item[key]], f"{path}[{item[key]}]"))]
+        if len(expected) != len(built):
+            return [f"{path}: {len(expected)} items compiled, {len(built)} in the definition: {built!r}"]
+        return [d for n, (a, b) in enumerate(zip(expected, built)) for d in missing(a, b, f"{path}[{n}]")]
+    return [] if expected == built else [f"{path}: compiled {expected!r}, definition {built!r}"]
 
-    def __init__(self, state: dict, mapped: dict[str, str]):
+
+def project(expected, built):
+    """The part of `built` that `expected` has fields for (the rest may hold references that only
+    SageMaker resolves, such as another helper step's ModelName)."""
+    if isinstance(expected, dict) and isinstance(built, dict) and not ({"Get", "Std:Join", "Std:JsonGet"} & set(built)):
+        return {k: project(v, built[k]) for k, v in expected.items() if k in built}
+    if isinstance(expected, list) and isinstance(built, list):
+        key = next((k for k in KEYS if expected and all(isinstance(i, dict) and k in i for i in expected)), None)
+        if key:
+            wanted = {i[key]: i for i in expected}
+            return [project(wanted[i[key]], i) for i in built if isinstance(i, dict) and i.get(key) in wanted]
+        if len(expected) == len(built):
+            return [project(a, b) for a, b in zip(expected, built)]
+    return built
+
+
+def declared_name(step_name: str, names: set[str]) -> str:
+    return step_name if step_name in names else step_name.rsplit("-", 1)[0]
+
+
+def parts(request: dict) -> dict[str, dict]:
+    """Definition step name -> the part of `request` it must hold."""
+    args = dict(request["Arguments"])
+    if request["Type"] == "Endpoint":
+        found = {f"{request['Name']}-{part}": args.pop(part) for part in ENDPOINT_PARTS}
+        return {**found, request["Name"]: args}
+    if request["Type"] == "Condition":
+        args.pop("IfSteps"), args.pop("ElseSteps")
+    return {request["Name"]: args}
+
+
+def refs(obj) -> set[str]:
+    if isinstance(obj, dict):
+        ref = obj.get("Get")
+        found = {ref.split(".")[1]} if isinstance(ref, str) and ref.startswith("Steps.") else set()
+        return found.union(*(refs(v) for v in obj.values()))
+    if isinstance(obj, list):
+        return set().union(*(refs(v) for v in obj))
+    return set()
+
+
+def plan_differences(plan: list[dict], definition: dict) -> list[str]:
+    """Every way the definition is not the compiled plan (see the module docstring)."""
+    built = all_steps(definition)
+    names = {r["Name"] for r in plan}
+    found = []
+    if {declared_name(n, names) for n in built} != names:
+        found.append(f"steps: compiled {sorted(names)}, definition {sorted({declared_name(n, names) for n in built})}")
+    gates = {}
+    for step in built.values():
+        if step["Type"] == "Condition":
+            for branch, outcome in (("IfSteps", True), ("ElseSteps", False)):
+                for s in step["Arguments"][branch]:
+                    gates[declared_name(s["Name"], names)] = (step["Name"], outcome)
+    for request in plan:
+        name = request["Name"]
+        for part, expected in parts(request).items():
+            if part not in built:
+                found.append(f"{part}: not in the definition")
+                continue
+            found += [f"{part}{d}" for d in missing(expected, built[part]["Arguments"])]
+        if name not in built:
+            continue
+        step = built[name]
+        if step["Type"] != request["Type"]:
+            found.append(f"{name}: type {request['Type']} compiled, {step['Type']} in the definition")
+        deps = set()
+        for part in parts(request):
+            if part in built:
+                args = {k: v for k, v in built[part]["Arguments"].items() if k not in ("IfSteps", "ElseSteps")}
+                deps |= refs(args) | {d if isinstance(d, str) else d["Step"] for d in built[part].get("DependsOn", [])}
+        deps = sorted({declared_name(d, names) for d in deps} - {name})
+        if deps != request["DependsOn"]:
+            found.append(f"{name}: depends on {request['DependsOn']} compiled, {deps} in the definition")
+        if request["Type"] == "Condition":
+            for branch in ("IfSteps", "ElseSteps"):
+                got = list(dict.fromkeys(declared_name(s["Name"], names) for s in step["Arguments"][branch]))
+                if got != request["Arguments"][branch]:
+                    found.append(f"{name}.{branch}: compiled {request['Arguments'][branch]}, definition {got}")
+        cached = bool(step.get("CacheConfig", {}).get("Enabled", False))
+        if cached != request["Cache"]:
+            found.append(f"{name}: cache {request['Cache']} compiled, {cached} in the definition")
+        if step.get("PropertyFiles", []) != request.get("PropertyFiles", []):
+            found.append(f"{name}: property files {request.get('PropertyFiles')} compiled, "
+                         f"{step.get('PropertyFiles')} in the definition")
+        gate = request.get("RunsIf")
+        if (gates.get(name) != (gate["Condition"], gate["Outcome"]) if gate else name in gates):
+            found.append(f"{name}: runs if {gate} compiled, {gates.get(name)} in the definition")
+    return found
+
+
+class RunValues:
+    """Evaluates definition expressions with a local run's parameters and step results."""
+
+    def __init__(self, run_dir: Path, state: dict):
+        self.dir = run_dir  # where the run's outputs were when it ran
         self.params = state["parameters"]
         self.steps = state["steps"]
-        self.mapped = mapped  # parameter name -> the local value the runner substitutes
+        self.execution = state["id"]
 
     def __call__(self, expr):
         if isinstance(expr, dict) and "Get" in expr:
@@ -47,11 +174,17 @@ class Resolver:
 
     def get(self, ref: str):
         if ref.startswith("Parameters."):
-            name = ref.split(".", 1)[1]
-            return self.mapped.get(name, self.params[name])
-        match = re.fullmatch(r"Steps\.(\w+)\.BestTrainingJob\.TunedHyperParameters\['(\w+)'\]", ref)
-        if match:
-            return self.steps[match[1]]["properties"]["TunedHyperParameters"][match[2]]
+            return self.params[ref.split(".", 1)[1]]
+        if ref == "Execution.PipelineExecutionId":
+            return self.execution
+        if m := re.fullmatch(r"Steps\.(\w+)\.ProcessingOutputConfig\.Outputs\['(\w+)'\]\.S3Output\.S3Uri", ref):
+            return str(self.dir / m[1] / self.steps[m[1]]["outputs"][m[2]])
+        if m := re.fullmatch(r"Steps\.(\w+)\.ModelArtifacts\.S3ModelArtifacts", ref):
+            return str(self.dir / m[1] / self.steps[m[1]]["outputs"]["model"])
+        if m := re.fullmatch(r"Steps\.(\w+)\.BestTrainingJob\.TunedHyperParameters\['(\w+)'\]", ref):
+            return self.steps[m[1]]["properties"]["TunedHyperParameters"][m[2]]
+        if m := re.fullmatch(r"Steps\.(\w+)\.InferenceSpecification\.Containers\[0\]\.ModelDataUrl", ref):
+            return self.steps[m[1]]["properties"]["artifact"]
         raise AssertionError(f"no local value for {ref}")
 
     @staticmethod
@@ -60,73 +193,21 @@ class Resolver:
         return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
-def strings(values) -> list[str]:
-    return [v if isinstance(v, str) else Resolver.text(v) for v in values]
-
-
-def hyperparameters(resolved: dict) -> dict[str, str]:
-    """Hyperparameters as the script receives them, without the ones the SDK adds for itself."""
-    return {k: v if isinstance(v, str) else Resolver.text(v)
-            for k, v in resolved.items() if not k.startswith("sagemaker_")}
-
-
-def differences(run_dir: Path, definition: dict, mapped: dict[str, str]) -> list[str]:
-    """Every field where a recorded local request and the definition's request disagree."""
+def run_differences(run_dir: Path, definition: dict, origin: Path | None = None) -> list[str]:
+    """Every field where a request the run executed and the definition's request disagree.
+    `origin`: the run's folder when it ran, if run.json and executed.jsonl were copied since."""
     state = json.loads((run_dir / "run.json").read_text())
-    resolve = Resolver(state, mapped)
-    steps = all_steps(definition)
-    found: list[str] = []
-
-    def check(step: str, field: str, local, remote) -> None:
-        if local != remote:
-            found.append(f"{step}.{field}: local {local!r} != definition {remote!r}")
-
-    requests = [json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()]
-    for request in requests:
-        name, kind = request["step"], request["Type"]
-        args = steps[name]["Arguments"] if name in steps else None
-        if args is None:
-            found.append(f"{name}: the local run made a request the definition has no step for")
-            continue
-        if kind == "Processing":
-            check(name, "ContainerArguments", request["ContainerArguments"],
-                  strings(resolve(args["AppSpecification"]["ContainerArguments"])))
-            remote_inputs = {i["InputName"]: i["S3Input"]["LocalPath"] for i in args["ProcessingInputs"]
-                             if i["InputName"] not in SDK_ADDED_INPUTS}
-            check(name, "ProcessingInputs", request["ProcessingInputs"], remote_inputs)
-            remote_outputs = {o["OutputName"]: o["S3Output"]["LocalPath"]
-                              for o in args["ProcessingOutputConfig"]["Outputs"]}
-            check(name, "ProcessingOutputs", request["ProcessingOutputs"], remote_outputs)
-        elif kind == "Training":
-            check(name, "HyperParameters", request["HyperParameters"],
-                  hyperparameters(resolve(args["HyperParameters"])))
-            check(name, "MetricDefinitions", request["MetricDefinitions"],
-                  args["AlgorithmSpecification"]["MetricDefinitions"])
-            check(name, "Channels", request["Channels"],
-                  sorted(c["ChannelName"] for c in args["InputDataConfig"]
-                         if c["ChannelName"] not in SDK_ADDED_CHANNELS))
-        elif kind == "Tuning":
-            job = args["TrainingJobDefinition"]
-            config = args["HyperParameterTuningJobConfig"]
-            check(name, "StaticHyperParameters", request["StaticHyperParameters"],
-                  hyperparameters(resolve(job["StaticHyperParameters"])))
-            check(name, "MetricDefinitions", request["MetricDefinitions"],
-                  job["AlgorithmSpecification"]["MetricDefinitions"])
-            limits = resolve(config["ResourceLimits"])
-            check(name, "MaxNumberOfTrainingJobs", request["MaxNumberOfTrainingJobs"], limits["MaxNumberOfTrainingJobs"])
-            check(name, "MaxParallelTrainingJobs", request["MaxParallelTrainingJobs"], limits["MaxParallelTrainingJobs"])
-            check(name, "Strategy", request["Strategy"], config["Strategy"])
-            check(name, "EarlyStopping", request["EarlyStopping"], config["TrainingJobEarlyStoppingType"])
-            check(name, "Objective", request["Objective"], config["HyperParameterTuningJobObjective"])
-            check(name, "ParameterRanges", request["ParameterRanges"], resolve(config["ParameterRanges"]))
-        elif kind == "Condition":
-            (condition,) = args["Conditions"]
-            check(name, "Operator", request["Operator"], condition["Type"])
-            check(name, "LeftValue", request["LeftValue"], resolve(condition["LeftValue"]))
-            check(name, "RightValue", request["RightValue"], resolve(condition["RightValue"]))
-    recorded = {r["step"] for r in requests}
-    for name, step in steps.items():
-        ran = state["steps"].get(name, {}).get("status") == "Succeeded"
-        if step["Type"] in ("Processing", "Training", "Tuning", "Condition") and ran and name not in recorded:
-            found.append(f"{name}: ran locally but no request was recorded")
+    values = RunValues(origin or run_dir, state)
+    built = all_steps(definition)
+    executed = [json.loads(line) for line in (run_dir / "executed.jsonl").read_text().splitlines()]
+    found = []
+    for request in executed:
+        for part, expected in parts(request).items():
+            if part not in built:
+                found.append(f"{part}: executed locally, not in the definition")
+                continue
+            found += [f"{part}{d}" for d in missing(expected, values(project(expected, built[part]["Arguments"])))]
+    ran = {name for name, record in state["steps"].items() if record.get("status") in ("Succeeded", "Failed")}
+    if missing_records := ran - {r["Name"] for r in executed}:
+        found.append(f"{sorted(missing_records)}: ran locally but no executed request was recorded")
     return found

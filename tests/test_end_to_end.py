@@ -69,27 +69,29 @@ def evaluation_output(folder: Path) -> Path:
     return folder / "Evaluate" / state["steps"]["Evaluate"]["outputs"]["evaluation"]
 
 
-MAPPED = {"InputDataUrl": "/opt/ml/processing/input/data"}  # the runner's mirror of the S3 data
-
-
 @pytest.mark.slow
-def test_every_local_job_request_equals_the_definitions(finished_run, run_definition):
-    """Parity by execution: each request the runner made (arguments, hyperparameters, inputs,
-    outputs, metric regexes, tuning config, the condition's operator and operands) is the
-    definition's request for that step, evaluated with the run's parameters and properties."""
-    from request_parity import differences
+def test_every_executed_request_is_the_definitions(finished_run, run_definition):
+    """Parity by execution: each request the runner executed (arguments, inputs, outputs,
+    hyperparameters, channels, metric regexes, the tuning job, the condition, the registration,
+    the endpoint and its model and config) is the definition's request for that step, evaluated
+    with the run's parameters and step results. The Fail kind: the gate-failure test below."""
+    from request_parity import run_differences
 
     home, _, _ = finished_run
-    requests = (run_dir(home) / "requests.jsonl").read_text().splitlines()
-    assert {json.loads(r)["step"] for r in requests} >= {"Preprocess", "Tune", "Train", "Evaluate",
-                                                         "CheckAccuracy"}
-    assert differences(run_dir(home), run_definition, MAPPED) == []
+    executed = [json.loads(r) for r in (run_dir(home) / "executed.jsonl").read_text().splitlines()]
+    assert {r["Type"] for r in executed} == {"Processing", "Tuning", "Training", "Condition",
+                                             "RegisterModel", "Endpoint"}
+    assert run_differences(run_dir(home), run_definition) == []
     # The lr range came from the execution's parameters, not the declaration's defaults.
-    (tune,) = [json.loads(r) for r in requests if json.loads(r)["step"] == "Tune"]
-    assert tune["ParameterRanges"]["ContinuousParameterRanges"][0] | {"ScalingType": "-"} == {
-        "Name": "lr", "MinValue": "0.02", "MaxValue": "0.05", "ScalingType": "-"}
+    (tune,) = [r for r in executed if r["Name"] == "Tune"]
+    (lr,) = tune["Arguments"]["HyperParameterTuningJobConfig"]["ParameterRanges"]["ContinuousParameterRanges"]
+    assert (lr["Name"], lr["MinValue"], lr["MaxValue"]) == ("lr", "0.02", "0.05")
     trials = json.loads((run_dir(home) / "Tune" / "tuning.json").read_text())["trials"]
     assert trials and all(0.02 <= float(t["hyperparameters"]["lr"]) <= 0.05 for t in trials)
+    # Beside them, what was compiled: the same steps, with placeholders.
+    plan = json.loads((run_dir(home) / "plan.json").read_text())
+    assert [s["Name"] for s in plan["Steps"]] == ["Preprocess", "Tune", "Train", "Evaluate", "CheckAccuracy",
+                                                  "Register", "Deploy", "AccuracyTooLow"]
 
 
 @pytest.mark.slow
@@ -98,21 +100,21 @@ def test_a_drift_on_either_side_is_caught(finished_run, run_definition, tmp_path
     import copy
     import shutil
 
-    from request_parity import all_steps, differences  # noqa: F401 (all_steps from aws_testing)
+    from request_parity import all_steps, run_differences  # noqa: F401 (all_steps from aws_testing)
 
     home, _, _ = finished_run
     local = tmp_path / "run"
     local.mkdir()
-    for name in ("run.json", "requests.jsonl"):  # what differences() reads; the whole run is ~1 GB
+    for name in ("run.json", "executed.jsonl"):  # what run_differences() reads; the whole run is ~1 GB
         shutil.copy2(run_dir(home) / name, local / name)
     definition = copy.deepcopy(run_definition)
     steps = all_steps(definition)
-    lines = [json.loads(r) for r in (local / "requests.jsonl").read_text().splitlines()]
+    lines = [json.loads(r) for r in (local / "executed.jsonl").read_text().splitlines()]
     if drift == "boolean":  # "True" locally, "true" on SageMaker: the runner's rendering drifts
         steps["Train"]["Arguments"]["HyperParameters"]["amp_off"] = "true"
         for r in lines:
-            if r["step"] == "Train":
-                r["HyperParameters"]["amp_off"] = "True"
+            if r["Name"] == "Train":
+                r["Arguments"]["HyperParameters"]["amp_off"] = "True"
     elif drift == "operator":  # the runner's >= became > (or the definition's did)
         steps["CheckAccuracy"]["Arguments"]["Conditions"][0]["Type"] = "GreaterThan"
     elif drift == "regex":
@@ -120,8 +122,8 @@ def test_a_drift_on_either_side_is_caught(finished_run, run_definition, tmp_path
     else:
         args = steps["Evaluate"]["Arguments"]["AppSpecification"]["ContainerArguments"]
         args[args.index("--test") + 1] = "/opt/ml/processing/other"
-    (local / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    found = differences(local, definition, MAPPED)
+    (local / "executed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    found = run_differences(local, definition, origin=run_dir(home))
     assert len(found) == 1, found
 
 
@@ -186,6 +188,19 @@ def test_gate_failure_stops_before_register(tiny_data, tmp_path):
     run_id = run.stdout.split()[1]
     resumed = invmon("run", "--resume", run_id, home=home, check=False)
     assert resumed.returncode == 2 and "resuming would stop there again" in resumed.stderr
+    # The Fail step executed the definition's request: its message, rendered the same way.
+    from aws_testing import offline_build
+    from pipeline.dag.parameters import BY_NAME
+    from request_parity import run_differences
+
+    folder = run_dir(home)
+    state = json.loads((folder / "run.json").read_text())
+    overrides = {k: v for k, v in state["parameters"].items() if k in BY_NAME}
+    overrides["InputDataUrl"] = "s3://parity-check/abid/"
+    definition = offline_build(tmp_path / "parity", profile="local", parameter_overrides=overrides)
+    executed = [json.loads(r) for r in (folder / "executed.jsonl").read_text().splitlines()]
+    assert executed[-1]["Type"] == "Fail"
+    assert run_differences(folder, definition) == []
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from conftest import import_script
+from pipeline.dag.compile import compile_dag
 from pipeline.registry.local import REPORT_PROPERTY, file_sha256, open_registry
 from steps.base import Dag, Param
 from test_runner import new_run, setup, small_dag, write_script  # noqa: F401 (setup is a fixture)
@@ -101,7 +102,10 @@ def test_a_step_that_reads_the_registry_is_never_taken_from_the_cache(setup):
     tmp_path, _, _ = setup
     dag = registry_dag(tmp_path / "scripts")
     run = new_run(setup, dag)
-    reads, plain = dag["Evaluate"], dataclasses.replace(dag["Evaluate"], reads_registry=None)
+    requests = {r.name: r for r in compile_dag(dag, run.params)}
+    plain_dag = Dag(tuple(dataclasses.replace(s, reads_registry=None) if s.name == "Evaluate" else s
+                          for s in dag.steps))
+    reads, plain = requests["Evaluate"], {r.name: r for r in compile_dag(plain_dag, run.params)}["Evaluate"]
     (run.dir / "Evaluate").mkdir(parents=True)
     inputs, settings = {"model": tmp_path / "data"}, {"arguments": []}
     record = {}

@@ -26,6 +26,17 @@ def add_commands(commands) -> None:
     run.add_argument("--resume", metavar="RUN_ID", help="resume a failed run from its failed step")
     run.set_defaults(handler=cmd_run)
 
+    plan = commands.add_parser(
+        "plan", help="print the compiled step requests (JSON) that a run executes",
+        description="The DAG compiled with a profile's defaults and --param values: every step's request "
+                    "in the SageMaker API's shape, with placeholders ({\"Get\": ...}) for what is known only "
+                    "at run time. The local runner executes exactly these (each run keeps them as plan.json, "
+                    "beside executed.jsonl); the SageMaker definition is built from them.")
+    plan.add_argument("--profile", default="local", choices=list(PROFILES), help="parameter defaults (see run)")
+    plan.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                      help="set a pipeline parameter (repeatable)")
+    plan.set_defaults(handler=cmd_plan)
+
     runs = commands.add_parser("runs", help="list or show local runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     runs_sub.add_parser("list", help="every local run").set_defaults(handler=cmd_runs_list)
@@ -163,6 +174,21 @@ def cmd_run(args) -> int:
     print()
     print(summarize(state, run.dir))
     return 0 if state["status"] == "Succeeded" else 1
+
+
+def cmd_plan(args) -> int:
+    from pipeline.dag.compile import CompileError, plan
+    from pipeline.dag.parameters import parse_assignments, validate
+    from pipeline.dag.profiles import defaults
+    from steps import DAG
+
+    try:
+        params = validate({**defaults(args.profile), **parse_assignments(args.param)})
+        compiled = plan(DAG, params)
+    except (ValueError, CompileError) as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps(compiled, indent=2, default=str))
+    return 0
 
 
 def cmd_runs_list(args) -> int:

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,12 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from pipeline.dag.compile import Resolver, StepRequest, compile_dag, lower, parse_step_ref
 from pipeline.local import envs, jobs
 from pipeline.local.cache import StepCache, cache_key, fingerprint, link_tree
-from pipeline.dag.compile import execution_plan, gated_steps, parameter_ranges
 from pipeline.local.tuner import Tuner
-from steps.base import (ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, JsonGet, Param,
-                        ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
+from steps.base import ContinuousRange, Dag, MetricDefinition
 
 SYNTHETIC_PER_CLASS = 300
 FEATURE_CACHE = "feature-cache"  # in the run's folder: train.py's cache of frozen-layer outputs
@@ -67,25 +67,16 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def json_path(document: dict, path: str):
-    """`a.b.c` lookup, as SageMaker's JsonGet reads a PropertyFile."""
-    value = document
-    for key in path.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise KeyError(f"{path!r} not found (missing {key!r})")
-        value = value[key]
-    return value
-
-
 class LocalRun:
     def __init__(self, home: Path, dag: Dag, state: dict, echo: Callable[[str], None] = print):
         self.home = home
-        self.dag = dag
+        self.dag = lower(dag)
         self.state = state
         self.dir = home / "runs" / state["id"]
         self.params = state["parameters"]
-        self.plan = {s["name"]: s for s in execution_plan(dag)["steps"]}
-        self.gates = gated_steps(dag)
+        # What this run executes: the compiled requests (plan.json beside the run), each resolved
+        # with the run's values right before its step runs (executed.jsonl).
+        self.requests = {r.name: r for r in compile_dag(self.dag, self.params)}
         self.cache = StepCache(home / "cache")
         self._echo = echo
         self._save_lock = threading.RLock()
@@ -97,10 +88,12 @@ class LocalRun:
         state = {
             "id": run_id, "created_at": now(), "profile": profile, "parameters": dict(parameters),
             "status": "Executing", "failure": "",
-            "steps": {name: {"status": "Pending"} for name in dag.names},
+            "steps": {name: {"status": "Pending"} for name in lower(dag).names},
         }
         run = cls(home, dag, state, echo)
         run.dir.mkdir(parents=True)
+        (run.dir / "plan.json").write_text(json.dumps(
+            {"Parameters": run.params, "Steps": [r.to_json() for r in run.requests.values()]}, indent=2, default=str))
         run.save()
         return run
 
@@ -117,11 +110,12 @@ class LocalRun:
             tmp.write_text(json.dumps(self.state, indent=2, default=str))
             tmp.replace(self.dir / "run.json")
 
-    def record_request(self, step: str, request: dict) -> None:
-        """Append the request a step resolved to (what SageMaker would be sent, container paths
-        and all) to requests.jsonl: tests/test_end_to_end.py compares each with the definition."""
-        with self._save_lock, open(self.dir / "requests.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **request}, sort_keys=True, default=str) + "\n")
+    def record_executed(self, request: StepRequest, arguments: dict) -> None:
+        """Append the request as this run resolved it (its compiled form is in plan.json) to
+        executed.jsonl: tests/test_end_to_end.py compares each with the SageMaker definition."""
+        with self._save_lock, open(self.dir / "executed.jsonl", "a") as f:
+            f.write(json.dumps({"Name": request.name, "Type": request.type, "Arguments": arguments},
+                               sort_keys=True, default=str) + "\n")
 
     def _job_started(self, record: dict):
         """on_start for a job: remember its process group and when its leader started, so a
@@ -259,7 +253,7 @@ class LocalRun:
                               ended_at=now())
                 # A Fail step fails the same way every time: resuming it cannot help.
                 self.state.update(status="Failed", failure=f"{step.name}: {exc}",
-                                  resumable=not isinstance(step, FailStep))
+                                  resumable=self.requests[step.name].type != "Fail")
                 self.echo(step.name, f"FAILED: {exc}")
                 self.save()
                 if not self.state["resumable"]:
@@ -280,67 +274,90 @@ class LocalRun:
         shutil.rmtree(self.dir / FEATURE_CACHE, ignore_errors=True)
 
     def _on_taken_branch(self, name: str) -> bool:
-        if name not in self.gates:
+        gate = self.requests[name].gate
+        if gate is None:
             return True
-        condition, branch = self.gates[name]
+        condition, branch = gate
         outcome = self.state["steps"][condition].get("properties", {}).get("outcome")
         return outcome is branch
 
     def _run_step(self, step, record: dict) -> None:
-        handlers = {
-            ProcessingStep: self._processing, TuningStep: self._tuning, TrainingStep: self._training,
-            ConditionStep: self._condition, RegisterStep: self._register, DeployStep: self._deploy,
-            FailStep: self._fail,
-        }
+        handlers = {"Processing": self._processing, "Tuning": self._tuning, "Training": self._training,
+                    "Condition": self._condition, "RegisterModel": self._register,
+                    "Endpoint": self._deploy, "Fail": self._fail}
+        request = self.requests[step.name]
         self.echo(step.name, "started")
-        handlers[type(step)](step, record)
+        handlers[request.type](request, record)
 
     # -- value resolution ------------------------------------------------------------------------
-    def value(self, v) -> object:
-        if isinstance(v, Param):
-            return self.params[v.name]
-        if isinstance(v, TunedValue):
-            tuned = self.state["steps"][v.tuning_step]["properties"]["TunedHyperParameters"]
-            return tuned[v.name]
-        if isinstance(v, JsonGet):
-            report = self.state["steps"][v.step]["properties"][v.property_file]
-            return json_path(report, v.json_path)
-        return v
+    def resolve(self, expr, parameters: dict | None = None):
+        """A compiled value with this run's parameters and its finished steps' results."""
+        return Resolver({**self.params, **(parameters or {})}, self.step_value, self.state["id"])(expr)
 
-    def output_path(self, ref: StepOutput) -> Path:
-        record = self.state["steps"][ref.step]
-        if ref.output not in record.get("outputs", {}):
-            raise RuntimeError(f"{ref} is not available: step {ref.step} has not produced it")
-        return self.dir / ref.step / record["outputs"][ref.output]
+    def keyed(self, expr, folders: dict | None = None):
+        """A compiled value for a cache key: parameters resolved, but no run's paths in it (an
+        upstream output or a local dataset is keyed by its fingerprint, not by where it is)."""
+        hidden = {name: f"<{name}>" for name in folders or {}}
+        return Resolver({**self.params, **hidden}, lambda ref: f"<{ref}>", "<execution>")(expr)
 
-    def input_path(self, item) -> Path | None:
-        """Where a processing input's data is on this machine; an S3 dataset the step reads by
-        selection is mirrored once into $INVMON_HOME/data/s3 through the step's own code."""
-        text = str(self.value(item.source)).strip() if isinstance(item.source, Param) else ""
-        if item.s3_selection is not None and text.startswith("s3://"):
-            from pipeline.data import fetch as data
+    def step_value(self, ref: str):
+        """A `Steps.<name>...` placeholder: local folders stand for S3 URIs, run.json's records
+        for the Describe* responses."""
+        step, path = parse_step_ref(ref)
+        record = self.state["steps"][step]
+        if record.get("status") != "Succeeded":
+            raise RuntimeError(f"{ref} is not available: step {step} has not succeeded")
+        if m := re.fullmatch(r"ProcessingOutputConfig\.Outputs\['([^']+)'\]\.S3Output\.S3Uri", path):
+            return str(self.output_path(step, m[1]))
+        if path == "ModelArtifacts.S3ModelArtifacts":
+            return str(self.output_path(step, "model"))
+        if m := re.fullmatch(r"PropertyFiles\.(\w+)", path):
+            return record["properties"][m[1]]
+        if m := re.fullmatch(r"BestTrainingJob\.TunedHyperParameters\['([^']+)'\]", path):
+            return record["properties"]["TunedHyperParameters"][m[1]]
+        if path == "InferenceSpecification.Containers[0].ModelDataUrl":
+            return record["properties"]["artifact"]
+        raise RuntimeError(f"no local value for {ref}")
 
-            sel = item.s3_selection
-            manifest = self.source_path(sel.manifest, optional=True)
-            return data.mirror(self.home, text, manifest, str(self.value(sel.counts)),
-                               int(self.value(sel.per_count)), int(self.value(sel.seed)),
-                               echo=lambda m: self.echo("data", m))
-        return self.source_path(item.source, item.optional)
+    def output_path(self, step: str, output: str) -> Path:
+        record = self.state["steps"][step]
+        if output not in record.get("outputs", {}):
+            raise RuntimeError(f"{step}.{output} is not available: step {step} has not produced it")
+        return self.dir / step / record["outputs"][output]
 
-    def source_path(self, source, optional: bool) -> Path | None:
-        if isinstance(source, StepOutput):
-            return self.output_path(source)
-        text = str(self.value(source)).strip()
+    def read_by_script(self, request: StepRequest) -> dict[str, Path]:
+        """Parameter -> local folder for the datasets a script reads from S3 itself: an s3:// URI is
+        mirrored once into $INVMON_HOME/data/s3 (only the selection), through the step's own code."""
+        folders = {}
+        for item in request.read_by_script:
+            name = item["Source"]["Get"].removeprefix("Parameters.")
+            text = str(self.resolve(item["Source"])).strip()
+            if text.startswith("s3://"):
+                from pipeline.data import fetch as data
+
+                sel = item["Selection"]
+                manifest = self.local_file(self.resolve(sel["Manifest"]), "parameter ManifestUrl", optional=True)
+                folders[name] = data.mirror(self.home, text, manifest, str(self.resolve(sel["Counts"])),
+                                            int(self.resolve(sel["PerCount"])), int(self.resolve(sel["Seed"])),
+                                            echo=lambda m: self.echo("data", m))
+            else:
+                folders[name] = self.local_file(text, f"parameter {name}")
+        return folders
+
+    @staticmethod
+    def local_file(text, what: str, optional: bool = False) -> Path | None:
+        """A resolved S3Uri on this machine: a local path (a parameter's or a step output's)."""
+        text = str(text).strip()
         if not text:
             if optional:
                 return None
-            raise ValueError(f"parameter {source.name} is empty")
+            raise ValueError(f"{what} is empty")
         if text.startswith("s3://"):
-            raise ValueError(f"parameter {source.name}={text}: the local runner reads local files "
-                             "here; fetch it first (aws s3 cp) or give a local path")
+            raise ValueError(f"{what}={text}: the local runner reads local files here; fetch it "
+                             "first (aws s3 cp, or `invmon data fetch` for photos) or give a local path")
         path = Path(text).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"parameter {source.name}: {path} does not exist")
+            raise FileNotFoundError(f"{what}: {path} does not exist")
         return path.resolve()
 
     def python(self, code, debugger: bool = False) -> Path:
@@ -355,11 +372,12 @@ class LocalRun:
         return envs.python_for(requirements, self.home / "envs", log=lambda m: self.echo("env", m))
 
     # -- caching ---------------------------------------------------------------------------------
-    def _cached(self, step, record: dict, settings: dict, inputs: dict[str, Path | None]) -> bool:
-        """Reuse an identical earlier result when the step is cacheable. Sets record["cache_key"]."""
-        # A step that reads the registry sees a different registry each run: never reused.
-        if not getattr(step, "cache", False) or getattr(step, "reads_registry", None) is not None:
+    def _cached(self, request: StepRequest, record: dict, settings: dict, inputs: dict[str, Path | None]) -> bool:
+        """Reuse an identical earlier result when the compile stage says the step may be reused
+        (request.cache). Sets record["cache_key"]."""
+        if not request.cache:
             return False
+        step = request.declaration
         prints = {name: (fingerprint(p) if p is not None else None) for name, p in inputs.items()}
         key = cache_key(step.name, step.code if hasattr(step, "code") else step.training.code,
                         settings, prints)
@@ -380,61 +398,66 @@ class LocalRun:
                 "outputs": record.get("outputs", {}), "properties": record.get("properties", {}),
             })
 
-    # -- step kinds ------------------------------------------------------------------------------
-    def _processing(self, step: ProcessingStep, record: dict) -> None:
-        step_dir = self.dir / step.name
+    # -- step kinds: each runs its resolved request -----------------------------------------------
+    def _processing(self, request: StepRequest, record: dict) -> None:
+        step_dir = self.dir / request.name
         local = jobs.processing_paths(step_dir)
-        sources = {i.name: self.input_path(i) for i in step.inputs}
-        arguments = [str(self.value(a)) for a in step.arguments]
-        self.record_request(step.name, {
-            "Type": "Processing", "ContainerArguments": arguments, "Entrypoint": step.code.entry_point,
-            "ProcessingInputs": {i.name: i.destination for i in step.inputs if sources.get(i.name)
-                                 and i.s3_selection is None},
-            "ProcessingOutputs": {o.name: o.source for o in step.outputs}})
-        if self._cached(step, record, {"arguments": arguments}, sources):
+        folders = self.read_by_script(request)
+        executed = self.resolve(request.arguments, {name: str(path) for name, path in folders.items()})
+        self.record_executed(request, executed)
+        arguments = [str(a) for a in executed["AppSpecification"]["ContainerArguments"]]
+        sources = {i["InputName"]: self.local_file(i["S3Input"]["S3Uri"], source_name(compiled["S3Input"]["S3Uri"], i))
+                   for compiled, i in zip(request.arguments["ProcessingInputs"], executed["ProcessingInputs"])}
+        keyed = self.keyed(request.arguments["AppSpecification"]["ContainerArguments"], folders)
+        if self._cached(request, record, {"arguments": keyed}, {**sources, **folders}):
             return
         shutil.rmtree(step_dir, ignore_errors=True)
-        for i in step.inputs:
-            jobs.link_input(sources[i.name], Path(local(i.destination)))
-        for o in step.outputs:
-            Path(local(o.source)).mkdir(parents=True, exist_ok=True)
+        for i in executed["ProcessingInputs"]:
+            jobs.link_input(sources[i["InputName"]], Path(local(i["S3Input"]["LocalPath"])))
+        outputs = {o["OutputName"]: Path(local(o["S3Output"]["LocalPath"]))
+                   for o in executed["ProcessingOutputConfig"]["Outputs"]}
+        for path in outputs.values():
+            path.mkdir(parents=True, exist_ok=True)
+        code = request.declaration.code
         jobs.run_script(
-            self.python(step.code), step.code, step_dir, [local(a) for a in arguments],
-            self._registry_listing(step, step_dir),
-            step_dir / "log.txt", echo=lambda line: self.echo(step.name, line),
-            max_runtime_s=step.max_runtime_s, on_start=self._job_started(record),
-            on_end=self._job_ended(record),
+            self.python(code), code, step_dir, [local(a) for a in arguments],
+            self._registry_listing(request, step_dir),
+            step_dir / "log.txt", echo=lambda line: self.echo(request.name, line),
+            max_runtime_s=executed["StoppingCondition"]["MaxRuntimeInSeconds"],
+            on_start=self._job_started(record), on_end=self._job_ended(record),
         )
-        record["outputs"] = {o.name: str(Path(local(o.source)).relative_to(step_dir)) for o in step.outputs}
+        record["outputs"] = {name: str(path.relative_to(step_dir)) for name, path in outputs.items()}
         properties = {}
-        for pf in step.property_files:
-            path = step_dir / record["outputs"][pf.output] / pf.path
+        for pf in request.property_files:
+            path = step_dir / record["outputs"][pf["OutputName"]] / pf["FilePath"]
             if not path.exists():
-                raise FileNotFoundError(f"{step.name} did not write its property file {pf.path}")
-            properties[pf.name] = json.loads(path.read_text())
+                raise FileNotFoundError(f"{request.name} did not write its property file {pf['FilePath']}")
+            properties[pf["PropertyFileName"]] = json.loads(path.read_text())
         record["properties"] = properties
-        self._remember(step, record)
+        self._remember(request.declaration, record)
 
-    def _registry_listing(self, step: ProcessingStep, step_dir: Path) -> dict[str, str]:
+    def _registry_listing(self, request: StepRequest, step_dir: Path) -> dict[str, str]:
         """The job environment of a step that reads the registry: the local registry's versions of
         its group in a file, the local stand-in for the SageMaker Model Registry API. The script
         picks the version itself (newest Approved, else newest), the same rule on both back-ends."""
-        if step.reads_registry is None:
+        if not request.reads_registry:
             return {}
         from pipeline.registry.local import open_registry
 
-        group = str(self.value(step.reads_registry))
+        group = str(self.resolve(request.reads_registry["ModelPackageGroupName"]))
         versions = open_registry(self.home).list_versions(group)
         listing = step_dir / "registry.json"
         listing.write_text(json.dumps({"group": group, "versions": [
             {"version": v.version, "status": v.status, "evaluation": v.metrics} for v in versions]}))
         return {REGISTRY_LISTING_ENV: str(listing)}
 
-    def _training_job(self, step: TrainingStep, job_dir: Path, hyperparameters: dict[str, str],
-                      echo, record: dict, should_stop=None, max_runtime_s: int | None = None,
-                      debugger: bool = False) -> jobs.JobResult:
-        """One training job (the Train step or a tuning trial) in `job_dir`."""
-        channels = {name: self.output_path(src) for name, src in step.channels}
+    def _training_job(self, code, job: dict, job_dir: Path, hyperparameters: dict[str, str], echo,
+                      record: dict, should_stop=None, debugger: bool = False) -> jobs.JobResult:
+        """One training job (the Train step or a tuning trial) in `job_dir`, from its resolved
+        job definition (`job`: channels, metric definitions, stopping condition)."""
+        channels = {c["ChannelName"]: self.local_file(c["DataSource"]["S3DataSource"]["S3Uri"], c["ChannelName"])
+                    for c in job["InputDataConfig"]}
+        metrics = [MetricDefinition(m["Name"], m["Regex"]) for m in job["AlgorithmSpecification"]["MetricDefinitions"]]
         model_dir, output_dir = job_dir / "model_dir", job_dir / "output" / "data"
         shutil.rmtree(model_dir, ignore_errors=True)
         model_dir.mkdir(parents=True)
@@ -445,71 +468,61 @@ class LocalRun:
         env["INVMON_FEATURE_CACHE"] = os.environ.get("INVMON_FEATURE_CACHE") or str(self.dir / FEATURE_CACHE)
         # Checkpoints survive a failed attempt, so a retried job resumes (SageMaker syncs them to S3).
         args = jobs.hyperparameter_args(hyperparameters) + ["--checkpoint_dir", str(job_dir / "checkpoints")]
-        result = jobs.run_script(self.python(step.code, debugger), step.code, job_dir, args, env,
-                                 job_dir / "log.txt", metrics=step.metric_definitions, echo=echo,
-                                 should_stop=should_stop, max_runtime_s=max_runtime_s or step.max_runtime_s,
+        result = jobs.run_script(self.python(code, debugger), code, job_dir, args, env,
+                                 job_dir / "log.txt", metrics=metrics, echo=echo, should_stop=should_stop,
+                                 max_runtime_s=job["StoppingCondition"]["MaxRuntimeInSeconds"],
                                  on_start=self._job_started(record), on_end=self._job_ended(record))
         if not result.stopped_early:
             jobs.tar_model(model_dir, job_dir / "model" / "model.tar.gz")
         return result
 
-    def _hyperparameters(self, step: TrainingStep) -> dict[str, str]:
-        return {name: str(self.value(v)) for name, v in step.hyperparameters}
-
-    def _training(self, step: TrainingStep, record: dict) -> None:
-        step_dir = self.dir / step.name
-        hyperparameters = self._hyperparameters(step)
-        self.record_request(step.name, {
-            "Type": "Training", "HyperParameters": hyperparameters, "Entrypoint": step.code.entry_point,
-            "MetricDefinitions": self.plan[step.name]["metric_definitions"],
-            "Channels": sorted(name for name, _ in step.channels)})
-        self.echo(step.name, f"hyperparameters {hyperparameters}")
-        # SageMaker Debugger's client in Train's environment only when asked (tuning trials never).
-        debugger = str(self.params.get("EnableDebugger", "false")).lower() == "true"
-        result = self._training_job(step, step_dir, hyperparameters,
-                                    echo=lambda line: self.echo(step.name, line), record=record,
-                                    debugger=debugger)
+    def _training(self, request: StepRequest, record: dict) -> None:
+        executed = self.resolve(request.arguments)
+        self.record_executed(request, executed)
+        hyperparameters = {k: str(v) for k, v in executed["HyperParameters"].items()}
+        self.echo(request.name, f"hyperparameters {hyperparameters}")
+        # SageMaker Debugger's client in Train's environment only when compiled in (never the trials).
+        result = self._training_job(request.declaration.code, executed, self.dir / request.name, hyperparameters,
+                                    echo=lambda line: self.echo(request.name, line), record=record,
+                                    debugger="DebugHookConfig" in executed)
         record["outputs"] = {"model": "model"}
         record["properties"] = {
             "HyperParameters": hyperparameters,
             "FinalMetricDataList": {name: values[-1] for name, values in result.metrics.items()},
         }
 
-    def _tuning(self, step: TuningStep, record: dict) -> None:
-        step_dir = self.dir / step.name
-        static = self._hyperparameters(step.training)
-        max_jobs, max_parallel = int(self.value(step.max_jobs)), int(self.value(step.max_parallel_jobs))
-        # Range bounds that are parameters, as this execution set them.
+    def _tuning(self, request: StepRequest, record: dict) -> None:
+        step = request.declaration
+        step_dir = self.dir / request.name
+        executed = self.resolve(request.arguments)
+        self.record_executed(request, executed)
+        config, job = executed["HyperParameterTuningJobConfig"], executed["TrainingJobDefinition"]
+        static = {k: str(v) for k, v in job["StaticHyperParameters"].items()}
+        limits = config["ResourceLimits"]
+        max_jobs, max_parallel = int(limits["MaxNumberOfTrainingJobs"]), int(limits["MaxParallelTrainingJobs"])
+        # The ranges as this execution set them (a bound may be a parameter).
+        bounds = {r["Name"]: (float(r["MinValue"]), float(r["MaxValue"]))
+                  for r in config["ParameterRanges"]["ContinuousParameterRanges"]}
         step = dataclasses.replace(step, ranges=tuple(
-            dataclasses.replace(r, min_value=float(self.value(r.min_value)), max_value=float(self.value(r.max_value)))
+            dataclasses.replace(r, min_value=bounds[r.name][0], max_value=bounds[r.name][1])
             if isinstance(r, ContinuousRange) else r for r in step.ranges))
-        ranges = parameter_ranges(step)
-        self.record_request(step.name, {
-            "Type": "Tuning", "StaticHyperParameters": static, "Entrypoint": step.training.code.entry_point,
-            "MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel,
-            "Strategy": step.strategy, "EarlyStopping": step.early_stopping,
-            "Objective": {"MetricName": step.objective_metric, "Type": step.objective_type},
-            "MetricDefinitions": self.plan[step.name]["metric_definitions"],
-            "ParameterRanges": ranges})
         seed = int(self.params.get("Seed", 0))
-        # The tuning config (ranges, strategy, objective, early stopping in the plan; budget, seed)
-        # and the tuner's own code (and Optuna's version) are part of the key.
-        settings = {"static": static, "max_jobs": max_jobs, "max_parallel": max_parallel, "seed": seed,
-                    "plan": self.plan[step.name], "ranges": ranges, "tuner": Tuner.fingerprint()}
-        inputs = {name: self.output_path(src) for name, src in step.training.channels}
-        if self._cached(step, record, settings, inputs):
+        # The tuning job as compiled and resolved, the seed, and the tuner's own code (and Optuna's
+        # version) are the key.
+        settings = {"request": self.keyed(request.arguments), "seed": seed, "tuner": Tuner.fingerprint()}
+        inputs = {c["ChannelName"]: self.local_file(c["DataSource"]["S3DataSource"]["S3Uri"], c["ChannelName"])
+                  for c in job["InputDataConfig"]}
+        if self._cached(request, record, settings, inputs):
             return
         shutil.rmtree(step_dir, ignore_errors=True)
-        tuner = Tuner(step, max_jobs, max_parallel, seed=seed,
-                      log=lambda m: self.echo(step.name, m))
+        tuner = Tuner(step, max_jobs, max_parallel, seed=seed, log=lambda m: self.echo(request.name, m))
 
         def run_trial(trial, should_stop):
-            hyperparameters = {**static, **trial.hyperparameters}
             return self._training_job(
-                step.training, step_dir / "trials" / f"{trial.index:03d}", hyperparameters,
-                echo=lambda line: self.echo(f"{step.name}#{trial.index}", line), should_stop=should_stop,
-                record=record, max_runtime_s=step.trial_max_runtime_s,
-            )
+                step.training.code, job, step_dir / "trials" / f"{trial.index:03d}",
+                {**static, **trial.hyperparameters},
+                echo=lambda line: self.echo(f"{request.name}#{trial.index}", line), should_stop=should_stop,
+                record=record)
 
         best = tuner.run(run_trial)
         summary = tuner.summary()
@@ -518,22 +531,30 @@ class LocalRun:
         record["properties"] = {"TunedHyperParameters": best.hyperparameters,
                                 "BestObjective": best.objective, "BestTrial": best.index,
                                 "Trials": len(tuner.trials)}
-        self._remember(step, record)
+        self._remember(request.declaration, record)
 
-    def _condition(self, step: ConditionStep, record: dict) -> None:
-        left, right = float(self.value(step.left)), float(self.value(step.right))
+    def _condition(self, request: StepRequest, record: dict) -> None:
+        executed = self.resolve(request.arguments)
+        self.record_executed(request, executed)
+        (condition,) = executed["Conditions"]
+        if condition["Type"] != "GreaterThanOrEqualTo":
+            raise RunFailed(f"{request.name}: the local runner has no condition {condition['Type']}")
+        left, right = float(condition["LeftValue"]), float(condition["RightValue"])
         outcome = left >= right
-        self.record_request(step.name, {"Type": "Condition", "Operator": "GreaterThanOrEqualTo",
-                                        "LeftValue": left, "RightValue": right})
         record["properties"] = {"outcome": outcome, "left": left, "right": right}
-        self.echo(step.name, f"{step.left.json_path} = {left:.4f} >= {step.right.name} = {right} -> {outcome}")
+        self.echo(request.name, f"{left:.4f} >= {right} -> {outcome}")
 
-    def _register(self, step: RegisterStep, record: dict) -> None:
-        from pipeline.dag.parameters import REGISTERED_STATUS
-        from pipeline.registry.local import REPORT_PROPERTY, open_registry
+    def _register(self, request: StepRequest, record: dict) -> None:
+        from pipeline.registry.local import DIGEST_PROPERTY, REPORT_PROPERTY, open_registry
 
-        artifact = self.output_path(step.model) / "model.tar.gz"
-        metrics = json.loads((self.output_path(step.metrics) / step.metrics_file).read_text())
+        executed = self.resolve(request.arguments)
+        self.record_executed(request, executed)
+        (container,) = executed["InferenceSpecification"]["Containers"]
+        artifact = Path(container["ModelDataUrl"])
+        if artifact.is_dir():  # a training job's model output holds model.tar.gz
+            artifact = artifact / "model.tar.gz"
+        metrics = json.loads(Path(executed["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]).read_text())
+        described = executed.get("CustomerMetadataProperties", {})
         # The registry keeps its own copy: a run folder may be deleted, a model version may not.
         store = self.home / "artifacts" / fingerprint(artifact)[:16]
         store.mkdir(parents=True, exist_ok=True)
@@ -544,7 +565,7 @@ class LocalRun:
             partial.chmod(0o444)  # registered bytes are not to be edited in place
             os.replace(partial, store / "model.tar.gz")
         properties = {}
-        report = self.output_path(step.metrics) / step.report_file if step.report_file else None
+        report = Path(described[REPORT_PROPERTY]) if described.get(REPORT_PROPERTY) else None
         if report is not None and report.is_file():  # Evaluate's page goes with the version
             # Named by run: two runs may register the same artifact, each with its own report.
             kept = store / f"report-{self.state['id']}.html"
@@ -552,7 +573,7 @@ class LocalRun:
             os.replace(store / f".report.html.part-{os.getpid()}", kept)
             properties[REPORT_PROPERTY] = kept.resolve().as_uri()
         registry = open_registry(self.home)
-        group = str(self.value(step.model_package_group))
+        group = str(executed["ModelPackageGroupName"])
         # A resumed Register (the runner was stopped after registering, before recording it)
         # finds this run's version instead of registering the same model twice.
         earlier = [v for v in registry.list_versions(group) if v.run_id == self.state["id"]]
@@ -560,44 +581,48 @@ class LocalRun:
             version = earlier[0]
             record["properties"] = {"group": version.group, "version": version.version,
                                     "status": version.status, "artifact": version.artifact_uri}
-            self.echo(step.name, f"already registered by this run: {version.group} version {version.version}")
+            self.echo(request.name, f"already registered by this run: {version.group} version {version.version}")
             return
         # The registry records the stored copy's SHA-256 and refuses one that is not what
         # Evaluate scored.
-        scored = str(self.value(step.artifact_digest)) if step.artifact_digest else None
         version = registry.register(
-            str(self.value(step.model_package_group)), str(store / "model.tar.gz"), metrics,
-            status=REGISTERED_STATUS, run_id=self.state["id"],
-            description=f"run {self.state['id']} ({self.state['profile']} profile)", properties=properties,
-            artifact_sha256=scored,
+            group, str(store / "model.tar.gz"), metrics, status=executed["ModelApprovalStatus"],
+            run_id=self.state["id"], description=f"run {self.state['id']} ({self.state['profile']} profile)",
+            properties=properties, artifact_sha256=described.get(DIGEST_PROPERTY),
         )
         record["properties"] = {"group": version.group, "version": version.version,
                                 "status": version.status, "artifact": version.artifact_uri,
                                 "report": properties.get(REPORT_PROPERTY, "")}
-        self.echo(step.name, f"registered {version.group} version {version.version} ({version.status})")
+        self.echo(request.name, f"registered {version.group} version {version.version} ({version.status})")
 
-    def _deploy(self, step: DeployStep, record: dict) -> None:
+    def _deploy(self, request: StepRequest, record: dict) -> None:
+        from pipeline.registry.deploy import verify_local_artifact
         from pipeline.registry.local import open_registry
 
-        from pipeline.registry.deploy import verify_local_artifact
-
-        registered = self.state["steps"][step.register_step]["properties"]
-        name = str(self.value(step.endpoint_name))
+        executed = self.resolve(request.arguments)
+        self.record_executed(request, executed)
+        (register_step,) = request.depends_on
+        registered = self.state["steps"][register_step]["properties"]
+        name = str(executed["EndpointName"])
         registry = open_registry(self.home)
         verify_local_artifact(registry.get(registered["group"], registered["version"]))
-        endpoint = registry.deploy(name, registered["group"], registered["version"],
-                                                   require_approved=False)
+        endpoint = registry.deploy(name, registered["group"], registered["version"], require_approved=False)
         record["properties"] = {"endpoint": endpoint.name, "group": endpoint.group,
                                 "version": endpoint.version}
-        self.echo(step.name, f"endpoint {name} now serves {endpoint.group} version {endpoint.version}; "
+        self.echo(request.name, f"endpoint {name} now serves {endpoint.group} version {endpoint.version}; "
                   f"start it with: invmon serve --endpoint {name}")
 
-    def _fail(self, step: FailStep, record: dict) -> None:
-        parts = []
-        for part in step.message:
-            value = self.value(part)
-            parts.append(f"{float(value):.4f}" if isinstance(part, JsonGet) else str(value))
-        raise RunFailed("".join(parts))
+    def _fail(self, request: StepRequest, record: dict) -> None:
+        executed = self.resolve(request.arguments)
+        self.record_executed(request, executed)
+        raise RunFailed(str(executed["ErrorMessage"]))
+
+
+def source_name(compiled, item: dict) -> str:
+    """How an error names an input: by the parameter it came from, else by its name."""
+    if isinstance(compiled, dict) and str(compiled.get("Get", "")).startswith("Parameters."):
+        return f"parameter {compiled['Get'].split('.', 1)[1]}"
+    return f"input {item['InputName']}"
 
 
 def synthetic_data(home: Path, seed: int, echo=print) -> Path:

@@ -1,19 +1,23 @@
 """The bin-count DAG as a SageMaker pipeline (SageMaker Python SDK v3).
 
-`get_pipeline()` is the SageMaker project-template entry point. It reads nothing but the step
-declarations (`steps.DAG`), pipeline/dag/parameters.py and a profile's defaults, and translates each
-declaration type into SDK v3 objects:
+`get_pipeline()` is the SageMaker project-template entry point. It compiles the step
+declarations (`steps.DAG`) with a profile's defaults (pipeline/dag/compile.py) and turns each
+compiled request, by its type, into SDK v3 objects; every field the request holds comes from it
+(`_Build.sdk` turns its placeholders into Parameters, step Properties, Join and JsonGet):
 
-    ProcessingStep -> FrameworkProcessor (PyTorch image, the step's own source + requirements)
+    Processing     -> FrameworkProcessor (PyTorch image, the step's own source + requirements)
                       (each step container's image and requirements file: steps/images.py)
-    TuningStep     -> HyperparameterTuner over a ModelTrainer, tuner.tune() -> TuningStep
-    TrainingStep   -> ModelTrainer.train() -> TrainingStep (checkpoints + managed spot)
-    ConditionStep  -> ConditionStep(ConditionGreaterThanOrEqualTo(JsonGet, parameter))
-    FailStep       -> FailStep(Join(message parts))
-    RegisterStep   -> ModelBuilder.register() -> ModelStep (ModelMetrics = evaluation.json,
-                      CustomerMetadataProperties EvaluationReport = report.html's S3 URI)
-    DeployStep     -> ModelBuilder.build() -> ModelStep "<name>-Model",
+    Tuning         -> HyperparameterTuner over a ModelTrainer, tuner.tune() -> TuningStep
+    Training       -> ModelTrainer.train() -> TrainingStep (checkpoints + managed spot)
+    Condition      -> ConditionStep(ConditionGreaterThanOrEqualTo(JsonGet, parameter))
+    Fail           -> FailStep(Join(message parts))
+    RegisterModel  -> ModelBuilder.register() -> ModelStep (ModelMetrics = evaluation.json,
+                      CustomerMetadataProperties: the report's S3 URI and the artifact's SHA-256)
+    Endpoint       -> ModelBuilder.build() -> ModelStep "<name>-Model",
                       EndpointConfigStep "<name>-EndpointConfig", EndpointStep "<name>"
+
+What the SDK adds (images, roles, volumes, retry policies, code channels, spot) is this
+module's; tests/test_parity.py checks that every compiled field is in the definition as is.
 
 Helper steps a declaration needs are named "<declaration>-<part>", so the declared DAG can be
 read back from the definition (tests/test_parity.py does).
@@ -60,6 +64,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -68,7 +73,8 @@ from pathlib import Path
 
 import steps as declared
 from pipeline.dag import profiles
-from pipeline.dag.parameters import BY_NAME, PARAMETERS, REGISTERED_STATUS, ParameterError, validate
+from pipeline.dag.compile import CompileError, Resolver, StepRequest, compile_dag, lower, parse_step_ref
+from pipeline.dag.parameters import PARAMETERS, ParameterError, validate
 from steps import base, images
 
 # Each step container's image (framework version, Python, CPU/GPU) and requirements file are
@@ -81,8 +87,6 @@ MAX_ENDPOINT_NAME = 50
 SPOT_WAIT_FACTOR = 2  # MaxWaitTimeInSeconds = 2 x MaxRuntimeInSeconds (it must be >= it)
 PROCESSING_VOLUME_GB = 50
 TRAINING_VOLUME_GB = 50
-SERVING_CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image"]
-SERVING_RESPONSE_TYPES = ["application/json"]
 # Used for `invmon definition` when no role/bucket is given: the definition is complete and
 # valid, but only `invmon upsert --role-arn ...` makes one that can run.
 PLACEHOLDER_ROLE = "arn:aws:iam::000000000000:role/invmon-definition-placeholder"
@@ -399,15 +403,6 @@ class _Build:
     def kms(self):
         return self.params[KMS_PARAMETER] if self.values[KMS_PARAMETER] else None
 
-    @property
-    def debugger_on(self) -> bool:
-        """EnableDebugger at build time (see the module docstring)."""
-        value = str(self.values[DEBUGGER_PARAMETER]).strip().lower()
-        if value not in ("true", "false"):
-            raise DefinitionError(f"{DEBUGGER_PARAMETER} takes true or false, got "
-                                  f"{self.values[DEBUGGER_PARAMETER]!r}")
-        return value == "true"
-
     def vpc(self) -> tuple[list[str], list[str]] | None:
         subnets, groups = (_split_list(self.values[n]) for n in VPC_PARAMETERS)
         if bool(subnets) != bool(groups):
@@ -432,13 +427,6 @@ class _Build:
                                       SageMakerJobExceptionTypeEnum.INTERNAL_ERROR],
                 interval_seconds=60, backoff_rate=2.0, max_attempts=5))
         return policies
-
-    def cache(self, decl):
-        from sagemaker.mlops.workflow.steps import CacheConfig
-
-        # A step that reads the registry (Evaluate) must run again even when its inputs did not change.
-        cached = decl.cache and getattr(decl, "reads_registry", None) is None
-        return CacheConfig(enable_caching=True, expire_after=CACHE_EXPIRY) if cached else None
 
     def container(self, code: base.Code, *, debugger: bool = False) -> images.Container:
         """The step container (image + requirements file) that runs `code` (steps/images.py)."""
@@ -486,45 +474,47 @@ class _Build:
 
     # ---- values
 
-    def value(self, v, *, as_string: bool = False):
-        """A declared Value/Source/TunedValue as what the SDK takes."""
-        if isinstance(v, base.Param):
-            param = self.params[v.name]
-            # API string fields (hyperparameters, container arguments) need a string at run
-            # time; Std:Join converts an Integer/Float parameter.
-            return param.to_string() if as_string and BY_NAME[v.name].type is not str else param
-        if isinstance(v, base.StepOutput):
-            return self.output_uri(v)
-        if isinstance(v, base.TunedValue):
-            tuner = self.sm_steps[v.tuning_step]
-            return tuner.properties.BestTrainingJob.TunedHyperParameters[v.name]
-        if isinstance(v, bool):
-            return str(v).lower()
-        return str(v) if as_string else v
+    def sdk(self, expr):
+        """A compiled value (placeholders of pipeline/dag/compile.py) as the SDK's object."""
+        from sagemaker.core.workflow.execution_variables import ExecutionVariables
+        from sagemaker.core.workflow.functions import Join, JsonGet
 
-    def build_time_value(self, v):
-        return self.values[v.name] if isinstance(v, base.Param) else v
+        if isinstance(expr, dict) and "Get" in expr:
+            ref = expr["Get"]
+            if ref.startswith("Parameters."):
+                return self.params[ref.split(".", 1)[1]]
+            if ref == "Execution.PipelineExecutionId":
+                return ExecutionVariables.PIPELINE_EXECUTION_ID
+            step, path = parse_step_ref(ref)
+            return _property(self.sm_steps[step].properties, path)
+        if isinstance(expr, dict) and "Std:Join" in expr:
+            spec = expr["Std:Join"]
+            return Join(on=spec["On"], values=[self.sdk(v) for v in spec["Values"]])
+        if isinstance(expr, dict) and "Std:JsonGet" in expr:
+            spec = expr["Std:JsonGet"]
+            step, _, name = spec["PropertyFile"]["Get"].split(".")[1:4]
+            return JsonGet(step_name=step, property_file=self.property_files[(step, name)], json_path=spec["Path"])
+        if isinstance(expr, dict):
+            return {k: self.sdk(v) for k, v in expr.items()}
+        if isinstance(expr, list):
+            return [self.sdk(v) for v in expr]
+        return expr
 
-    def output_uri(self, ref: base.StepOutput):
-        decl = self.dag[ref.step]
-        step = self.sm_steps[ref.step]
-        if isinstance(decl, base.ProcessingStep):
-            if ref.output not in [o.name for o in decl.outputs]:
-                raise DefinitionError(f"{ref} is not an output of step {ref.step}")
-            return step.properties.ProcessingOutputConfig.Outputs[ref.output].S3Output.S3Uri
-        if isinstance(decl, base.TrainingStep) and ref.output == "model":
-            return step.properties.ModelArtifacts.S3ModelArtifacts
-        raise DefinitionError(f"cannot read {ref}: step {ref.step} has no output {ref.output!r}")
+    def build_time(self, expr):
+        """A compiled value with this build's parameter values (fields the SDK takes as literals)."""
+        def no_step(ref):
+            raise DefinitionError(f"{ref} is known only at run time")
 
-    def json_get(self, ref: base.JsonGet):
-        from sagemaker.core.workflow.functions import JsonGet
+        return Resolver(self.values, no_step)(expr)
 
-        return JsonGet(step_name=ref.step, property_file=self.property_files[(ref.step, ref.property_file)],
-                       json_path=ref.json_path)
+    def cache(self, request: StepRequest):
+        from sagemaker.mlops.workflow.steps import CacheConfig
+
+        return CacheConfig(enable_caching=True, expire_after=CACHE_EXPIRY) if request.cache else None
 
     # ---- step translations
 
-    def processing(self, decl: base.ProcessingStep):
+    def processing(self, request: StepRequest):
         from sagemaker.core.network import NetworkConfig
         from sagemaker.core.processing import FrameworkProcessor
         from sagemaker.core.shapes import (ProcessingInput, ProcessingOutput, ProcessingS3Input,
@@ -532,6 +522,7 @@ class _Build:
         from sagemaker.core.workflow.properties import PropertyFile
         from sagemaker.mlops.workflow.steps import ProcessingStep
 
+        decl, args = request.declaration, request.arguments
         vpc = self.vpc()
         prefix = _job_prefix(self.pipeline_name, decl.name, 40)
         container = self.container(decl.code)
@@ -543,35 +534,27 @@ class _Build:
             volume_size_in_gb=PROCESSING_VOLUME_GB,
             volume_kms_key=self.kms,
             output_kms_key=self.kms,
-            max_runtime_in_seconds=decl.max_runtime_s,
+            max_runtime_in_seconds=args["StoppingCondition"]["MaxRuntimeInSeconds"],
             base_job_name=prefix,
             code_location=f"s3://{self.bucket}",  # helper scripts: <bucket>/<job prefix>/source/
             sagemaker_session=self.session,
             network_config=NetworkConfig(subnets=vpc[0], security_group_ids=vpc[1]) if vpc else None,
             # A step that reads the model registry calls it with boto3, which needs a region:
             # SageMaker does not promise one in a processing container's environment.
-            env={"AWS_DEFAULT_REGION": self.region} if decl.reads_registry else None,
+            env={"AWS_DEFAULT_REGION": self.region} if request.reads_registry else None,
         )
-        inputs = []
-        read_by_script = {}  # container path -> the S3 URI the script reads itself
-        for item in decl.inputs:
-            if item.s3_selection is not None:
-                uri = str(self.build_time_value(item.source))
-                if not uri.startswith("s3://"):
-                    raise DefinitionError(f"{item.source.name} must be an s3:// URI on SageMaker, got "
-                                          f"{uri!r} (a local folder runs with `invmon run --data`)")
-                read_by_script[item.destination] = self.value(item.source)
-                continue
-            if item.optional and isinstance(item.source, base.Param) and not self.values[item.source.name]:
-                continue  # see the module docstring: empty = no input (the script gets an empty path)
-            inputs.append(ProcessingInput(input_name=item.name, s3_input=ProcessingS3Input(
-                s3_uri=self.value(item.source), local_path=item.destination,
-                s3_data_type="S3Prefix", s3_input_mode="File")))
-        outputs = [ProcessingOutput(output_name=o.name, s3_output=ProcessingS3Output(
-            s3_uri=self.execution_uri(decl.name, o.name), local_path=o.source,
-            s3_upload_mode="EndOfJob")) for o in decl.outputs]
-        arguments = [read_by_script.get(arg) if isinstance(arg, str) and arg in read_by_script
-                     else self.value(arg, as_string=True) for arg in decl.arguments]
+        for item in request.read_by_script:  # read from S3 by the script itself, never mounted
+            uri = str(self.build_time(item["Source"]))
+            if not uri.startswith("s3://"):
+                raise DefinitionError(f"{item['Source']['Get'].split('.', 1)[1]} must be an s3:// URI on "
+                                      f"SageMaker, got {uri!r} (a local folder runs with `invmon run --data`)")
+        inputs = [ProcessingInput(input_name=i["InputName"], s3_input=ProcessingS3Input(
+            s3_uri=self.sdk(i["S3Input"]["S3Uri"]), local_path=i["S3Input"]["LocalPath"],
+            s3_data_type="S3Prefix", s3_input_mode="File")) for i in args["ProcessingInputs"]]
+        outputs = [ProcessingOutput(output_name=o["OutputName"], s3_output=ProcessingS3Output(
+            s3_uri=self.execution_uri(decl.name, o["OutputName"]), local_path=o["S3Output"]["LocalPath"],
+            s3_upload_mode="EndOfJob")) for o in args["ProcessingOutputConfig"]["Outputs"]]
+        arguments = self.sdk(args["AppSpecification"]["ContainerArguments"])
         source = self.stage_code(decl.code)
         step_args = processor.run(
             code=decl.code.entry_point, source_dir=source,
@@ -581,17 +564,19 @@ class _Build:
             # it); the service still gives every job a unique name from this prefix.
             job_name=prefix,
         )
-        files = [PropertyFile(name=p.name, output_name=p.output, path=p.path) for p in decl.property_files]
+        files = [PropertyFile(name=p["PropertyFileName"], output_name=p["OutputName"], path=p["FilePath"])
+                 for p in request.property_files]
         for f in files:
             self.property_files[(decl.name, f.name)] = f
         return ProcessingStep(name=decl.name, step_args=step_args, description=decl.description or None,
-                              property_files=files or None, cache_config=self.cache(decl),
+                              property_files=files or None, cache_config=self.cache(request),
                               retry_policies=self.retry_policies("job"))
 
-    def trainer(self, decl: base.TrainingStep, *, step_name: str, trial: bool,
-                max_runtime_s: int | None = None, debugger: bool = False):
-        """A ModelTrainer for `decl`, run as pipeline step `step_name` (Tune for the trials); with
-        `debugger`, in the container that carries smdebug (steps/images.py, train-debugger)."""
+    def trainer(self, decl: base.TrainingStep, job: dict, *, step_name: str, trial: bool,
+                hyperparameters: dict, debugger: bool = False):
+        """A ModelTrainer for `decl`, run as pipeline step `step_name` (Tune for the trials), from
+        its compiled job (`job`: AlgorithmSpecification, StoppingCondition); with `debugger`, in
+        the container that carries smdebug (steps/images.py, train-debugger)."""
         from sagemaker.core.training.configs import (CheckpointConfig, Compute, MetricDefinition,
                                                      Networking, OutputDataConfig, SourceCode,
                                                      StoppingCondition)
@@ -616,102 +601,96 @@ class _Build:
                 # which the API refuses a volume key for (it is hardware-encrypted).
                 enable_managed_spot_training=spot or None),
             stopping_condition=StoppingCondition(
-                max_runtime_in_seconds=max_runtime_s or decl.max_runtime_s,
+                max_runtime_in_seconds=job["StoppingCondition"]["MaxRuntimeInSeconds"],
                 max_wait_time_in_seconds=SPOT_WAIT_FACTOR * decl.max_runtime_s if spot else None),
             output_data_config=OutputDataConfig(
                 s3_output_path=self.execution_uri(step_name),
                 kms_key_id=self.kms, compression_type="GZIP"),
             checkpoint_config=CheckpointConfig(
                 s3_uri=self.execution_uri(step_name, "checkpoints"),
-                local_path="/opt/ml/checkpoints") if decl.checkpoints else None,
+                local_path=job["CheckpointConfig"]["LocalPath"]) if "CheckpointConfig" in job else None,
             networking=Networking(subnets=vpc[0], security_group_ids=vpc[1]) if vpc else None,
-            hyperparameters={name: self.value(v, as_string=True) for name, v in decl.hyperparameters},
+            hyperparameters=hyperparameters,
         )
         trainer = trainer.with_metric_definitions(
-            [MetricDefinition(name=m.name, regex=m.regex) for m in decl.metric_definitions])
+            [MetricDefinition(name=m["Name"], regex=m["Regex"]) for m in job["AlgorithmSpecification"]["MetricDefinitions"]])
         return trainer
 
-    def channels(self, decl: base.TrainingStep) -> list:
+    def channels(self, job: dict) -> list:
         from sagemaker.core.training.configs import InputData
 
-        return [InputData(channel_name=name, data_source=self.value(src)) for name, src in decl.channels]
+        return [InputData(channel_name=c["ChannelName"], data_source=self.sdk(c["DataSource"]["S3DataSource"]["S3Uri"]))
+                for c in job["InputDataConfig"]]
 
-    def training(self, decl: base.TrainingStep):
-        debugger = self.debugger_on
-        trainer = self.trainer(decl, step_name=decl.name, trial=False, debugger=debugger)
-        step_args = trainer.train(input_data_config=self.channels(decl))
+    def training(self, request: StepRequest):
+        decl, job = request.declaration, request.arguments
+        debugger = "DebugHookConfig" in job  # EnableDebugger=true when built (compile stage)
+        trainer = self.trainer(decl, job, step_name=decl.name, trial=False, debugger=debugger,
+                               hyperparameters=self.sdk(job["HyperParameters"]))
+        step_args = trainer.train(input_data_config=self.channels(job))
         return _prefixed_step_classes()[0](
             name=decl.name, step_args=step_args, description=decl.description or None,
             retry_policies=self.retry_policies("job"),
             job_prefix=_job_prefix(self.pipeline_name, decl.name, 40),
-            extra=self.debugger(decl.name) if debugger else None)
+            extra=self.debugger(decl.name, job) if debugger else None)
 
-    def debugger(self, step_name: str) -> dict:
-        """DebugHookConfig + the built-in rules (steps/train.py), with EnableDebugger=true only.
-        ModelTrainer (SDK v3) has no debugger settings, so they are added to the step's
+    def debugger(self, step_name: str, job: dict) -> dict:
+        """The compiled DebugHookConfig and built-in rules (EnableDebugger=true only) with where
+        they run: ModelTrainer (SDK v3) has no debugger settings, so they are added to the step's
         CreateTrainingJob request."""
         from sagemaker.core import image_uris
 
-        from steps.train import DEBUGGER_COLLECTIONS, DEBUGGER_RULES
-
         evaluator = image_uris.retrieve("debugger", region=self.region)
         return {
-            "DebugHookConfig": {
-                "S3OutputPath": self.execution_uri(step_name, "debugger").expr,
-                "LocalPath": "/opt/ml/output/tensors",
-                "CollectionConfigurations": [
-                    {"CollectionName": name, "CollectionParameters": {"save_interval": str(interval)}}
-                    for name, interval in DEBUGGER_COLLECTIONS],
-            },
+            "DebugHookConfig": {"S3OutputPath": self.execution_uri(step_name, "debugger").expr,
+                                "LocalPath": "/opt/ml/output/tensors", **job["DebugHookConfig"]},
             "DebugRuleConfigurations": [
-                {"RuleConfigurationName": rule, "RuleEvaluatorImage": evaluator,
-                 "InstanceType": "ml.t3.medium", "VolumeSizeInGB": 0,
-                 "RuleParameters": {"rule_to_invoke": rule, **params}}
-                for rule, params in DEBUGGER_RULES],
+                {"RuleConfigurationName": rule["RuleConfigurationName"], "RuleEvaluatorImage": evaluator,
+                 "InstanceType": "ml.t3.medium", "VolumeSizeInGB": 0, "RuleParameters": rule["RuleParameters"]}
+                for rule in job["DebugRuleConfigurations"]],
         }
 
-    def tuning(self, decl: base.TuningStep):
+    def tuning(self, request: StepRequest):
         from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter
         from sagemaker.train.tuner import HyperparameterTuner
 
-        trainer = self.trainer(decl.training, step_name=decl.name, trial=True,
-                               max_runtime_s=decl.trial_max_runtime_s)
+        decl, args = request.declaration, request.arguments
+        config, job = args["HyperParameterTuningJobConfig"], args["TrainingJobDefinition"]
+        trainer = self.trainer(decl.training, job, step_name=decl.name, trial=True,
+                               hyperparameters=self.sdk(job["StaticHyperParameters"]))
         ranges, bounds = {}, {}
-        for r in decl.ranges:
-            if isinstance(r, base.ContinuousRange):
-                # Built with the build-time values (the SDK's request shape takes strings only);
-                # PrefixedTuningStep puts the parameters back, as it does for the limits.
-                ranges[r.name] = ContinuousParameter(self.build_time_value(r.min_value),
-                                                     self.build_time_value(r.max_value), scaling_type=r.scaling)
-                bounds[r.name] = {"MinValue": self.value(r.min_value, as_string=True),
-                                  "MaxValue": self.value(r.max_value, as_string=True)}
-            else:
-                ranges[r.name] = CategoricalParameter(list(r.values))
+        for r in config["ParameterRanges"]["ContinuousParameterRanges"]:
+            # Built with the build-time values (the SDK's request shape takes strings only);
+            # PrefixedTuningStep puts the parameters back, as it does for the limits.
+            ranges[r["Name"]] = ContinuousParameter(float(self.build_time(r["MinValue"])),
+                                                    float(self.build_time(r["MaxValue"])),
+                                                    scaling_type=r["ScalingType"])
+            bounds[r["Name"]] = {"MinValue": self.sdk(r["MinValue"]), "MaxValue": self.sdk(r["MaxValue"])}
+        for r in config["ParameterRanges"]["CategoricalParameterRanges"]:
+            ranges[r["Name"]] = CategoricalParameter(list(r["Values"]))
+        limits = config["ResourceLimits"]
         tuner = HyperparameterTuner(
             model_trainer=trainer,
-            objective_metric_name=decl.objective_metric,
-            objective_type=decl.objective_type,
+            objective_metric_name=config["HyperParameterTuningJobObjective"]["MetricName"],
+            objective_type=config["HyperParameterTuningJobObjective"]["Type"],
             hyperparameter_ranges=ranges,
-            metric_definitions=[{"Name": m.name, "Regex": m.regex}
-                                for m in decl.training.metric_definitions],
-            strategy=decl.strategy,
-            early_stopping_type=decl.early_stopping,
+            metric_definitions=job["AlgorithmSpecification"]["MetricDefinitions"],
+            strategy=config["Strategy"],
+            early_stopping_type=config["TrainingJobEarlyStoppingType"],
             # SDK 3.27's ResourceLimits shape takes ints only: build with the build-time values,
             # then PrefixedTuningStep puts the parameters back in the request.
-            max_jobs=self.build_time_value(decl.max_jobs),
-            max_parallel_jobs=self.build_time_value(decl.max_parallel_jobs),
+            max_jobs=int(self.build_time(limits["MaxNumberOfTrainingJobs"])),
+            max_parallel_jobs=int(self.build_time(limits["MaxParallelTrainingJobs"])),
             base_tuning_job_name=_job_prefix(self.pipeline_name, decl.name, 19),
         )
-        step_args = tuner.tune(inputs=self.channels(decl.training))
+        step_args = tuner.tune(inputs=self.channels(job))
         return _prefixed_step_classes()[1](
             name=decl.name, step_args=step_args, description=decl.description or None,
-            cache_config=self.cache(decl), retry_policies=self.retry_policies("job"),
+            cache_config=self.cache(request), retry_policies=self.retry_policies("job"),
             job_prefix=_job_prefix(self.pipeline_name, decl.name, 19),
-            resource_limits={"MaxNumberOfTrainingJobs": self.value(decl.max_jobs),
-                             "MaxParallelTrainingJobs": self.value(decl.max_parallel_jobs)},
-            bounds=bounds)
+            resource_limits=self.sdk(limits), bounds=bounds)
 
-    def model_builder(self, model_uri):
+    def model_builder(self, model_uri, environment: dict):
         from sagemaker.core.training.configs import Networking
         from sagemaker.serve.model_builder import ModelBuilder
 
@@ -725,10 +704,7 @@ class _Build:
             network=Networking(enable_network_isolation=True),
             # model.tar.gz carries code/inference.py (DESIGN: self-contained artifact): the
             # serving container runs it from the model directory, nothing is repacked.
-            env_vars={"SAGEMAKER_PROGRAM": self.dag_register_code().entry_point,
-                      "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
-                      "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-                      "SAGEMAKER_REGION": self.region},
+            env_vars={**environment, "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "SAGEMAKER_REGION": self.region},
         )
 
     def dag_register_code(self) -> base.Code:
@@ -737,60 +713,52 @@ class _Build:
                 return step.code
         return base.Code("inference", "inference.py")
 
-    def register(self, decl: base.RegisterStep):
+    def register(self, request: StepRequest):
         from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
-        from sagemaker.core.workflow.functions import Join
         from sagemaker.mlops.workflow.model_step import ModelStep
 
-        from pipeline.registry.local import DIGEST_PROPERTY, REPORT_PROPERTY
-
-        metrics_uri = Join(on="/", values=[self.output_uri(decl.metrics), decl.metrics_file])
-        # The report is not a metrics document SageMaker reads, so it is not in ModelMetrics: the
-        # package names it in its own key/values, where `invmon models show` and Studio show it.
-        properties = ({REPORT_PROPERTY: Join(on="/", values=[self.output_uri(decl.metrics), decl.report_file])}
-                      if decl.report_file else {})
-        if decl.artifact_digest is not None:  # what Evaluate scored; every deploy checks it
-            properties[DIGEST_PROPERTY] = self.json_get(decl.artifact_digest)
-        builder = self.model_builder(self.output_uri(decl.model))
+        decl, args = request.declaration, request.arguments
+        (container,) = args["InferenceSpecification"]["Containers"]
+        statistics = args["ModelMetrics"]["ModelQuality"]["Statistics"]
+        builder = self.model_builder(self.sdk(container["ModelDataUrl"]), container["Environment"])
         step_args = builder.register(
-            model_package_group_name=self.params[decl.model_package_group.name],
-            approval_status=REGISTERED_STATUS,  # never a parameter: only a reviewer approves
-            content_types=SERVING_CONTENT_TYPES,
-            response_types=SERVING_RESPONSE_TYPES,
+            model_package_group_name=self.sdk(args["ModelPackageGroupName"]),
+            approval_status=args["ModelApprovalStatus"],  # never a parameter: only a reviewer approves
+            content_types=args["InferenceSpecification"]["SupportedContentTypes"],
+            response_types=args["InferenceSpecification"]["SupportedResponseMIMETypes"],
             inference_instances=[self.params["InferenceInstanceType"]],
             transform_instances=[self.params["InferenceInstanceType"]],
             model_metrics=ModelMetrics(model_statistics=MetricsSource(
-                content_type="application/json", s3_uri=metrics_uri)),
-            customer_metadata_properties=properties or None,
+                content_type=statistics["ContentType"], s3_uri=self.sdk(statistics["S3Uri"]))),
+            # The evaluation report and the artifact's SHA-256 (every deploy checks it): key/values
+            # of the package, where `invmon models show` and Studio show them.
+            customer_metadata_properties=self.sdk(args.get("CustomerMetadataProperties")) or None,
         )
         return ModelStep(name=decl.name, step_args=step_args, description=decl.description or None,
                          retry_policies=self.retry_policies("api"))
 
-    def deploy(self, decl: base.DeployStep) -> list:
+    def deploy(self, request: StepRequest) -> list:
         from sagemaker.core.workflow.execution_variables import ExecutionVariables
         from sagemaker.core.workflow.functions import Join
         from sagemaker.mlops.workflow.endpoint_step import EndpointConfigStep, EndpointStep
         from sagemaker.mlops.workflow.model_step import ModelStep
 
-        register_step = self.sm_steps[decl.register_step]
+        decl, args = request.declaration, request.arguments
+        container = args["Model"]["PrimaryContainer"]
         # Serve what was registered: the model data comes from the Register step's package
         # (same image and environment), which also orders Deploy after Register.
-        registered = register_step.properties.InferenceSpecification.Containers[0].ModelDataUrl
-        builder = self.model_builder(registered)
+        builder = self.model_builder(self.sdk(container["ModelDataUrl"]), container["Environment"])
         model_step = ModelStep(name=f"{decl.name}-Model",
                                step_args=builder.build(
                                    model_name=_job_prefix(self.pipeline_name, decl.name, 40)),
                                retry_policies=self.retry_policies("api"))
-        endpoint_name = self.params[decl.endpoint_name.name]
+        endpoint_name = self.sdk(args["EndpointName"])
+        (variant,) = args["EndpointConfig"]["ProductionVariants"]
         config_args = self.session.create_endpoint_config(
             # A new config per execution: the endpoint switches over to it.
             name=Join(on="-", values=[endpoint_name, ExecutionVariables.PIPELINE_EXECUTION_ID]),
-            production_variants=[{
-                "VariantName": "AllTraffic",
-                "ModelName": model_step.properties.ModelName,
-                "InitialInstanceCount": 1,
-                "InstanceType": self.params[decl.instance_type.name],
-            }],
+            production_variants=[{**variant, "ModelName": model_step.properties.ModelName,
+                                  "InstanceType": self.sdk(variant["InstanceType"])}],
             kms_key=self.kms,
         )
         config_step = EndpointConfigStep(name=f"{decl.name}-EndpointConfig", step_args=config_args,
@@ -801,25 +769,34 @@ class _Build:
                                      description=decl.description or None)
         return [model_step, config_step, endpoint_step]
 
-    def fail(self, decl: base.FailStep):
-        from sagemaker.core.workflow.functions import Join
+    def fail(self, request: StepRequest):
         from sagemaker.mlops.workflow.fail_step import FailStep
 
-        parts = [self.json_get(p) if isinstance(p, base.JsonGet) else self.value(p) for p in decl.message]
-        return FailStep(name=decl.name, error_message=Join(on="", values=parts),
-                        description=decl.description or None)
+        return FailStep(name=request.name, error_message=self.sdk(request.arguments["ErrorMessage"]),
+                        description=request.description or None)
 
-    def condition(self, decl: base.ConditionStep, branches: dict):
+    def condition(self, request: StepRequest, branches: dict):
         from sagemaker.core.workflow.conditions import ConditionGreaterThanOrEqualTo
         from sagemaker.mlops.workflow.condition_step import ConditionStep
 
+        (condition,) = request.arguments["Conditions"]
+        if condition["Type"] != "GreaterThanOrEqualTo":
+            raise DefinitionError(f"{request.name}: no SageMaker translation for condition {condition['Type']}")
         return ConditionStep(
-            name=decl.name, description=decl.description or None,
-            conditions=[ConditionGreaterThanOrEqualTo(left=self.json_get(decl.left),
-                                                      right=self.value(decl.right))],
-            if_steps=[s for name in decl.if_true for s in branches[name]],
-            else_steps=[s for name in decl.if_false for s in branches[name]],
+            name=request.name, description=request.description or None,
+            conditions=[ConditionGreaterThanOrEqualTo(left=self.sdk(condition["LeftValue"]),
+                                                      right=self.sdk(condition["RightValue"]))],
+            if_steps=[s for name in request.arguments["IfSteps"] for s in branches[name]],
+            else_steps=[s for name in request.arguments["ElseSteps"] for s in branches[name]],
         )
+
+
+def _property(properties, path: str):
+    """`ProcessingOutputConfig.Outputs['train'].S3Output.S3Uri` read off an SDK step's properties."""
+    value = properties
+    for attribute, key, index in re.findall(r"(\w+)|\['([^']*)'\]|\[(\d+)\]", path):
+        value = getattr(value, attribute) if attribute else value[key] if key else value[int(index)]
+    return value
 
 
 _STEP_CLASSES: dict = {}
@@ -870,11 +847,6 @@ def _prefixed_step_classes():
     return PrefixedTrainingStep, PrefixedTuningStep
 
 
-def _gated(dag: base.Dag) -> set[str]:
-    return {name for s in dag.steps if isinstance(s, base.ConditionStep)
-            for name in (*s.if_true, *s.if_false)}
-
-
 def get_pipeline(
     region: str,
     role: str,
@@ -895,7 +867,7 @@ def get_pipeline(
     with offline_environment(offline_dir is not None):
         return _build_pipeline(region, role, default_bucket, pipeline_name, profile,
                                sagemaker_session, parameter_overrides, offline_dir,
-                               dag or declared.DAG)
+                               lower(dag or declared.DAG))
 
 
 def stage_local_files(values: dict, session, bucket: str, pipeline_name: str) -> dict:
@@ -958,35 +930,29 @@ def _translate(build: _Build, dag: base.Dag) -> list:
         raise DefinitionError(f"StagingEndpointName may have at most {MAX_ENDPOINT_NAME} characters "
                               "(the endpoint config is named <endpoint>-<execution id>)")
 
-    branches: dict[str, list] = {}  # declaration name -> the SDK steps it became
+    try:
+        requests = compile_dag(dag, build.values)
+    except CompileError as exc:
+        raise DefinitionError(str(exc)) from None
+    translate = {"Processing": build.processing, "Tuning": build.tuning, "Training": build.training,
+                 "RegisterModel": build.register, "Endpoint": build.deploy, "Fail": build.fail}
+    branches: dict[str, list] = {}  # step name -> the SDK steps it became
     conditions = []
-    for decl in dag.steps:
-        if isinstance(decl, base.ProcessingStep):
-            made = [build.processing(decl)]
-        elif isinstance(decl, base.TuningStep):
-            made = [build.tuning(decl)]
-        elif isinstance(decl, base.TrainingStep):
-            made = [build.training(decl)]
-        elif isinstance(decl, base.RegisterStep):
-            made = [build.register(decl)]
-        elif isinstance(decl, base.DeployStep):
-            made = build.deploy(decl)
-        elif isinstance(decl, base.FailStep):
-            made = [build.fail(decl)]
-        elif isinstance(decl, base.ConditionStep):
-            conditions.append(decl)  # built once its branch steps exist
+    for request in requests:
+        if request.type == "Condition":
+            conditions.append(request)  # built once its branch steps exist
             continue
-        else:
-            raise DefinitionError(f"no SageMaker translation for {type(decl).__name__} {decl.name}")
-        build.sm_steps[decl.name] = made[-1]
-        branches[decl.name] = made
-    for decl in conditions:
-        build.sm_steps[decl.name] = build.condition(decl, branches)
-        branches[decl.name] = [build.sm_steps[decl.name]]
-
+        if request.type not in translate:
+            raise DefinitionError(f"no SageMaker translation for {request.type} step {request.name}")
+        made = translate[request.type](request)
+        made = made if isinstance(made, list) else [made]
+        build.sm_steps[request.name] = made[-1]
+        branches[request.name] = made
+    for request in conditions:
+        build.sm_steps[request.name] = build.condition(request, branches)
+        branches[request.name] = [build.sm_steps[request.name]]
     # Steps inside a condition's branches must not also be listed at the top level.
-    gated = _gated(dag)
-    return [s for decl in dag.steps if decl.name not in gated for s in branches[decl.name]]
+    return [s for request in requests if request.gate is None for s in branches[request.name]]
 
 
 def definition(pipeline) -> str:
