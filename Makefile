@@ -58,7 +58,7 @@ clean:
 
 # The Lambda deploy function of infra/invmon.yaml: the modules pipeline/registry/deploy.py needs, nothing
 # else (the Lambda runtime provides boto3; the SageMaker SDK is never imported).
-DEPLOY_FUNCTION_MODULES := __init__ home registry/__init__ registry/deploy registry/local registry/sagemaker \
+DEPLOY_FUNCTION_MODULES := __init__ digests home registry/__init__ registry/deploy registry/local registry/sagemaker \
 	sagemaker/__init__ sagemaker/clients
 deploy-function:
 	mkdir -p build

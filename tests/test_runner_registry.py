@@ -10,7 +10,8 @@ from urllib.parse import unquote, urlparse
 
 from conftest import import_script
 from pipeline.dag.compile import compile_dag
-from pipeline.registry.local import REPORT_PROPERTY, file_sha256, open_registry
+from pipeline.digests import file_sha256
+from pipeline.registry.local import REPORT_PROPERTY, open_registry
 from steps.base import Dag, Param
 from test_runner import new_run, setup, small_dag, write_script  # noqa: F401 (setup is a fixture)
 

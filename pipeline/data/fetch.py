@@ -5,11 +5,11 @@ a photo reaches a local run, a mirror and the SageMaker step through one reader 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from types import ModuleType
 
+from pipeline.digests import file_sha256, sha256_of
 from steps.base import SCRIPTS
 
 
@@ -30,10 +30,10 @@ def mirror_dir(home: Path, source: str, manifest: Path | None, selection: dict) 
     """One mirror per (source, manifest bytes, selection rule): a cached Preprocess keyed on the
     mirror's bytes is then never reused for another selection."""
     key = json.dumps({"source": source, "selection": selection,
-                      "manifest": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest else None},
+                      "manifest": file_sha256(manifest) if manifest else None},
                      sort_keys=True)
     bucket = source[5:].split("/", 1)[0]
-    return home / "data" / "s3" / f"{bucket}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return home / "data" / "s3" / f"{bucket}-{sha256_of([key.encode()])[:16]}"
 
 
 def mirror(home: Path, source: str, manifest: Path | None, counts: str, per_count: int, seed: int,

@@ -7,51 +7,17 @@ a changed photo each make a new key.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from pipeline.digests import named_files_sha256, sha256_of
 from steps.base import Code
 
 
-def visible_files(root: Path) -> list[Path]:
-    """Every file a step can read under `root`: symlinked folders followed (a linked photo folder
-    is data like any other), hidden files skipped (bookkeeping such as a fetch ledger, which no
-    step reads), each real folder walked once (a link loop ends)."""
-    found, seen = [], set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder) / f for f in files if not f.startswith(".")]
-    return sorted(found)
-
-
-def fingerprint(path: Path) -> str:
-    """sha256 over the relative names and bytes of every file under `path` (or of one file)."""
-    digest = hashlib.sha256()
-    path = Path(path)
-    files = [path] if path.is_file() else [p for p in visible_files(path) if p.is_file()]
-    for file in files:
-        digest.update(file.relative_to(path).as_posix().encode() if file != path else b".")
-        digest.update(b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def code_fingerprint(code: Code) -> str:
-    digest = hashlib.sha256()
-    for src, name in code.files():
-        digest.update(name.encode() + b"\0" + src.read_bytes() + b"\0")
-    return digest.hexdigest()
+    return named_files_sha256((name, src) for src, name in code.files())
 
 
 def cache_key(step_name: str, code: Code, settings: dict, inputs: dict[str, str]) -> str:
@@ -59,7 +25,7 @@ def cache_key(step_name: str, code: Code, settings: dict, inputs: dict[str, str]
         {"step": step_name, "code": code_fingerprint(code), "settings": settings, "inputs": inputs},
         sort_keys=True, default=str,
     )
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+    return sha256_of([payload.encode()])[:24]
 
 
 def link_tree(src: Path, dst: Path) -> None:

@@ -7,7 +7,6 @@ built once and cached by the hash of the requirements file and the interpreter.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,16 +15,18 @@ import sysconfig
 import venv
 from pathlib import Path
 
+from pipeline.digests import sha256_of
+
 
 class StepEnvironmentError(RuntimeError):
     """A step's requirements could not be installed."""
 
 
 def env_key(requirements: Path | None) -> str:
-    digest = hashlib.sha256(sys.executable.encode())
+    parts = [sys.executable.encode()]
     if requirements is not None and requirements.is_file():
-        digest.update(requirements.read_bytes())
-    return digest.hexdigest()[:16]
+        parts.append(requirements.read_bytes())
+    return sha256_of(parts)[:16]
 
 
 def python_for(requirements: Path | None, envs_dir: Path, log=print) -> Path:

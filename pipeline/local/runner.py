@@ -25,7 +25,8 @@ from typing import Callable
 
 from pipeline.dag.compile import Resolver, StepRequest, compile_dag, lower, parse_step_ref
 from pipeline.local import envs, jobs
-from pipeline.local.cache import StepCache, cache_key, fingerprint, link_tree
+from pipeline.digests import tree_sha256
+from pipeline.local.cache import StepCache, cache_key, link_tree
 from pipeline.local.tuner import Tuner
 from steps.base import ContinuousRange, Dag, MetricDefinition
 
@@ -378,7 +379,7 @@ class LocalRun:
         if not request.cache:
             return False
         step = request.declaration
-        prints = {name: (fingerprint(p) if p is not None else None) for name, p in inputs.items()}
+        prints = {name: (tree_sha256(p) if p is not None else None) for name, p in inputs.items()}
         key = cache_key(step.name, step.code if hasattr(step, "code") else step.training.code,
                         settings, prints)
         record["cache_key"] = key
@@ -556,7 +557,7 @@ class LocalRun:
         metrics = json.loads(Path(executed["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]).read_text())
         described = executed.get("CustomerMetadataProperties", {})
         # The registry keeps its own copy: a run folder may be deleted, a model version may not.
-        store = self.home / "artifacts" / fingerprint(artifact)[:16]
+        store = self.home / "artifacts" / tree_sha256(artifact)[:16]
         store.mkdir(parents=True, exist_ok=True)
         if not (store / "model.tar.gz").exists():
             # Copy beside, then rename: a stop mid-copy never leaves a torn artifact in the store.

@@ -23,7 +23,6 @@ Driven by the tuning step's declaration (the tuning job config):
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
+from pipeline.digests import sha256_of
 from steps.base import CategoricalRange, ContinuousRange, TuningStep
 
 # The sampler behind `Bayesian`: "gp" or "tpe" (benchmarks/tuner_samplers.py measures both).
@@ -172,9 +172,7 @@ class Tuner:
     @staticmethod
     def fingerprint() -> str:
         """What the Tune step's cache key knows of the tuner: this file's bytes, Optuna's version."""
-        digest = hashlib.sha256(TUNER_CODE.read_bytes())
-        digest.update(f"\0optuna {optuna.__version__}".encode())
-        return digest.hexdigest()
+        return sha256_of([TUNER_CODE.read_bytes(), f"\0optuna {optuna.__version__}".encode()])
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, run_trial: Callable[[Trial, Callable[[dict], bool]], "object"]) -> Trial:

@@ -29,8 +29,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from pipeline.registry.local import (DIGEST_PROPERTY, Endpoint, ModelVersion, NotFoundError, RegistryError,
-                               file_sha256, sha256_of)
+from pipeline.digests import file_sha256, sha256_of
+from pipeline.registry.local import (DIGEST_PROPERTY, Endpoint, ModelVersion, NotFoundError, RegistryError)
 
 STAGES = {"staging": "staging", "prod": "production"}
 EVENT_TYPE = "SageMaker Model Package State Change"

@@ -15,7 +15,6 @@ locked or corrupt file) become RegistryError with one line that names the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.digests import file_sha256
 from pipeline.home import invmon_home
 from typing import Iterator
 
@@ -121,19 +121,6 @@ def open_registry(home: str | os.PathLike | None = None) -> "LocalRegistry":
 
 def is_production(endpoint_name: str) -> bool:
     return bool(PRODUCTION_NAME.search(endpoint_name))
-
-
-def sha256_of(chunks) -> str:
-    """Hex SHA-256 over an iterable of byte chunks (a file read in blocks, an S3 body stream)."""
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return sha256_of(iter(lambda: f.read(1 << 20), b""))
 
 
 def _now() -> str:

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import io
 import os
 import re
@@ -73,6 +72,7 @@ from pathlib import Path
 
 import steps as declared
 from pipeline.dag import profiles
+from pipeline.digests import file_sha256, tree_sha256
 from pipeline.dag.compile import CompileError, Resolver, StepRequest, compile_dag, lower, parse_step_ref
 from pipeline.dag.parameters import PARAMETERS, ParameterError, validate
 from steps import base, images
@@ -117,19 +117,6 @@ def _clean_copy(src: Path, dest: Path) -> None:
     else:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
-
-
-def content_digest(path: Path) -> str:
-    """sha256 of a file, or of a folder's (relative path, bytes) pairs in sorted order."""
-    h = hashlib.sha256()
-    path = Path(path)
-    if path.is_dir():
-        for item in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(item.relative_to(path).as_posix().encode() + b"\0")
-            h.update(item.read_bytes() + b"\0")
-    else:
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def build_source_tarball(code: base.Code, dest_dir: Path) -> Path:
@@ -196,7 +183,7 @@ def _staging_session_class():
                 key_prefix = key_prefix.strip("/")
                 if not key_prefix.startswith(self.code_prefix + "/"):
                     leaf = key_prefix.rsplit("/", 1)[-1] or "data"
-                    key_prefix = f"{self.code_prefix}/{leaf}-{content_digest(clean)[:16]}"
+                    key_prefix = f"{self.code_prefix}/{leaf}-{tree_sha256(clean)[:16]}"
                 if extra_args:  # a run-time parameter cannot encrypt a build-time upload
                     extra_args = {k: v for k, v in extra_args.items() if not _is_pipeline_variable(v)}
                     if "SSEKMSKeyId" not in extra_args:
@@ -467,7 +454,7 @@ class _Build:
                                   f"scripts/{code.source_dir})")
         tmp = Path(tempfile.mkdtemp(prefix=f"{code.source_dir}-", dir=self.workdir))
         tarball = build_source_tarball(code, tmp)
-        key_prefix = f"{self.pipeline_name}/code/{code.source_dir}-{content_digest(tarball)[:16]}"
+        key_prefix = f"{self.pipeline_name}/code/{code.source_dir}-{tree_sha256(tarball)[:16]}"
         self.staged[code] = self.session.upload_data(str(tarball), bucket=self.bucket,
                                                      key_prefix=key_prefix)
         return self.staged[code]
@@ -878,7 +865,7 @@ def stage_local_files(values: dict, session, bucket: str, pipeline_name: str) ->
         path = Path(manifest).expanduser()
         if not path.is_file():
             raise DefinitionError(f"ManifestUrl {manifest} is neither an s3:// URI nor a local file")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        digest = file_sha256(path)[:16]
         values = {**values, "ManifestUrl": session.upload_data(
             str(path), bucket=bucket, key_prefix=f"{pipeline_name}/code/manifest-{digest}")}
     return values
