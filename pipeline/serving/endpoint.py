@@ -250,22 +250,13 @@ def _media_type(header: str | None) -> str:
     return (header or "").split(";")[0].strip().lower()
 
 
-def negotiate(accept: str | None) -> str:
-    """The answer's media type from the Accept header: JSON, or 406."""
-    if not accept or not accept.strip():
+def negotiate(accept: str | None, model: "LoadedModel") -> str:
+    """The answer's media type, JSON, if the artifact's own rule admits the Accept header (the
+    rule its output_fn applies in the serving container, inference.acceptable); else 406 before
+    any work. An artifact without the rule is left to its output_fn, which answers 406 itself."""
+    rule = getattr(model.inference, "acceptable", None)
+    if rule is None or rule(accept):
         return JSON
-    for item in accept.split(","):
-        media, *params = [part.strip() for part in item.split(";")]
-        q = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if q > 0 and media.lower() in (JSON, "application/*", "*/*"):
-            return JSON
     raise RequestError(406, f"cannot answer with Accept {accept!r}; this endpoint answers {JSON}")
 
 
@@ -529,7 +520,7 @@ def create_app(artifact: str | Path, model_version: str | None = None,
         if _media_type(content_type) not in model.content_types:
             raise RequestError(415, f"unsupported content type {content_type!r}; "
                                     f"send one of {', '.join(model.content_types)}")
-        accept = negotiate(request.headers.get("accept"))
+        accept = negotiate(request.headers.get("accept"), model)
         # Admission before the body is read: past the limit nothing more is spent on it.
         if state.in_flight >= settings.max_queue:
             raise RequestError(503, f"server busy: {state.in_flight} requests in progress, "
