@@ -1,13 +1,14 @@
 """Blends of counting models on the real sample, scored on the same 5 folds as everything else.
 
-    python benchmarks/real_blend_cv.py [--frozen 224 260_lite2 ...] [--l2 0.1] [--fold-seed 0]
+    python benchmarks/real_blend_cv.py [--frozen 224 260_lite2 ...] [--weight-decay 0.2] [--fold-seed 0]
                                        [--oof DIR/ft320-e20-s0.json ...] [--tta flips] [--largest 3]
                                        [--recall-floor 0.2] [--out blends.json] [--save DIR]
 
 Each source gives every photo of the 1,731 its class probabilities from a model that did not
 train on it (out of fold):
-  --frozen SPEC   the `real` profile's head (ordinal, L2 0.1 unless --l2, class-balanced) trained
-                  on the first two views (the photo, its mirror image) of
+  --frozen SPEC   train.py's frozen-backbone head (ordinal, class-balanced, weight decay 0.2 unless
+                  --weight-decay; benchmarks/real_cv.py trains it with the trainer's own parts) on
+                  the first two views (the photo, its mirror image) of
                   benchmarks/real_features.py's features_<SPEC>.pt, fold by fold here (seconds)
   --oof FILE      what benchmarks/real_finetune_cv.py --oof wrote (fine-tuned on a GPU), with
                   or without its flip TTA (--tta), or what --save wrote for a frozen source
@@ -32,19 +33,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "scripts" / "inference"))
-
-import real_cv  # noqa: E402  (the folds, the heads and the scores)
-import torch  # noqa: E402
-import inference  # noqa: E402
-from inference import decode_counts  # noqa: E402  (the decoding the endpoint does)
+import inference
+import real_cv  # a sibling: the folds, and the frozen head trained fold by fold
+import torch
+from inference import decode_counts  # the decoding the trainer validates with and the endpoint serves
+from trainer.heads import scores
+from trainer.optim import FROZEN_WEIGHT_DECAY
 
 K = real_cv.K
-# The `real` profile's head, as docs/model.md measured it: the row `avg | ordinal | median | 0.1 | 2`.
-REAL_HEAD = {"pool": "avg", "head": "ordinal", "decode": "median", "l2": 0.1, "hidden": 0, "balanced": True,
-             "train_views": 2, "tta": False, "wd": 0.05, "lr": 0.003, "steps": 400}
+# train.py --freeze_backbone's head: ordinal, median decoding, class-balanced, on 2 views of each photo.
+FROZEN_HEAD = {**real_cv.SHARED, "head": "ordinal", "decode": "median", "train_views": 2, "tta": False}
 
 
 def photo_key(path: str) -> str:
@@ -126,21 +124,21 @@ def cross_validated(probabilities: torch.Tensor, labels: torch.Tensor, folds: to
     (mean decoding), each fold is decoded with the cuts inference.floor_cuts fits on the next fold,
     as Train fits them on its one validation split: 346 photos of another model's held-out output."""
     numbers = [f for f in folds.unique().tolist() if f >= 0]
-    scores = []
+    scored = []
     for i, number in enumerate(numbers):
         test, fit = folds == number, folds == numbers[(i + 1) % len(numbers)]
         if probabilities[test].isnan().any():
             continue
         cuts = inference.floor_cuts(probabilities[fit], labels[fit], floor) if floor else None
-        scores.append(real_cv.score(decode_counts(probabilities[test], how, cuts), labels[test]))
-    if not scores:
+        scored.append(scores(decode_counts(probabilities[test], how, cuts), labels[test]))
+    if not scored:
         raise SystemExit("no fold has probabilities for every one of its photos")
-    acc, rmse = [s["accuracy"] for s in scores], [s["rmse"] for s in scores]
+    acc, rmse = [s["accuracy"] for s in scored], [s["rmse"] for s in scored]
     spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
     return {"accuracy": statistics.mean(acc), "accuracy_sd": spread(acc), "rmse": statistics.mean(rmse),
-            "rmse_sd": spread(rmse), "folds": len(scores),
-            "per_class": [statistics.mean(s["per_class"][c] for s in scores) for c in range(K)],
-            "lowest_fold": [min(s["per_class"][c] for s in scores) for c in range(K)]}
+            "rmse_sd": spread(rmse), "folds": len(scored),
+            "per_class": [statistics.mean(s["per_class"][c] for s in scored) for c in range(K)],
+            "lowest_fold": [min(s["per_class"][c] for s in scored) for c in range(K)]}
 
 
 def main() -> int:
@@ -148,7 +146,7 @@ def main() -> int:
     p.add_argument("--features", type=Path, default=Path("/tmp/invmon-features"))
     p.add_argument("--frozen", nargs="*", default=[], metavar="SPEC",
                    help="features_<SPEC>.pt of benchmarks/real_features.py, e.g. 224 or 260_lite2")
-    p.add_argument("--l2", type=float, default=REAL_HEAD["l2"], help="the frozen heads' L2 penalty")
+    p.add_argument("--weight-decay", type=float, default=FROZEN_WEIGHT_DECAY, help="the frozen heads' weight decay")
     p.add_argument("--fold-seed", type=int, default=0,
                    help="other folds than every table's (0) for the frozen heads, to check that a blend's lead "
                         "is not these folds' luck (--oof files must come from the same folds: real_finetune_cv.py "
@@ -162,18 +160,19 @@ def main() -> int:
                         "--recall_floor), fitted on the next fold")
     p.add_argument("--out", type=Path, default=None, help="write every row as JSON here")
     p.add_argument("--save", type=Path, default=None, metavar="DIR",
-                   help="also write each --frozen source's probabilities to DIR/frozen-<SPEC>-l2-<L2>.json "
+                   help="also write each --frozen source's probabilities to DIR/frozen-<SPEC>-wd-<DECAY>.json "
                         "(to blend later with --oof, without the feature files)")
     args = p.parse_args()
     torch.set_num_threads(2)
 
     loaded: list[Source] = []
     for spec in args.frozen:
-        loaded.append(frozen_source(args.features, spec, {**REAL_HEAD, "l2": args.l2}, args.fold_seed))
+        head = {**FROZEN_HEAD, "weight_decay": args.weight_decay}
+        loaded.append(frozen_source(args.features, spec, head, args.fold_seed))
         if args.save:
             s = loaded[-1]
-            write_out_of_fold(args.save / f"frozen-{spec}-l2-{args.l2:g}-folds{args.fold_seed}.json",
-                              f"frozen {spec} l2 {args.l2:g}", {**REAL_HEAD, "l2": args.l2, "features": spec},
+            write_out_of_fold(args.save / f"frozen-{spec}-wd-{args.weight_decay:g}-folds{args.fold_seed}.json",
+                              f"frozen {spec} wd {args.weight_decay:g}", {**head, "features": spec},
                               s.photos, s.labels, s.folds, {"none": s.probabilities})
     loaded += [oof_source(path, args.tta) for path in args.oof]
     if not loaded:
@@ -200,7 +199,7 @@ def main() -> int:
               f"{r['rmse']:.3f} +- {r['rmse_sd']:.3f}  " + " ".join(f"{v:.2f}" for v in r["per_class"])
               + f"   {r['lowest_fold'][0]:.2f} {r['lowest_fold'][-1]:.2f}")
     labels = first.labels
-    majority = real_cv.score(torch.full_like(labels, int(torch.bincount(labels, minlength=K).argmax())), labels)
+    majority = scores(torch.full_like(labels, int(torch.bincount(labels, minlength=K).argmax())), labels)
     print(f"majority class: accuracy {majority['accuracy']:.3f}, RMSE {majority['rmse']:.3f}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

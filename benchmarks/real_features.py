@@ -18,36 +18,24 @@ benchmarks/real_cv.py then cross-validates counting heads on these features.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import trainer  # noqa: F401,I001  (first: its OpenMP setting must precede torch, as in a training job)
+import inference
+import torch
+from PIL import Image
+from trainer.data import LABELS, class_folder_images
+from trainer.model import load_pretrained
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts" / "train"))
-
-import train  # noqa: E402,I001  (scripts/train/train.py: its weights loader and serving module)
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-inference = train.inference
-
-LABELS = (1, 2, 3, 4, 5)
 
 
 def stage_ends(model) -> list[int]:
     """Index of each stage's last block after the first (for Lite0: 24, 40, 80, 112, 192, 320 channels)."""
     width = [block._block_args.output_filters for block in model._blocks]
     return [i for i in range(len(width)) if i == len(width) - 1 or width[i + 1] != width[i]][1:]
-
-
-def list_sample(root: Path) -> list[tuple[Path, int]]:
-    samples = []
-    for index, label in enumerate(LABELS):
-        samples += [(p, index) for p in sorted((root / str(label)).glob("*.jpg"))]
-    return samples
 
 
 def views(batch: torch.Tensor) -> list[torch.Tensor]:
@@ -67,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    samples = list_sample(args.data)
+    samples = class_folder_images(args.data)
     labels = torch.tensor([i for _, i in samples])
     print(f"{len(samples)} photos in {args.data}", flush=True)
     for size in args.sizes:
@@ -87,7 +75,7 @@ def main() -> None:
             pixels = torch.stack(list(pool.map(decode, (p for p, _ in samples))))
         print(f"{size}px: decoded {len(samples)} photos in {time.perf_counter() - started:.1f}s", flush=True)
         model = inference.build_model(args.arch, len(LABELS), image_size=size)
-        source = train.load_pretrained(model, args.arch, "auto")
+        source = load_pretrained(model, args.arch, "auto", print)
         print(f"weights: {source}", flush=True)
         model.eval().to(memory_format=torch.channels_last)
         avg, mx, stages, taken = [], [], [], []

@@ -11,35 +11,29 @@ once per photo (cached in features_<size>_robust_<lite0|lite1|lite2>.pt):
     aug1, aug2, aug3               the mirror image through augment.build_train_transform at
                                    strength 1, 2 and 3 (seeded per photo), what it could train on
     blur, noise, low_light, jpeg   Evaluate's own corruptions (evaluate.corrupt), the test views
-and cross-validates the profile's head (ordinal, median decoding, L2 0.1, class-balanced) on the
-same 5 folds as benchmarks/real_cv.py, for each set of training views, scoring the held-out
-photos clean and under each corruption.
+and cross-validates train.py's frozen-backbone head (ordinal, median decoding, class-balanced,
+trained by benchmarks/real_cv.py with the trainer's own parts) on the same 5 folds, for each set
+of training views, scoring the held-out photos clean and under each corruption.
 """
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import trainer  # noqa: F401,I001  (first: its OpenMP setting must precede torch, as in a training job)
+import augment
+import evaluate
+import inference
+import real_cv  # a sibling: the folds, and the frozen head trained fold by fold
+import torch
+from PIL import Image
+from trainer.data import class_folder_images
+from trainer.heads import scores
+from trainer.model import load_pretrained
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts" / "train"))
-sys.path.insert(0, str(ROOT / "scripts" / "evaluate"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import augment  # noqa: E402,I001
-import evaluate  # noqa: E402
-import real_cv  # noqa: E402
-import real_features  # noqa: E402
-import torch  # noqa: E402
-import train  # noqa: E402
-from PIL import Image  # noqa: E402
-
-inference = train.inference
 AUGMENTED = ("aug1", "aug2", "aug3")
 VIEWS = ("clean", "mirror", *AUGMENTED, *evaluate.CORRUPTIONS)
 TRAIN_SETS = {
@@ -56,11 +50,11 @@ def extract(args) -> dict:
     target = args.out / f"features_{args.size}_robust{args.arch.removeprefix('efficientnet')}.pt"
     if target.exists():
         return torch.load(target, weights_only=False)
-    samples = real_features.list_sample(args.data)
+    samples = class_folder_images(args.data)
     mean, std = inference.normalization(args.arch)
     config = {"image_size": args.size, "mean": mean, "std": std}
     model = inference.build_model(args.arch, 5, image_size=args.size)
-    train.load_pretrained(model, args.arch, "auto")
+    load_pretrained(model, args.arch, "auto", print)
     model._fc = torch.nn.Identity()
     model.eval().to(memory_format=torch.channels_last)
     augmenters = [augment.build_train_transform(s, args.size, lambda x: x) for s in (1, 2, 3)]
@@ -95,27 +89,27 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--arch", default="efficientnet_lite0", choices=sorted(inference.EFFICIENTNETS))
     parser.add_argument("--out", type=Path, default=Path("/tmp/invmon-features"))
-    parser.add_argument("--l2", type=float, default=0.1, help="the real profile's head L2")
+    parser.add_argument("--weight-decay", default="auto", help="the head's (train.py --weight_decay)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     features = extract(args)
     x, y = features["avg"].float(), features["labels"]
-    cfg = {"head": "ordinal", "decode": "median", "l2": args.l2, "hidden": 0, "balanced": True, "tta": False,
-           "wd": 0.05, "lr": 0.003, "steps": 400}
+    cfg = {**real_cv.SHARED, "head": "ordinal", "decode": "median", "tta": False, "weight_decay": args.weight_decay}
     tested = ("clean", *evaluate.CORRUPTIONS)
     print(f"{'trained on':<30} " + " ".join(f"{v:>9}" for v in tested)
           + "   clean RMSE, weakest count   (accuracy: mean over 5 folds)")
     for name, views in TRAIN_SETS.items():
         train_x = x[:, [VIEWS.index(v) for v in views]]
-        scores = {view: [] for view in tested}
+        scored = {view: [] for view in tested}
         for test in real_cv.folds(y):  # one head per fold, scored on each view of the held-out photos
-            head = real_cv.fit_head(train_x, y, ~test, {**cfg, "train_views": len(views)})
+            one = {**cfg, "train_views": len(views)}
+            head, _ = real_cv.fit_head(train_x, y, ~test, test, one)
             for view in tested:
-                counts = real_cv.predict(cfg["head"], head(x[test][:, [VIEWS.index(view)]]), cfg["decode"])
-                scores[view].append(real_cv.score(counts, y[test]))
-        accuracy = {v: statistics.mean(s["accuracy"] for s in scores[v]) for v in tested}
-        rmse = statistics.mean(s["rmse"] for s in scores["clean"])
-        weakest = min(statistics.mean(s["per_class"][c] for s in scores["clean"]) for c in range(5))
+                held_out = real_cv.probabilities(head, x[test][:, [VIEWS.index(view)]], one)
+                scored[view].append(scores(inference.decode_counts(held_out, cfg["decode"]), y[test]))
+        accuracy = {v: statistics.mean(s["accuracy"] for s in scored[v]) for v in tested}
+        rmse = statistics.mean(s["rmse"] for s in scored["clean"])
+        weakest = min(statistics.mean(s["per_class"][c] for s in scored["clean"]) for c in range(5))
         print(f"{name:<30} " + " ".join(f"{accuracy[v]:>9.3f}" for v in tested)
               + f"   {rmse:.3f}, {weakest:.2f}", flush=True)
 
