@@ -30,18 +30,18 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pipeline.local.jobs import tar_model
+from trainer.artifact import write_untrained
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 SAMPLE = ROOT.parent / "shared" / "data" / "abid-sample"
 
 
 def make_artifact(dest: Path, arch: str = "efficientnet_lite0", image_size: int = 160) -> Path:
-    """An artifact laid out as train.py writes it (random weights): the tests' own builder."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_artifact as build
-
-    return build(dest, arch=arch, image_size=image_size, model_id=f"bench-{arch}-{image_size}")
+    """model.tar.gz of train.py's network with random weights, written and packed as a Train job's."""
+    model_dir = write_untrained(dest / "model", ["--arch", arch, "--image_size", str(image_size)],
+                                model_id=f"bench-{arch}-{image_size}")
+    return tar_model(model_dir, dest / "model.tar.gz")
 
 
 def photo_bodies(n: int) -> list[bytes]:
@@ -130,8 +130,7 @@ def main() -> int:
     if args.max_wait_ms is not None:
         command += ["--max-wait-ms", str(args.max_wait_ms)]
     log = open(work / "server.log", "wb")
-    server = subprocess.Popen(command, cwd=ROOT, pass_fds=[sock.fileno()], stdout=log, stderr=log,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    server = subprocess.Popen(command, pass_fds=[sock.fileno()], stdout=log, stderr=log)
     try:
         import httpx
 

@@ -6,7 +6,7 @@
 Three numbers, in images per second:
   data pipeline   the train script's loader alone (in-memory pixels or disk decode, augmentation,
                   normalisation, collation), no model;
-  train script    that loader feeding the script's own training step (train.train_one_epoch);
+  train script    that loader feeding the script's own training step (trainer.epoch.train_one_epoch);
   raw model       the same training step on the same batches, pre-loaded as tensors.
 The ratio train script / raw model shows what data loading costs: 1.00 means nothing.
 Pipeline and raw passes alternate, and the median of the rounds is reported, so that a machine
@@ -27,14 +27,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts" / "train"))
-sys.path.insert(0, str(ROOT))
-
-# train first: it sets up the OpenMP environment before torch is loaded, as in a real run.
-import train  # noqa: E402,I001  (scripts/train/train.py: the code under measurement)
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+# The trainer first: it sets up the OpenMP environment before torch is loaded, as in a real run.
+import trainer  # noqa: F401,I001  (scripts/train/trainer: the code under measurement)
+import inference
+import torch
+from augment import build_train_transform
+from PIL import Image, ImageDraw
+from trainer.args import parse_args
+from trainer.artifact import model_config
+from trainer.data import LABELS, BinImages, list_images, make_loader
+from trainer.distributed import Place, usable_cpus
+from trainer.epoch import amp_dtype, train_one_epoch
+from trainer.optim import make_optimizer
+from trainer.report import TrainError
 
 
 def synthetic_class_folders(dest: Path, images: int, short_side: int) -> Path:
@@ -94,45 +99,46 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["SM_CHANNEL_TRAIN"] = str(opts.data)
         try:
             return measure(opts)
-        except train.TrainError as exc:
+        except TrainError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
 
 def measure(opts) -> int:
-    args = train.parse_args(["--arch", opts.arch, "--image_size", str(opts.image_size),
+    args = parse_args(["--arch", opts.arch, "--image_size", str(opts.image_size),
                              "--batch_size", str(opts.batch_size), "--workers", opts.workers,
                              "--augment", opts.augment, "--cache_mb", opts.cache_mb,
                              "--epochs", "1", "--pretrained", "none", "--checkpoint_dir", "none"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    place = Place(device=device)
     if device.type == "cpu":
-        torch.set_num_threads(train.usable_cpus())  # as train.py does
-    config = train.model_config(args)
-    samples = train.list_images("train")
+        torch.set_num_threads(usable_cpus())  # as train.py does
+    config = model_config(args)
+    samples = list_images("train")
     cache = len(samples) * 3 * args.image_size ** 2 <= args.cache_mb * 2 ** 20
-    normalize = lambda pixels: train.inference.normalize(pixels, config)  # noqa: E731
+    normalize = lambda pixels: inference.normalize(pixels, config)  # noqa: E731
     started = time.perf_counter()
-    augment = train.build_train_transform(args.augment, args.image_size, normalize)
-    data = train.BinImages(samples, config, augment, cache)
+    augment = build_train_transform(args.augment, args.image_size, normalize)
+    data = BinImages(samples, config, augment, cache)
     load_seconds = time.perf_counter() - started
-    loader = train.make_loader(data, args, device, train=True)
+    loader = make_loader(data, args, place, train=True)
     steps = min(opts.batches, len(loader))
     if steps < 1:
         print(f"error: {len(data)} images make no batch of {args.batch_size}", file=sys.stderr)
         return 2
 
     torch.manual_seed(0)
-    model = train.inference.build_model(args.arch, len(train.LABELS)).to(device)
+    model = inference.build_model(args.arch, len(LABELS)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = train.make_optimizer(model, args)
+    optimizer = make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    dtype = train.amp_dtype(device, args.amp)
+    dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     def step_pass(batches) -> float:
-        return train.train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, device, dtype,
-                                     args, 1)["images_per_sec"]
+        return train_one_epoch(model, batches, steps, optimizer, scheduler, scaler, place, dtype,
+                               args, 1)["images_per_sec"]
 
     def data_pass() -> float:
         started, seen = time.perf_counter(), 0
