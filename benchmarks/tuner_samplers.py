@@ -13,18 +13,16 @@ optimum, and the median wall time of one study (the sampler's own cost: no job r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.local.tuner import Tuner  # noqa: E402
-from steps.base import TuningStep  # noqa: E402
-from steps.tune import STEP  # noqa: E402
+from pipeline.dag.parameters import BY_NAME
+from pipeline.local.tuner import Tuner
+from steps.base import ContinuousRange, Param, TuningStep
+from steps.tune import STEP
 
 OPTIMUM = 0.9
 BATCH_PENALTY = {"32": 0.03, "64": 0.0, "128": 0.02, "256": 0.05, "512": 0.08}
@@ -34,11 +32,20 @@ def accuracy(lr: float, batch_size: str) -> float:
     return OPTIMUM - 0.15 * (math.log10(lr) + 2) ** 2 - BATCH_PENALTY[batch_size]
 
 
+def declared_ranges() -> tuple:
+    """The Tune step's ranges, a bound that is a pipeline parameter at that parameter's default."""
+    def value(bound):
+        return float(BY_NAME[bound.name].default) if isinstance(bound, Param) else bound
+
+    return tuple(dataclasses.replace(r, min_value=value(r.min_value), max_value=value(r.max_value))
+                 if isinstance(r, ContinuousRange) else r for r in STEP.ranges)
+
+
 def study(strategy: str, bayesian: str, seed: int, budget: int, noise: float) -> tuple[float, float]:
     import random
 
     rng = random.Random(10_000 + seed)
-    step = TuningStep("Tune", None, STEP.ranges, "acc", "Maximize", budget, 1,
+    step = TuningStep("Tune", None, declared_ranges(), "acc", "Maximize", budget, 1,
                       strategy=strategy, early_stopping="Off")
     tuner = Tuner(step, budget, 1, seed=seed, log=lambda m: None, bayesian=bayesian)
     truth = {}
