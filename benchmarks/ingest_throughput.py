@@ -42,7 +42,8 @@ def photos(limit: int, scratch: Path) -> dict[str, tuple[bytes, bytes]]:
     if SAMPLE.is_dir():
         for count in range(1, 6):
             for path in sorted((SAMPLE / str(count)).glob("*.jpg")):
-                found[path.stem] = (path.read_bytes(), json.dumps({"BIN_FCSKU_DATA": {}, "EXPECTED_QUANTITY": count}).encode())
+                meta = {"BIN_FCSKU_DATA": {}, "EXPECTED_QUANTITY": count}
+                found[path.stem] = (path.read_bytes(), json.dumps(meta).encode())
     else:
         synth.write_dataset(scratch, per_class=-(-(limit or 1000) // 5), seed=0, size=(640, 480))
         for meta in sorted((scratch / "metadata").glob("*.json")):

@@ -148,9 +148,9 @@ def grid(name: str) -> list[dict]:
     if name == "final":  # the frozen recipe (train.py --freeze_backbone's defaults) and its neighbours
         one = {**SHARED, "head": "ordinal", "decode": "median", "train_views": 2, "tta": False}
         configs = [{**one, "weight_decay": decay} for decay in (0.06, 0.2, 0.6, 2.0)]
-        configs += [{**one, "decode": "mean"}, {**one, "decode": "argmax"}, {**one, "head": "classify", "decode": "argmax"},
-                    {**one, "balanced": False}, {**one, "train_views": 1}, {**one, "train_views": 4},
-                    {**one, "train_views": 4, "tta": True}]
+        configs += [{**one, "decode": "mean"}, {**one, "decode": "argmax"},
+                    {**one, "head": "classify", "decode": "argmax"}, {**one, "balanced": False},
+                    {**one, "train_views": 1}, {**one, "train_views": 4}, {**one, "train_views": 4, "tta": True}]
     if name == "backbones":  # one backbone/resolution against another: the leading heads
         one = {**SHARED, "head": "ordinal", "decode": "median", "train_views": 2, "tta": False}
         configs = [{**one, "weight_decay": decay} for decay in (0.2, 0.6, 2.0)]

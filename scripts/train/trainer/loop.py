@@ -132,6 +132,7 @@ def train_epochs(session: Session, model, fit, checkpoint: dict | None, member: 
                                  "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
                          "history": history, "best": best}, session.member_checkpoint(member))
     if start_epoch > args.epochs:
-        place.log(f"checkpoint already holds all {args.epochs} epochs" + (f" of tail {member + 1}" if args.tails > 1 else ""))
+        place.log(f"checkpoint already holds all {args.epochs} epochs"
+                  + (f" of tail {member + 1}" if args.tails > 1 else ""))
     return best, history
 
