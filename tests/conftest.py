@@ -112,3 +112,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(
             f"real ABID sample tests: {counts['passed']} passed, {counts['failed']} failed, "
             f"{counts['skipped']} skipped (../shared/data/abid-sample {where})")
+
+
+@pytest.fixture(autouse=True)
+def notifications_log(tmp_path, monkeypatch) -> Path:
+    """Where this test's local alerts go (pipeline/alerts.py), never the project's .invmon/."""
+    path = tmp_path / "notifications.jsonl"
+    monkeypatch.setenv("INVMON_NOTIFICATIONS", str(path))
+    monkeypatch.delenv("INVMON_ALERTS_TOPIC_ARN", raising=False)
+    monkeypatch.delenv("INVMON_NOTIFY_COMMAND", raising=False)
+    return path

@@ -22,6 +22,8 @@ def arn(template: dict, name: str) -> str:
         return f"arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/invmon-deploy:*"
     if kind == "AWS::IAM::ManagedPolicy":
         return f"arn:aws:iam::123456789012:policy/invmon-{name}-ABC"
+    if kind == "AWS::SNS::Topic":  # its Ref is its ARN
+        return "arn:aws:sns:us-east-1:123456789012:invmon-alerts"
     raise ValueError(f"no ARN for {kind}")
 
 

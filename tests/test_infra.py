@@ -117,8 +117,7 @@ def test_only_the_deploy_function_may_touch_production(template):
 
 
 def test_the_template_runs_the_deploy_code(template):
-    (function,) = resources(template, "AWS::Lambda::Function").values()
-    props = function["Properties"]
+    props = template["Resources"]["DeployFunction"]["Properties"]
     module, _, name = props["Handler"].rpartition(".")
     assert f"{module}.{name}" == "pipeline.registry.deploy.handler" and callable(deploy.handler)
     assert set(props["Environment"]["Variables"]) >= {
@@ -135,7 +134,7 @@ def test_the_rule_matches_only_this_groups_approvals_and_rejections(template):
     import boto3
     from moto import mock_aws
 
-    (rule,) = resources(template, "AWS::Events::Rule").values()
+    rule = template["Resources"]["ApprovalRule"]
     pattern = json.loads(json.dumps(rule["Properties"]["EventPattern"])
                          .replace('{"!Ref": "ModelPackageGroupName"}', '"bin-count"'))
     with patched_environ(aws_env()), mock_aws():

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from pipeline.alerts import notify
 from pipeline.dag.compile import Resolver, StepRequest, compile_dag, lower, parse_step_ref
 from pipeline.local import envs, jobs
 from pipeline.digests import tree_sha256
@@ -257,6 +258,8 @@ class LocalRun:
                                   resumable=self.requests[step.name].type != "Fail")
                 self.echo(step.name, f"FAILED: {exc}")
                 self.save()
+                notify("run-failed", f"run {self.state['id']} failed at {step.name}", str(exc),
+                       run=self.state["id"], step=step.name, resumable=self.state["resumable"])
                 if not self.state["resumable"]:
                     self._drop_feature_cache()
                 return self.state
@@ -595,6 +598,11 @@ class LocalRun:
                                 "status": version.status, "artifact": version.artifact_uri,
                                 "report": properties.get(REPORT_PROPERTY, "")}
         self.echo(request.name, f"registered {version.group} version {version.version} ({version.status})")
+        notify("pending-approval", f"{version.name} waits for approval",
+               f"{version.name} ({version.status}) from run {self.state['id']}; review it with "
+               f"`invmon models show {version.version} --group {version.group}`",
+               group=version.group, version=version.version, run=self.state["id"],
+               report=properties.get(REPORT_PROPERTY, ""))
 
     def _deploy(self, request: StepRequest, record: dict) -> None:
         from pipeline.registry.deploy import verify_local_artifact

@@ -29,10 +29,13 @@ import re
 import time
 from dataclasses import dataclass
 
+from pipeline.alerts import notify
 from pipeline.digests import file_sha256, sha256_of
 from pipeline.registry.local import (DIGEST_PROPERTY, Endpoint, ModelVersion, NotFoundError, RegistryError)
 
 STAGES = {"staging": "staging", "prod": "production"}
+CAPTURE_PERCENT = {"staging": 100, "prod": 20}
+CAPTURE_PREFIX = "capture"
 EVENT_TYPE = "SageMaker Model Package State Change"
 VARIANT = "AllTraffic"
 # Blue/green: shift all traffic at once after the new fleet is up, then bake for 10 minutes with
@@ -158,8 +161,15 @@ def deploy(registry, target, group: str, stage: str, version: int | None = None,
         target.deploy(name, model, stage, recheck=recheck)
     except NoChange as exc:
         return Outcome(name, model, previous, False, f"{name} left as it is: {exc}")
-    return Outcome(name, model, previous, True, f"{name} now serves {model.name}"
-                   + (f" (was version {previous})" if previous else ""))
+    except RegistryError as exc:
+        notify("deploy-failed", f"{name}: deploying {model.name} failed", str(exc),
+               endpoint=name, group=group, version=model.version)
+        raise
+    outcome = Outcome(name, model, previous, True, f"{name} now serves {model.name}"
+                      + (f" (was version {previous})" if previous else ""))
+    notify("deploy", f"{name} now serves {model.name}", outcome.message, endpoint=name, group=group,
+           version=model.version, previous=previous)
+    return outcome
 
 
 def approve(registry, target, group: str, version: int, note: str = "") -> Outcome:
@@ -205,6 +215,8 @@ def roll_back_from(registry, target, model: ModelVersion) -> Outcome | None:
     if not fallback:
         flag = f"serves Rejected version {model.version}; no other Approved version to roll back to"
         target.flag(name, flag)
+        notify("deploy-failed", f"{name} serves Rejected {model.name}", f"{name} {flag}; it is flagged",
+               endpoint=name, group=model.group, version=model.version)
         return Outcome(name, model, model.version, False, f"{name} {flag} (left as it is, flagged)")
     newest = fallback[-1]
     try:
@@ -212,10 +224,16 @@ def roll_back_from(registry, target, model: ModelVersion) -> Outcome | None:
     except (RegistryError, NoChange) as exc:
         flag = f"serves Rejected version {model.version}; rollback to {newest.name} failed"
         _try_flag(target, name, flag)
-        raise DeployError(f"{model.name} is Rejected, but rolling production back to {newest.name} "
-                          f"failed: {exc}; production still serves version {model.version} (flagged)") from None
-    return Outcome(name, newest, model.version, True,
-                   f"{name} rolled back from Rejected version {model.version} to {newest.name}")
+        message = (f"{model.name} is Rejected, but rolling production back to {newest.name} failed: {exc}; "
+                   f"production still serves version {model.version} (flagged)")
+        notify("deploy-failed", f"{name}: rollback from {model.name} failed", message,
+               endpoint=name, group=model.group, version=model.version)
+        raise DeployError(message) from None
+    outcome = Outcome(name, newest, model.version, True,
+                      f"{name} rolled back from Rejected version {model.version} to {newest.name}")
+    notify("rolled-back", f"{name} rolled back to {newest.name}", outcome.message, endpoint=name,
+           group=model.group, version=newest.version, previous=model.version)
+    return outcome
 
 
 def _safe_current(target, name: str) -> Endpoint | None:
@@ -298,9 +316,13 @@ class SageMakerTarget:
     while the new fleet bakes."""
 
     def __init__(self, sm, role_arn: str, instance_type: str = "ml.m5.large",
-                 alarms: dict[str, list[str]] | None = None, clock=time.time, s3=None):
+                 alarms: dict[str, list[str]] | None = None, clock=time.time, s3=None,
+                 capture_percent: dict[str, int] | None = None):
         self.sm, self.role_arn, self.instance_type = sm, role_arn, instance_type
         self.alarms = alarms or {}
+        # What share of requests each stage's endpoint captures (DataCaptureConfig): all of
+        # staging's, a sample of production's (infra/invmon.yaml's ProductionCapturePercent).
+        self.capture_percent = {**CAPTURE_PERCENT, **(capture_percent or {})}
         self.clock = clock
         self._s3 = s3
 
@@ -406,11 +428,20 @@ class SageMakerTarget:
                    Metadata={"sha256": recorded, "model-package": model.arn})
         return copy_uri
 
-    def resource_name(self, name: str, model: ModelVersion, image: str) -> str:
+    def capture_config(self, name: str, stage: str, data_url: str) -> dict:
+        """DataCaptureConfig: requests and answers, sampled per stage, under capture/<endpoint>/ of
+        the artifact's bucket, where the monitor reads them (scripts/monitor)."""
+        bucket, _ = _split_s3(data_url)
+        return {"EnableCapture": True, "InitialSamplingPercentage": self.capture_percent[stage],
+                "DestinationS3Uri": f"s3://{bucket}/{CAPTURE_PREFIX}/{name}",
+                "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+                "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]}}
+
+    def resource_name(self, name: str, model: ModelVersion, image: str, stage: str = "prod") -> str:
         """The Model's and EndpointConfig's name: by endpoint, version, artifact and settings, so
         that every delivery of one deploy builds the same ones (at most 63 characters)."""
         settings = "\0".join((model.properties.get(DIGEST_PROPERTY, ""), image, self.instance_type,
-                              self.role_arn))
+                              self.role_arn, str(self.capture_percent[stage])))
         return f"{name[:38]}-v{model.version}-{sha256_of([settings.encode()])[:10]}"
 
     # ------------------------------------------------------------------ the switch
@@ -466,7 +497,8 @@ class SageMakerTarget:
         if not container.get("Image"):
             raise DeployError(f"{model.name} names no serving image in its InferenceSpecification")
         data_url = self.registry_copy(model)
-        resource = self.resource_name(name, model, container["Image"])
+        resource = self.resource_name(name, model, container["Image"], stage)
+        capture = self.capture_config(name, stage, data_url)
         existing = self._describe(name)
         if existing is not None:
             pending = (existing.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
@@ -489,7 +521,7 @@ class SageMakerTarget:
         def same_config(found: dict) -> bool:
             variants = found.get("ProductionVariants") or [{}]
             return [(v.get("ModelName"), v.get("InstanceType")) for v in variants] == \
-                [(resource, self.instance_type)]
+                [(resource, self.instance_type)] and found.get("DataCaptureConfig") == capture
 
         made_model = self._create(
             self.sm.create_model, lambda **k: self._call(self.sm.describe_model, **k), "ModelName", resource,
@@ -499,7 +531,7 @@ class SageMakerTarget:
             Containers=[{"Image": container["Image"], "ModelDataUrl": data_url, "Environment": environment}])
         made_config = self._create(
             self.sm.create_endpoint_config, lambda **k: self._call(self.sm.describe_endpoint_config, **k),
-            "EndpointConfigName", resource, same_config, Tags=tags,
+            "EndpointConfigName", resource, same_config, Tags=tags, DataCaptureConfig=capture,
             ProductionVariants=[{"VariantName": VARIANT, "ModelName": resource, "InitialInstanceCount": 1,
                                  "InstanceType": self.instance_type}])
         if recheck and (problem := recheck()):
@@ -552,8 +584,12 @@ class SageMakerTarget:
 
 def sagemaker_target(sm, role_arn: str | None = None, instance_type: str | None = None) -> SageMakerTarget:
     """A SageMakerTarget configured from arguments or the environment (CLI and Lambda)."""
+    prod = os.environ.get("INVMON_CAPTURE_PERCENT_PROD", "").strip()
+    if prod and not (prod.isdigit() and 0 <= int(prod) <= 100):
+        raise DeployError(f"INVMON_CAPTURE_PERCENT_PROD={prod!r}: give a whole percentage, 0-100")
     return SageMakerTarget(sm, role_arn or os.environ.get("INVMON_MODEL_ROLE_ARN", ""),
-                           instance_type or os.environ.get("INVMON_INSTANCE_TYPE", "ml.m5.large"))
+                           instance_type or os.environ.get("INVMON_INSTANCE_TYPE", "ml.m5.large"),
+                           capture_percent={"prod": int(prod)} if prod else None)
 
 
 # --------------------------------------------------------------------------- Lambda

@@ -22,12 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-try:
-    import photos
-except ImportError:  # a repo checkout: the one image rule lives with the serving code
-    sys.path.insert(0, str(HERE.parent / "inference"))
-    import photos
+import photos  # beside it in the container; preprocess.py, the entry point, finds it in a checkout
 import abid
 import s3fetch
 from abid import CLASSES, InputError, Selection
