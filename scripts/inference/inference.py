@@ -440,14 +440,58 @@ def predict_fn(data: Image.Image | list[Image.Image], model: dict) -> dict | lis
     A request input_fn refused (under the toolkit) passes through, for output_fn to answer."""
     if isinstance(data, InvalidInput):
         return data
-    images = data if isinstance(data, list) else [data]
+    predictions, _ = _forward(data if isinstance(data, list) else [data], model, embed=False)
+    return predictions if isinstance(data, list) else predictions[0]
+
+
+@torch.inference_mode()
+def predict_and_embed(images: list[Image.Image], model: dict) -> tuple[list[dict], "numpy.ndarray | None"]:
+    """predict_fn's predictions for a list of images (the same dicts, so the same answers) and,
+    from the same forward pass, their embeddings: [N, D] float32, the input of the counting head
+    (the penultimate layer), or None for a network whose head this file cannot find. Drift
+    monitoring compares these with the baseline Evaluate made (docs/monitoring.md)."""
+    return _forward(list(images), model, embed=True)
+
+
+def embed_fn(images: list[Image.Image], model: dict) -> "numpy.ndarray | None":
+    """The embeddings alone: [N, D] float32 (see predict_and_embed)."""
+    return predict_and_embed(images, model)[1]
+
+
+def heads(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The counting head module(s) whose input is the embedding: a ResNet's fc, an
+    EfficientNet's _fc, each tail's _fc on a SharedFront; [] when there is none."""
+    if isinstance(network, SharedFront):
+        return [head for member in network.members for head in heads(member)]
+    for name in ("_fc", "fc"):
+        head = getattr(network, name, None)
+        if isinstance(head, torch.nn.Module):
+            return [head]
+    return []
+
+
+def _forward(images: list[Image.Image], model: dict, embed: bool):
+    """The forward pass(es) of predict_fn: (predictions, embeddings or None). With `embed`, a
+    hook on each head keeps its input; nothing else changes, so the predictions are identical."""
     config = model["config"]
     batch = torch.stack([to_tensor(image, config) for image in images]).to(model["device"])
     batch = batch.contiguous(memory_format=torch.channels_last)
-    outputs = model["model"](batch)
-    if config.get("tta") == "flips":  # mean over the photo and its flips; the count is the same
-        outputs = torch.stack([outputs, model["model"](batch.flip(-1)), model["model"](batch.flip(-2)),
-                               model["model"](batch.flip(-1).flip(-2))]).mean(0)
+    seen: list[list[torch.Tensor]] = []
+    hooks = []
+    if embed:
+        for head in heads(model["model"]):
+            kept: list[torch.Tensor] = []
+            seen.append(kept)
+            hooks.append(head.register_forward_pre_hook(
+                lambda module, inputs, kept=kept: kept.append(inputs[0].detach().float())))
+    try:
+        outputs = model["model"](batch)
+        if config.get("tta") == "flips":  # mean over the photo and its flips; the count is the same
+            outputs = torch.stack([outputs, model["model"](batch.flip(-1)), model["model"](batch.flip(-2)),
+                                   model["model"](batch.flip(-1).flip(-2))]).mean(0)
+    finally:
+        for hook in hooks:
+            hook.remove()
     probabilities = class_probabilities(outputs, config.get("head", "classify")).cpu()
     counts = decode_counts(probabilities, config.get("decode", "argmax"), model.get("cuts"))
     labels = config["labels"]
@@ -460,7 +504,11 @@ def predict_fn(data: Image.Image | list[Image.Image], model: dict) -> dict | lis
         }
         for row, index in zip(probabilities, counts)
     ]
-    return predictions if isinstance(data, list) else predictions[0]
+    embeddings = None
+    if seen and all(seen):
+        # Each head's input averaged over the passes (the TTA flips), the tails side by side.
+        embeddings = torch.cat([torch.stack(kept).mean(0) for kept in seen], dim=1).cpu().numpy()
+    return predictions, embeddings
 
 
 def acceptable(accept: str | None) -> bool:

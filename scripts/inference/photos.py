@@ -206,3 +206,29 @@ def decode(source: bytes | str | os.PathLike, formats: tuple[str, ...] = FORMATS
     finally:
         image.close()
 
+
+
+# What drift monitoring compares between a model's baseline (its test photos, at Evaluate) and the
+# photos it serves (docs/monitoring.md): one definition, here beside the decoding rule, so that
+# Evaluate, the local endpoint's capture and the monitor measure a photo the same way.
+STATISTICS = ("brightness", "contrast", "sharpness", "width", "height")
+
+
+def statistics(image: Image.Image, side: int) -> dict[str, float]:
+    """A decoded photo's brightness and contrast (mean and standard deviation of its luma, 0-1),
+    sharpness (the variance of its Laplacian: blur lowers it) and its own width and height.
+
+    Measured on the photo resized to a side x side square (BILINEAR, the whole photo), the view
+    the model has of it: the numbers do not depend on the camera's resolution, and a blur that
+    the resize hides from the model is hidden from them too. A photo already that size is used
+    as it is (the local endpoint resizes photos early, in the same way)."""
+    width, height = image.info.get("source_size", image.size)
+    if image.size != (side, side):
+        image = image.convert("RGB").resize((side, side), Image.BILINEAR)
+    luma = np.asarray(image.convert("L"), dtype=np.float32)
+    laplacian = (luma[1:-1, :-2] + luma[1:-1, 2:] + luma[:-2, 1:-1] + luma[2:, 1:-1]
+                 - 4.0 * luma[1:-1, 1:-1])
+    return {"brightness": round(float(luma.mean()) / 255.0, 6),
+            "contrast": round(float(luma.std()) / 255.0, 6),
+            "sharpness": round(float(laplacian.var()), 4),
+            "width": int(width), "height": int(height)}
