@@ -14,6 +14,10 @@ Standard deviations (how far the metric could move on another test set of the sa
   rmse and weighted precision/recall/f1: bootstrap standard error, 1000 resamples of the test
   set drawn with --seed.
 
+Baseline: <output>/baseline.json (baseline.py), from the same pass: the test photos' embeddings
+(the counting head's input, from the same forward passes), predicted-count histogram and image
+statistics, which drift monitoring compares served requests with (docs/monitoring.md).
+
 Report: <output>/report.html, one self-contained page (report.py) with the metrics against the
 gate (--threshold) and the previous registered version (--previous-metrics FILE, or looked up in
 the --model-package-group's registry, see previous.py), the loss curves and
@@ -52,6 +56,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # rules.py and report.py sit beside this script
+import baseline as drift_baseline  # noqa: E402
 import previous as previous_version  # noqa: E402
 import report as html_report  # noqa: E402
 import rules  # noqa: E402
@@ -320,12 +325,29 @@ class Scores:
     corrupted: dict[str, list[int]] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     model_version: str | None = None
+    embeddings: list[np.ndarray] = field(default_factory=list)  # one [batch, D] array a batch
+    image_stats: list[dict] = field(default_factory=list)  # one a scored photo (baseline.json)
 
 
-def predict_counts(inference: ModuleType, model, images: list) -> tuple[list[int], str | None]:
-    predictions = inference.predict_fn(images, model)
+def predict_counts(inference: ModuleType, model, images: list,
+                   embed: bool = False) -> tuple[list[int], str | None, np.ndarray | None]:
+    """predict_fn's counts; with `embed`, the embeddings of the same forward pass too."""
+    if embed:
+        predictions, embeddings = inference.predict_and_embed(images, model)
+    else:
+        predictions, embeddings = inference.predict_fn(images, model), None
     version = predictions[0].get("model_version") if predictions else None
-    return [int(p["count"]) for p in predictions], version
+    return [int(p["count"]) for p in predictions], version, embeddings
+
+
+def baseline_functions(inference: ModuleType, model) -> tuple[bool, object, int | None]:
+    """(embeddings available, photos.statistics or None, its side): what this artifact's serving
+    code offers for baseline.json. An artifact made before they existed has neither."""
+    embed = callable(getattr(inference, "predict_and_embed", None))
+    statistics = getattr(getattr(inference, "photos", None), "statistics", None)
+    config = model.get("config") if isinstance(model, dict) else None
+    side = int(config["image_size"]) if isinstance(config, dict) and "image_size" in config else None
+    return embed, (statistics if callable(statistics) and side else None), side
 
 
 def score(inference: ModuleType, model, photos: list[Photo], batch_size: int,
@@ -333,6 +355,7 @@ def score(inference: ModuleType, model, photos: list[Photo], batch_size: int,
     """Decode each photo through input_fn, predict in batches, and again per corruption."""
     invalid = getattr(inference, "InvalidInput", ValueError)
     scores = Scores(corrupted={kind: [] for kind in corruptions})
+    embed, statistics, side = baseline_functions(inference, model)
     started = time.monotonic()
     for start in range(0, len(photos), batch_size):
         batch, images = [], []
@@ -345,7 +368,11 @@ def score(inference: ModuleType, model, photos: list[Photo], batch_size: int,
                 print(f"skipped {photo.name}: {exc}", flush=True)
         if not images:
             continue
-        counts, version = predict_counts(inference, model, images)
+        counts, version, embeddings = predict_counts(inference, model, images, embed)
+        if embeddings is not None:
+            scores.embeddings.append(embeddings)
+        if statistics is not None:
+            scores.image_stats += [statistics(image, side) for image in images]
         scores.model_version = scores.model_version or version
         scores.names += [p.name for p in batch]
         scores.y_true += [p.label for p in batch]
@@ -409,6 +436,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         scores = score(inference, model, photos, args.batch_size, corruptions, args.seed)
         identity = model_id(model_dir) or scores.model_version
         how = decoding(model.get("config") or {}) if isinstance(model, dict) else {}
+        embed, statistics, side = baseline_functions(inference, model)
+        stat_names = tuple(getattr(inference.photos, "STATISTICS", ())) if statistics else ()
         history = read_json(model_dir / "history.json")
         debugger = read_json(model_dir / "debugger.json")
     if not scores.y_true:
@@ -424,9 +453,11 @@ def evaluate(args: argparse.Namespace) -> dict:
                             "accuracy_standard_deviation": round(binomial_sd(acc, len(y_true)), 6),
                             "rmse": round(rmse(y_true, np.array(predicted)), 6),
                             "severity": SEVERITY[kind]}
+    sha256 = file_sha256(tarball)
+    baseline = make_baseline(scores, identity, sha256, labels, embed, stat_names, side, args.seed)
     report.update({
         # What was scored, byte for byte: Register records it and every deploy checks it.
-        "artifact": {"sha256": file_sha256(tarball)},
+        "artifact": {"sha256": sha256},
         "robustness": robustness,
         "test_images": len(y_true),
         "skipped": scores.skipped,
@@ -447,6 +478,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / "baseline.json").write_text(json.dumps(baseline, indent=1) + "\n")
+    print(f"wrote {output / 'baseline.json'}: {baseline_line(baseline)}", flush=True)
     with open(output / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "prediction", *corruptions])
@@ -455,6 +488,33 @@ def evaluate(args: argparse.Namespace) -> dict:
                              *(scores.corrupted[kind][i] for kind in corruptions)])
     write_html_report(args, report, scores, history, debugger, verdicts, debugger_note, before, why_none)
     return report
+
+
+def make_baseline(scores: Scores, identity: str | None, sha256: str, labels: list[int], embed: bool,
+                  stat_names: tuple[str, ...], side: int | None, seed: int) -> dict:
+    notes = []
+    embeddings = np.concatenate(scores.embeddings) if scores.embeddings else None
+    if not embed:
+        notes.append("no embeddings: the artifact's code/inference.py has no predict_and_embed")
+    elif embeddings is None:
+        notes.append("no embeddings: the artifact's network has no counting head to read them from")
+    if not stat_names:
+        notes.append("no image statistics: the artifact's code/photos.py has no statistics()")
+    return drift_baseline.build(model_id=identity, artifact_sha256=sha256, counts=scores.y_pred,
+                                labels=labels, embeddings=embeddings, stats=scores.image_stats,
+                                stat_names=stat_names, side=side, seed=seed, notes=notes)
+
+
+def baseline_line(baseline: dict) -> str:
+    parts = [f"{baseline['made']['photos']} photos"]
+    if baseline["embeddings"]:
+        e = baseline["embeddings"]
+        parts.append(f"embeddings {e['dimension']}-d -> {e['projection']['components']} PCA components "
+                     f"({e['projection']['explained_variance']:.0%} of the variance), "
+                     f"{e['sample_size']} kept")
+    if baseline["image_statistics"]:
+        parts.append(f"image statistics at {baseline['image_statistics']['side']} px")
+    return ", ".join(parts + baseline["notes"])
 
 
 def _version_name(before: dict) -> str:
