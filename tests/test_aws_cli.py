@@ -86,35 +86,37 @@ def test_start_with_parameters_and_commit_id(moto_aws, capsys):
     assert arn in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["start", "--param", "Nope=1"], "unknown parameter 'Nope'"),
-    (["start", "--param", "Epochs=three"], "Epochs expects int"),
+# A bad option value is a usage error (exit 2), found before AWS is asked; what the account
+# refuses (the deployed definition, a missing pipeline, the endpoint rule) is a failure (exit 1).
+@pytest.mark.parametrize("argv, message, code", [
+    (["start", "--param", "Nope=1"], "unknown parameter 'Nope'", 2),
+    (["start", "--param", "Epochs=three"], "Epochs expects int", 2),
     (["start", "--param", "ModelApprovalStatus=Approved"],
-     "ModelApprovalStatus=Approved refused: a run registers its model as PendingManualApproval"),
-    (["start", "--param", "Decode=average"], "Decode='average' refused: Decode takes one of argmax, median, mean"),
-    (["start", "--param", "Optimizer=adam"], "Optimizer='adam' refused: Optimizer takes one of sgd, adamw"),
-    (["start", "--param", "AccuracyThreshold=-inf"], "AccuracyThreshold=-inf refused: AccuracyThreshold takes 0 to 1"),
-    (["start", "--param", "AccuracyThreshold=nan"], "AccuracyThreshold=nan refused"),
-    (["start", "--param", "Epochs=-3"], "Epochs=-3 refused: Epochs takes 1 to 200"),
-    (["start", "--param", "TuningMaxJobs=0"], "TuningMaxJobs=0 refused"),
-    (["start", "--param", "ImageSize=0"], "ImageSize=0 refused"),
-    (["start", "--param", "ModelPackageGroupName="], "ModelPackageGroupName='' refused"),
+     "ModelApprovalStatus=Approved refused: a run registers its model as PendingManualApproval", 2),
+    (["start", "--param", "Decode=average"], "Decode='average' refused: Decode takes one of argmax, median, mean", 2),
+    (["start", "--param", "Optimizer=adam"], "Optimizer='adam' refused: Optimizer takes one of sgd, adamw", 2),
+    (["start", "--param", "AccuracyThreshold=-inf"], "AccuracyThreshold=-inf refused: AccuracyThreshold takes 0 to 1", 2),
+    (["start", "--param", "AccuracyThreshold=nan"], "AccuracyThreshold=nan refused", 2),
+    (["start", "--param", "Epochs=-3"], "Epochs=-3 refused: Epochs takes 1 to 200", 2),
+    (["start", "--param", "TuningMaxJobs=0"], "TuningMaxJobs=0 refused", 2),
+    (["start", "--param", "ImageSize=0"], "ImageSize=0 refused", 2),
+    (["start", "--param", "ModelPackageGroupName="], "ModelPackageGroupName='' refused", 2),
     (["start", "--param", "TuningMaxJobs=5", "--param", "TuningMaxParallelJobs=8"],
-     "TuningMaxParallelJobs (8) cannot exceed TuningMaxJobs (5)"),
-    (["upsert", "--role-arn", ROLE, "--param", "Epochs=0"], "Epochs=0 refused"),
-    (["start", "--param", "SubnetIds=subnet-1"], "cannot override SubnetIds at start"),
-    (["start", "--param", "KmsKeyId=alias/k"], "KmsKeyId was empty when the pipeline was upserted"),
-    (["start", "--pipeline-name", "nope"], "no pipeline 'nope'"),
-    (["status", "--pipeline-name", "nope"], "no pipeline 'nope'"),
-    (["upsert", "--role-arn", " "], "--role-arn is empty"),
+     "TuningMaxParallelJobs (8) cannot exceed TuningMaxJobs (5)", 2),
+    (["upsert", "--role-arn", ROLE, "--param", "Epochs=0"], "Epochs=0 refused", 2),
+    (["start", "--param", "SubnetIds=subnet-1"], "cannot override SubnetIds at start", 1),
+    (["start", "--param", "KmsKeyId=alias/k"], "KmsKeyId was empty when the pipeline was upserted", 1),
+    (["start", "--pipeline-name", "nope"], "no pipeline 'nope'", 1),
+    (["status", "--pipeline-name", "nope"], "no pipeline 'nope'", 1),
+    (["upsert", "--role-arn", " "], "--role-arn is empty", 2),
     (["start", "--param", "StagingEndpointName=bin-count-production"],
-     "deploys only to its group's staging endpoint bin-count-staging"),
-    (["start", "--param", "ModelPackageGroupName=bin-count-production"], "StagingEndpointName=bin-count-staging refused"),
-    (["upsert", "--role-arn", ROLE, "--param", "StagingEndpointName=prod"], "deploys only to its group's staging"),
+     "deploys only to its group's staging endpoint bin-count-staging", 1),
+    (["start", "--param", "ModelPackageGroupName=bin-count-production"], "StagingEndpointName=bin-count-staging refused", 1),
+    (["upsert", "--role-arn", ROLE, "--param", "StagingEndpointName=prod"], "deploys only to its group's staging", 1),
 ])
-def test_commands_refuse_what_cannot_work(moto_aws, capsys, argv, message):
+def test_commands_refuse_what_cannot_work(moto_aws, capsys, argv, message, code):
     before = len(executions(moto_aws))
-    assert main([*argv, "--region", REGION]) == 2
+    assert main([*argv, "--region", REGION]) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len(executions(moto_aws)) == before

@@ -124,7 +124,7 @@ def test_the_resolver_renders_values_as_sagemaker_does():
 
 
 def test_invmon_plan_prints_the_compiled_requests(capsys):
-    assert main(["plan", "--profile", "local", "--param", "Epochs=3"]) == 0
+    assert main(["plan", "--recipe", "local", "--param", "Epochs=3"]) == 0
     printed = json.loads(capsys.readouterr().out)
     train = next(s for s in printed["Steps"] if s["Name"] == "Train")
     assert train["Arguments"]["HyperParameters"]["epochs"] == {"Std:Join": {"On": "", "Values": [

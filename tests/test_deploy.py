@@ -50,11 +50,11 @@ def test_stage_endpoint_names_are_fixed_per_group():
 
 def test_deploy_prod_takes_only_approved_and_refusal_changes_nothing(registry, capsys):
     code, _, err = run(capsys, "deploy", "--stage", "prod")
-    assert code == 2 and "bin-count has no Approved version" in err and "Traceback" not in err
+    assert code == 1 and "bin-count has no Approved version" in err and "Traceback" not in err
     registry.set_status(GROUP, 2, "Rejected")
     for version, status in ((1, "PendingManualApproval"), (2, "Rejected")):
         code, _, err = run(capsys, "deploy", "--stage", "prod", "--version", str(version))
-        assert code == 2
+        assert code == 1
         assert f"refused: bin-count/{version} is {status}" in err and "nothing was changed" in err
     assert registry.list_endpoints() == []
 
@@ -121,7 +121,7 @@ def test_rejecting_the_only_approved_version_leaves_production_flagged(registry,
     assert "serves Rejected version 1" in out
     # Serving a flagged production endpoint is refused: it points at a Rejected version.
     code, _, err = run(capsys, "predict", "--endpoint", "bin-count-production", __file__)
-    assert code == 2 and "Rejected" in err
+    assert code == 1 and "Rejected" in err
     # The next approval replaces it and clears the flag.
     assert run(capsys, "models", "approve", "2")[0] == 0
     assert serving(registry) == 2 and registry.get_endpoint("bin-count-production").flag == ""
@@ -135,7 +135,7 @@ def test_a_swapped_artifact_is_refused_at_deploy_and_serve_naming_both_digests(r
     assert recorded == hashlib.sha256(b"model 2").hexdigest()  # recorded at registration
     artifact.write_bytes(b"another model, same path")
     code, _, err = run(capsys, "deploy", "--stage", "prod", "--version", "2")
-    assert code == 2 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err
     assert (f"refused: the artifact of bin-count/2 is not the one registered: {artifact} has SHA-256 "
             f"{hashlib.sha256(b'another model, same path').hexdigest()}, the registry recorded {recorded}") in err
     assert serving(registry) == 1
@@ -143,7 +143,7 @@ def test_a_swapped_artifact_is_refused_at_deploy_and_serve_naming_both_digests(r
     assert run(capsys, "deploy", "--stage", "staging", "--version", "3")[0] == 0
     Path(registry.get(GROUP, 3).artifact_uri).write_bytes(b"swapped after the deploy")
     code, _, err = run(capsys, "serve", "--endpoint", "bin-count-staging")
-    assert code == 2 and "the artifact of bin-count/3 is not the one registered" in err
+    assert code == 1 and "the artifact of bin-count/3 is not the one registered" in err
 
 
 def test_reject_that_cannot_read_production_fails_and_flags(registry, capsys, monkeypatch):
@@ -167,7 +167,7 @@ def test_reject_that_cannot_read_production_fails_and_flags(registry, capsys, mo
 
 def test_registry_errors_are_one_line(invmon_home, registry, capsys, monkeypatch):
     code, _, err = run(capsys, "models", "approve", "9")
-    assert code == 2 and "model version bin-count/9 not found" in err and "Traceback" not in err
+    assert code == 1 and "model version bin-count/9 not found" in err and "Traceback" not in err
 
     # Locked: another process holds the write lock; a write waits (briefly here), then says so.
     monkeypatch.setattr("pipeline.registry.local.BUSY_TIMEOUT_MS", 200)
@@ -175,7 +175,7 @@ def test_registry_errors_are_one_line(invmon_home, registry, capsys, monkeypatch
     holder.execute("BEGIN IMMEDIATE")
     try:
         code, _, err = run(capsys, "models", "approve", "1")
-        assert code == 2 and "is locked by another writer" in err and "Traceback" not in err
+        assert code == 1 and "is locked by another writer" in err and "Traceback" not in err
         # ...while reading never takes the write lock: list, show and endpoints still answer.
         assert run(capsys, "models", "list")[0] == 0
         assert run(capsys, "endpoints")[0] == 0
@@ -189,7 +189,7 @@ def test_registry_errors_are_one_line(invmon_home, registry, capsys, monkeypatch
         (invmon_home / f).unlink(missing_ok=True)
     for argv in (("models", "list"), ("models", "approve", "1"), ("endpoints",)):
         code, _, err = run(capsys, *argv)
-        assert code == 2 and "is damaged" in err and err.count("\n") == 1, err
+        assert code == 1 and "is damaged" in err and err.count("\n") == 1, err
 
 
 def test_reading_a_missing_registry_creates_nothing(invmon_home, capsys):

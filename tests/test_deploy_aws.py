@@ -242,7 +242,7 @@ def test_deploy_of_a_version_not_approved_is_refused_and_changes_nothing(sm, cap
     sm.update_model_package(ModelPackageArn=package(sm, 1)["ModelPackageArn"],
                             ModelApprovalStatus=status)
     code, _, err = run(capsys, "deploy", "--stage", "prod", "--version", "1", "--backend", "aws")
-    assert code == 2 and f"refused: bin-count/1 is {status}" in err and "Traceback" not in err
+    assert code == 1 and f"refused: bin-count/1 is {status}" in err and "Traceback" not in err
     assert resources(sm) == ([], [], [])
 
 
@@ -340,7 +340,7 @@ def test_aws_network_errors_are_one_line(capsys):
                      ["deploy", "--stage", "prod", "--backend", "aws"],
                      ["endpoints", "--backend", "aws"]):
             code, _, err = run(capsys, *argv)
-            assert code == 2, argv
+            assert code == 1, argv
             assert "Could not connect to the endpoint URL" in err and "Traceback" not in err
             assert err.count("\n") == 1, err
 
@@ -471,7 +471,7 @@ def test_a_swapped_artifact_is_refused_at_deploy_naming_both_digests(sm, capsys,
     swapped = b"a model.tar.gz whose code/inference.py does something else"
     s3().put_object(Bucket=ARTIFACTS, Key="bin-count/1/model.tar.gz", Body=swapped)  # version 2's object
     code, _, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws")
-    assert code == 2 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err
     assert (f"refused: the artifact of bin-count/2 is not the one registered: s3://{ARTIFACTS}/bin-count/1/"
             f"model.tar.gz has SHA-256 {hashlib.sha256(swapped).hexdigest()}, the registry recorded {recorded}"
             in err)
@@ -491,7 +491,7 @@ def test_a_swapped_registry_copy_is_refused_too(sm, capsys, updates):
     s3().put_object(Bucket=ARTIFACTS, Key=f"registry/bin-count/2/{recorded}/model.tar.gz", Body=b"swapped")
     assert run(capsys, "deploy", "--stage", "prod", "--version", "1", "--backend", "aws")[0] == 0
     code, _, err = run(capsys, "deploy", "--stage", "prod", "--version", "2", "--backend", "aws")
-    assert code == 2 and f"has SHA-256 {hashlib.sha256(b'swapped').hexdigest()}, the registry recorded {recorded}" in err
+    assert code == 1 and f"has SHA-256 {hashlib.sha256(b'swapped').hexdigest()}, the registry recorded {recorded}" in err
     assert production(sm) == 1
 
 
@@ -612,5 +612,5 @@ def test_a_model_made_in_advance_under_the_deploys_name_is_refused(sm, capsys, u
     sm.create_model(ModelName=name, ExecutionRoleArn=MODEL_ROLE,
                     Containers=[{"Image": IMAGE, "ModelDataUrl": f"s3://{ARTIFACTS}/planted/model.tar.gz"}])
     code, _, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws")
-    assert code == 2 and f"refused: {name} exists already and is not what this deploy would make" in err
+    assert code == 1 and f"refused: {name} exists already and is not what this deploy would make" in err
     assert resources(sm)[1:] == ([], [])  # no config, no endpoint

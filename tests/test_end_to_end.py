@@ -150,7 +150,7 @@ def test_run_registers_deploys_and_serves(finished_run, tiny_data):
 
     # Production only ever serves an Approved version; approval deploys it there.
     refused = invmon("serve", "--endpoint", "bin-count-production", home=home, check=False)
-    assert refused.returncode == 2 and "no local endpoint 'bin-count-production'" in refused.stderr
+    assert refused.returncode == 1 and "no local endpoint 'bin-count-production'" in refused.stderr
     approved = invmon("models", "approve", "1", "--note", "looks fine", home=home).stdout
     assert "Approved" in approved and "production endpoint bin-count-production now serves version 1" in approved
 
@@ -185,9 +185,9 @@ def test_gate_failure_stops_before_register(tiny_data, tmp_path):
     assert "is below AccuracyThreshold 1.0; the model was not registered." in run.stdout
     assert "no registered models yet" in invmon("models", "list", home=home).stdout
     assert "invmon run --resume" not in run.stdout, "a gate failure is not resumable"
-    run_id = run.stdout.split()[1]
+    run_id = run.stderr.split()[1]  # "run <id> (local recipe) in <dir>"
     resumed = invmon("run", "--resume", run_id, home=home, check=False)
-    assert resumed.returncode == 2 and "resuming would stop there again" in resumed.stderr
+    assert resumed.returncode == 1 and "resuming would stop there again" in resumed.stderr
     # The Fail step executed the definition's request: its message, rendered the same way.
     from aws_testing import offline_build
     from pipeline.dag.parameters import BY_NAME
@@ -213,7 +213,7 @@ def test_the_real_profiles_partial_finetune_runs_through_the_pipeline(tiny_data,
     params = ["ImageSize=64", "ResizeShortSide=72", "TuningMaxJobs=2", "TrialEpochs=1", "Epochs=2",
               "AccuracyThreshold=0"]
     monkeypatch.delenv("INVMON_FEATURE_CACHE", raising=False)  # the runner's own place for it
-    invmon("run", "--profile", "real", "--data", str(tiny_data), *[a for p in params for a in ("--param", p)],
+    invmon("run", "--recipe", "real", "--data", str(tiny_data), *[a for p in params for a in ("--param", p)],
            home=home)
     folder = run_dir(home)
     first = (folder / "Tune" / "trials" / "001" / "log.txt").read_text()

@@ -99,7 +99,7 @@ def test_bulk_answers_match_the_endpoint_one_by_one(staged, folder, tmp_path):
 
 
 def test_a_glob_matching_nothing_is_a_named_error(staged, tmp_path, capsys):
-    assert invmon(["predict", str(tmp_path / "nothing-*.jpg"), "--out", str(tmp_path / "x.csv")]) == 2
+    assert invmon(["predict", str(tmp_path / "nothing-*.jpg"), "--out", str(tmp_path / "x.csv")]) == 1
     assert "no such photo, folder or matching glob" in capsys.readouterr().err
 
 

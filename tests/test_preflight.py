@@ -136,7 +136,7 @@ def test_invmon_definition_runs_preflight(monkeypatch, tmp_path, capsys):
         code = main(["definition", "--region", REGION, "--staging-dir", str(tmp_path),
                      "--out", str(tmp_path / "d.json")])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     assert "step Train (CreateTrainingJob): ResourceConfig.InstanceCount" in err
     assert "Traceback" not in err
     assert not (tmp_path / "d.json").exists()
@@ -155,5 +155,5 @@ def test_invmon_upsert_runs_preflight_before_touching_aws(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert boto3.Session(region_name=REGION).client("sagemaker").list_pipelines()["PipelineSummaries"] == []
         assert boto3.Session(region_name=REGION).client("s3").list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
-    assert code == 2
+    assert code == 1
     assert "step Train (CreateTrainingJob): ResourceConfig.InstanceCount" in err

@@ -1,7 +1,7 @@
 """AWS commands of `invmon`: definition, upsert, start, status, executions.
 
 Nothing here imports the SageMaker SDK at module level: `invmon run` and friends must work
-without it, and importing sagemaker.mlops needs a region (see sagemaker_pipeline.py).
+without it, and importing sagemaker.mlops needs a region (see pipeline/sagemaker/definition.py).
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import importlib
 import json
 import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 
-from pipeline.cli.errors import CommandError
-from pipeline.dag.profiles import PROFILES
+from pipeline.cli.conventions import add_json_option, add_recipe_option, checked_parameters, print_json
+from pipeline.cli.errors import CommandError, UsageError
 
 DEFAULT_PIPELINE = "bin-count"
+LOG = logging.getLogger("invmon.aws")
 
 
 def add_commands(commands) -> None:
@@ -55,34 +55,34 @@ def add_commands(commands) -> None:
     status = commands.add_parser("status", help="one execution and its steps (default: the latest)")
     status.add_argument("execution_arn", nargs="?", metavar="EXECUTION_ARN")
     _aws_options(status)
+    add_json_option(status, "the execution and its steps")
     status.set_defaults(handler=cmd_status)
 
     executions = commands.add_parser("executions", help="recent executions of the pipeline")
     executions.add_argument("--max", type=int, default=20, help="how many (default: 20)")
     _aws_options(executions)
+    add_json_option(executions, "the executions")
     executions.set_defaults(handler=cmd_executions)
 
 
 def _aws_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     parser.add_argument("--pipeline-name", default=DEFAULT_PIPELINE, help="default: %(default)s")
-    parser.add_argument("--verbose", action="store_true", help="show the SageMaker SDK's own logging")
 
 
 def _build_options(parser: argparse.ArgumentParser) -> None:
     _aws_options(parser)
     parser.add_argument("--bucket", help="S3 bucket for code and artifacts "
                                          "(default: the SageMaker default bucket of the account)")
-    parser.add_argument("--profile", default="full", choices=list(PROFILES),
-                        help="parameter defaults baked into the definition (default: full; finetune: "
-                             "the best recipe measured on real photos)")
+    add_recipe_option(parser, "full", help="parameter defaults baked into the definition (default: full; "
+                                           "finetune: the best recipe measured on real photos)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="set a parameter's default in the definition (repeatable); "
                              "KmsKeyId, ManifestUrl, SubnetIds, SecurityGroupIds are decided here")
 
 
 def _aws_errors(handler):
-    """botocore/SDK failures become one-line user errors (exit 2), never a traceback."""
+    """botocore/SDK failures become one-line errors (exit 1), never a traceback."""
 
     @functools.wraps(handler)
     def wrapped(args) -> int:
@@ -93,7 +93,7 @@ def _aws_errors(handler):
         from pipeline.sagemaker.preflight import PreflightError
         from pipeline.sagemaker.definition import DefinitionError, OfflineError
 
-        warnings_filters(getattr(args, "verbose", False))
+        warnings_filters(args.verbose)
         try:
             return handler(args)
         except (AwsError, DefinitionError, OfflineError, PreflightError) as exc:
@@ -140,31 +140,33 @@ def _sdk(region: str):
         yield
 
 
-def _region(args) -> str:
-    from pipeline.sagemaker.clients import resolve_region
-
-    return resolve_region(args.region)
-
-
-def _overrides(items: list[str]) -> dict:
-    from pipeline.dag.parameters import parse_assignments
+def region_of(explicit: str | None) -> str:
+    """--region, else the environment's; with neither, the command line lacks an option (exit 2)."""
+    from pipeline.sagemaker.clients import AwsError, resolve_region
 
     try:
-        return parse_assignments(items)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
+        region = resolve_region(explicit)
+    except AwsError as exc:
+        raise UsageError(str(exc)) from None
+    LOG.debug(f"AWS region {region}")
+    return region
 
 
-def _build(args, region: str, role: str, bucket: str | None, offline_dir: Path | None):
+def _definition_overrides(args) -> dict:
+    from pipeline.dag.profiles import defaults
+
+    return checked_parameters(args.param, defaults(args.recipe))
+
+
+def _build(args, region: str, role: str, bucket: str | None, offline_dir: Path | None, overrides: dict):
     from pipeline.sagemaker import definition as sp
 
-    overrides = _overrides(args.param)
     with sp.offline_environment(offline_dir is not None):
         for module in ("sagemaker.mlops.workflow.pipeline", "sagemaker.serve.model_builder"):
             importlib.import_module(module)  # creates the SDK's loggers, to quieten them
-        quiet_sdk_loggers(getattr(args, "verbose", False))
+        quiet_sdk_loggers(args.verbose)
         return sp.get_pipeline(region, role, default_bucket=bucket, pipeline_name=args.pipeline_name,
-                               profile=args.profile, parameter_overrides=overrides,
+                               profile=args.recipe, parameter_overrides=overrides,
                                offline_dir=offline_dir)
 
 
@@ -181,32 +183,31 @@ def _checked_definition(pipeline) -> str:
 def cmd_definition(args) -> int:
     from pipeline.sagemaker import definition as sp
 
+    overrides = _definition_overrides(args)
     region = args.region
     if not region:
         from pipeline.sagemaker.clients import AwsError, resolve_region
 
         try:
             region = resolve_region(None)
-        except AwsError:
+        except AwsError:  # offline, a region only picks the image URIs
             region = "us-east-1"
-            print("invmon: no region given (--region, AWS_REGION): image URIs are for us-east-1",
-                  file=sys.stderr)
+            LOG.warning("no region given (--region, AWS_REGION): image URIs are for us-east-1")
     staging = args.staging_dir.resolve()
     with _sdk(region):
-        pipeline = _build(args, region, args.role_arn or sp.PLACEHOLDER_ROLE, args.bucket, staging)
+        pipeline = _build(args, region, args.role_arn or sp.PLACEHOLDER_ROLE, args.bucket, staging, overrides)
         text = json.dumps(json.loads(_checked_definition(pipeline)), indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-        print(f"definition written to {args.out}", file=sys.stderr)
+        LOG.info(f"definition written to {args.out}")
     else:
         print(text)
     bucket = args.bucket or sp.PLACEHOLDER_BUCKET
-    print(f"preflight passed; code staged offline under {staging / bucket} "
-          f"(`invmon upsert` uploads the same files to s3://{bucket}/)", file=sys.stderr)
+    LOG.info(f"preflight passed; code staged offline under {staging / bucket} "
+             f"(`invmon upsert` uploads the same files to s3://{bucket}/)")
     if not args.role_arn or not args.bucket:
-        print("note: role/bucket are placeholders; pass --role-arn/--bucket for the real values",
-              file=sys.stderr)
+        LOG.info("note: role/bucket are placeholders; pass --role-arn/--bucket for the real values")
     return 0
 
 
@@ -216,66 +217,100 @@ def cmd_upsert(args) -> int:
 
     from pipeline.sagemaker import executions
 
-    region = _region(args)
     if not args.role_arn.strip():
-        raise CommandError("--role-arn is empty (in CodeBuild: set SAGEMAKER_ROLE_ARN on the project)")
+        raise UsageError("--role-arn is empty (in CodeBuild: set SAGEMAKER_ROLE_ARN on the project)")
+    overrides = _definition_overrides(args)
+    region = region_of(args.region)
     with _sdk(region):
         # Preflight first, on an offline build (the same definition, see tests): a definition
         # the API model rejects never uploads code or touches the pipeline.
         with tempfile.TemporaryDirectory(prefix="invmon-preflight-") as tmp:
             _checked_definition(_build(args, region, args.role_arn,
-                                       args.bucket or "preflight-bucket", Path(tmp)))
-        pipeline = _build(args, region, args.role_arn, args.bucket, None)
+                                       args.bucket or "preflight-bucket", Path(tmp), overrides))
+        pipeline = _build(args, region, args.role_arn, args.bucket, None, overrides)
         result = executions.upsert(pipeline, args.role_arn, description=args.description)
     verb = "created" if result["created"] else "updated"
     print(f"pipeline {pipeline.name} {verb}: {result['PipelineArn']}")
-    print(f"start it: invmon start --region {region}" +
-          (f" --pipeline-name {pipeline.name}" if pipeline.name != DEFAULT_PIPELINE else ""))
+    LOG.info(f"start it: invmon start --region {region}" +
+             (f" --pipeline-name {pipeline.name}" if pipeline.name != DEFAULT_PIPELINE else ""))
     return 0
-
-
-def _quiet_boto(verbose: bool) -> None:
-    if not verbose:
-        logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 @_aws_errors
 def cmd_start(args) -> int:
     from pipeline.sagemaker import clients, executions
 
-    region = _region(args)
-    sm = clients.client("sagemaker", region)
-    arn = executions.start(sm, args.pipeline_name, _overrides(args.param), commit_id=args.commit_id,
-                    display_name=args.display_name)
+    overrides = checked_parameters(args.param)  # the deployed definition holds the rest
+    sm = clients.client("sagemaker", region_of(args.region))
+    arn = executions.start(sm, args.pipeline_name, overrides, commit_id=args.commit_id,
+                           display_name=args.display_name)
     print(f"started {arn}")
     if not args.wait:
-        print(f"follow it: invmon status {arn}")
+        LOG.info(f"follow it: invmon status {arn}")
         return 0
     outcome = executions.follow(sm, arn, poll_seconds=args.poll_seconds,
-                         out=lambda line: print(line, flush=True))
-    if outcome.ok:
-        print(f"execution succeeded: {arn}")
-        return 0
-    where = f"step {outcome.failed_step} " if outcome.failed_step else ""
-    print(f"execution {outcome.status.lower()}: {where}{outcome.failure_reason or '(no reason given)'}",
-          file=sys.stderr)
-    return 1
+                                out=lambda line: print(line, flush=True))
+    if not outcome.ok:
+        where = f"step {outcome.failed_step} " if outcome.failed_step else ""
+        raise CommandError(f"execution {outcome.status.lower()}: {where}"
+                           f"{outcome.failure_reason or '(no reason given)'}")
+    print(f"execution succeeded: {arn}")
+    return 0
 
 
 @_aws_errors
 def cmd_status(args) -> int:
     from pipeline.sagemaker import clients, executions
 
-    sm = clients.client("sagemaker", _region(args))
+    sm = clients.client("sagemaker", region_of(args.region))
     arn = args.execution_arn or executions.latest_execution(sm, args.pipeline_name)
-    print(executions.status_report(sm, arn))
+    if args.json:
+        print_json(execution_record(sm, arn))
+    else:
+        print(executions.status_report(sm, arn))
     return 0
+
+
+def execution_record(sm, arn: str) -> dict:
+    """`status --json`: the execution and its steps, in the order they started (steps is null
+    where the endpoint cannot list them)."""
+    from botocore.exceptions import ClientError
+
+    from pipeline.sagemaker.clients import describe_error
+    from pipeline.sagemaker.executions import execution_steps
+
+    found = sm.describe_pipeline_execution(PipelineExecutionArn=arn)
+    record = {"execution_arn": arn, "status": found.get("PipelineExecutionStatus"),
+              "display_name": found.get("PipelineExecutionDisplayName"),
+              "description": found.get("PipelineExecutionDescription"),
+              "created": found.get("CreationTime"), "last_modified": found.get("LastModifiedTime"),
+              "failure_reason": found.get("FailureReason"), "steps": None}
+    try:
+        steps = execution_steps(sm, arn)
+    except ClientError as exc:
+        LOG.warning(f"steps not available: {describe_error(exc)}")
+        return record
+    record["steps"] = [{"name": s.get("StepName"), "status": s.get("StepStatus"),
+                        "start_time": s.get("StartTime"), "end_time": s.get("EndTime"),
+                        "attempts": s.get("AttemptCount"), "failure_reason": s.get("FailureReason"),
+                        "cached_from": (s.get("CacheHitResult") or {}).get("SourcePipelineExecutionArn")}
+                       for s in steps]
+    return record
 
 
 @_aws_errors
 def cmd_executions(args) -> int:
     from pipeline.sagemaker import clients, executions
 
-    sm = clients.client("sagemaker", _region(args))
-    print(executions.executions_report(sm, args.pipeline_name, args.max))
+    sm = clients.client("sagemaker", region_of(args.region))
+    if not args.json:
+        print(executions.executions_report(sm, args.pipeline_name, args.max))
+        return 0
+    if not executions.pipeline_exists(sm, args.pipeline_name):
+        raise CommandError(f"no pipeline {args.pipeline_name!r} in this account and region")
+    found = sm.list_pipeline_executions(PipelineName=args.pipeline_name, SortBy="CreationTime",
+                                        SortOrder="Descending", MaxResults=args.max)
+    print_json([{"execution_arn": s["PipelineExecutionArn"], "status": s.get("PipelineExecutionStatus"),
+                 "display_name": s.get("PipelineExecutionDisplayName"), "start_time": s.get("StartTime")}
+                for s in found.get("PipelineExecutionSummaries", [])])
     return 0

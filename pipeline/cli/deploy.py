@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
+from dataclasses import asdict
 
+from pipeline.cli.aws import region_of
+from pipeline.cli.conventions import add_json_option, print_json
 from pipeline.cli.errors import CommandError
+
+LOG = logging.getLogger("invmon.deploy")
 
 
 def add_commands(commands) -> None:
@@ -19,6 +25,7 @@ def add_commands(commands) -> None:
 
     endpoints = commands.add_parser("endpoints", help="both stages' endpoints and what they serve")
     backend_options(endpoints)
+    add_json_option(endpoints, "both stages' endpoints")
     endpoints.set_defaults(handler=cmd_endpoints)
 
 
@@ -42,7 +49,7 @@ def registry_of(args):
     if args.backend == "aws":
         from pipeline.registry.sagemaker import SageMakerRegistry
 
-        return SageMakerRegistry(region=args.region)
+        return SageMakerRegistry(region=region_of(args.region))
     from pipeline.home import invmon_home
     from pipeline.registry.local import open_registry
 
@@ -60,7 +67,7 @@ def target_of(args, registry):
 
 
 def one_line_errors(handler):
-    """Registry, deploy and AWS failures become `invmon: error: ...` (exit 2), no traceback."""
+    """Registry, deploy and AWS failures become `invmon: error: ...` (exit 1), no traceback."""
 
     @functools.wraps(handler)
     def wrapped(args) -> int:
@@ -83,7 +90,7 @@ def cmd_deploy(args) -> int:
                             args.version)
     print(outcome.message)
     if outcome.changed and args.backend == "aws":
-        print(f"follow it: invmon endpoints --backend aws --group {group_of(args)}")
+        LOG.info(f"follow it: invmon endpoints --backend aws --group {group_of(args)}")
     return 0
 
 
@@ -94,9 +101,12 @@ def cmd_endpoints(args) -> int:
     group = group_of(args)
     registry = registry_of(args)
     found = {e.name: e for e in target_of(args, registry).endpoints(group)}
+    names = {stage: deploy.endpoint_name(group, stage) for stage in deploy.STAGES}
+    if args.json:
+        print_json([endpoint_record(stage, name, found.get(name)) for stage, name in names.items()])
+        return 0
     print(f"{'STAGE':<8} {'ENDPOINT':<28} {'VERSION':>7}  {'STATUS':<10} {'CHANGED':<32} FLAG")
-    for stage in deploy.STAGES:
-        name = deploy.endpoint_name(group, stage)
+    for stage, name in names.items():
         e = found.get(name)
         if e is None:
             print(f"{stage:<8} {name:<28} {'-':>7}  {'absent':<10}")
@@ -105,3 +115,9 @@ def cmd_endpoints(args) -> int:
         print(f"{stage:<8} {name:<28} {e.version:>7}  {status:<10} {e.updated_at:<32} {e.flag}")
     return 0
 
+
+def endpoint_record(stage: str, name: str, endpoint) -> dict:
+    """`endpoints --json`: one stage; an endpoint that does not exist has present false and nulls."""
+    fields = asdict(endpoint) if endpoint is not None else {}
+    return {"stage": stage, "name": name, "present": endpoint is not None,
+            **{key: fields.get(key) for key in ("version", "status", "updated_at", "flag", "pending")}}

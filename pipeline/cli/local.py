@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
+from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.cli.errors import CommandError
+from pipeline.cli.conventions import add_json_option, add_recipe_option, checked_parameters, print_json
+from pipeline.cli.errors import CommandError, UsageError
 from pipeline.home import invmon_home
-from pipeline.dag.profiles import PROFILES
 from pipeline.registry.local import RegistryError
+
+LOG = logging.getLogger("invmon.local")
 
 
 def add_commands(commands) -> None:
@@ -17,10 +20,11 @@ def add_commands(commands) -> None:
     run.add_argument("--data", help="photos: ABID bucket layout or one folder per count "
                                     "(default: the embedded synthetic data)")
     run.add_argument("--manifest", help="file_list.json-style manifest selecting photos")
-    run.add_argument("--profile", default="local", choices=list(PROFILES),
-                     help="parameter defaults: local (fast, CPU, synthetic data), real (real ABID photos "
-                          "on a CPU: EfficientNet-Lite0, its last two stages fine-tuned), finetune (real photos on a "
-                          "GPU: Lite0 fine-tuned at 320 px) or full (the reference recipe)")
+    add_recipe_option(run, "local",
+                      help="parameter defaults: local (fast, CPU, synthetic data), real (real ABID "
+                           "photos on a CPU: EfficientNet-Lite0, its last two stages fine-tuned), "
+                           "finetune (real photos on a GPU: Lite0 fine-tuned at 320 px) or full (the "
+                           "reference recipe)")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                      help="set a pipeline parameter (repeatable), e.g. --param Epochs=3")
     run.add_argument("--resume", metavar="RUN_ID", help="resume a failed run from its failed step")
@@ -28,21 +32,23 @@ def add_commands(commands) -> None:
 
     plan = commands.add_parser(
         "plan", help="print the compiled step requests (JSON) that a run executes",
-        description="The DAG compiled with a profile's defaults and --param values: every step's request "
+        description="The DAG compiled with a recipe's defaults and --param values: every step's request "
                     "in the SageMaker API's shape, with placeholders ({\"Get\": ...}) for what is known only "
                     "at run time. The local runner executes exactly these (each run keeps them as plan.json, "
                     "beside executed.jsonl); the SageMaker definition is built from them.")
-    plan.add_argument("--profile", default="local", choices=list(PROFILES), help="parameter defaults (see run)")
+    add_recipe_option(plan, "local", help="parameter defaults (see run)")
     plan.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                       help="set a pipeline parameter (repeatable)")
     plan.set_defaults(handler=cmd_plan)
 
     runs = commands.add_parser("runs", help="list or show local runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
-    runs_sub.add_parser("list", help="every local run").set_defaults(handler=cmd_runs_list)
+    listed = runs_sub.add_parser("list", help="every local run")
+    add_json_option(listed, "the runs")
+    listed.set_defaults(handler=cmd_runs_list)
     show = runs_sub.add_parser("show", help="one run's steps, or its summary")
     show.add_argument("run_id", nargs="?", help="default: the latest run")
-    show.add_argument("--json", action="store_true", help="print run.json")
+    add_json_option(show, "the run's run.json")
     show.set_defaults(handler=cmd_runs_show)
 
     models = commands.add_parser("models", help="the model registry")
@@ -65,6 +71,8 @@ def add_commands(commands) -> None:
             sub.add_argument("--role-arn", default=None, help="aws: role of the models a rollback "
                                                              "creates (default: $INVMON_MODEL_ROLE_ARN)")
             sub.add_argument("--instance-type", default=None, help="aws: endpoint instance type")
+        else:
+            add_json_option(sub, "the versions" if name == "list" else "the version")
         sub.set_defaults(handler=handler)
 
     serve = commands.add_parser("serve", help="serve a model on 127.0.0.1 (GET /ping, POST /invocations)")
@@ -135,7 +143,7 @@ def cmd_run(args) -> int:
     home = invmon_home()
     if args.resume:
         if args.data or args.manifest or args.param:
-            raise CommandError("--resume reruns a run with its own parameters; drop --data/--manifest/--param")
+            raise UsageError("--resume reruns a run with its own parameters; drop --data/--manifest/--param")
         try:
             run = LocalRun.load(home, DAG, args.resume)
         except FileNotFoundError as exc:
@@ -145,22 +153,22 @@ def cmd_run(args) -> int:
         if not run.state.get("resumable", True):
             raise CommandError(f"run {args.resume} stopped at {run.state['failure']}; resuming would "
                                "stop there again: start a new run with other parameters")
-        print(f"resuming run {args.resume} from its first unfinished step")
+        LOG.info(f"resuming run {args.resume} from its first unfinished step")
     else:
         try:
-            params = {**defaults(args.profile), **parse_assignments(args.param)}
+            params = {**defaults(args.recipe), **parse_assignments(args.param)}
             if args.data:
                 params["InputDataUrl"] = str(Path(args.data).expanduser().resolve())
             if args.manifest:
                 params["ManifestUrl"] = str(Path(args.manifest).expanduser().resolve())
             validate(params)  # before the synthetic data is generated and before any step
         except ValueError as exc:
-            raise CommandError(str(exc)) from None
+            raise UsageError(str(exc)) from None
         if not params["InputDataUrl"]:
             params["InputDataUrl"] = str(synthetic_data(home, int(params["Seed"])))
-        run = LocalRun.create(home, DAG, params, args.profile)
-        print(f"run {run.state['id']} ({args.profile} profile) in {run.dir}")
-        print("parameters: " + " ".join(f"{k}={v}" for k, v in params.items() if v != ""))
+        run = LocalRun.create(home, DAG, params, args.recipe)
+        LOG.info(f"run {run.state['id']} ({args.recipe} recipe) in {run.dir}")
+        LOG.info("parameters: " + " ".join(f"{k}={v}" for k, v in params.items() if v != ""))
     from pipeline.local.runner import RunLocked, RunStopped
 
     try:
@@ -168,8 +176,8 @@ def cmd_run(args) -> int:
     except RunLocked as exc:
         raise CommandError(str(exc)) from None
     except RunStopped as exc:
-        print(f"\nrun {run.state['id']} stopped by {exc} (every job and trial stopped); "
-              f"continue with: invmon run --resume {run.state['id']}", file=sys.stderr)
+        LOG.warning(f"run {run.state['id']} stopped by {exc} (every job and trial stopped); "
+                    f"continue with: invmon run --resume {run.state['id']}")
         return 130
     print()
     print(summarize(state, run.dir))
@@ -178,33 +186,44 @@ def cmd_run(args) -> int:
 
 def cmd_plan(args) -> int:
     from pipeline.dag.compile import CompileError, plan
-    from pipeline.dag.parameters import parse_assignments, validate
+    from pipeline.dag.parameters import validate
     from pipeline.dag.profiles import defaults
     from steps import DAG
 
+    base = defaults(args.recipe)
+    params = validate({**base, **checked_parameters(args.param, base)})  # typed as declared
     try:
-        params = validate({**defaults(args.profile), **parse_assignments(args.param)})
         compiled = plan(DAG, params)
-    except (ValueError, CompileError) as exc:
+    except CompileError as exc:
         raise CommandError(str(exc)) from None
-    print(json.dumps(compiled, indent=2, default=str))
+    print_json(compiled)
     return 0
 
 
 def cmd_runs_list(args) -> int:
     from pipeline.local.runner import list_runs
 
-    runs = list_runs(invmon_home())
+    runs = [run_record(state) for state in list_runs(invmon_home())]
+    if args.json:
+        print_json(runs)
+        return 0
     if not runs:
         print("no runs yet: start one with `invmon run`")
         return 0
     print(f"{'RUN':<24} {'STATUS':<10} {'PROFILE':<8} {'ACCURACY':>8}  FAILED STEP")
-    for state in runs:
-        accuracy = state["steps"].get("CheckAccuracy", {}).get("properties", {}).get("left")
-        failed = next((n for n, s in state["steps"].items() if s.get("status") == "Failed"), "")
-        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
-        print(f"{state['id']:<24} {state['status']:<10} {state['profile']:<8} {shown:>8}  {failed}")
+    for run in runs:
+        shown = f"{run['accuracy']:.4f}" if run["accuracy"] is not None else "-"
+        failed = run["failed_step"] or ""
+        print(f"{run['id']:<24} {run['status']:<10} {run['profile']:<8} {shown:>8}  {failed}")
     return 0
+
+
+def run_record(state: dict) -> dict:
+    """One run as `runs list` shows it (the accuracy is the gate's, known once CheckAccuracy ran)."""
+    return {"id": state["id"], "status": state["status"], "profile": state["profile"],
+            "created_at": state.get("created_at"),
+            "accuracy": state["steps"].get("CheckAccuracy", {}).get("properties", {}).get("left"),
+            "failed_step": next((n for n, s in state["steps"].items() if s.get("status") == "Failed"), None)}
 
 
 def cmd_runs_show(args) -> int:
@@ -217,7 +236,7 @@ def cmd_runs_show(args) -> int:
         raise CommandError(f"no run {run_id!r}; see `invmon runs list`" if run_id else "no runs yet")
     state = runs[run_id]
     if args.json:
-        print(json.dumps(state, indent=2))
+        print_json(state)
         return 0
     for name, step in state["steps"].items():
         extra = step.get("error") or step.get("reason") or (
@@ -231,12 +250,15 @@ def cmd_runs_show(args) -> int:
 # -- models ------------------------------------------------------------------------------------
 def _registry(args):
     if args.backend == "aws":
+        from pipeline.cli.aws import region_of
         from pipeline.registry.sagemaker import SageMakerRegistry
 
-        return _registry_call(SageMakerRegistry, region=args.region)
+        return _registry_call(SageMakerRegistry, region=region_of(args.region))
     from pipeline.registry.local import open_registry
 
-    return open_registry(invmon_home())
+    registry = open_registry(invmon_home())
+    LOG.debug(f"local registry {registry.path}")
+    return registry
 
 
 def _group(args) -> str:
@@ -254,6 +276,9 @@ def _registry_call(fn, *a, **kw):
 
 def cmd_models_list(args) -> int:
     versions = _registry_call(_registry(args).list_versions, args.group)
+    if args.json:
+        print_json([asdict(v) for v in versions])
+        return 0
     if not versions:
         print("no registered models yet: `invmon run` registers one when it passes the accuracy gate")
         return 0
@@ -274,27 +299,33 @@ def _headline(metrics: dict) -> tuple[str, str]:
 
 
 def cmd_models_show(args) -> int:
-    from dataclasses import asdict
-
     version = _registry_call(_registry(args).get, _group(args), args.version)
-    print(json.dumps(asdict(version), indent=2, default=str))
-    print(report_line(version))
+    report = report_uri(version)
+    if args.json:
+        print_json({**asdict(version), "evaluation_report": report})
+        return 0
+    print_json(asdict(version))
+    print(report_line(report))
     return 0
 
 
-def report_line(version) -> str:
+def report_uri(version) -> str | None:
     """Where the version's evaluation report is: recorded at registration (both back-ends), or
     beside the artifact for a local version registered before it was recorded."""
-    from urllib.parse import unquote, urlparse
-
     from pipeline.registry.local import REPORT_PROPERTY
 
     uri = version.properties.get(REPORT_PROPERTY, "")
     if not uri:
         legacy = Path(str(version.artifact_uri)).parent / "report.html"
-        if not legacy.is_file():
-            return "evaluation report: none recorded for this version"
-        uri = legacy.resolve().as_uri()
+        return legacy.resolve().as_uri() if legacy.is_file() else None
+    return uri
+
+
+def report_line(uri: str | None) -> str:
+    from urllib.parse import unquote, urlparse
+
+    if uri is None:
+        return "evaluation report: none recorded for this version"
     if uri.startswith("file://") and not Path(unquote(urlparse(uri).path)).is_file():
         return f"evaluation report: {uri} (missing: the file was removed)"
     return f"evaluation report: {uri}"
@@ -311,14 +342,13 @@ def cmd_models_approve(args) -> int:
         # deploy function (deploying here as well would race it).
         version = _registry_call(registry.set_status, group, args.version, "Approved", args.note)
         print(f"{group} version {args.version}: {version.status}")
-        print(f"the approval rule deploys it to {deploy.endpoint_name(group, 'prod')}; follow: "
-              f"invmon endpoints --backend aws (without the infra stack: invmon deploy --stage prod "
-              f"--backend aws --version {args.version})")
+        print(f"the approval rule deploys it to {deploy.endpoint_name(group, 'prod')}")
+        LOG.info(f"follow it: invmon endpoints --backend aws (without the infra stack: invmon deploy "
+                 f"--stage prod --backend aws --version {args.version})")
         return 0
-    failed, outcome = _review(deploy.approve, registry, cli_deploy.target_of(args, registry), group,
-                              args.version, args.note)
-    if failed:
-        return 1
+    # A failed deploy keeps the approval: the error says so, and the exit status is 1.
+    outcome = _registry_call(deploy.approve, registry, cli_deploy.target_of(args, registry), group,
+                             args.version, args.note)
     print(f"{group} version {args.version}: Approved")
     verb = "now serves" if outcome.changed else "already serves"
     print(f"production endpoint {outcome.endpoint} {verb} version {outcome.version.version}"
@@ -327,30 +357,14 @@ def cmd_models_approve(args) -> int:
     return 0
 
 
-def _review(action, *args):
-    """Approve or reject (which may deploy): (failed, outcome). A failed deploy is reported in one
-    line and exits 1 with the status change kept; a registry problem is a usage error."""
-    from pipeline.registry import deploy
-
-    try:
-        return False, action(*args)
-    except deploy.DeployError as exc:
-        print(f"invmon: error: {exc}", file=sys.stderr)
-        return True, None
-    except RegistryError as exc:
-        raise CommandError(str(exc)) from None
-
-
 def cmd_models_reject(args) -> int:
     from pipeline.cli import deploy as cli_deploy
     from pipeline.registry import deploy
 
     registry = _registry(args)
     group = _group(args)
-    failed, outcome = _review(deploy.reject, registry, cli_deploy.target_of(args, registry), group,
-                              args.version, args.note)
-    if failed:
-        return 1
+    outcome = _registry_call(deploy.reject, registry, cli_deploy.target_of(args, registry), group,
+                             args.version, args.note)
     print(f"{group} version {args.version}: Rejected")
     if outcome is not None:
         print(outcome.message)
@@ -402,7 +416,7 @@ def cmd_serve(args) -> int:
                         ("max_queue", args.max_queue), ("request_timeout_s", args.timeout)):
         if value is not None:
             settings = replace(settings, **{name: value})
-    print(f"serving {label} from {artifact} on http://{args.host}:{args.port} (Ctrl-C stops)")
+    LOG.info(f"serving {label} from {artifact} on http://{args.host}:{args.port} (Ctrl-C stops)")
     return serve(artifact, host=args.host, port=args.port, model_version=label, settings=settings)
 
 
@@ -410,14 +424,18 @@ def cmd_predict(args) -> int:
     from pipeline.serving.bulk import NoPhotos, collect_photos
     from pipeline.serving.endpoint import ArtifactError, EndpointError, load_model, predict_local, predict_remote
 
+    if args.batch_size < 1 or args.concurrency < 1:
+        raise UsageError("--batch-size and --concurrency must be at least 1")
+    if args.backend == "aws" and args.out:
+        raise UsageError("--out counts with the local model or --url, not --backend aws")
+    if args.backend == "aws" and not args.endpoint:
+        raise UsageError("--backend aws needs --endpoint NAME (e.g. bin-count-production)")
     try:
         photos = collect_photos(args.photos)
     except NoPhotos as exc:
         raise CommandError(str(exc)) from None
     model = None
     if args.backend == "aws":
-        if args.out:
-            raise CommandError("--out counts with the local model or --url, not --backend aws")
         predict = _sagemaker_predictor(args)
     else:
         if not args.url:
@@ -442,9 +460,9 @@ def cmd_predict(args) -> int:
             answer = predict(photo)
         except EndpointError as exc:
             failed += 1
-            print(f"{photo}: error: {exc}", file=sys.stderr)
+            LOG.error(f"{photo}: {exc}")
             continue
-        if args.json:
+        if args.json:  # JSON lines: one document per photo, as each is counted
             print(json.dumps({"photo": str(photo), **answer}))
         else:
             confidence = answer["probabilities"][str(answer["count"])]
@@ -458,7 +476,11 @@ def cmd_data_fetch(args) -> int:
 
     module = ingest()
     try:
-        report = module.run_from_args(args)
+        module.rule_from(args)  # the option values, before anything is fetched
+    except module.InputError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        report = module.run_from_args(args, echo=LOG.info)
     except (module.InputError, module.s3fetch.FetchError) as exc:
         raise CommandError(str(exc)) from None
     return 0 if report["usable"] else 1
@@ -466,15 +488,11 @@ def cmd_data_fetch(args) -> int:
 
 def _sagemaker_predictor(args):
     """Photos to a SageMaker endpoint through sagemaker-runtime InvokeEndpoint."""
+    from pipeline.cli.aws import region_of
     from pipeline.sagemaker import clients, executions
     from pipeline.serving.endpoint import content_type_for
 
-    if not args.endpoint:
-        raise CommandError("--backend aws needs --endpoint NAME (e.g. bin-count-production)")
-    try:
-        runtime = clients.client("sagemaker-runtime", clients.resolve_region(args.region))
-    except clients.AwsError as exc:
-        raise CommandError(str(exc)) from None
+    runtime = clients.client("sagemaker-runtime", region_of(args.region))
     return lambda photo: executions.invoke_endpoint(runtime, args.endpoint, photo.read_bytes(),
                                              content_type_for(photo))
 
@@ -483,13 +501,12 @@ def _predict_csv(args, photos: list[Path], model) -> int:
     """Bulk counting into a CSV; bad photos are rows with their error (exit status 0)."""
     from pipeline.serving import bulk
 
-    if args.batch_size < 1 or args.concurrency < 1:
-        raise CommandError("--batch-size and --concurrency must be at least 1")
     if args.url:
         rows = bulk.count_remote(args.url, photos, concurrency=args.concurrency)
     else:
         rows = bulk.count_local(model, photos, batch_size=args.batch_size)
-    tally = bulk.write_csv(rows, args.out, total=len(photos), progress=True)
+    quiet = not LOG.isEnabledFor(logging.INFO)  # -q: no progress bar either
+    tally = bulk.write_csv(rows, args.out, total=len(photos), progress=not quiet)
     print(f"wrote {args.out}: {bulk.summary_line(tally)}")
     if model is not None and not args.no_raw and tally.counted:
         sample = [image for image in (bulk.decode_photo(model, p)[0] for p in photos[:args.batch_size])
@@ -505,5 +522,5 @@ def cmd_data_synth(args) -> int:
     from pipeline.data import synth
 
     summary = synth.write_dataset(args.out, per_class=args.per_class, seed=args.seed)
-    print(json.dumps(summary, indent=2, default=str))
+    print_json(summary)
     return 0
