@@ -1,6 +1,7 @@
 """The local endpoint: the model artifact served over HTTP like a SageMaker real-time endpoint.
 
-    GET  /ping          -> 200 {"status": "ok", "model_version": ..., "in_flight": n, "queued": n};
+    GET  /ping          -> 200 {"status": "ok", "model_version": ..., "in_flight": n, "queued": n}
+                           (+ "capture": written and dropped counts, when capture is on);
                            503 until the model is loaded
     POST /invocations   image/jpeg | image/png | application/x-image body
                         -> 200 {"count": n, "probabilities": {...}, "model_version": ...}
@@ -17,6 +18,10 @@ How a request is served: admitted (or 503) before its body is read; body read un
 input_fn in a small decode pool; then its image joins a micro-batch and predict_fn scores the
 whole batch as one list (pipeline/serving/batching.py). A client that leaves has its work dropped.
 ServingSettings holds every limit; pipeline/serving/http_server.py runs it under uvicorn.
+
+With `capture_dir` set, every answered request (or a sampled share) is also captured for drift
+monitoring (pipeline/serving/capture.py): the embedding comes from the same forward pass, the
+record is written by a thread of its own, and nothing of it can slow or fail the answer.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -44,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pipeline.serving.batching import MicroBatcher, PixelBudget
+from pipeline.serving.capture import Capture, Captured, from_settings as capture_from_settings
 
 JSON = "application/json"
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -134,6 +141,22 @@ class LoadedModel:
     content_types: tuple[str, ...]
     workdir: tempfile.TemporaryDirectory | None  # extracted files live as long as this
     presize: int | None = None  # see early_resize_side()
+    model_id: str | None = None  # model_config.json's, what a baseline names (the version may be a label)
+
+    @property
+    def side(self) -> int | None:
+        """The square the model sees photos at (model_config.json's image_size)."""
+        config = self.model.get("config") if isinstance(self.model, dict) else None
+        try:
+            return int(config["image_size"])
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    @property
+    def statistics(self):
+        """The artifact's photos.statistics (None in an artifact made before it existed)."""
+        found = getattr(getattr(self.inference, "photos", None), "statistics", None)
+        return found if callable(found) else None
 
     @property
     def invalid_input(self) -> type[Exception]:
@@ -160,13 +183,31 @@ class LoadedModel:
             image = image.convert("RGB").resize((self.presize, self.presize), Image.BILINEAR)
         return image
 
-    def predict_batch(self, images: list) -> list[dict]:
-        """predict_fn on a list: one forward pass for the whole batch."""
-        predictions = self.inference.predict_fn(list(images), self.model)
+    def decode_kept(self, body: bytes, content_type: str):
+        """decode, and the photo at the model's side for the capture: (image, small image). The
+        early-resized photo is that already; otherwise it is resized here, in the decode thread."""
+        image = self.decode(body, content_type)
+        side = self.side
+        if self.presize or not side or not isinstance(image, Image.Image):
+            return image, image
+        return image, image.convert("RGB").resize((side, side), Image.BILINEAR)
+
+    def predict_batch(self, images: list, embed: bool = False) -> list:
+        """predict_fn on a list: one forward pass for the whole batch. With `embed` (capture on),
+        (prediction, embedding) pairs from that same pass, through the artifact's
+        predict_and_embed (the embedding is None for an artifact that has none)."""
+        embedder = getattr(self.inference, "predict_and_embed", None) if embed else None
+        if callable(embedder):
+            predictions, embeddings = embedder(list(images), self.model)
+        else:
+            predictions, embeddings = self.inference.predict_fn(list(images), self.model), None
         for prediction in predictions:
             if isinstance(prediction, dict):
                 prediction["model_version"] = self.model_version
-        return predictions
+        if not embed:
+            return predictions
+        rows = list(embeddings) if embeddings is not None else [None] * len(predictions)
+        return list(zip(predictions, rows))
 
     def render(self, prediction, accept: str = JSON) -> str:
         try:
@@ -210,15 +251,16 @@ def load_model(artifact: str | Path, model_version: str | None = None) -> Loaded
     except Exception as exc:
         raise ArtifactError(f"{artifact}: model_fn could not load it "
                             f"({type(exc).__name__}: {exc})") from None
+    model_id = None
+    try:
+        model_id = json.loads((model_dir / "model_config.json").read_text()).get("model_id")
+    except (OSError, ValueError, AttributeError):
+        pass
     if model_version is None:
-        try:
-            config = json.loads((model_dir / "model_config.json").read_text())
-            model_version = config.get("model_id")
-        except (OSError, ValueError, AttributeError):
-            pass
+        model_version = model_id
     return LoadedModel(inference, model, str(model_version or "unknown"),
                        tuple(getattr(inference, "CONTENT_TYPES", DEFAULT_CONTENT_TYPES)), workdir,
-                       early_resize_side(inference, model))
+                       early_resize_side(inference, model), model_id)
 
 
 def early_resize_side(inference: ModuleType, model) -> int | None:
@@ -302,6 +344,13 @@ class ServingSettings:
     max_connections: int = 256       # open connections (uvicorn limit_concurrency)
     max_body_bytes: int = MAX_BODY_BYTES
     retry_after_s: int = 1
+    # Data capture for drift monitoring (capture.py, docs/monitoring.md); off unless a folder is set.
+    capture_dir: str = ""             # the capture's folder; empty: no capture
+    capture_sample: float = 1.0       # share of answered requests captured
+    capture_body_sample: float = 0.0  # share of captured requests that keep the photo's bytes (base64)
+    capture_file_mb: float = 16.0     # a capture file is closed and a new one begun past this
+    capture_max_mb: float = 256.0     # the folder's capture files together; the oldest go past it
+    capture_queue_mb: float = 32.0    # records waiting for the writer; past it new ones are dropped
 
 
 class ClientGone(Exception):
@@ -323,6 +372,7 @@ class ServingState:
         self.batcher: MicroBatcher | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
         self.pixels: PixelBudget | None = None
+        self.capture: Capture | None = None
 
     def ready(self) -> LoadedModel:
         if self.model is not None:
@@ -345,10 +395,11 @@ async def _client_left(request: Request) -> None:
 
 
 async def _decode_and_predict(state: ServingState, model: LoadedModel, body: bytes,
-                              content_type: str, arrived) -> dict:
+                              content_type: str, arrived, keep: bool = False):
     """input_fn in the decode pool, then predict_fn in a micro-batch. Cancelling the task drops
     the work: a decode not yet started never starts, a queued image is left out of its batch.
-    Decoded pixels held at once are bounded by state.pixels (memory, whatever the photos)."""
+    Decoded pixels held at once are bounded by state.pixels (memory, whatever the photos).
+    Returns (what the batch gave, the photo at the model's side when `keep`, for the capture)."""
     loop = asyncio.get_running_loop()
     batcher = state.batcher
     # Reserve the most a photo may decode to; keep only its real size once decoded.
@@ -357,7 +408,11 @@ async def _decode_and_predict(state: ServingState, model: LoadedModel, body: byt
         most = int(getattr(model.inference, "MAX_PIXELS", 16_000_000))
         await state.pixels.acquire(most)
         reserved = most
-        image = await loop.run_in_executor(state.decode_pool, model.decode, body, content_type)
+        kept = None
+        if keep:
+            image, kept = await loop.run_in_executor(state.decode_pool, model.decode_kept, body, content_type)
+        else:
+            image = await loop.run_in_executor(state.decode_pool, model.decode, body, content_type)
         width, height = getattr(image, "size", (0, 0))
         held = min(reserved, width * height)
         state.pixels.release(reserved - held)
@@ -365,7 +420,7 @@ async def _decode_and_predict(state: ServingState, model: LoadedModel, body: byt
         future = batcher.submit(image)
         arrived()
         del image
-        return await future
+        return await future, kept
     finally:
         state.pixels.release(reserved)
 
@@ -381,7 +436,10 @@ async def _answer(request: Request, state: ServingState, model: LoadedModel,
                            close=True) from None
     if not body:
         raise RequestError(400, "empty request body: send the bytes of a JPEG or PNG photo")
-    work = asyncio.ensure_future(_decode_and_predict(state, model, body, content_type, arrived))
+    capture, size = state.capture, len(body)
+    take, keep_body = capture.wants() if capture is not None else (False, False)
+    work = asyncio.ensure_future(_decode_and_predict(state, model, body, content_type, arrived, take))
+    kept_body = body if keep_body else None
     del body
     watcher = asyncio.ensure_future(_client_left(request))
     try:
@@ -390,12 +448,28 @@ async def _answer(request: Request, state: ServingState, model: LoadedModel,
     finally:
         watcher.cancel()
     if work in done:
-        return Response(model.render(work.result(), accept), media_type=accept)
+        result, image = work.result()
+        prediction, embedding = result if capture is not None else (result, None)
+        answer = Response(model.render(prediction, accept), media_type=accept)
+        if take:  # after the answer is made; offer() only appends to a bounded queue
+            capture.offer(Captured(
+                time.time(), _request_id(request), model.model_version, model.model_id, content_type,
+                size, prediction, image=image, side=model.side, statistics=model.statistics,
+                embedding=embedding, body=kept_body))
+        return answer
     work.cancel()
     if watcher in done:
         raise ClientGone("client left before the answer; its work was dropped")
     raise RequestError(503, f"no answer within {settings.request_timeout_s:g} s (server busy)",
                        retry_after=settings.retry_after_s)
+
+
+def _request_id(request: Request) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one."""
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isprintable() and '"' not in given:
+        return given
+    return uuid.uuid4().hex
 
 
 class AccessLog:
@@ -436,6 +510,7 @@ def create_app(artifact: str | Path, model_version: str | None = None,
     if max_body_bytes is not None:
         settings = replace(settings, max_body_bytes=max_body_bytes)
     state = ServingState(settings)
+    state.capture = capture_from_settings(settings)  # CaptureError now, not after start-up
 
     def load() -> None:
         try:
@@ -455,9 +530,14 @@ def create_app(artifact: str | Path, model_version: str | None = None,
         state.decode_pool = ThreadPoolExecutor(settings.decode_workers,
                                                thread_name_prefix="invmon-decode")
         state.pixels = PixelBudget(settings.decoded_megapixels * 1_000_000)
-        state.batcher = MicroBatcher(lambda images: state.model.predict_batch(images),
+        embed = state.capture is not None
+        state.batcher = MicroBatcher(lambda images: state.model.predict_batch(images, embed),
                                      settings.max_batch, settings.max_wait_ms / 1000)
         state.batcher.start()
+        if state.capture is not None:
+            state.capture.start()
+            log.info("capturing %g of the answered requests to %s", settings.capture_sample,
+                     settings.capture_dir)
         if state.model is None:
             threading.Thread(target=load, name="invmon-model-load", daemon=True).start()
         try:
@@ -469,6 +549,8 @@ def create_app(artifact: str | Path, model_version: str | None = None,
                          batcher.images, batcher.batches, batcher.images / batcher.batches)
             await batcher.stop()
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            if state.capture is not None:  # what is queued is written (a few seconds at most)
+                await asyncio.get_running_loop().run_in_executor(None, state.capture.stop)
 
     app = FastAPI(title="invmon bin-count endpoint", lifespan=lifespan)
     app.state.serving = state
@@ -507,8 +589,11 @@ def create_app(artifact: str | Path, model_version: str | None = None,
                                 headers={"Retry-After": str(settings.retry_after_s)})
         # The load beside the health: requests admitted (the --max-queue count) and decoded
         # photos waiting for a forward pass, for an operator watching a busy server.
-        return JSONResponse({"status": "ok", "model_version": state.model.model_version,
-                             "in_flight": state.in_flight, "queued": state.batcher.queued})
+        health = {"status": "ok", "model_version": state.model.model_version,
+                  "in_flight": state.in_flight, "queued": state.batcher.queued}
+        if state.capture is not None:  # what was written and what was dropped, by reason
+            health["capture"] = state.capture.status()
+        return JSONResponse(health)
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:

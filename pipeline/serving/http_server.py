@@ -10,7 +10,8 @@ shutdown waits as long as a request may take: its body deadline plus its answer 
 requests that arrive meanwhile get 503 with Retry-After, never a 500.
 
 `python -m pipeline.serving.http_server ARTIFACT --fd N` serves on a socket the caller already bound
-(tests and benchmarks: no port picked, released and raced for).
+(tests and benchmarks: no port picked, released and raced for). Every ServingSettings field is an
+option, the capture's too: `--capture-dir DIR` turns the data capture on (pipeline/serving/capture.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pipeline.serving.capture import CaptureError
 from pipeline.serving.endpoint import ServingSettings, create_app
 
 log = logging.getLogger("invmon.endpoint")
@@ -175,7 +177,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """--max-batch, --max-wait-ms, ... one per ServingSettings field."""
     for field in fields(ServingSettings):
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
-                            default=field.default, help=f"default {field.default}")
+                            default=field.default, help=f"default {field.default!r}")
 
 
 def settings_from(args) -> ServingSettings:
@@ -192,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd) if args.fd is not None else None
-    return serve(args.artifact, args.host, args.port, args.model_version, settings_from(args), sock)
+    try:
+        return serve(args.artifact, args.host, args.port, args.model_version, settings_from(args), sock)
+    except CaptureError as exc:  # a capture setting out of range, a folder that cannot be made
+        print(f"cannot serve: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
