@@ -229,8 +229,15 @@ def test_deploy_of_an_approved_version_creates_model_config_and_endpoint(sm, cap
     assert hashlib.sha256(s3().get_object(Bucket=ARTIFACTS, Key=copy)["Body"].read()).hexdigest() == digest
     # moto does not echo EnableNetworkIsolation back: the request itself says it.
     assert updates.models[0]["EnableNetworkIsolation"] is True  # self-contained: no network at start
-    variant = sm.describe_endpoint_config(EndpointConfigName=configs[0])["ProductionVariants"][0]
+    config = sm.describe_endpoint_config(EndpointConfigName=configs[0])
+    variant = config["ProductionVariants"][0]
     assert (variant["ModelName"], variant["InstanceType"]) == (models[0], "ml.c5.xlarge")
+    # Production captures a sample of what it serves, requests and answers, for the monitor.
+    assert config["DataCaptureConfig"] == {
+        "EnableCapture": True, "InitialSamplingPercentage": 20,
+        "DestinationS3Uri": f"s3://{ARTIFACTS}/capture/bin-count-production",
+        "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+        "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]}}
 
     code, out, _ = run(capsys, "endpoints", "--backend", "aws")
     production = next(line for line in out.splitlines() if line.startswith("prod"))
@@ -270,6 +277,24 @@ def test_a_second_deploy_updates_in_place_with_blue_green_and_auto_rollback(sm, 
         request["EndpointConfigName"]
     code, out, _ = run(capsys, "endpoints", "--backend", "aws")
     assert " 2 " in next(line for line in out.splitlines() if line.startswith("prod"))
+
+
+def test_staging_captures_everything_and_production_the_templates_share(sm, capsys, monkeypatch):
+    approve(sm, 2)
+    monkeypatch.setenv("INVMON_CAPTURE_PERCENT_PROD", "5")  # the stack's ProductionCapturePercent
+    for stage in ("staging", "prod"):
+        assert run(capsys, "deploy", "--stage", stage, "--backend", "aws")[0] == 0
+    shares = {}
+    for name in ("bin-count-staging", "bin-count-production"):
+        config = sm.describe_endpoint_config(
+            EndpointConfigName=sm.describe_endpoint(EndpointName=name)["EndpointConfigName"])
+        shares[name] = (config["DataCaptureConfig"]["InitialSamplingPercentage"],
+                        config["DataCaptureConfig"]["DestinationS3Uri"])
+    assert shares == {"bin-count-staging": (100, f"s3://{ARTIFACTS}/capture/bin-count-staging"),
+                      "bin-count-production": (5, f"s3://{ARTIFACTS}/capture/bin-count-production")}
+    monkeypatch.setenv("INVMON_CAPTURE_PERCENT_PROD", "half")
+    code, _, err = run(capsys, "deploy", "--stage", "prod", "--version", "2", "--backend", "aws")
+    assert code != 0 and "INVMON_CAPTURE_PERCENT_PROD='half': give a whole percentage, 0-100" in err
 
 
 def test_rejecting_what_production_serves_rolls_back_or_flags(sm, capsys, updates):
