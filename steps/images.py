@@ -76,7 +76,12 @@ EVALUATE = Container("evaluate", PYTORCH_TRAINING, SCRIPTS / "evaluate" / "requi
 INFERENCE = Container("inference", PYTORCH_INFERENCE, SCRIPTS / "inference" / "requirements.txt",
                       "InferenceInstanceType")
 
-CONTAINERS: tuple[Container, ...] = (PREPROCESS, TRAIN, TRAIN_DEBUGGER, EVALUATE, INFERENCE)
+# The drift monitor (scripts/monitor/): a processing job on a schedule; torch from the image embeds
+# SageMaker-captured photos through the served artifact's own code.
+MONITOR = Container("monitor", PYTORCH_TRAINING, SCRIPTS / "monitor" / "requirements.txt",
+                    "ProcessingInstanceType")
+
+CONTAINERS: tuple[Container, ...] = (PREPROCESS, TRAIN, TRAIN_DEBUGGER, EVALUATE, INFERENCE, MONITOR)
 BY_NAME = {c.name: c for c in CONTAINERS}
 
 
