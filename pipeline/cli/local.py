@@ -87,6 +87,15 @@ def add_commands(commands) -> None:
                        help="requests admitted at once; past it 503 + Retry-After (default 64)")
     serve.add_argument("--timeout", type=float, default=None,
                        help="seconds from a received body to its answer (default 30)")
+    capture = serve.add_mutually_exclusive_group()
+    capture.add_argument("--capture", metavar="DIR", default=None,
+                         help="capture what is served, for `invmon monitor` (default for an endpoint: "
+                              "$INVMON_HOME/capture/<endpoint>; with --version: no capture)")
+    capture.add_argument("--no-capture", action="store_true", help="capture nothing")
+    serve.add_argument("--capture-sample", type=float, default=None,
+                       help="share of answered requests captured, 0-1 (default 1)")
+    serve.add_argument("--capture-body-sample", type=float, default=None,
+                       help="share of captured requests that keep the photo's bytes, 0-1 (default 0)")
     serve.set_defaults(handler=cmd_serve)
 
     predict = commands.add_parser("predict", help="count photos: print each, or --out a CSV")
@@ -407,17 +416,43 @@ def _resolve_model(args) -> tuple[Path, str]:
 def cmd_serve(args) -> int:
     from dataclasses import replace
 
+    from pipeline.serving.capture import CaptureError
     from pipeline.serving.endpoint import ServingSettings
     from pipeline.serving.http_server import serve
 
+    for share in (args.capture_sample, args.capture_body_sample):
+        if share is not None and not 0 <= share <= 1:
+            raise UsageError(f"--capture-sample and --capture-body-sample are shares from 0 to 1, got {share}")
     artifact, label = _resolve_model(args)
-    settings = ServingSettings()
+    settings = ServingSettings(capture_dir=_capture_dir(args))
     for name, value in (("max_batch", args.max_batch), ("max_wait_ms", args.max_wait_ms),
-                        ("max_queue", args.max_queue), ("request_timeout_s", args.timeout)):
+                        ("max_queue", args.max_queue), ("request_timeout_s", args.timeout),
+                        ("capture_sample", args.capture_sample),
+                        ("capture_body_sample", args.capture_body_sample)):
         if value is not None:
             settings = replace(settings, **{name: value})
     LOG.info(f"serving {label} from {artifact} on http://{args.host}:{args.port} (Ctrl-C stops)")
-    return serve(artifact, host=args.host, port=args.port, model_version=label, settings=settings)
+    if settings.capture_dir:
+        LOG.info(f"capturing what it serves into {settings.capture_dir} (--no-capture: none)")
+    try:
+        return serve(artifact, host=args.host, port=args.port, model_version=label, settings=settings)
+    except CaptureError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _capture_dir(args) -> str:
+    """Where `invmon serve` captures: --capture, else an endpoint's own folder; a bare --version
+    serves no endpoint, so it captures only when asked."""
+    from pipeline.dag.parameters import BY_NAME
+
+    if args.no_capture:
+        return ""
+    if args.capture:
+        return str(Path(args.capture).expanduser().resolve())
+    if args.version is not None:
+        return ""
+    name = args.endpoint or str(BY_NAME["StagingEndpointName"].default)
+    return str(invmon_home() / "capture" / name)
 
 
 def cmd_predict(args) -> int:
