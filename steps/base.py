@@ -245,6 +245,9 @@ class RegisterStep:
     # A file of the metrics output that goes with the version (Evaluate's report.html); its URI
     # is the version's EvaluationReport property (CustomerMetadataProperties on SageMaker).
     report_file: str | None = None
+    # The monitoring baseline beside it (Evaluate's baseline.json): the MonitoringBaseline
+    # property, what `invmon monitor` compares the version's traffic with.
+    baseline_file: str | None = None
 
 
 @dataclass(frozen=True)

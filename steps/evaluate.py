@@ -9,6 +9,7 @@ TEST = f"{PROCESSING_BASE}/test"
 OUTPUT = f"{PROCESSING_BASE}/evaluation"
 DATA_REPORT = f"{PROCESSING_BASE}/report"
 REPORT_FILE = "report.html"  # beside evaluation.json in the evaluation output
+BASELINE_FILE = "baseline.json"  # the monitoring baseline, beside them
 
 EVALUATION = PropertyFile("EvaluationReport", output="evaluation", path="evaluation.json")
 ACCURACY_PATH = "multiclass_classification_metrics.accuracy.value"

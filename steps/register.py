@@ -1,7 +1,7 @@
 """Register: a new model version with evaluation.json attached as its model metrics and the
 evaluation report (report.html) named by its EvaluationReport property."""
 from steps.base import Code, JsonGet, Param, RegisterStep, StepOutput
-from steps.evaluate import EVALUATION, REPORT_FILE
+from steps.evaluate import BASELINE_FILE, EVALUATION, REPORT_FILE
 
 STEP = RegisterStep(
     name="Register",
@@ -12,5 +12,6 @@ STEP = RegisterStep(
     model_package_group=Param("ModelPackageGroupName"),
     code=Code("inference", "inference.py"),
     report_file=REPORT_FILE,
+    baseline_file=BASELINE_FILE,
     artifact_digest=JsonGet("Evaluate", EVALUATION.name, "artifact.sha256"),
 )

@@ -206,7 +206,10 @@ def test_the_registered_model_names_the_evaluation_report(steps):
             get("Steps.Evaluate.ProcessingOutputConfig.Outputs['evaluation'].S3Output.S3Uri"), "report.html"]}},
         # The SHA-256 of the model.tar.gz Evaluate scored, which every deploy checks.
         "ArtifactSha256": {"Std:JsonGet": {"Path": "artifact.sha256", "PropertyFile": {
-            "Get": "Steps.Evaluate.PropertyFiles.EvaluationReport"}}}}
+            "Get": "Steps.Evaluate.PropertyFiles.EvaluationReport"}}},
+        # The monitoring baseline beside the report, what the monitor compares traffic with.
+        "MonitoringBaseline": {"Std:Join": {"On": "/", "Values": [
+            get("Steps.Evaluate.ProcessingOutputConfig.Outputs['evaluation'].S3Output.S3Uri"), "baseline.json"]}}}
 
 
 def test_evaluate_looks_up_the_previous_version_in_the_registry_itself(steps):

@@ -98,6 +98,20 @@ def add_commands(commands) -> None:
                        help="share of captured requests that keep the photo's bytes, 0-1 (default 0)")
     serve.set_defaults(handler=cmd_serve)
 
+    monitor = commands.add_parser(
+        "monitor", help="compare what an endpoint served with its model's baseline (drift)",
+        description="Runs the monitor's step container (scripts/monitor) on this machine: the endpoint's "
+                    "capture (invmon serve writes it) against the monitoring baseline Evaluate made for the "
+                    "version it serves. Writes monitor.json and report.html; drift is alerted (notifications "
+                    "log, INVMON_NOTIFY_COMMAND). Exit 0 either way, 3 with --fail-on-drift and drift.")
+    _model_choice(monitor)
+    monitor.add_argument("--capture", metavar="DIR", help="default: $INVMON_HOME/capture/<endpoint>")
+    monitor.add_argument("--since", help="window start: ISO 8601 or a duration back (6h, 7d); default: all")
+    monitor.add_argument("--out", metavar="DIR", help="default: $INVMON_HOME/monitor/<endpoint>/<time>")
+    monitor.add_argument("--fail-on-drift", action="store_true", help="exit 3 when drift is found")
+    add_json_option(monitor, "monitor.json")
+    monitor.set_defaults(handler=cmd_monitor)
+
     predict = commands.add_parser("predict", help="count photos: print each, or --out a CSV")
     predict.add_argument("photos", nargs="+", metavar="PHOTO_DIR_OR_GLOB",
                          help="photos, folders (searched for .jpg/.jpeg/.png) or globs")
@@ -438,6 +452,58 @@ def cmd_serve(args) -> int:
         return serve(artifact, host=args.host, port=args.port, model_version=label, settings=settings)
     except CaptureError as exc:
         raise CommandError(str(exc)) from None
+
+
+def cmd_monitor(args) -> int:
+    """The monitor container's script, in its own step environment as the runner runs a step."""
+    import subprocess
+    from datetime import datetime, timezone
+    from urllib.parse import unquote, urlparse
+
+    from pipeline.alerts import notify
+    from pipeline.dag.parameters import BY_NAME
+    from pipeline.local.envs import StepEnvironmentError, python_for
+    from pipeline.registry.local import BASELINE_PROPERTY, open_registry
+    from steps.images import MONITOR
+
+    artifact, label = _resolve_model(args)
+    group, number = label.rsplit("/", 1)
+    version = _registry_call(open_registry(invmon_home()).get, group, int(number))
+    name = args.endpoint or (None if args.version is not None else str(BY_NAME["StagingEndpointName"].default))
+    baseline = version.properties.get(BASELINE_PROPERTY, "")
+    if not baseline:
+        raise CommandError(f"{label} has no monitoring baseline (registered before Evaluate made one): "
+                           "register a new version to monitor it")
+    baseline = Path(unquote(urlparse(baseline).path)) if baseline.startswith("file:") else Path(baseline)
+    capture = Path(args.capture).expanduser() if args.capture else (
+        invmon_home() / "capture" / name if name else None)
+    if capture is None:
+        raise UsageError("--version has no endpoint capture of its own: give --capture DIR")
+    if not capture.exists():
+        raise CommandError(f"no capture at {capture}: `invmon serve` writes one while it serves")
+    out = Path(args.out).expanduser() if args.out else (
+        invmon_home() / "monitor" / (name or label.replace("/", "-")) / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    try:
+        python = python_for(MONITOR.requirements, invmon_home() / "envs", log=LOG.info)
+    except StepEnvironmentError as exc:
+        raise CommandError(str(exc)) from None
+    command = [str(python), str(MONITOR.requirements.parent / "monitor.py"), "--capture", str(capture),
+               "--baseline", str(baseline), "--output", str(out), "--model-version", label,
+               "--model", str(artifact), *(["--since", args.since] if args.since else [])]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise CommandError((done.stderr.strip().splitlines() or [f"the monitor exited {done.returncode}"])[-1])
+    result = json.loads((out / "monitor.json").read_text())
+    if result["drift"]:
+        notify("drift", f"{name or label} drifted: {', '.join(result['drifted'])}",
+               f"{result['window']['requests']} requests against {label}'s baseline; report: {out / 'report.html'}",
+               endpoint=name, group=group, version=version.version, report=str(out / "report.html"))
+    if args.json:
+        print_json(result)
+    else:
+        print("\n".join(line for line in done.stdout.splitlines() if "=" not in line.split(" ")[0]))
+        print(f"report: {out / 'report.html'}")
+    return 3 if result["drift"] and args.fail_on_drift else 0
 
 
 def _capture_dir(args) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.dag.parameters import PARAMETERS, REGISTERED_STATUS
-from pipeline.registry.local import DIGEST_PROPERTY, REPORT_PROPERTY
+from pipeline.registry.local import BASELINE_PROPERTY, DIGEST_PROPERTY, REPORT_PROPERTY
 from steps.base import (CategoricalRange, ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, JsonGet,
                         Param, ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
 
@@ -393,6 +393,8 @@ def register_arguments(c: Compiler, s: RegisterStep) -> dict:
     properties = {}
     if s.report_file:
         properties[REPORT_PROPERTY] = join([metrics, s.report_file], "/")
+    if s.baseline_file:
+        properties[BASELINE_PROPERTY] = join([metrics, s.baseline_file], "/")
     if s.artifact_digest is not None:
         properties[DIGEST_PROPERTY] = c.value(s.artifact_digest)
     request = {

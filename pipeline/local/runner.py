@@ -549,7 +549,7 @@ class LocalRun:
         self.echo(request.name, f"{left:.4f} >= {right} -> {outcome}")
 
     def _register(self, request: StepRequest, record: dict) -> None:
-        from pipeline.registry.local import DIGEST_PROPERTY, REPORT_PROPERTY, open_registry
+        from pipeline.registry.local import BASELINE_PROPERTY, DIGEST_PROPERTY, REPORT_PROPERTY, open_registry
 
         executed = self.resolve(request.arguments)
         self.record_executed(request, executed)
@@ -569,13 +569,16 @@ class LocalRun:
             partial.chmod(0o444)  # registered bytes are not to be edited in place
             os.replace(partial, store / "model.tar.gz")
         properties = {}
-        report = Path(described[REPORT_PROPERTY]) if described.get(REPORT_PROPERTY) else None
-        if report is not None and report.is_file():  # Evaluate's page goes with the version
-            # Named by run: two runs may register the same artifact, each with its own report.
-            kept = store / f"report-{self.state['id']}.html"
-            shutil.copy2(report, store / f".report.html.part-{os.getpid()}")
-            os.replace(store / f".report.html.part-{os.getpid()}", kept)
-            properties[REPORT_PROPERTY] = kept.resolve().as_uri()
+        # Evaluate's page and the monitoring baseline go with the version, named by run: two runs
+        # may register the same artifact, each with its own.
+        for prop, stem in ((REPORT_PROPERTY, "report"), (BASELINE_PROPERTY, "baseline")):
+            made = Path(described[prop]) if described.get(prop) else None
+            if made is not None and made.is_file():
+                kept = store / f"{stem}-{self.state['id']}{made.suffix}"
+                partial = store / f".{stem}.part-{os.getpid()}"
+                shutil.copy2(made, partial)
+                os.replace(partial, kept)
+                properties[prop] = kept.resolve().as_uri()
         registry = open_registry(self.home)
         group = str(executed["ModelPackageGroupName"])
         # A resumed Register (the runner was stopped after registering, before recording it)

@@ -34,6 +34,8 @@ STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 SCHEMA_VERSION = 2
 # The property naming the Evaluate step's report.html (a file:// or s3:// URI), on both back-ends.
 REPORT_PROPERTY = "EvaluationReport"
+# The monitoring baseline Evaluate made (baseline.json), what `invmon monitor` compares with.
+BASELINE_PROPERTY = "MonitoringBaseline"
 # The SHA-256 of model.tar.gz recorded at registration (hex), on both back-ends; every deploy
 # checks the artifact against it (pipeline/registry/deploy.py).
 DIGEST_PROPERTY = "ArtifactSha256"
