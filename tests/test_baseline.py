@@ -182,13 +182,18 @@ def test_evaluate_writes_the_baseline_beside_evaluation_json(evaluated, test_spl
     images = [inference.input_fn((test_split / r["path"]).read_bytes(), "image/jpeg") for r in rows]
     _, embeddings = inference.predict_and_embed(images, model)
     summary = baseline["embeddings"]
-    assert summary["dimension"] == 512 and summary["sample_size"] == 30
+    assert summary["dimension"] == 512 and summary["sample_size"] == 15
+    # Half the photos are the reference, the other half fitted the PCA: never the same photos.
+    reference = summary["sample_index"]
+    fit = sorted(set(range(30)) - set(reference))
+    assert len(reference) == 15 and summary["projection"]["fitted_on"] == 15
     mean = baseline_module.decode_array(summary["projection"]["mean"])
     directions = baseline_module.decode_array(summary["projection"]["directions"])
-    assert directions.shape == (summary["projection"]["components"], 512)
+    assert directions.shape == (14, 512)  # at most one fewer than the photos it is fitted on
     np.testing.assert_allclose(directions @ directions.T, np.eye(len(directions)), atol=1e-4)
+    np.testing.assert_allclose(mean, embeddings[fit].mean(0), rtol=1e-4, atol=1e-5)
     projected = (embeddings - mean) @ directions.T
-    np.testing.assert_allclose(baseline_module.decode_array(summary["sample"]), projected, atol=1e-3)
+    np.testing.assert_allclose(baseline_module.decode_array(summary["sample"]), projected[reference], atol=1e-3)
     np.testing.assert_allclose(summary["mean"], projected.mean(0), atol=1e-4)
 
 
