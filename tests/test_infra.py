@@ -239,6 +239,11 @@ def test_no_role_that_builds_may_write_a_registered_artifact(template):
     assert allowed(found["DeployFunctionRole"], "s3:PutObject", copy)
     assert allowed(found["ModelRole"], "s3:GetObject", copy)
     assert not allowed(found["ModelRole"], "s3:GetObject", f"{bucket}/bin-count/exec-1/Train/model.tar.gz")
+    # Nor the captured traffic the monitor judges: only the endpoints (ModelRole) write it.
+    captured = f"{bucket}/capture/bin-count-production/AllTraffic/2026/12/06/00/x.jsonl"
+    for role in ("PipelineRole", "BuildRole", "TestRole", "DeployFunctionRole", "ReviewerRole"):
+        assert not allowed(found[role], "s3:PutObject", captured), role
+    assert allowed(found["ModelRole"], "s3:PutObject", captured)
     # While the pipeline still writes its own outputs (the deny is that narrow).
     assert allowed(found["PipelineRole"], "s3:PutObject", f"{bucket}/bin-count/exec-1/Evaluate/evaluation.json")
 
