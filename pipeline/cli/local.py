@@ -397,6 +397,12 @@ def cmd_models_reject(args) -> int:
 # -- serving -----------------------------------------------------------------------------------
 def _resolve_model(args) -> tuple[Path, str]:
     """(artifact path, version label) for --endpoint / --version, default the staging endpoint."""
+    version, artifact = _resolve_version(args)
+    return artifact, f"{version.group}/{version.version}"
+
+
+def _resolve_version(args):
+    """(the registered version, its artifact path) for --endpoint / --version."""
     from pipeline.dag.parameters import BY_NAME
     from pipeline.registry.local import NotFoundError, is_production, open_registry
 
@@ -424,7 +430,7 @@ def _resolve_model(args) -> tuple[Path, str]:
             verify_local_artifact(version)
         except DeployError as exc:
             raise CommandError(str(exc)) from None
-    return artifact, f"{version.group}/{version.version}"
+    return version, artifact
 
 
 def cmd_serve(args) -> int:
@@ -463,12 +469,11 @@ def cmd_monitor(args) -> int:
     from pipeline.alerts import notify
     from pipeline.dag.parameters import BY_NAME
     from pipeline.local.envs import StepEnvironmentError, python_for
-    from pipeline.registry.local import BASELINE_PROPERTY, open_registry
+    from pipeline.registry.local import BASELINE_PROPERTY
     from steps.images import MONITOR
 
-    artifact, label = _resolve_model(args)
-    group, number = label.rsplit("/", 1)
-    version = _registry_call(open_registry(invmon_home()).get, group, int(number))
+    version, artifact = _resolve_version(args)
+    group, label = version.group, f"{version.group}/{version.version}"
     name = args.endpoint or (None if args.version is not None else str(BY_NAME["StagingEndpointName"].default))
     baseline = version.properties.get(BASELINE_PROPERTY, "")
     if not baseline:
