@@ -269,6 +269,7 @@ def test_an_aws_refusal_exits_1(scripted_aws, capsys):
 
 def refused_run(capsys, invmon_home, *options: str) -> tuple[int, str, str]:
     """A real `invmon run` that the runner refuses before any step (the endpoint rule): quick."""
+    invmon_home.mkdir(parents=True, exist_ok=True)  # --data must name a folder that exists
     return run(capsys, "run", *options, "--param", "StagingEndpointName=bin-count-production",
                "--data", str(invmon_home))
 

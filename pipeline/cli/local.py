@@ -17,9 +17,12 @@ LOG = logging.getLogger("invmon.local")
 
 def add_commands(commands) -> None:
     run = commands.add_parser("run", help="run the whole pipeline on this machine")
-    run.add_argument("--data", help="photos: ABID bucket layout or one folder per count "
-                                    "(default: the embedded synthetic data)")
-    run.add_argument("--manifest", help="file_list.json-style manifest selecting photos")
+    run.add_argument("--data", metavar="DIR_OR_S3_URI",
+                     help="photos: a local folder (ABID bucket layout or one folder per count) or an "
+                          "s3://bucket/prefix/ in the ABID layout (default: the embedded synthetic data)")
+    run.add_argument("--manifest", metavar="FILE_OR_S3_URI",
+                     help="file_list.json-style manifest selecting photos: a local file or an "
+                          "s3://bucket/key")
     add_recipe_option(run, "local",
                       help="parameter defaults: local (fast, CPU, synthetic data), real (real ABID "
                            "photos on a CPU: EfficientNet-Lite0, its last two stages fine-tuned), "
@@ -157,6 +160,7 @@ def _model_choice(parser: argparse.ArgumentParser) -> None:
 
 # -- run ---------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
+    from pipeline.data import fetch as data
     from pipeline.local.runner import LocalRun, synthetic_data
     from pipeline.local.summary import summarize
     from pipeline.dag.parameters import parse_assignments, validate
@@ -181,12 +185,14 @@ def cmd_run(args) -> int:
         try:
             params = {**defaults(args.recipe), **parse_assignments(args.param)}
             if args.data:
-                params["InputDataUrl"] = str(Path(args.data).expanduser().resolve())
+                params["InputDataUrl"] = data.data_location(args.data)
             if args.manifest:
-                params["ManifestUrl"] = str(Path(args.manifest).expanduser().resolve())
+                params["ManifestUrl"] = str(data.manifest_location(home, args.manifest, echo=LOG.info))
             validate(params)  # before the synthetic data is generated and before any step
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        except data.UnreadableObject as exc:  # an s3:// manifest that cannot be read
+            raise CommandError(str(exc)) from None
         if not params["InputDataUrl"]:
             params["InputDataUrl"] = str(synthetic_data(home, int(params["Seed"])))
         run = LocalRun.create(home, DAG, params, args.recipe)
