@@ -15,7 +15,7 @@ import json
 import pytest
 
 import steps as declared
-from aws_testing import all_steps, default_offline_definition, offline_build
+from aws_testing import BUCKET, all_steps, default_offline_definition, offline_build
 from pipeline.dag import profiles
 from pipeline.dag.compile import plan
 from pipeline.dag.parameters import PARAMETERS
@@ -42,6 +42,12 @@ def test_every_compiled_request_is_in_the_definition():
     (lambda s: s["Train"]["Arguments"]["HyperParameters"].update(lr="0.01"), "Train.HyperParameters.lr"),
     (lambda s: s["Evaluate"]["Arguments"]["AppSpecification"]["ContainerArguments"].pop(), "Evaluate.AppSpecification"),
     (lambda s: s["Deploy-Model"]["Arguments"].update(EnableNetworkIsolation=False), "Deploy-Model.EnableNetworkIsolation"),
+    (lambda s: s["Deploy-EndpointConfig"]["Arguments"]["DataCaptureConfig"].update(InitialSamplingPercentage=5),
+     "Deploy-EndpointConfig.DataCaptureConfig.InitialSamplingPercentage"),
+    (lambda s: s["Deploy-EndpointConfig"]["Arguments"]["DataCaptureConfig"]["CaptureOptions"].pop(),
+     "Deploy-EndpointConfig.DataCaptureConfig.CaptureOptions"),
+    (lambda s: s["Deploy-EndpointConfig"]["Arguments"].pop("DataCaptureConfig"),
+     "Deploy-EndpointConfig.DataCaptureConfig: not in the definition"),
     (lambda s: s["Register"]["Arguments"].update(ModelApprovalStatus="Approved"), "Register.ModelApprovalStatus"),
     (lambda s: s["AccuracyTooLow"]["Arguments"]["ErrorMessage"]["Std:Join"]["Values"].pop(), "AccuracyTooLow.ErrorMessage"),
     (lambda s: s["CheckAccuracy"]["Arguments"]["Conditions"][0].update(Type="GreaterThan"), "CheckAccuracy.Conditions"),
@@ -89,3 +95,23 @@ def test_changing_a_declaration_changes_both(tmp_path):
     assert all_steps(definition)["Evaluate"]["PropertyFiles"][0]["FilePath"] == "reports/evaluation.json"
     for step in ("Tune", "Train", "CheckAccuracy"):
         assert changed[step] != original[step], f"{step} did not change"
+
+
+def test_the_staging_deploy_captures_what_it_serves_where_the_monitor_reads():
+    """The pipeline's own staging endpoint captures every request and answer, with the settings
+    of the deploy code's endpoints, under the same capture/<endpoint> prefix."""
+    from pipeline.dag.compile import Resolver
+    from pipeline.registry.deploy import CAPTURE_PERCENT, capture_settings, capture_uri
+
+    (deploy,) = [r for r in compiled() if r["Type"] == "Endpoint"]
+    capture = deploy["Arguments"]["EndpointConfig"]["DataCaptureConfig"]
+    assert capture == capture_settings(CAPTURE_PERCENT["staging"])
+    assert capture["InitialSamplingPercentage"] == 100 and capture["EnableCapture"] is True
+    assert capture["CaptureOptions"] == [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}]
+    built = all_steps(json.loads(default_offline_definition()))["Deploy-EndpointConfig"]["Arguments"]
+    # Where to is the executor's (as a job output's S3 URI is): the definition's bucket, and the
+    # endpoint parameter, so an execution that names its group's endpoint captures to its prefix.
+    destination = built["DataCaptureConfig"]["DestinationS3Uri"]
+    for endpoint in ("bin-count-staging", "other-group-staging"):
+        value = Resolver({"StagingEndpointName": endpoint}, lambda ref: None)(destination)
+        assert value == capture_uri(BUCKET, endpoint) == f"s3://{BUCKET}/capture/{endpoint}"

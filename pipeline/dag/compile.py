@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.dag.parameters import PARAMETERS, REGISTERED_STATUS
+from pipeline.registry.deploy import CAPTURE_PERCENT, capture_settings
 from pipeline.registry.local import BASELINE_PROPERTY, DIGEST_PROPERTY, REPORT_PROPERTY
 from steps.base import (CategoricalRange, ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, JsonGet,
                         Param, ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
@@ -418,7 +419,12 @@ register(RegisterStep, Kind("RegisterModel", register_arguments))
 
 def endpoint_arguments(c: Compiler, s: DeployStep) -> dict:
     """The endpoint with the two resources it needs, in the shapes of CreateModel and
-    CreateEndpointConfig (the SageMaker definition makes each a step of its own)."""
+    CreateEndpointConfig (the SageMaker definition makes each a step of its own).
+
+    The endpoint captures every request and answer for the monitor, as a staging deploy of the
+    deploy code does (deploy.capture_settings). Where to is the executor's, as a job output's S3
+    URI is: s3://<bucket>/capture/<endpoint> on SageMaker (deploy.capture_uri_parts), the
+    endpoint's own capture folder under $INVMON_HOME when `invmon serve` serves it locally."""
     register_step = c.known(s.register_step, RegisterStep)
     return {
         "EndpointName": c.value(s.endpoint_name),
@@ -427,7 +433,8 @@ def endpoint_arguments(c: Compiler, s: DeployStep) -> dict:
             "Environment": serving_container(register_step.code)},
             "EnableNetworkIsolation": True},
         "EndpointConfig": {"ProductionVariants": [{"VariantName": "AllTraffic", "InitialInstanceCount": 1,
-                                                   "InstanceType": c.value(s.instance_type)}]},
+                                                   "InstanceType": c.value(s.instance_type)}],
+                           "DataCaptureConfig": capture_settings(CAPTURE_PERCENT["staging"])},
     }
 
 

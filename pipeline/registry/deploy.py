@@ -59,6 +59,26 @@ def endpoint_name(group: str, stage: str) -> str:
     return f"{group}-{STAGES[stage]}"
 
 
+def capture_uri_parts(bucket, endpoint) -> list:
+    """The parts of s3://<bucket>/capture/<endpoint>, joined on "/": where an endpoint's
+    DataCaptureConfig writes and the monitor reads. Parts, so that the pipeline's staging Deploy
+    can join them with its endpoint-name parameter (pipeline/sagemaker/definition.py)."""
+    return ["s3:/", bucket, CAPTURE_PREFIX, endpoint]
+
+
+def capture_uri(bucket: str, endpoint: str) -> str:
+    return "/".join(capture_uri_parts(bucket, endpoint))
+
+
+def capture_settings(percent: int) -> dict:
+    """DataCaptureConfig less its destination: requests and answers, a share of them; JSON answers
+    kept as text, photos (any other content type) in base64. One definition for every deploy,
+    the pipeline's staging Deploy step included (pipeline/dag/compile.py)."""
+    return {"EnableCapture": True, "InitialSamplingPercentage": percent,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+            "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]}}
+
+
 def alarm_names(endpoint: str) -> list[str]:
     """The CloudWatch alarms infra/invmon.yaml creates for an endpoint (blue/green rollback)."""
     return [f"{endpoint}-{suffix}" for suffix in ALARM_SUFFIXES]
@@ -432,10 +452,7 @@ class SageMakerTarget:
         """DataCaptureConfig: requests and answers, sampled per stage, under capture/<endpoint>/ of
         the artifact's bucket, where the monitor reads them (scripts/monitor)."""
         bucket, _ = _split_s3(data_url)
-        return {"EnableCapture": True, "InitialSamplingPercentage": self.capture_percent[stage],
-                "DestinationS3Uri": f"s3://{bucket}/{CAPTURE_PREFIX}/{name}",
-                "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
-                "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]}}
+        return {**capture_settings(self.capture_percent[stage]), "DestinationS3Uri": capture_uri(bucket, name)}
 
     def resource_name(self, name: str, model: ModelVersion, image: str, stage: str = "prod") -> str:
         """The Model's and EndpointConfig's name: by endpoint, version, artifact and settings, so

@@ -14,7 +14,8 @@ compiled request, by its type, into SDK v3 objects; every field the request hold
     RegisterModel  -> ModelBuilder.register() -> ModelStep (ModelMetrics = evaluation.json,
                       CustomerMetadataProperties: the report's S3 URI and the artifact's SHA-256)
     Endpoint       -> ModelBuilder.build() -> ModelStep "<name>-Model",
-                      EndpointConfigStep "<name>-EndpointConfig", EndpointStep "<name>"
+                      EndpointConfigStep "<name>-EndpointConfig" (with the DataCaptureConfig,
+                      writing to s3://<bucket>/capture/<endpoint>), EndpointStep "<name>"
 
 What the SDK adds (images, roles, volumes, retry policies, code channels, spot) is this
 module's; tests/test_parity.py checks that every compiled field is in the definition as is.
@@ -730,6 +731,8 @@ class _Build:
         from sagemaker.mlops.workflow.endpoint_step import EndpointConfigStep, EndpointStep
         from sagemaker.mlops.workflow.model_step import ModelStep
 
+        from pipeline.registry.deploy import capture_uri_parts
+
         decl, args = request.declaration, request.arguments
         container = args["Model"]["PrimaryContainer"]
         # Serve what was registered: the model data comes from the Register step's package
@@ -741,12 +744,16 @@ class _Build:
                                retry_policies=self.retry_policies("api"))
         endpoint_name = self.sdk(args["EndpointName"])
         (variant,) = args["EndpointConfig"]["ProductionVariants"]
+        capture = args["EndpointConfig"].get("DataCaptureConfig")
+        if capture:  # written where the deploy code's endpoints write theirs, and the monitor reads
+            capture = {**capture, "DestinationS3Uri": Join(on="/", values=capture_uri_parts(self.bucket, endpoint_name))}
         config_args = self.session.create_endpoint_config(
             # A new config per execution: the endpoint switches over to it.
             name=Join(on="-", values=[endpoint_name, ExecutionVariables.PIPELINE_EXECUTION_ID]),
             production_variants=[{**variant, "ModelName": model_step.properties.ModelName,
                                   "InstanceType": self.sdk(variant["InstanceType"])}],
             kms_key=self.kms,
+            data_capture_config_dict=capture or None,
         )
         config_step = EndpointConfigStep(name=f"{decl.name}-EndpointConfig", step_args=config_args,
                                          retry_policies=self.retry_policies("api"))
