@@ -56,10 +56,10 @@ gpu-carry: $(STAMP)
 clean:
 	rm -rf .invmon build
 
-# The Lambda functions of infra/invmon.yaml (deploy, retrain): the modules they need, nothing
+# The Lambda functions of infra/invmon.yaml (deploy, retrain, monitor): the modules they need, nothing
 # else (the Lambda runtime provides boto3; the SageMaker SDK is never imported).
 DEPLOY_FUNCTION_MODULES := __init__ alerts digests home registry/__init__ registry/deploy registry/local registry/sagemaker \
-	sagemaker/__init__ sagemaker/clients sagemaker/retrain
+	sagemaker/__init__ sagemaker/clients sagemaker/retrain sagemaker/monitor_job
 deploy-function:
 	mkdir -p build
 	rm -f build/deploy-function.zip

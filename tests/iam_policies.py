@@ -11,7 +11,8 @@ from fnmatch import fnmatchcase
 STACK = {"AWS::Partition": "aws", "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
          "AWS::StackName": "invmon", "ModelPackageGroupName": "bin-count", "PipelineName": "bin-count",
          "ArtifactBucketName": "invmon-artifacts", "DataBucketName": "aft-vbi-pds",
-         "DeployFunctionCodeKey": "invmon/deploy-function.zip", "ReleaseBranch": "main"}
+         "DeployFunctionCodeKey": "invmon/deploy-function.zip", "ReleaseBranch": "main",
+         "MonitorJobPrefix": "invmon/monitor-job"}
 
 
 def arn(template: dict, name: str) -> str:

@@ -21,7 +21,7 @@ EVENTS = Path(__file__).parent / "events"
 # Actions that take no resource-level permission: "*" is the only resource IAM accepts.
 NO_RESOURCE_ACTIONS = {"ecr:GetAuthorizationToken", "sts:GetCallerIdentity",
                        "cloudwatch:PutMetricData", "sagemaker:ListModelPackages",
-                       "sagemaker:ListModelPackageGroups"}
+                       "sagemaker:ListModelPackageGroups", "sagemaker:ListProcessingJobs"}
 
 
 class CfnLoader(yaml.SafeLoader):
@@ -241,9 +241,21 @@ def test_no_role_that_builds_may_write_a_registered_artifact(template):
     assert not allowed(found["ModelRole"], "s3:GetObject", f"{bucket}/bin-count/exec-1/Train/model.tar.gz")
     # Nor the captured traffic the monitor judges: only the endpoints (ModelRole) write it.
     captured = f"{bucket}/capture/bin-count-production/AllTraffic/2026/12/06/00/x.jsonl"
-    for role in ("PipelineRole", "BuildRole", "TestRole", "DeployFunctionRole", "ReviewerRole"):
+    for role in ("PipelineRole", "BuildRole", "TestRole", "DeployFunctionRole", "ReviewerRole",
+                 "MonitorJobRole", "MonitorFunctionRole", "RetrainFunctionRole"):
         assert not allowed(found[role], "s3:PutObject", captured), role
     assert allowed(found["ModelRole"], "s3:PutObject", captured)
+    # Staging's capture is written by the staging endpoint the pipeline deploys, which runs as the
+    # pipeline's role: that role may write staging's, never production's, and CodeBuild neither.
+    staging = f"{bucket}/capture/bin-count-staging/bin-count-staging/AllTraffic/2026/12/06/00/x.jsonl"
+    assert allowed(found["PipelineRole"], "s3:PutObject", staging)
+    assert not allowed(found["BuildRole"], "s3:PutObject", staging)
+    assert not allowed(found["PipelineRole"], "s3:PutObject", f"{bucket}/capture/other-group-production/x.jsonl")
+    # Nor the monitor's code and reports: a run may not change what judges it, nor its verdicts.
+    for target in (f"{bucket}/invmon/monitor-job/sourcedir.tar.gz", f"{bucket}/invmon/monitor-job/job.json",
+                   f"{bucket}/monitor/bin-count-production/20261206-0300/monitor.json"):
+        for role in ("PipelineRole", "BuildRole", "TestRole", "DeployFunctionRole", "ReviewerRole", "ModelRole"):
+            assert not allowed(found[role], "s3:PutObject", target), (role, target)
     # While the pipeline still writes its own outputs (the deny is that narrow).
     assert allowed(found["PipelineRole"], "s3:PutObject", f"{bucket}/bin-count/exec-1/Evaluate/evaluation.json")
 
@@ -312,3 +324,150 @@ def test_parliament_would_catch_a_bad_policy():
     bad = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sagemaker:CreateModelPackag",
                                                    "Resource": "*"}]}
     assert [f.issue for f in analyze_policy_string(json.dumps(bad)).findings]
+
+
+# --------------------------------------------------------------------------- the scheduled monitor
+
+
+def test_the_monitor_schedule_invokes_the_monitor_function_and_can_be_switched_off(template):
+    import re
+
+    from pipeline.sagemaker import monitor_job
+
+    parameters = template["Parameters"]
+    assert parameters["MonitorSchedule"]["Default"] == "rate(1 day)"
+    pattern = parameters["MonitorSchedule"]["AllowedPattern"]
+    for good in ("rate(1 day)", "rate(6 hours)", "rate(30 minutes)", "cron(0 3 * * ? *)"):
+        assert re.fullmatch(pattern, good), good
+    for bad in ("rate(1 fortnight)", "daily", "rate(1 day) ", ""):
+        assert not re.fullmatch(pattern, bad), bad
+    assert parameters["MonitorScheduleState"]["AllowedValues"] == ["ENABLED", "DISABLED"]
+    rule = template["Resources"]["MonitorScheduleRule"]["Properties"]
+    assert rule["ScheduleExpression"] == {"!Ref": "MonitorSchedule"}
+    assert rule["State"] == {"!Ref": "MonitorScheduleState"}
+    assert rule["Targets"] == [{"Id": "monitor-function", "Arn": {"!GetAtt": "MonitorFunction.Arn"}}]
+    # The rule, and only it, may invoke the function.
+    permissions = [r["Properties"] for r in resources(template, "AWS::Lambda::Permission").values()
+                   if r["Properties"]["FunctionName"] == {"!Ref": "MonitorFunction"}]
+    assert permissions == [{"FunctionName": {"!Ref": "MonitorFunction"}, "Action": "lambda:InvokeFunction",
+                            "Principal": "events.amazonaws.com",
+                            "SourceArn": {"!GetAtt": "MonitorScheduleRule.Arn"}}]
+    function = template["Resources"]["MonitorFunction"]["Properties"]
+    module, _, name = function["Handler"].rpartition(".")
+    assert f"{module}.{name}" == "pipeline.sagemaker.monitor_job.handler" and callable(monitor_job.handler)
+    variables = function["Environment"]["Variables"]
+    assert variables["INVMON_MONITOR_SCHEDULE"] == {"!Ref": "MonitorSchedule"}  # the first window's length
+    assert variables["INVMON_MONITOR_ROLE_ARN"] == {"!GetAtt": "MonitorJobRole.Arn"}
+    read = set(re.findall(r"INVMON_[A-Z_]+", (ROOT / "pipeline" / "sagemaker" / "monitor_job.py").read_text()))
+    assert read - {"INVMON_"} <= set(variables), read - set(variables)
+    # A monitor that cannot run tells the reviewers: the function's errors, a failed job.
+    alarm = template["Resources"]["MonitorFunctionErrorsAlarm"]["Properties"]
+    assert alarm["Dimensions"] == [{"Name": "FunctionName", "Value": {"!Ref": "MonitorFunction"}}]
+    assert alarm["AlarmActions"] == [{"!Ref": "AlertsTopic"}]
+    failure = template["Resources"]["MonitorJobFailureRule"]["Properties"]
+    assert failure["Targets"][0]["Arn"] == {"!Ref": "AlertsTopic"}
+
+
+def test_the_drift_alarm_reads_the_metric_the_monitor_writes(template):
+    import cloudwatch
+
+    from pipeline.sagemaker import monitor_job
+
+    alarm = template["Resources"]["DriftAlarm"]["Properties"]
+    assert alarm["Namespace"] == monitor_job.NAMESPACE
+    assert alarm["MetricName"] == cloudwatch.DRIFT_METRIC
+    # CloudWatch matches an alarm's dimensions exactly: the metric carries EndpointName alone.
+    written = cloudwatch.datums({"drift": True, "window": {"requests": 5}, "tests": {}}, "E")
+    (drift,) = [d for d in written if d["MetricName"] == cloudwatch.DRIFT_METRIC]
+    assert [d["Name"] for d in drift["Dimensions"]] == [d["Name"] for d in alarm["Dimensions"]] == ["EndpointName"]
+    assert alarm["Dimensions"][0]["Value"] == {"!Sub": deploy.endpoint_name("${ModelPackageGroupName}", "prod")}
+    statement = next(s for r, s in statements(template) if r == "MonitorJobRole" and s.get("Sid") == "DriftMetricsOnly")
+    assert statement["Condition"] == {"StringEquals": {"cloudwatch:namespace": monitor_job.NAMESPACE}}
+
+
+def test_the_monitor_job_role_reads_what_it_judges_and_writes_only_its_reports(template):
+    from iam_policies import STACK, allowed
+
+    found = documents(template)["MonitorJobRole"]
+    bucket = f"arn:aws:s3:::{STACK['ArtifactBucketName']}"
+    reads = [f"{bucket}/capture/bin-count-production/bin-count-production/AllTraffic/2026/12/06/01/x.jsonl",
+             f"{bucket}/capture/bin-count-staging/bin-count-staging/AllTraffic/2026/12/06/01/x.jsonl",
+             f"{bucket}/bin-count/exec-1/Evaluate/evaluation/baseline.json",
+             f"{bucket}/bin-count/exec-1/Train/output/model.tar.gz",
+             f"{bucket}/invmon/monitor-job/sourcedir.tar.gz"]
+    for target in reads:
+        assert allowed(found, "s3:GetObject", target), target
+        assert not allowed(found, "s3:PutObject", target), target  # nor rewrites any of it
+    for prefix in ("capture/bin-count-production/bin-count-production/AllTraffic/2026/12/06/",
+                   "bin-count/exec-1/Evaluate/evaluation/baseline.json", "invmon/monitor-job/sourcedir.tar.gz"):
+        assert allowed(found, "s3:ListBucket", bucket, {"s3:prefix": prefix}), prefix
+    assert not allowed(found, "s3:ListBucket", bucket, {"s3:prefix": "registry/"})
+    for target in (f"{bucket}/registry/bin-count/1/{'ab' * 32}/model.tar.gz", f"{bucket}/other/secret",
+                   f"{bucket}/capture/other-group-production/x.jsonl"):
+        assert not allowed(found, "s3:GetObject", target), target
+    assert allowed(found, "s3:PutObject", f"{bucket}/monitor/bin-count-production/20261206-0300/report.html")
+    assert not allowed(found, "s3:PutObject", f"{bucket}/monitor/other-group-production/x/report.html")
+    # Metrics in invmon/Monitor only; and nothing in the registry, no endpoint, no role to pass.
+    assert allowed(found, "cloudwatch:PutMetricData", "*", {"cloudwatch:namespace": "invmon/Monitor"})
+    for namespace in ("AWS/SageMaker", "invmon/Other"):
+        assert not allowed(found, "cloudwatch:PutMetricData", "*", {"cloudwatch:namespace": namespace})
+    assert not allowed(found, "cloudwatch:PutMetricData", "*")
+    for action, target in (("sagemaker:UpdateModelPackage", PACKAGE), ("sagemaker:CreateModelPackage", GROUP_ARN),
+                           ("sagemaker:UpdateEndpoint", "arn:aws:sagemaker:us-east-1:123456789012:endpoint/bin-count-production"),
+                           ("sagemaker:CreateProcessingJob", "arn:aws:sagemaker:us-east-1:123456789012:processing-job/bin-count-mon-prod-1"),
+                           ("iam:PassRole", "arn:aws:iam::123456789012:role/invmon-PipelineRole-ABC")):
+        assert not allowed(found, action, target, {"sagemaker:ModelApprovalStatus": "Approved"}), action
+        assert not allowed(found, action, target), action
+    assert allowed(found, "ecr:BatchGetImage", "arn:aws:ecr:us-east-1:763104351884:repository/pytorch-training")
+    assert not allowed(found, "ecr:BatchGetImage", "arn:aws:ecr:us-east-1:123456789012:repository/anything")
+
+
+def test_only_the_monitor_job_role_puts_drift_metrics_and_only_the_function_starts_it(template):
+    """A forged DriftDetected would start a retraining, a forged 0 could hide drift for an hour:
+    no other role of the stack may put metrics in invmon/Monitor. And the monitor function starts
+    monitor jobs as the monitor's role, nothing else."""
+    from iam_policies import allowed
+
+    found = documents(template)
+    drift = {"cloudwatch:namespace": "invmon/Monitor"}
+    may = {role for role in resources(template, "AWS::IAM::Role")
+           if allowed(found[role], "cloudwatch:PutMetricData", "*", drift)}
+    assert may == {"MonitorJobRole"}
+    job_role = "arn:aws:iam::123456789012:role/invmon-MonitorJobRole-ABC"
+    to_sagemaker = {"iam:PassedToService": "sagemaker.amazonaws.com"}
+    passers = {role for role in resources(template, "AWS::IAM::Role")
+               if allowed(found[role], "iam:PassRole", job_role, to_sagemaker)}
+    assert passers == {"MonitorFunctionRole"}
+    function = found["MonitorFunctionRole"]
+    jobs = "arn:aws:sagemaker:us-east-1:123456789012:processing-job"
+    assert allowed(function, "sagemaker:CreateProcessingJob", f"{jobs}/bin-count-mon-prod-2612060300")
+    assert not allowed(function, "sagemaker:CreateProcessingJob", f"{jobs}/bin-count-Preprocess-abc")
+    assert not allowed(function, "iam:PassRole", "arn:aws:iam::123456789012:role/invmon-PipelineRole-ABC", to_sagemaker)
+    for action in ("s3:PutObject", "sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint", "sagemaker:CreateModel",
+                   "sagemaker:UpdateModelPackage", "sns:Publish"):
+        assert not any(action == a for d in function for st in d["Statement"] if st["Effect"] == "Allow"
+                       for a in as_list(st["Action"])), action
+
+
+def test_the_failed_monitor_job_rule_matches_only_this_groups_monitor_jobs(template):
+    import boto3
+    from moto import mock_aws
+
+    rule = template["Resources"]["MonitorJobFailureRule"]
+    pattern = json.loads(json.dumps(rule["Properties"]["EventPattern"])
+                         .replace('{"!Sub": "${ModelPackageGroupName}-mon-"}', '"bin-count-mon-"'))
+    with patched_environ(aws_env()), mock_aws():
+        session = boto3.Session(region_name=REGION)
+        sqs, events = session.client("sqs"), session.client("events")
+        queue = sqs.create_queue(QueueName="alerts-stand-in")["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        events.put_rule(Name="monitor-failed", EventPattern=json.dumps(pattern))
+        events.put_targets(Rule="monitor-failed", Targets=[{"Id": "1", "Arn": arn}])
+        for name, status in (("bin-count-mon-prod-2612060300", "Failed"), ("bin-count-mon-prod-2612070300", "Completed"),
+                             ("bin-count-Preprocess-abc", "Failed"), ("other-mon-prod-2612060300", "Failed")):
+            events.put_events(Entries=[{"Source": "aws.sagemaker", "DetailType": "SageMaker Processing Job State Change",
+                                        "Detail": json.dumps({"ProcessingJobName": name, "ProcessingJobStatus": status,
+                                                              "FailureReason": "monitor: error: refused"}),
+                                        "Resources": []}])
+        received = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    assert [json.loads(m["Body"])["detail"]["ProcessingJobName"] for m in received] == ["bin-count-mon-prod-2612060300"]

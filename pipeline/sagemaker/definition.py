@@ -139,6 +139,16 @@ def build_source_tarball(code: base.Code, dest_dir: Path) -> Path:
     return tarball
 
 
+def image_uri(container: images.Container, region: str, instance_type: str) -> str:
+    """The URI of a step container's image in `region` for `instance_type` (CPU or GPU): the
+    SDK's image_uris, which reads its own tables and calls no AWS API."""
+    from sagemaker.core import image_uris
+
+    image = container.image
+    return image_uris.retrieve("pytorch", region=region, version=image.version, py_version=image.python,
+                               instance_type=instance_type, image_scope=image.scope)
+
+
 def _is_pipeline_variable(value) -> bool:
     from sagemaker.core.helper.pipeline_variable import PipelineVariable
 
@@ -432,11 +442,7 @@ class _Build:
         return container.requirements_name if container.requirements.is_file() else None
 
     def image(self, container: images.Container) -> str:
-        from sagemaker.core import image_uris
-
-        image = container.image
-        return image_uris.retrieve("pytorch", region=self.region, version=image.version, py_version=image.python,
-                                   instance_type=self.values[container.instance_type], image_scope=image.scope)
+        return image_uri(container, self.region, self.values[container.instance_type])
 
     def execution_uri(self, *parts):
         """s3://BUCKET/PIPELINE/<execution id>/<parts...>: one place per execution."""

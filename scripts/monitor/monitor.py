@@ -11,7 +11,10 @@ files) with the baseline Evaluate made from the model's test split (baseline.jso
 Each test calls drift when its p-value is under alpha / k (k: the tests that had data), so the
 chance that a window of unchanged traffic raises any alarm stays under alpha. Writes
 <output>/monitor.json (each test: statistic, threshold, p-value, verdict, window size) and
-<output>/report.html (plots), and prints name=value lines (drift=0|1, ...).
+<output>/report.html (plots), and prints name=value lines (drift=0|1, ...). With
+--cloudwatch-namespace NS --endpoint E it also publishes them as CloudWatch metrics
+(cloudwatch.py: DriftDetected with the dimension EndpointName=E, which the stack's drift alarm
+reads); a failed publish is exit 1, after monitor.json is written.
 
 A capture of another model than the baseline's is refused in one line (exit 2): compare a model's
 traffic only with its own baseline. SageMaker's capture holds the photos' bytes, not their
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -290,18 +294,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-window", type=int, default=MIN_WINDOW)
     parser.add_argument("--max-window", type=int, default=MAX_WINDOW)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cloudwatch-namespace", help="also publish the verdicts as CloudWatch metrics in this "
+                                                       "namespace (invmon/Monitor on AWS); without it, no AWS call")
+    parser.add_argument("--endpoint", help="with --cloudwatch-namespace: the EndpointName dimension")
     return parser.parse_args(argv)
+
+
+def cloudwatch_problem(args: argparse.Namespace) -> str | None:
+    """Why --cloudwatch-namespace/--endpoint cannot be used as given, or None."""
+    if args.cloudwatch_namespace is None:
+        return "--endpoint names the metrics' endpoint: give --cloudwatch-namespace too" if args.endpoint else None
+    if not re.fullmatch(r"[A-Za-z0-9.\-_/#:]{1,255}", args.cloudwatch_namespace) or \
+            args.cloudwatch_namespace.startswith("AWS/"):
+        return f"--cloudwatch-namespace {args.cloudwatch_namespace!r}: not a namespace of ours"
+    if not re.fullmatch(r"[A-Za-z0-9](-*[A-Za-z0-9]){0,62}", args.endpoint or ""):
+        return "--cloudwatch-namespace needs --endpoint NAME (a SageMaker endpoint name): the metrics' EndpointName"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if problem := cloudwatch_problem(args):
+            raise MonitorError(problem)
         result = monitor(args)
     except MonitorError as exc:
         print(f"monitor: error: {exc}", file=sys.stderr)
         return 2
     print(summary(result))
     print(f"wrote {Path(args.output) / 'monitor.json'}")
+    if args.cloudwatch_namespace:
+        import cloudwatch
+
+        try:
+            put = cloudwatch.publish(result, args.cloudwatch_namespace, args.endpoint)
+        except cloudwatch.MetricsError as exc:  # the verdicts are written; the run still failed
+            print(f"monitor: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"published {put} metrics to CloudWatch ({args.cloudwatch_namespace}, EndpointName={args.endpoint})")
     return 0
 
 
