@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-ingest bench-serve gpu-carry env clean deploy-function
+.PHONY: run test bench bench-ingest bench-serve bench-drift gpu-carry env clean deploy-function
 
 # The environment is built once and rebuilt when pyproject.toml changes.
 # torch/torchvision come from pip (never uv/poetry): on the project's machines pip takes them from disk.
@@ -42,6 +42,11 @@ bench-ingest: $(STAMP)
 # The local endpoint at 1/4/16 clients against the same model's raw forward rate, same run.
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve_throughput.py $(ARGS)
+
+# The drift monitor on real photos: false alarms on unchanged windows, detection of five shifts,
+# both capture formats (needs ../shared/data/abid-sample; trains one model on first use).
+bench-drift: $(STAMP)
+	$(BIN)/python benchmarks/drift_detection.py $(ARGS)
 
 # What benchmarks/gpu_session.sh needs on a GPU machine that reaches no package registry: the
 # real sample at 320x320 (JPEG q92) and the Lite0 wheels, 53.5 MB in build/gpu (git ignores build/);

@@ -8,7 +8,6 @@ same verdicts; a capture of another model is refused in one line.
 """
 from __future__ import annotations
 
-import base64
 import io
 import json
 import shutil
@@ -148,19 +147,8 @@ def to_sagemaker(folder: Path, dest: Path, output_encoding: str = "JSON") -> Pat
     dest.mkdir(parents=True)
     hour = dest / "bin-count-staging" / "AllTraffic" / "2025" / "06" / "01" / "10"
     hour.mkdir(parents=True)
-    lines = []
-    for path in sorted(folder.glob("capture-*.jsonl")):
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            answer = json.dumps({**r["answer"], "model_version": r["model_version"]})
-            output = {"observedContentType": "application/json", "mode": "OUTPUT", "encoding": output_encoding,
-                      "data": answer if output_encoding == "JSON" else base64.b64encode(answer.encode()).decode()}
-            lines.append(json.dumps({
-                "captureData": {"endpointInput": {"observedContentType": r["content_type"], "mode": "INPUT",
-                                                  "data": r["body"], "encoding": "BASE64"},
-                                "endpointOutput": output},
-                "eventMetadata": {"eventId": r["request_id"], "inferenceTime": r["time"]},
-                "eventVersion": "0"}))
+    lines = [json.dumps(captures.as_sagemaker(json.loads(line), output_encoding))
+             for path in sorted(folder.glob("capture-*.jsonl")) for line in path.read_text().splitlines()]
     half = len(lines) // 2  # two files, as two hours' captures would be
     (hour / "00-00-000-a.jsonl").write_text("\n".join(lines[:half]) + "\n")
     (hour / "30-00-000-b.jsonl").write_text("\n".join(lines[half:]) + "\n")

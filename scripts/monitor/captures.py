@@ -102,6 +102,22 @@ def _sagemaker(obj: dict, where: str) -> Request:
                    None, (request or {}).get("observedContentType"), answer.get("count"), None, None, body)
 
 
+def as_sagemaker(record: dict, output_encoding: str = "JSON") -> dict:
+    """A local capture record (with its photo's bytes) as SageMaker's DataCaptureConfig writes the
+    same request: the body in base64, the model's JSON answer, the event's time and id; no
+    statistics, no embedding. For tests and benchmarks that check both formats agree."""
+    if not record.get("body"):
+        raise ValueError(f"request {record.get('request_id')}: captured without its photo's bytes")
+    answer = json.dumps({**record["answer"], "model_version": record["model_version"]})
+    output = {"observedContentType": "application/json", "mode": "OUTPUT", "encoding": output_encoding,
+              "data": answer if output_encoding == "JSON" else base64.b64encode(answer.encode()).decode()}
+    return {"captureData": {"endpointInput": {"observedContentType": record["content_type"], "mode": "INPUT",
+                                              "data": record["body"], "encoding": "BASE64"},
+                            "endpointOutput": output},
+            "eventMetadata": {"eventId": record["request_id"], "inferenceTime": record["time"]},
+            "eventVersion": "0"}
+
+
 def capture_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]

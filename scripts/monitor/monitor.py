@@ -200,17 +200,13 @@ def run_tests(window: list, baseline: dict, alpha: float, permutations: int, see
     return tests, plots
 
 
-def monitor(args: argparse.Namespace) -> dict:
+def load(args: argparse.Namespace):
+    """(baseline, embedder or None): what every window of these settings is compared with."""
     if not 0 < args.alpha < 1:
         raise MonitorError(f"--alpha {args.alpha} refused: a probability between 0 and 1")
     if args.permutations < 99 or args.min_window < 2 or args.max_window < args.min_window:
         raise MonitorError("--permutations must be >= 99, --min-window >= 2 and --max-window >= --min-window")
     baseline = load_baseline(Path(args.baseline))
-    try:
-        since = captures.parse_time(args.since) if args.since else None
-        until = captures.parse_time(args.until) if args.until else None
-    except ValueError as exc:
-        raise MonitorError(f"--since/--until: {exc}") from None
     embedder = None
     if args.model:
         import embedder as embedding
@@ -224,6 +220,16 @@ def monitor(args: argparse.Namespace) -> dict:
             raise MonitorError(f"refused: --model {args.model} (sha256 {embedder.sha256[:12]}) is not the artifact "
                                f"the baseline was made from (sha256 {expected[:12]}, model "
                                f"{baseline['model'].get('model_id')})")
+    return baseline, embedder
+
+
+def analyse(args: argparse.Namespace, baseline: dict, embedder=None) -> tuple[dict, dict]:
+    """monitor.json's content for the window args.capture/--since/--until, and the report's plots."""
+    try:
+        since = captures.parse_time(args.since) if args.since else None
+        until = captures.parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        raise MonitorError(f"--since/--until: {exc}") from None
     try:
         requests, skipped = captures.read(Path(args.capture), since, until)
     except captures.CaptureError as exc:
@@ -250,6 +256,11 @@ def monitor(args: argparse.Namespace) -> dict:
         "drift": bool(drifted),
         "drifted": drifted,
     }
+    return result, plots
+
+
+def monitor(args: argparse.Namespace) -> dict:
+    result, plots = analyse(args, *load(args))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "monitor.json").write_text(json.dumps(result, indent=2) + "\n")

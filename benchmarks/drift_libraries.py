@@ -19,9 +19,9 @@ scipy<1.15; evidently brings 60-odd packages):
            baseline. Prints the false-alarm rate, each shift's detection rate and the seconds a
            window takes, as a Markdown table.
 
-    python scripts/monitor/measure_detectors.py embed --photos ../shared/data/abid-sample \
+    python benchmarks/drift_libraries.py embed --photos ../shared/data/abid-sample \
         --synthetic build/drift-measure/synth --out build/drift-measure/embeddings.npz
-    build/drift-libs-venv/bin/python scripts/monitor/measure_detectors.py compare \
+    PYTHONPATH=scripts/monitor build/drift-libs-venv/bin/python benchmarks/drift_libraries.py compare \
         --embeddings build/drift-measure/embeddings.npz
 """
 from __future__ import annotations
@@ -34,36 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-SHIFTS = ("low_light", "blur", "camera", "fill_level", "synthetic")
-
+from drift_shifts import SHIFTS, labelled_photos, shifted
 
 # --------------------------------------------------------------------------- embed
-
-
-def _photos(folder: Path) -> list[tuple[Path, int]]:
-    found = []
-    for count in range(1, 6):
-        found += [(p, count) for p in sorted((folder / str(count)).glob("*.jpg"))]
-    if not found:  # the ABID bucket layout (pipeline.data.synth writes it)
-        for meta in sorted((folder / "metadata").glob("*.json")):
-            found.append((folder / "bin-images" / f"{meta.stem}.jpg", json.loads(meta.read_text())["EXPECTED_QUANTITY"]))
-    return found
-
-
-def _shifted(image, kind: str):
-    from PIL import Image, ImageFilter
-
-    image = image.convert("RGB")
-    if kind == "low_light":  # Evaluate's low-light corruption (brightness 0.35, gamma 1.5)
-        pixels = 0.35 * (np.asarray(image, np.float32) / 255.0) ** 1.5
-        return Image.fromarray((pixels * 255.0 + 0.5).astype(np.uint8))
-    if kind == "blur":  # Evaluate's blur: sigma 1.5% of the short side
-        return image.filter(ImageFilter.GaussianBlur(radius=max(1.0, 0.015 * min(image.size))))
-    if kind == "camera":  # a closer camera: the centre 75%, scaled back to the photo's size
-        w, h = image.size
-        box = (round(w * 0.125), round(h * 0.125), round(w * 0.875), round(h * 0.875))
-        return image.crop(box).resize((w, h), Image.BICUBIC)
-    raise ValueError(kind)
 
 
 def embed(args) -> None:
@@ -96,7 +69,7 @@ def embed(args) -> None:
         image.save(buffer, "PNG", compress_level=1)
         return buffer.getvalue()
 
-    real = _photos(Path(args.photos))
+    real = labelled_photos(Path(args.photos))
     order = np.random.default_rng(args.seed).permutation(len(real))
     cut1, cut2 = int(0.4 * len(real)), int(0.6 * len(real))
     parts = {"train": order[:cut1], "baseline": order[cut1:cut2], "held_out": order[cut2:]}
@@ -109,11 +82,11 @@ def embed(args) -> None:
         out[f"{name}_labels"] = np.array([real[i][1] for i in index])
     for kind in ("low_light", "blur", "camera"):
         print(f"{kind}: {len(parts['held_out'])} photos", flush=True)
-        bodies = [(png(_shifted(photos.decode(real[i][0].read_bytes()), kind)), "image/png") for i in parts["held_out"]]
+        bodies = [(png(shifted(photos.decode(real[i][0].read_bytes()), kind)), "image/png") for i in parts["held_out"]]
         out[f"{kind}_embeddings"], out[f"{kind}_stats"] = describe(bodies)
     fill = out["held_out_labels"] >= 4
     out["fill_level_embeddings"], out["fill_level_stats"] = out["held_out_embeddings"][fill], out["held_out_stats"][fill]
-    synthetic = _photos(Path(args.synthetic))
+    synthetic = labelled_photos(Path(args.synthetic))
     print(f"synthetic: {len(synthetic)} photos", flush=True)
     out["synthetic_embeddings"], out["synthetic_stats"] = describe([(p.read_bytes(), "image/jpeg") for p, _ in synthetic])
 
