@@ -248,6 +248,10 @@ class RegisterStep:
     # The monitoring baseline beside it (Evaluate's baseline.json): the MonitoringBaseline
     # property, what `invmon monitor` compares the version's traffic with.
     baseline_file: str | None = None
+    # Lineage (pipeline/lineage.py): the parameter holding the code's commit
+    # (MetadataProperties.CommitId) and the data selection's parameters (the description).
+    commit: Param | None = None
+    selection: tuple[Param, ...] = ()
 
 
 @dataclass(frozen=True)

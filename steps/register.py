@@ -1,5 +1,6 @@
-"""Register: a new model version with evaluation.json attached as its model metrics and the
-evaluation report (report.html) named by its EvaluationReport property."""
+"""Register: a new model version with evaluation.json attached as its model metrics, the
+evaluation report (report.html) named by its EvaluationReport property, and its lineage: the
+commit of the code, the run, and the data selection (pipeline/lineage.py)."""
 from steps.base import Code, JsonGet, Param, RegisterStep, StepOutput
 from steps.evaluate import BASELINE_FILE, EVALUATION, REPORT_FILE
 
@@ -14,4 +15,6 @@ STEP = RegisterStep(
     report_file=REPORT_FILE,
     baseline_file=BASELINE_FILE,
     artifact_digest=JsonGet("Evaluate", EVALUATION.name, "artifact.sha256"),
+    commit=Param("CommitId"),
+    selection=tuple(Param(name) for name in ("InputDataUrl", "ManifestUrl", "SelectCounts", "PerCount", "Seed")),
 )

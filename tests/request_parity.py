@@ -175,8 +175,8 @@ class RunValues:
     def get(self, ref: str):
         if ref.startswith("Parameters."):
             return self.params[ref.split(".", 1)[1]]
-        if ref == "Execution.PipelineExecutionId":
-            return self.execution
+        if ref in ("Execution.PipelineExecutionId", "Execution.PipelineExecutionArn"):
+            return self.execution  # a local run is named by its id either way
         if m := re.fullmatch(r"Steps\.(\w+)\.ProcessingOutputConfig\.Outputs\['(\w+)'\]\.S3Output\.S3Uri", ref):
             return str(self.dir / m[1] / self.steps[m[1]]["outputs"][m[2]])
         if m := re.fullmatch(r"Steps\.(\w+)\.ModelArtifacts\.S3ModelArtifacts", ref):

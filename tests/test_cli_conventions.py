@@ -19,7 +19,7 @@ from pipeline.registry.local import REPORT_PROPERTY, open_registry
 
 GROUP = "bin-count"
 VERSION_KEYS = {"group", "version", "status", "artifact_uri", "metrics", "created_at", "updated_at",
-                "run_id", "description", "note", "arn", "properties"}
+                "run_id", "description", "note", "arn", "properties", "commit_id", "lineage"}
 METRICS = {"multiclass_classification_metrics": {"accuracy": {"value": 0.75}},
            "regression_metrics": {"rmse": {"value": 0.6}}}
 DEPRECATED = ("invmon: warning: --profile is deprecated (to the AWS CLI, --profile names credentials): "

@@ -13,6 +13,10 @@ from pipeline.dag.compile import compile_dag
 from pipeline.digests import file_sha256
 from pipeline.registry.local import REPORT_PROPERTY, open_registry
 from steps.base import Dag, Param
+
+# What a run adds for lineage (pipeline/lineage.py; tests/test_lineage.py checks their values).
+LINEAGE_PROPERTIES = ("CommitId", "GitCommitMissing", "GitResumedAt", "DataManifestSha256", "DataSha256",
+                      "Parameters")
 from test_runner import new_run, setup, small_dag, write_script  # noqa: F401 (setup is a fixture)
 
 EVAL_READING_THE_REGISTRY = """
@@ -82,8 +86,10 @@ def test_evaluate_sees_the_registry_and_register_keeps_each_runs_report(setup, c
     assert main(["models", "show", "1", "--group", "toy"]) == 0
     out = capsys.readouterr().out
     assert f"evaluation report: {report1.as_uri()}" in out.splitlines()
-    assert json.loads(out[:out.rindex("}") + 1])["properties"] == {
+    shown = json.loads(out[:out.rindex("}") + 1])["properties"]
+    assert {k: shown[k] for k in (REPORT_PROPERTY, "ArtifactSha256")} == {
         REPORT_PROPERTY: report1.as_uri(), "ArtifactSha256": file_sha256(registry.get("toy", 1).artifact_uri)}
+    assert set(shown) - {REPORT_PROPERTY, "ArtifactSha256"} <= set(LINEAGE_PROPERTIES)  # and the lineage
     report1.unlink()
     assert main(["models", "show", "1", "--group", "toy"]) == 0
     assert "(missing: the file was removed)" in capsys.readouterr().out
@@ -95,7 +101,8 @@ def test_a_step_that_does_not_read_the_registry_gets_no_listing(setup):
     assert state["status"] == "Succeeded", state["failure"]
     assert not (home / "runs" / state["id"] / "Evaluate" / "registry.json").exists()
     registered = open_registry(home).get("toy", 1)  # no report; the artifact's digest, always
-    assert registered.properties == {"ArtifactSha256": file_sha256(registered.artifact_uri)}
+    assert registered.properties["ArtifactSha256"] == file_sha256(registered.artifact_uri)
+    assert set(registered.properties) - {"ArtifactSha256"} <= set(LINEAGE_PROPERTIES)
 
 
 def test_a_step_that_reads_the_registry_is_never_taken_from_the_cache(setup):

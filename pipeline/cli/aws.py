@@ -12,11 +12,13 @@ import importlib
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
 from pipeline.cli.conventions import add_json_option, add_recipe_option, checked_parameters, print_json
 from pipeline.cli.errors import CommandError, UsageError
+from pipeline.lineage import COMMIT_PARAMETER
 
 DEFAULT_PIPELINE = "bin-count"
 LOG = logging.getLogger("invmon.aws")
@@ -155,7 +157,28 @@ def region_of(explicit: str | None) -> str:
 def _definition_overrides(args) -> dict:
     from pipeline.dag.profiles import defaults
 
-    return checked_parameters(args.param, defaults(args.recipe))
+    from pipeline import lineage
+
+    overrides = checked_parameters(args.param, defaults(args.recipe))
+    overrides.setdefault(COMMIT_PARAMETER, upserted_commit())
+    if problem := lineage.description_problem({**defaults(args.recipe), **overrides}):
+        raise UsageError(problem)
+    return overrides
+
+
+def upserted_commit() -> str:
+    """The commit of the code `upsert` uploads, which every execution of the definition runs:
+    CodeBuild's CODEBUILD_RESOLVED_SOURCE_VERSION when it is a commit id, else empty with a
+    warning (`--param CommitId=...` sets it by hand). Not the tree's own: `invmon definition`
+    shows offline exactly what upsert sends, whichever tree builds it."""
+    from pipeline import lineage
+
+    built = os.environ.get("CODEBUILD_RESOLVED_SOURCE_VERSION", "").strip().lower()
+    if re.fullmatch(lineage.COMMIT_PATTERN, built):
+        return built
+    LOG.warning(f"no commit recorded with the pipeline's models (outside CodeBuild): pass "
+                f"--param {COMMIT_PARAMETER}=$(git rev-parse HEAD) to record one")
+    return ""
 
 
 def _build(args, region: str, role: str, bucket: str | None, offline_dir: Path | None, overrides: dict):
@@ -241,7 +264,11 @@ def cmd_start(args) -> int:
     from pipeline.sagemaker import clients, executions
 
     overrides = checked_parameters(args.param)  # the deployed definition holds the rest
+    if COMMIT_PARAMETER in overrides:  # the code an execution runs is the code upsert uploaded
+        raise UsageError(f"{COMMIT_PARAMETER} is the commit the pipeline's code was upserted from; "
+                         "upsert from the commit you mean instead")
     sm = clients.client("sagemaker", region_of(args.region))
+    _check_lineage(sm, args.pipeline_name, overrides, args.commit_id)
     arn = executions.start(sm, args.pipeline_name, overrides, commit_id=args.commit_id,
                            display_name=args.display_name)
     print(f"started {arn}")
@@ -256,6 +283,24 @@ def cmd_start(args) -> int:
                            f"{outcome.failure_reason or '(no reason given)'}")
     print(f"execution succeeded: {arn}")
     return 0
+
+
+def _check_lineage(sm, pipeline_name: str, overrides: dict, commit_id: str | None) -> None:
+    """Before an execution starts: its selection must fit the description Register records (a
+    failure at the end of the run otherwise), and `--commit-id`, which only names the execution,
+    is said to differ when it is not the commit the code was upserted from (what the models
+    record)."""
+    from pipeline import lineage
+    from pipeline.sagemaker import executions
+
+    declared = {p["Name"]: p.get("DefaultValue") for p in
+                executions.deployed_definition(sm, pipeline_name).get("Parameters", [])}
+    if problem := lineage.description_problem({**declared, **overrides}):
+        raise UsageError(problem)
+    upserted = str(declared.get(COMMIT_PARAMETER) or "")
+    if commit_id and upserted and upserted.removesuffix("-dirty") != commit_id.strip().lower():
+        LOG.warning(f"{pipeline_name} runs the code upserted from commit {upserted}; its models record "
+                    f"that commit, not {commit_id} (upsert from {commit_id} first)")
 
 
 @_aws_errors

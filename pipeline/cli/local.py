@@ -53,12 +53,21 @@ def add_commands(commands) -> None:
     show.add_argument("run_id", nargs="?", help="default: the latest run")
     add_json_option(show, "the run's run.json")
     show.set_defaults(handler=cmd_runs_show)
+    compared = runs_sub.add_parser(
+        "compare", help="two runs side by side: parameters, code, data, metrics",
+        description="Parameters, the commit, the data (manifest and split digests, photos per split) and "
+                    "Evaluate's metrics (accuracy, RMSE, accuracy per count) of two local runs side by "
+                    "side; a * marks each difference.")
+    compared.add_argument("run_a", metavar="RUN_A")
+    compared.add_argument("run_b", metavar="RUN_B")
+    add_json_option(compared, "the comparison")
+    compared.set_defaults(handler=cmd_runs_compare)
 
     models = commands.add_parser("models", help="the model registry")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     for name, handler, help_text in (
         ("list", cmd_models_list, "model versions"),
-        ("show", cmd_models_show, "one model version with its metrics"),
+        ("show", cmd_models_show, "one model version with its metrics and lineage"),
         ("approve", cmd_models_approve, "approve a version (deploys it to production)"),
         ("reject", cmd_models_reject, "reject a version (rolls production back if it serves it)"),
     ):
@@ -161,6 +170,7 @@ def _model_choice(parser: argparse.ArgumentParser) -> None:
 # -- run ---------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from pipeline.data import fetch as data
+    from pipeline.lineage import COMMIT_PARAMETER
     from pipeline.local.runner import LocalRun, synthetic_data
     from pipeline.local.summary import summarize
     from pipeline.dag.parameters import parse_assignments, validate
@@ -183,7 +193,11 @@ def cmd_run(args) -> int:
         LOG.info(f"resuming run {args.resume} from its first unfinished step")
     else:
         try:
-            params = {**defaults(args.recipe), **parse_assignments(args.param)}
+            given = parse_assignments(args.param)
+            if COMMIT_PARAMETER in given:
+                raise UsageError(f"{COMMIT_PARAMETER} is read from the working tree a run starts in "
+                                 "(git rev-parse HEAD, -dirty with uncommitted changes), not set")
+            params = {**defaults(args.recipe), **given}
             if args.data:
                 params["InputDataUrl"] = data.data_location(args.data)
             if args.manifest:
@@ -255,6 +269,28 @@ def run_record(state: dict) -> dict:
             "failed_step": next((n for n, s in state["steps"].items() if s.get("status") == "Failed"), None)}
 
 
+def _load_runs(*run_ids: str) -> list[tuple[dict, Path]]:
+    """Each run's run.json and folder, or a one-line error naming the missing one."""
+    from pipeline.local.runner import list_runs
+
+    runs = {state["id"]: state for state in list_runs(invmon_home())}
+    for run_id in run_ids:
+        if run_id not in runs:
+            raise CommandError(f"no run {run_id!r}; see `invmon runs list`")
+    return [(runs[run_id], invmon_home() / "runs" / run_id) for run_id in run_ids]
+
+
+def cmd_runs_compare(args) -> int:
+    from pipeline.local import compare
+
+    document = compare.compare(*_load_runs(args.run_a, args.run_b))
+    if args.json:
+        print_json(document)
+    else:
+        print(compare.table(document))
+    return 0
+
+
 def cmd_runs_show(args) -> int:
     from pipeline.local.runner import list_runs
     from pipeline.local.summary import summarize
@@ -303,10 +339,17 @@ def _registry_call(fn, *a, **kw):
         raise CommandError(str(exc)) from None
 
 
+def version_document(version, parameters: dict | None = None, parameters_missing: str | None = None) -> dict:
+    """A version as `models list/show --json` print it: its record and its lineage."""
+    from pipeline import lineage
+
+    return {**asdict(version), "lineage": lineage.of_version(version, parameters, parameters_missing)}
+
+
 def cmd_models_list(args) -> int:
     versions = _registry_call(_registry(args).list_versions, args.group)
     if args.json:
-        print_json([asdict(v) for v in versions])
+        print_json([version_document(v) for v in versions])
         return 0
     if not versions:
         print("no registered models yet: `invmon run` registers one when it passes the accuracy gate")
@@ -328,12 +371,20 @@ def _headline(metrics: dict) -> tuple[str, str]:
 
 
 def cmd_models_show(args) -> int:
-    version = _registry_call(_registry(args).get, _group(args), args.version)
+    from pipeline import lineage
+
+    registry = _registry(args)
+    version = _registry_call(registry.get, _group(args), args.version)
     report = report_uri(version)
+    parameters, missing = None, None
+    if args.backend == "aws":  # the parameters are the execution's own, kept by SageMaker
+        parameters, missing = registry.execution_parameters(version.run_id)
+    document = version_document(version, parameters, missing)
     if args.json:
-        print_json({**asdict(version), "evaluation_report": report})
+        print_json({**document, "evaluation_report": report})
         return 0
     print_json(asdict(version))
+    print("\n".join(lineage.lines(document["lineage"])))
     print(report_line(report))
     return 0
 

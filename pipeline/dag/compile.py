@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.dag.parameters import PARAMETERS, REGISTERED_STATUS
-from pipeline.registry.deploy import CAPTURE_PERCENT, capture_settings
+from pipeline.registry.deploy import CAPTURE_PERCENT, PIPELINE_STAGE, STAGES, capture_settings, cost_tags
 from pipeline.registry.local import BASELINE_PROPERTY, DIGEST_PROPERTY, REPORT_PROPERTY
 from steps.base import (CategoricalRange, ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, JsonGet,
                         Param, ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
@@ -102,8 +102,8 @@ class Resolver:
             if name not in self.parameters:
                 raise CompileError(f"no value for parameter {name}")
             return self.parameters[name]
-        if ref == "Execution.PipelineExecutionId":
-            return self.execution_id
+        if ref in ("Execution.PipelineExecutionId", "Execution.PipelineExecutionArn"):
+            return self.execution_id  # a local run is named by its id either way
         return self.step_value(ref)
 
     @staticmethod
@@ -411,6 +411,12 @@ def register_arguments(c: Compiler, s: RegisterStep) -> dict:
     }
     if properties:
         request["CustomerMetadataProperties"] = properties
+    if s.commit is not None:  # lineage (pipeline/lineage.py): the code's commit, the run, the data
+        request["MetadataProperties"] = {"CommitId": c.value(s.commit),
+                                         "GeneratedBy": get("Execution.PipelineExecutionArn")}
+        request["ModelPackageDescription"] = join(
+            ["run ", get("Execution.PipelineExecutionId"),
+             *[part for p in s.selection for part in (f"; {p.name}=", c.value(p))]])
     return request
 
 
@@ -470,11 +476,30 @@ def gates(dag: Dag) -> dict[str, tuple[str, bool]]:
     return found
 
 
+# The stage tag of each kind of request that makes a billable resource (a pipeline deploys to
+# staging only); the other kinds make none.
+TAGGED = {"Processing": PIPELINE_STAGE, "Training": PIPELINE_STAGE, "Tuning": PIPELINE_STAGE,
+          "Endpoint": STAGES["staging"]}
+
+
+def with_cost_tags(c: Compiler, kind: str, arguments: dict) -> dict:
+    """The one place a request gets its cost-allocation tags (deploy.cost_tags): group (the DAG's
+    model package group), stage, and the run (the execution id); an Endpoint's Model and
+    EndpointConfig parts too."""
+    if kind not in TAGGED:
+        return arguments
+    group = next((c.value(s.model_package_group) for s in c.dag.steps if isinstance(s, RegisterStep)), None)
+    tags = cost_tags(group, TAGGED[kind], get("Execution.PipelineExecutionId"))
+    for part in ([arguments["Model"], arguments["EndpointConfig"]] if kind == "Endpoint" else []) + [arguments]:
+        part["Tags"] = [dict(t) for t in tags]
+    return arguments
+
+
 def compile_step(compiler: Compiler, step) -> StepRequest:
     kind = KINDS.get(type(step))
     if kind is None:
         raise CompileError(f"no compiler for {type(step).__name__} {step.name}: register() its kind")
-    arguments = kind.arguments(compiler, step)
+    arguments = with_cost_tags(compiler, kind.type, kind.arguments(compiler, step))
     extras = kind.extras(compiler, step)
     depends = references(arguments) | references(extras)
     if isinstance(step, ConditionStep):  # its branches run after it, they are not its inputs

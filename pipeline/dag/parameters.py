@@ -183,6 +183,11 @@ PARAMETERS: tuple[Parameter, ...] = (
           r"(subnet-[0-9a-z]+(\s*,\s*subnet-[0-9a-z]+){0,15})?", "subnet-... ids, comma-separated, or empty"),
     _text("SecurityGroupIds", "", "comma-separated security groups, with SubnetIds",
           r"(sg-[0-9a-z]+(\s*,\s*sg-[0-9a-z]+){0,4})?", "sg-... ids, comma-separated, or empty"),
+    # A record, not a knob: the Register step keeps it with the version (pipeline/lineage.py).
+    _text("CommitId", "", "git commit of the code (<sha>, or <sha>-dirty for uncommitted changes); "
+          "filled by `invmon run` from the working tree and by `invmon upsert` from CodeBuild's "
+          "CODEBUILD_RESOLVED_SOURCE_VERSION (or --param); empty = not known",
+          r"([0-9a-f]{7,40}(-dirty)?)?", "a git commit id (7-40 hex digits), optionally -dirty, or empty"),
 )
 
 BY_NAME = {p.name: p for p in PARAMETERS}

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from pipeline import lineage
 from pipeline.alerts import notify
 from pipeline.dag.compile import Resolver, StepRequest, compile_dag, lower, parse_step_ref
 from pipeline.local import envs, jobs
@@ -87,9 +88,14 @@ class LocalRun:
     @classmethod
     def create(cls, home: Path, dag: Dag, parameters: dict, profile: str, echo=print) -> "LocalRun":
         run_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        git = lineage.git_state()
+        parameters = dict(parameters)
+        if lineage.COMMIT_PARAMETER in parameters:  # a record of the tree that runs, not a setting
+            parameters[lineage.COMMIT_PARAMETER] = lineage.commit_value(git)
         state = {
-            "id": run_id, "created_at": now(), "profile": profile, "parameters": dict(parameters),
+            "id": run_id, "created_at": now(), "profile": profile, "parameters": parameters,
             "status": "Executing", "failure": "",
+            "lineage": {"git": git, "manifest_sha256": lineage.manifest_sha256(parameters.get("ManifestUrl"))},
             "steps": {name: {"status": "Pending"} for name in lower(dag).names},
         }
         run = cls(home, dag, state, echo)
@@ -208,6 +214,7 @@ class LocalRun:
         """Run every step not yet succeeded, in order. Returns the final state."""
         with self._lock(), self._stop_on_signals():
             self._stop_leftovers()
+            self._note_tree()
             try:
                 return self._execute()
             except RunStopped as stop:
@@ -217,6 +224,17 @@ class LocalRun:
                 self.state.update(status="Stopped", failure=f"stopped by {stop}", resumable=True)
                 self.save()
                 raise
+
+    def _note_tree(self) -> None:
+        """A resume from another tree (a new commit, other uncommitted changes) is recorded: the
+        steps of this run did not all run the same code."""
+        recorded = self.state.setdefault("lineage", {}).get("git")
+        if recorded is None:  # a run made before lineage was recorded
+            return
+        current = lineage.git_state()
+        if (current.get("commit"), current.get("dirty")) != (recorded.get("commit"), recorded.get("dirty")):
+            self.state["lineage"].setdefault("resumed_at", []).append({**current, "at": now()})
+            self.save()
 
     def _execute(self) -> dict:
         from pipeline.registry.deploy import pipeline_endpoint_problem
@@ -590,11 +608,14 @@ class LocalRun:
                                     "status": version.status, "artifact": version.artifact_uri}
             self.echo(request.name, f"already registered by this run: {version.group} version {version.version}")
             return
+        properties.update(self._lineage_properties())
         # The registry records the stored copy's SHA-256 and refuses one that is not what
         # Evaluate scored.
         version = registry.register(
             group, str(store / "model.tar.gz"), metrics, status=executed["ModelApprovalStatus"],
-            run_id=self.state["id"], description=f"run {self.state['id']} ({self.state['profile']} profile)",
+            run_id=str((executed.get("MetadataProperties") or {}).get("GeneratedBy") or self.state["id"]),
+            description=str(executed.get("ModelPackageDescription")
+                            or f"run {self.state['id']} ({self.state['profile']} profile)"),
             properties=properties, artifact_sha256=described.get(DIGEST_PROPERTY),
         )
         record["properties"] = {"group": version.group, "version": version.version,
@@ -606,6 +627,28 @@ class LocalRun:
                f"`invmon models show {version.version} --group {version.group}`",
                group=version.group, version=version.version, run=self.state["id"],
                report=properties.get(REPORT_PROPERTY, ""))
+
+    def _lineage_properties(self) -> dict[str, str]:
+        """What made this run's model, as version properties (pipeline/lineage.py): the commit of
+        the tree that ran (and any other tree a resume went on from), the manifest's and the
+        splits' SHA-256, every parameter. Kept in run.json too."""
+        record = self.state.setdefault("lineage", {})
+        git = record.get("git") or {"commit": None, "reason": "run made before lineage was recorded"}
+        found = {lineage.COMMIT_PROPERTY: lineage.commit_value(git),
+                 lineage.PARAMETERS_PROPERTY: json.dumps(self.params, sort_keys=True, default=str)}
+        if not git.get("commit"):
+            found[lineage.NO_COMMIT_PROPERTY] = git.get("reason", "unknown")
+        if record.get("resumed_at"):
+            found[lineage.RESUMED_PROPERTY] = ",".join(lineage.commit_value(g) or "none"
+                                                       for g in record["resumed_at"])
+        if record.get("manifest_sha256"):
+            found[lineage.MANIFEST_PROPERTY] = record["manifest_sha256"]
+        preprocess = self.state["steps"].get("Preprocess", {})
+        if preprocess.get("status") == "Succeeded":
+            record["data"] = lineage.split_data(self.dir / "Preprocess", preprocess.get("outputs", {}))
+            if record["data"].get("sha256"):
+                found[lineage.DATA_PROPERTY] = record["data"]["sha256"]
+        return {k: v for k, v in found.items() if v}
 
     def _deploy(self, request: StepRequest, record: dict) -> None:
         from pipeline.registry.deploy import verify_local_artifact

@@ -34,6 +34,11 @@ from pipeline.digests import file_sha256, sha256_of
 from pipeline.registry.local import (DIGEST_PROPERTY, Endpoint, ModelVersion, NotFoundError, RegistryError)
 
 STAGES = {"staging": "staging", "prod": "production"}
+# Cost-allocation tags (activate them in Billing): what a job, model, endpoint config or endpoint
+# costs, split by model group, stage and run. One definition for the deploys here and for every
+# request the compile stage makes (pipeline/dag/compile.py: the pipeline's jobs and staging Deploy).
+GROUP_TAG, STAGE_TAG, RUN_TAG = "invmon:group", "invmon:stage", "invmon:run"
+PIPELINE_STAGE = "pipeline"  # the stage tag of a run's jobs
 CAPTURE_PERCENT = {"staging": 100, "prod": 20}
 CAPTURE_PREFIX = "capture"
 EVENT_TYPE = "SageMaker Model Package State Change"
@@ -57,6 +62,15 @@ def endpoint_name(group: str, stage: str) -> str:
     if stage not in STAGES:
         raise DeployError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
     return f"{group}-{STAGES[stage]}"
+
+
+def cost_tags(group, stage: str, run) -> list[dict]:
+    """The tags of one resource; `group` and `run` may be pipeline placeholders. A run is named by
+    its id: a local run's, or the last part of a pipeline execution's ARN (its execution id)."""
+    if isinstance(run, str):
+        run = run.rsplit("/", 1)[-1] or "unknown"
+    tags = [{"Key": GROUP_TAG, "Value": group}] if group is not None else []
+    return tags + [{"Key": STAGE_TAG, "Value": stage}, {"Key": RUN_TAG, "Value": run}]
 
 
 def capture_uri_parts(bucket, endpoint) -> list:
@@ -527,7 +541,8 @@ class SageMakerTarget:
             if existing.get("EndpointConfigName") == resource:
                 self._clear_flag(existing)  # serves it already: a flag on it is what was asked
                 return
-        tags = [{"Key": "invmon:model-package", "Value": model.arn}, {"Key": "invmon:stage", "Value": stage}]
+        tags = [{"Key": "invmon:model-package", "Value": model.arn},
+                *cost_tags(model.group, STAGES[stage], model.run_id or "unknown")]
         environment = {**(container.get("Environment") or {}), PACKAGE_ENV: model.arn,
                        DIGEST_ENV: model.properties[DIGEST_PROPERTY]}
         def same_model(found: dict) -> bool:
@@ -554,7 +569,7 @@ class SageMakerTarget:
         if recheck and (problem := recheck()):
             self._delete(resource if made_model else None, resource if made_config else None)
             raise NoChange(f"not switched: {problem}")
-        self._switch(name, resource, existing)
+        self._switch(name, resource, existing, tags)
         if existing is not None:
             self._clear_flag(existing)
         if stage == "prod" and recheck and (problem := recheck()):  # rejected while it switched
@@ -563,16 +578,20 @@ class SageMakerTarget:
             raise DeployError(f"{name} {flag}; it is flagged: run `invmon models reject {model.version}` "
                               "when the update ends to roll it back")
 
-    def _switch(self, name: str, config: str, existing: dict | None) -> None:
+    def _switch(self, name: str, config: str, existing: dict | None, tags: list[dict]) -> None:
         """Create the endpoint or update it blue/green; a second delivery racing the first finds
-        the switch made or under way, which is success (NoChange), never a failed invocation."""
+        the switch made or under way, which is success (NoChange), never a failed invocation.
+        The endpoint's cost tags follow the version it switches to."""
         try:
             if existing is None:
-                self._call(self.sm.create_endpoint, EndpointName=name, EndpointConfigName=config,
-                           Tags=[{"Key": "invmon:stage", "Value": "production" if "prod" in name else "staging"}])
+                self._call(self.sm.create_endpoint, EndpointName=name, EndpointConfigName=config, Tags=tags)
             else:
                 self._call(self.sm.update_endpoint, EndpointName=name, EndpointConfigName=config,
                            DeploymentConfig=self.deployment_config(name))
+                try:  # bookkeeping: a tag that cannot be written never fails a switch that was made
+                    self._call(self.sm.add_tags, ResourceArn=existing["EndpointArn"], Tags=tags)
+                except DeployError:
+                    pass
         except DeployError as exc:
             if not any(text in str(exc) for text in ALREADY_EXISTS + IN_PROGRESS):
                 raise

@@ -39,6 +39,9 @@ BASELINE_PROPERTY = "MonitoringBaseline"
 # The SHA-256 of model.tar.gz recorded at registration (hex), on both back-ends; every deploy
 # checks the artifact against it (pipeline/registry/deploy.py).
 DIGEST_PROPERTY = "ArtifactSha256"
+# The commit of the code that made the version, `<sha>` or `<sha>-dirty` (pipeline/lineage.py);
+# SageMaker keeps it as MetadataProperties.CommitId.
+COMMIT_PROPERTY = "CommitId"
 # A new version is registered with one of these: Approved is a reviewer's step (set_status).
 REGISTRABLE = ("PendingManualApproval", "Rejected")
 BUSY_TIMEOUT_MS = 30_000
@@ -100,6 +103,7 @@ class ModelVersion:
     note: str = ""
     arn: str = ""  # the model package ARN on the SageMaker back-end
     properties: dict = field(default_factory=dict)  # e.g. REPORT_PROPERTY -> the report's URI
+    commit_id: str = ""  # the code's commit (COMMIT_PROPERTY), empty when not recorded
 
     @property
     def name(self) -> str:
@@ -145,13 +149,15 @@ def _version_number(version: int | str) -> int:
 
 
 def _version_from_row(row: sqlite3.Row) -> ModelVersion:
+    properties = json.loads(row["properties"]) if "properties" in row.keys() else {}
     return ModelVersion(
         group=row["group_name"], version=row["version"], status=row["status"],
         artifact_uri=row["artifact_uri"], metrics=json.loads(row["metrics"]),
         created_at=row["created_at"], updated_at=row["updated_at"], run_id=row["run_id"],
         description=row["description"], note=row["note"],
         # A registry of schema 1 (not migrated by a read) has no properties column.
-        properties=json.loads(row["properties"]) if "properties" in row.keys() else {},
+        properties=properties,
+        commit_id=properties.get(COMMIT_PROPERTY, ""),
     )
 
 
@@ -331,7 +337,8 @@ class LocalRegistry:
                 (group, version, status, str(artifact_uri), metrics_json, now, now, run_id,
                  description, json.dumps(properties)))
         return ModelVersion(group, version, status, str(artifact_uri), json.loads(metrics_json),
-                            now, now, run_id, description, "", properties=properties)
+                            now, now, run_id, description, "", properties=properties,
+                            commit_id=properties.get(COMMIT_PROPERTY, ""))
 
     def list_versions(self, group: str | None = None) -> list[ModelVersion]:
         with self._connect() as conn:

@@ -100,11 +100,12 @@ class SageMakerRegistry:
             metrics=self._metrics(p),
             created_at=_iso(p.get("CreationTime")),
             updated_at=_iso(p.get("LastModifiedTime") or p.get("CreationTime")),
-            run_id=(p.get("MetadataProperties") or {}).get("GeneratedBy"),
+            run_id=(p.get("MetadataProperties") or {}).get("GeneratedBy"),  # the execution's ARN
             description=p.get("ModelPackageDescription", "") or "",
             note=p.get("ApprovalDescription", "") or "",
             arn=p.get("ModelPackageArn", arn),
             properties=dict(p.get("CustomerMetadataProperties") or {}),  # REPORT_PROPERTY among them
+            commit_id=(p.get("MetadataProperties") or {}).get("CommitId", "") or "",
         )
 
     def list_versions(self, group: str | None = None) -> list[ModelVersion]:
@@ -123,6 +124,24 @@ class SageMakerRegistry:
 
     def get(self, group: str, version: int) -> ModelVersion:
         return self._version(self._arn(group, version))
+
+    def execution_parameters(self, execution_arn: str | None) -> tuple[dict | None, str]:
+        """(parameters, "") of the pipeline execution that registered a version: the definition's
+        defaults as that execution ran it, with the values it was started with; (None, why) when
+        they cannot be read. For `invmon models show` only: no deploy path needs them."""
+        if not execution_arn or ":pipeline/" not in execution_arn:
+            return None, "no pipeline execution recorded with the version"
+        try:
+            defined = self._call(self.sm.describe_pipeline_definition_for_execution,
+                                 PipelineExecutionArn=execution_arn)
+            given = self._call(self.sm.list_pipeline_parameters_for_execution,
+                               PipelineExecutionArn=execution_arn)
+            definition = json.loads(defined.get("PipelineDefinition") or "{}")
+        except (RegistryError, ValueError) as exc:
+            return None, f"the execution's parameters could not be read ({exc})"
+        values = {p["Name"]: p.get("DefaultValue") for p in definition.get("Parameters", [])}
+        values.update({p["Name"]: p["Value"] for p in given.get("PipelineParameters", [])})
+        return values, ""
 
     def set_status(self, group: str, version: int, status: str, note: str = "") -> ModelVersion:
         if status not in STATUSES:

@@ -12,7 +12,8 @@ compiled request, by its type, into SDK v3 objects; every field the request hold
     Condition      -> ConditionStep(ConditionGreaterThanOrEqualTo(JsonGet, parameter))
     Fail           -> FailStep(Join(message parts))
     RegisterModel  -> ModelBuilder.register() -> ModelStep (ModelMetrics = evaluation.json,
-                      CustomerMetadataProperties: the report's S3 URI and the artifact's SHA-256)
+                      CustomerMetadataProperties: the report's S3 URI and the artifact's SHA-256;
+                      lineage: MetadataProperties, the description)
     Endpoint       -> ModelBuilder.build() -> ModelStep "<name>-Model",
                       EndpointConfigStep "<name>-EndpointConfig" (with the DataCaptureConfig,
                       writing to s3://<bucket>/capture/<endpoint>), EndpointStep "<name>"
@@ -479,6 +480,8 @@ class _Build:
                 return self.params[ref.split(".", 1)[1]]
             if ref == "Execution.PipelineExecutionId":
                 return ExecutionVariables.PIPELINE_EXECUTION_ID
+            if ref == "Execution.PipelineExecutionArn":
+                return ExecutionVariables.PIPELINE_EXECUTION_ARN
             step, path = parse_step_ref(ref)
             return _property(self.sm_steps[step].properties, path)
         if isinstance(expr, dict) and "Std:Join" in expr:
@@ -536,6 +539,7 @@ class _Build:
             # A step that reads the model registry calls it with boto3, which needs a region:
             # SageMaker does not promise one in a processing container's environment.
             env={"AWS_DEFAULT_REGION": self.region} if request.reads_registry else None,
+            tags=self.sdk(args.get("Tags")),
         )
         for item in request.read_by_script:  # read from S3 by the script itself, never mounted
             uri = str(self.build_time(item["Source"]))
@@ -574,6 +578,7 @@ class _Build:
         from sagemaker.core.training.configs import (CheckpointConfig, Compute, MetricDefinition,
                                                      Networking, OutputDataConfig, SourceCode,
                                                      StoppingCondition)
+        from sagemaker.core.shapes import Tag
         from sagemaker.train import ModelTrainer
 
         vpc = self.vpc()
@@ -605,6 +610,8 @@ class _Build:
                 local_path=job["CheckpointConfig"]["LocalPath"]) if "CheckpointConfig" in job else None,
             networking=Networking(subnets=vpc[0], security_group_ids=vpc[1]) if vpc else None,
             hyperparameters=hyperparameters,
+            # The Train job's tags (a tuning job tags its trials itself).
+            tags=[Tag(key=t["Key"], value=self.sdk(t["Value"])) for t in job["Tags"]] if job.get("Tags") else None,
         )
         trainer = trainer.with_metric_definitions(
             [MetricDefinition(name=m["Name"], regex=m["Regex"]) for m in job["AlgorithmSpecification"]["MetricDefinitions"]])
@@ -676,6 +683,7 @@ class _Build:
             max_jobs=int(self.build_time(limits["MaxNumberOfTrainingJobs"])),
             max_parallel_jobs=int(self.build_time(limits["MaxParallelTrainingJobs"])),
             base_tuning_job_name=_job_prefix(self.pipeline_name, decl.name, 19),
+            tags=self.sdk(args.get("Tags")),
         )
         step_args = tuner.tune(inputs=self.channels(job))
         return _prefixed_step_classes()[1](
@@ -708,6 +716,7 @@ class _Build:
         return base.Code("inference", "inference.py")
 
     def register(self, request: StepRequest):
+        from sagemaker.core.metadata_properties import MetadataProperties
         from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
         from sagemaker.mlops.workflow.model_step import ModelStep
 
@@ -727,6 +736,11 @@ class _Build:
             # The evaluation report and the artifact's SHA-256 (every deploy checks it): key/values
             # of the package, where `invmon models show` and Studio show them.
             customer_metadata_properties=self.sdk(args.get("CustomerMetadataProperties")) or None,
+            # Lineage: the code's commit, the execution, the data selection (pipeline/lineage.py).
+            metadata_properties=MetadataProperties(
+                commit_id=self.sdk(args["MetadataProperties"]["CommitId"]),
+                generated_by=self.sdk(args["MetadataProperties"]["GeneratedBy"])) if "MetadataProperties" in args else None,
+            description=self.sdk(args.get("ModelPackageDescription")),
         )
         return ModelStep(name=decl.name, step_args=step_args, description=decl.description or None,
                          retry_policies=self.retry_policies("api"))
@@ -746,7 +760,8 @@ class _Build:
         builder = self.model_builder(self.sdk(container["ModelDataUrl"]), container["Environment"])
         model_step = ModelStep(name=f"{decl.name}-Model",
                                step_args=builder.build(
-                                   model_name=_job_prefix(self.pipeline_name, decl.name, 40)),
+                                   model_name=_job_prefix(self.pipeline_name, decl.name, 40),
+                                   tags=self.sdk(args["Model"].get("Tags"))),
                                retry_policies=self.retry_policies("api"))
         endpoint_name = self.sdk(args["EndpointName"])
         (variant,) = args["EndpointConfig"]["ProductionVariants"]
@@ -760,11 +775,13 @@ class _Build:
                                   "InstanceType": self.sdk(variant["InstanceType"])}],
             kms_key=self.kms,
             data_capture_config_dict=capture or None,
+            tags=self.sdk(args["EndpointConfig"].get("Tags")),
         )
         config_step = EndpointConfigStep(name=f"{decl.name}-EndpointConfig", step_args=config_args,
                                          retry_policies=self.retry_policies("api"))
         endpoint_args = self.session.create_endpoint(
-            endpoint_name=endpoint_name, config_name=config_step.properties.EndpointConfigName)
+            endpoint_name=endpoint_name, config_name=config_step.properties.EndpointConfigName,
+            tags=self.sdk(args.get("Tags")))
         endpoint_step = EndpointStep(name=decl.name, step_args=endpoint_args,
                                      description=decl.description or None)
         return [model_step, config_step, endpoint_step]
