@@ -218,6 +218,7 @@ def test_a_run_naming_another_endpoint_is_refused_before_any_step(params, invmon
 
 
 def test_the_cli_run_refuses_production_in_one_line(invmon_home):
+    invmon_home.mkdir(parents=True, exist_ok=True)  # --data must exist: the refusal is about the endpoint
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "run",
          "--param", "StagingEndpointName=bin-count-production", "--data", str(invmon_home)],
