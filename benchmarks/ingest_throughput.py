@@ -1,15 +1,24 @@
-"""Ingest throughput: Preprocess reading ABID from S3 next to Preprocess on the same photos on disk.
+"""Ingest: what reading ABID from S3 costs the fetcher's CPU, against decoding and checking the photos.
 
     python benchmarks/ingest_throughput.py [--fetch-workers 8] [--workers 2] [--rounds 2] [--limit N]
 
-The bucket is served by moto's server on 127.0.0.1 and holds the real ABID sample
-(../shared/data/abid-sample, 1,731 photos; metadata generated from the counts) or, without it,
-pipeline.data.synth's generated bin photos at 640x480. Two numbers, in images per second, for the same images in the same process:
-  raw      scripts/preprocess on a local ABID folder: decode, check, resize, split, write;
-  ingest   the same script reading s3:// itself: the manifest's objects fetched (MD5-checked
-           against their ETags, written atomically) while they are decoded, checked, resized.
-The ratio ingest / raw is what reading from S3 costs (goal >= 0.8 with 8 fetch workers). The
-rounds alternate and the median is reported, so a machine shared with other work slows both.
+The bucket is served by moto's server in its own process on 127.0.0.1 and holds the real ABID
+sample (../shared/data/abid-sample, 1,731 photos; metadata generated from the counts) or, without
+it, pipeline.data.synth's generated bin photos at 640x480. Everything below runs in this process,
+each figure beside its baseline:
+
+  fetch    the fetch alone (fetch workers threads, no decoding), CPU seconds of this process per
+           photo (time.process_time: every thread, awscrt's native ones included; the server's
+           CPU is its own process's):
+             baseline   what Preprocess did before: metadata and photo each fetched to disk through
+                        botocore, the label read back from the file;
+             botocore   metadata read into memory (verified, never written), photo to disk;
+             crt        the same through awscrt's S3 client (when awscrt is installed).
+  decode   photos.decode on the same bytes in this process: the decode and check Preprocess makes
+           of every photo (draft decode at the resize target), and with resize + JPEG save.
+  job      scripts/preprocess end to end, wall clock: on a local folder (raw) and reading s3://
+           itself with each fetch above, alternating; median of the rounds.
+The goal: fetch CPU per photo <= 1.5 x decode+check CPU per photo.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -24,15 +34,21 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import abid
+import ingest
+import photos as photo_rule
 import preprocess
+import s3fetch
 from pipeline.data import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT.parent / "shared" / "data" / "abid-sample"
 BUCKET, PREFIX = "abid-bench", "abid/"
+GOAL = 1.5
 
 
 def photos(limit: int, scratch: Path) -> dict[str, tuple[bytes, bytes]]:
@@ -52,23 +68,81 @@ def photos(limit: int, scratch: Path) -> dict[str, tuple[bytes, bytes]]:
     return dict(items[:limit] if limit else items)
 
 
-def preprocess_seconds(source: str, manifest: Path, out: Path, workers: int, fetch_workers: int) -> float:
+# -- the fetch alone ------------------------------------------------------------------------------
+def baseline_label(mirror, image_id: str):
+    """Before: the metadata fetched to a file (ledger line and all), its label read back."""
+    return ingest.label_of(mirror.fetch(ingest.metadata_key(image_id)))
+
+
+def fetch_cpu(ids: list[str], transport: str, workers: int, scratch: Path, baseline=False) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) to fetch every id's label and photo."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    client = s3fetch.make_client(workers)
+    reader = s3fetch.make_reader(client, workers, transport)
+    mirror = s3fetch.Mirror(client, BUCKET, PREFIX, scratch, reader)
+    label = baseline_label if baseline else preprocess.fetch_label
+
+    def one(image_id: str):
+        got = label(mirror, image_id), mirror.fetch(ingest.image_key(image_id))
+        assert got[0][0] is not None and got[1].ok, got
+        return got
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, ids))
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    reader.close()
+    return cpu, wall
+
+
+def decode_cpu(data: dict[str, tuple[bytes, bytes]], scratch: Path) -> tuple[float, float]:
+    """CPU seconds of photos.decode (draft decode + check, as process_image calls it) over every
+    photo, and of process_image itself (decode, check, resize, JPEG save)."""
+    cpu = time.process_time()
+    for jpeg, _ in data.values():
+        photo_rule.decode(jpeg, min_side=32, draft=(256, 256))
+    check = time.process_time() - cpu
+    scratch.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for image_id, (jpeg, _) in data.items():
+        (scratch / f"{image_id}.src").write_bytes(jpeg)
+        tasks.append(preprocess.Task(image_id, str(scratch / f"{image_id}.src"),
+                                     str(scratch / f"{image_id}.jpg"), 256, 32))
+    cpu = time.process_time()
+    for task in tasks:
+        preprocess.process_image(task)
+    return check, time.process_time() - cpu
+
+
+# -- the job --------------------------------------------------------------------------------------
+def preprocess_run(source: str, manifest: Path, out: Path, workers: int, fetch_workers: int,
+                   transport: str = "botocore") -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and its decoding processes) of one Preprocess."""
     args = preprocess.build_parser().parse_args([
         "--input", source, "--manifest", str(manifest), "--output", str(out), "--resize", "256",
-        "--workers", str(workers), "--fetch-workers", str(fetch_workers)])
+        "--workers", str(workers), "--fetch-workers", str(fetch_workers), "--s3-client", transport])
     started, cpu = time.perf_counter(), os.times()
     report = preprocess.run(args)
     seconds, after = time.perf_counter() - started, os.times()
     assert report["totals"]["valid"] > 0, report["rejections_by_kind"]
-    # This process and its decoding processes: what the job itself costs, server aside.
-    used = sum(after[:4]) - sum(cpu[:4])
-    return seconds, used
+    return seconds, sum(after[:4]) - sum(cpu[:4])
+
+
+@contextlib.contextmanager
+def fetch_as_before():
+    """Preprocess with the fetch it had before (metadata to disk through botocore)."""
+    kept = preprocess.fetch_label
+    preprocess.fetch_label = baseline_label
+    try:
+        yield
+    finally:
+        preprocess.fetch_label = kept
 
 
 @contextlib.contextmanager
 def moto_process():
     """moto's server in its own process on 127.0.0.1 (in this process its request handling would
-    take the GIL from the fetch threads under measurement). Yields (URL, process)."""
+    take the GIL from the fetch threads, and its CPU would count as theirs). Yields (URL, process)."""
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -101,6 +175,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos")
     args = parser.parse_args()
+    transports = ["botocore", *(["crt"] if s3fetch.crt_available() else [])]
 
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp, moto_process() as (url, server):
         tmp = Path(tmp)
@@ -124,32 +199,60 @@ def main() -> int:
             manifest[str(json.loads(meta)["EXPECTED_QUANTITY"])].append(f"data/metadata/{image_id}.json")
         manifest_path = tmp / "file_list.json"
         manifest_path.write_text(json.dumps(manifest))
-        source = f"s3://{BUCKET}/{PREFIX}"
-        raw, ingest, served = [], [], []
-        preprocess_seconds(str(local), manifest_path, tmp / "warm", args.workers, args.fetch_workers)
+        source, ids, n = f"s3://{BUCKET}/{PREFIX}", sorted(data), len(data)
+        assert abid.load_manifest(manifest_path).keys() == set(ids)
+
+        # The fetch alone, then the decode alone, then the jobs; rounds alternate.
+        fetches: dict[str, list[tuple[float, float]]] = {"baseline": [], **{t: [] for t in transports}}
+        checks, full = [], []
+        jobs: dict[str, list[tuple[float, float]]] = {"raw": [], "s3 baseline": [], **{f"s3 {t}": [] for t in transports}}
+        served: dict[str, list[float]] = {name: [] for name in jobs}
+        fetch_cpu(ids[:50], "botocore", args.fetch_workers, tmp / "warm")  # imports, connections
+        preprocess_run(str(local), manifest_path, tmp / "warm-out", args.workers, args.fetch_workers)
         for _ in range(args.rounds):
-            raw.append(preprocess_seconds(str(local), manifest_path, tmp / "raw", args.workers, args.fetch_workers))
-            before = cpu_seconds(server.pid)
-            ingest.append(preprocess_seconds(source, manifest_path, tmp / "s3", args.workers, args.fetch_workers))
-            served.append(cpu_seconds(server.pid) - before)
-    n = len(data)
-    raw_rate = n / statistics.median(s for s, _ in raw)
-    ingest_rate = n / statistics.median(s for s, _ in ingest)
-    raw_cpu, ingest_cpu = statistics.median(c for _, c in raw), statistics.median(c for _, c in ingest)
+            fetches["baseline"].append(fetch_cpu(ids, "botocore", args.fetch_workers, tmp / "f", baseline=True))
+            for t in transports:
+                fetches[t].append(fetch_cpu(ids, t, args.fetch_workers, tmp / "f"))
+            check, whole = decode_cpu(data, tmp / "decode")
+            checks.append(check)
+            full.append(whole)
+            for name in jobs:
+                before = cpu_seconds(server.pid)
+                if name == "raw":
+                    jobs[name].append(preprocess_run(str(local), manifest_path, tmp / "out", args.workers,
+                                                     args.fetch_workers))
+                elif name == "s3 baseline":
+                    with fetch_as_before():
+                        jobs[name].append(preprocess_run(source, manifest_path, tmp / "out", args.workers,
+                                                         args.fetch_workers, "botocore"))
+                else:
+                    jobs[name].append(preprocess_run(source, manifest_path, tmp / "out", args.workers,
+                                                     args.fetch_workers, name.split()[1]))
+                served[name].append(cpu_seconds(server.pid) - before)
+
+    def ms(seconds: float) -> float:
+        return 1000 * seconds / n
+
+    check = ms(statistics.median(checks))
     where = "the real ABID sample" if SAMPLE.is_dir() else "generated 640x480 bin photos"
-    print(f"{n} photos ({where}), {args.workers} decode worker(s), {args.fetch_workers} fetch workers, "
-          f"median of {args.rounds} rounds")
-    print(f"raw     (local folder: decode+check+resize+split) {raw_rate:8.1f} images/s")
-    print(f"ingest  (s3:// from moto on 127.0.0.1, same work)  {ingest_rate:8.1f} images/s")
-    print(f"ratio   ingest / raw                               {ingest_rate / raw_rate:8.2f}")
-    server_cpu = statistics.median(served)
-    print(f"cpu     job {raw_cpu:.1f} s raw, {ingest_cpu:.1f} s ingest (ratio raw/ingest "
-          f"{raw_cpu / ingest_cpu:.2f}); the S3 server took another {server_cpu:.1f} s of the same "
-          f"{os.cpu_count()} cores")
-    # Where the server is not on this machine (real S3), the job's own CPU bounds the rate.
-    print(f"ingest with the server's CPU elsewhere (estimate: rate x (job+server CPU)/job CPU) "
-          f"{ingest_rate * (ingest_cpu + server_cpu) / ingest_cpu:8.1f} images/s, ratio "
-          f"{ingest_rate * (ingest_cpu + server_cpu) / ingest_cpu / raw_rate:.2f}")
+    print(f"{n} photos ({where}), {args.fetch_workers} fetch threads, {args.workers} decode worker(s), "
+          f"median of {args.rounds} rounds, {os.cpu_count()} cores")
+    print(f"decode+check                     {check:6.2f} ms CPU/photo (decode, check, resize, save: "
+          f"{ms(statistics.median(full)):.2f})")
+    base_cpu = ms(statistics.median(c for c, _ in fetches["baseline"]))
+    for name, runs in fetches.items():
+        cpu, wall = ms(statistics.median(c for c, _ in runs)), statistics.median(w for _, w in runs)
+        verdict = "meets" if cpu <= GOAL * check else "misses"
+        print(f"fetch {name:<10} {cpu:6.2f} ms CPU/photo = {cpu / check:4.2f}x decode+check ({verdict} "
+              f"<= {GOAL}x), {cpu / base_cpu:4.2f}x baseline; {n / wall:7.1f} photos/s")
+    if "crt" not in transports:
+        print("fetch crt        not measured: awscrt is not installed (pip install awscrt)")
+    raw_rate = n / statistics.median(s for s, _ in jobs["raw"])
+    for name, runs in jobs.items():
+        rate = n / statistics.median(s for s, _ in runs)
+        job_cpu = statistics.median(c for _, c in runs)
+        print(f"job   {name:<12} {rate:7.1f} images/s = {rate / raw_rate:4.2f}x raw; job CPU {job_cpu:5.1f} s, "
+              f"S3 server {statistics.median(served[name]):5.1f} s (same cores)")
     return 0
 
 

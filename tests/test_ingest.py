@@ -68,8 +68,10 @@ def test_fetch_in_process_mirrors_exactly_the_manifest_and_names_every_problem(d
     objects, manifest, expected = dataset
     with patched_environ(aws_env()), mock_aws():
         fill_bucket(boto3.client("s3"), objects)
+        # botocore: moto's in-process mock intercepts botocore only (the CRT would go out).
         report = ingest.fetch_dataset(SOURCE, tmp_path / "mirror",
-                                      write_manifest(tmp_path / "file_list.json", manifest), workers=4)
+                                      write_manifest(tmp_path / "file_list.json", manifest), workers=4,
+                                      s3_client="botocore")
     check_mirror_and_report(tmp_path / "mirror", dataset)
     reasons = {(p["id"], p["kind"]): p["reason"] for p in report["problems"]}
     assert "6324x6324" in reasons[("x_pngbomb", "too_large")]
@@ -195,6 +197,11 @@ def split_tree(out: Path) -> dict[str, bytes]:
             for s in ("train", "validation", "test") for p in sorted((out / s).rglob("*.jpg"))}
 
 
+def label_rejections(report: dict) -> set[tuple[str, str, str]]:
+    return {(r["id"], r["kind"], r["reason"]) for r in report["rejections"]
+            if r["kind"] in ("unlabelled", "manifest_mismatch")}
+
+
 def test_preprocess_reading_s3_equals_preprocess_on_the_mirror_and_shards_add_up(server, dataset, tmp_path):
     url, env = server
     manifest = write_manifest(tmp_path / "file_list.json", dataset[1])
@@ -203,16 +210,31 @@ def test_preprocess_reading_s3_equals_preprocess_on_the_mirror_and_shards_add_up
     local = run_preprocess(env, "--input", str(tmp_path / "mirror"), "--manifest", str(manifest),
                            "--output", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr
-    direct = run_preprocess(env, "--input", SOURCE, "--manifest", str(manifest),
-                            "--output", str(tmp_path / "direct"))
+    direct = run_preprocess(env, "--input", SOURCE, "--manifest", str(manifest), "--s3-client", "botocore",
+                            "--scratch", str(tmp_path / "scratch"), "--output", str(tmp_path / "direct"))
     assert direct.returncode == 0, direct.stderr
     assert split_tree(tmp_path / "direct") == split_tree(tmp_path / "local")
+    # The metadata is read into memory, never written: only the photos land on disk.
+    assert not (tmp_path / "scratch" / "metadata").exists()
+    assert (tmp_path / "scratch" / "bin-images" / "x_dup_a.jpg").exists()
 
     report = json.loads((tmp_path / "direct" / "report" / "data_report.json").read_text())
     kinds = {(r["id"], r["kind"]) for r in report["rejections"]}
     assert {("x_corrupt", "corrupt"), ("x_trunc", "truncated"), ("x_pngbomb", "too_large"),
             ("x_pngshort", "truncated"), ("x_mismatch", "manifest_mismatch"),
             ("x_deep", "unlabelled"), ("x_hugeint", "unlabelled")} <= kinds
+    # Judged in memory by the rule a metadata file on disk is judged by: the same reasons.
+    local_report = json.loads((tmp_path / "local" / "report" / "data_report.json").read_text())
+    assert len(label_rejections(local_report)) == 4  # no metadata, mismatch, deep, huge integer
+    assert label_rejections(report) == label_rejections(local_report) | {
+        ("x_missing", "unlabelled", "unlabelled: missing metadata")}  # not in the mirror at all
+    if s3fetch.crt_available():  # the CRT's GETs give the same output, byte for byte
+        crt = run_preprocess(env, "--input", SOURCE, "--manifest", str(manifest), "--s3-client", "crt",
+                             "--output", str(tmp_path / "crt"))
+        assert crt.returncode == 0, crt.stderr
+        assert split_tree(tmp_path / "crt") == split_tree(tmp_path / "direct")
+        crt_report = json.loads((tmp_path / "crt" / "report" / "data_report.json").read_text())
+        assert crt_report["rejections"] == report["rejections"]
     assert report["duplicates"][0]["ids"] == ["x_dup_a", "x_dup_b"]
     where = {p.stem: p.parts[-3] for p in (tmp_path / "direct").glob("*/*/x_dup_*.jpg")}
     assert set(where) == {"x_dup_a", "x_dup_b"} and len(set(where.values())) == 1
@@ -255,3 +277,104 @@ def test_runner_mirrors_s3_once_through_the_same_code_and_caches_preprocess(serv
     report = json.loads((invmon_home / "runs" / first["id"] / "Preprocess" / "processing" / "output"
                          / "report" / "data_report.json").read_text())
     assert report["totals"]["valid"] == len(dataset[2]["good"]) + 2  # + the duplicate pair
+
+
+# -- the CRT's S3 client (awscrt): used when installed ---------------------------------------------
+
+class FlakyStore:
+    """A tiny S3 stand-in on 127.0.0.1 that answers GETs as S3 does (ranges, ETags, XML errors):
+    503 SlowDown twice per key first, then the object; a wrong ETag for `bad/`; NoSuchKey for
+    what it does not hold. It records every request's headers."""
+
+    def __init__(self, objects: dict[str, bytes]):
+        import hashlib
+        import http.server
+        import threading
+
+        store, seen = self, []
+        self.seen = seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                seen.append((self.path, dict(self.headers)))
+                key = self.path.split("/", 2)[2]
+                if key not in objects:
+                    return self.answer(404, b"<Error><Code>NoSuchKey</Code><Message>no such key</Message></Error>")
+                if sum(p == self.path for p, _ in seen) <= 2:
+                    return self.answer(503, b"<Error><Code>SlowDown</Code><Message>Please reduce your "
+                                            b"request rate.</Message></Error>")
+                body = objects[key]
+                etag = hashlib.md5(b"other" if "/bad/" in key else body).hexdigest()
+                first, last = 0, len(body) - 1
+                if self.headers.get("Range"):
+                    first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+                    last = min(last, len(body) - 1)
+                self.answer(206 if self.headers.get("Range") else 200, body[first:last + 1],
+                            {"ETag": f'"{etag}"', "Content-Range": f"bytes {first}-{last}/{len(body)}"})
+
+            def answer(self, status, body, headers=None):
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        del store
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.skipif(not s3fetch.crt_available(), reason="awscrt is not installed (the CRT client is optional)")
+def test_crt_client_retries_throttling_checks_every_byte_and_signs_only_with_credentials(tmp_path):
+    photo = bytes(range(256)) * 40
+    store = FlakyStore({"abid/bin-images/a.jpg": photo, "abid/bad/b.jpg": photo,
+                        "abid/metadata/a.json": b'{"EXPECTED_QUANTITY": 3}'})
+    try:
+        with patched_environ(aws_env(store.url)):
+            reader = s3fetch.make_reader(None, 2, "crt")
+            assert isinstance(reader, s3fetch.CrtReader)
+            mirror = s3fetch.Mirror(None, BUCKET, PREFIX, tmp_path / "m", reader)
+            got = mirror.fetch("bin-images/a.jpg")
+            assert got.status == "fetched" and got.path.read_bytes() == photo
+            assert [p for p, _ in store.seen].count(f"/{BUCKET}/abid/bin-images/a.jpg") == 3  # 2 x 503
+            bad = mirror.fetch("bad/b.jpg")
+            assert bad.status == "failed" and "checksum mismatch" in bad.reason
+            assert not (tmp_path / "m" / "bad" / "b.jpg").exists()
+            assert mirror.fetch("bin-images/none.jpg").status == "missing"
+            meta = mirror.read("metadata/a.json", 1 << 20)
+            assert (meta.status, meta.body) == ("fetched", b'{"EXPECTED_QUANTITY": 3}')
+            assert ingest.label_of_read(mirror.read("metadata/none.json", 1 << 20)) == \
+                (None, "unlabelled: missing metadata")
+            assert ingest.label_of_read(mirror.read("metadata/a.json", 8))[1] == \
+                "unlabelled: metadata is 24 bytes, not an ABID metadata file"
+            assert all(h.get("Authorization", "").startswith("AWS4-HMAC-SHA256") for _, h in store.seen)
+        anonymous = {k: v for k, v in aws_env(store.url).items()
+                     if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+        store.seen.clear()
+        with patched_environ(anonymous):
+            mirror = s3fetch.Mirror(None, BUCKET, PREFIX, tmp_path / "anon", s3fetch.make_reader(None, 2, "crt"))
+            assert mirror.fetch("bin-images/a.jpg").status == "fetched"
+        assert store.seen and not any("Authorization" in h for _, h in store.seen)
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(s3fetch.crt_available(), reason="awscrt is installed")
+def test_asking_for_the_crt_client_without_awscrt_is_one_line(server, dataset, tmp_path):
+    url, env = server
+    manifest = write_manifest(tmp_path / "file_list.json", dataset[1])
+    done = run_preprocess(env, "--input", SOURCE, "--manifest", str(manifest), "--s3-client", "crt",
+                          "--output", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "preprocess: error: the CRT S3 client needs awscrt: pip install awscrt"

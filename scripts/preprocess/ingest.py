@@ -81,6 +81,17 @@ def label_of(meta: s3fetch.Fetched) -> tuple[int | None, str | None]:
     return abid.read_label(meta.path)
 
 
+def label_of_read(meta: s3fetch.Read) -> tuple[int | None, str | None]:
+    """The same judgement for metadata read into memory (Preprocess reading S3 itself)."""
+    if meta.status == "missing":
+        return None, "unlabelled: missing metadata"
+    if meta.status == "failed":
+        return None, f"unlabelled: metadata {meta.reason}"
+    if meta.size > abid.MAX_METADATA_BYTES or meta.size != len(meta.body):  # over the limit read
+        return None, f"unlabelled: metadata is {meta.size:,} bytes, not an ABID metadata file"
+    return abid.label_from_metadata(meta.body)
+
+
 @dataclass(frozen=True)
 class Checked:
     id: str
@@ -130,14 +141,16 @@ def write_json_atomic(path: Path, document: dict) -> None:
 
 def fetch_dataset(source: str, out: Path, manifest_path: Path | None = None,
                   rule: Selection = Selection(), workers: int = 16, min_size: int = 32,
-                  anonymous: bool | None = None, echo=print) -> dict:
-    """Mirror the selection into `out` and write out/fetch_report.json. Returns the report."""
+                  anonymous: bool | None = None, echo=print, s3_client: str = "auto") -> dict:
+    """Mirror the selection into `out` and write out/fetch_report.json. Returns the report.
+    `s3_client` picks what sends the GETs (s3fetch.make_reader)."""
     started = time.perf_counter()
     manifest = abid.load_manifest(manifest_path) if manifest_path else None
     bucket, prefix = s3fetch.parse_s3_uri(source)
     client = s3fetch.make_client(workers, anonymous)
-    s3fetch.check_bucket(client, bucket)
-    mirror = s3fetch.Mirror(client, bucket, prefix, out)
+    region = s3fetch.check_bucket(client, bucket)
+    mirror = s3fetch.Mirror(client, bucket, prefix, out,
+                            s3fetch.make_reader(client, workers, s3_client, anonymous, region))
     metas = resolve_selection(mirror, manifest, rule, workers)
 
     ids = list(metas)
@@ -152,6 +165,7 @@ def fetch_dataset(source: str, out: Path, manifest_path: Path | None = None,
         checked: list[Checked] = s3fetch.run_parallel(
             lambda i: check_one(mirror, i, metas[i], manifest.get(i) if manifest else None, min_size),
             ids, workers, bar, lambda c: bool(c.problems))
+    mirror.close()
 
     problems = sorted((p for c in checked for p in c.problems), key=lambda p: (p["id"], p["file"]))
     good = [c for c in checked if not c.problems]

@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes decoding and resizing (default min(4, cpus))")
     p.add_argument("--fetch-workers", type=positive_int, default=16,
                    help="threads reading S3 (with an s3:// input)")
+    p.add_argument("--s3-client", choices=("auto", "crt", "botocore"), default="auto",
+                   help="what sends the GETs: the AWS Common Runtime (awscrt), botocore, or auto: "
+                        "the CRT when awscrt is installed (default)")
     p.add_argument("--shard", type=shard_arg, default=Shard(0, 1),
                    help="auto (one shard per SageMaker processing instance) or I/N")
     p.add_argument("--scratch", default=None,
@@ -452,11 +455,12 @@ def s3_candidates(args, manifest: dict[str, int] | None, rule: Selection, scratc
     for the whole selection on every shard); images are fetched later, only the shard's."""
     bucket, prefix = s3fetch.parse_s3_uri(args.input)
     client = s3fetch.make_client(args.fetch_workers)
-    s3fetch.check_bucket(client, bucket)
-    mirror = s3fetch.Mirror(client, bucket, prefix, scratch)
+    region = s3fetch.check_bucket(client, bucket)
+    reader = s3fetch.make_reader(client, args.fetch_workers, args.s3_client, region=region)
+    mirror = s3fetch.Mirror(client, bucket, prefix, scratch, reader)
     if manifest is not None and not rule.active and args.shard.count == 1:
         # The common case (the reference recipe): nothing needs a label before the photos are in,
-        # so each id's metadata is fetched beside its photo, while earlier photos decode.
+        # so each id's metadata is read (into memory) beside its photo, while earlier photos decode.
         return [Candidate(i, scratch / ingest.image_key(i), ingest.image_key(i), None, DEFERRED)
                 for i in sorted(manifest)], mirror
     metas = ingest.resolve_selection(mirror, manifest, rule, args.fetch_workers)
@@ -476,15 +480,21 @@ def s3_content_ids(mirror, accepted: list[Candidate], workers: int) -> dict[str,
     return {c.id: s3fetch.plain_etag(etag) for c, (etag, _, _) in zip(accepted, heads)}
 
 
+def fetch_label(mirror, image_id: str) -> tuple[int | None, str | None]:
+    """A deferred label: the id's metadata read into memory (verified like a file, never written)
+    and judged by the rule a local metadata file is judged by."""
+    return ingest.label_of_read(mirror.read(ingest.metadata_key(image_id), abid.MAX_METADATA_BYTES))
+
+
 def fetch_and_process(mirror, candidates: list[Candidate], tasks: dict[str, Task],
-                      workers: int, fetch_workers: int, metas: dict | None = None) -> list[Result]:
+                      workers: int, fetch_workers: int, labels: dict | None = None) -> list[Result]:
     """Download and decode at once: each photo goes to a decoding process as soon as it lands
     (with its metadata first, when its label was deferred)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     def fetch(c: Candidate):
         if c.label_error == DEFERRED:
-            metas[c.id] = mirror.fetch(ingest.metadata_key(c.id))
+            labels[c.id] = fetch_label(mirror, c.id)
         return mirror.fetch(c.rel)
 
     results: list[Result] = []
@@ -571,6 +581,8 @@ def run(args: argparse.Namespace) -> dict:
         return _process(args, start, layout, manifest, manifest_path, rule, shard, out, staging,
                         candidates, mirror if from_s3 else None)
     finally:
+        if from_s3:
+            mirror.close()
         if scratch_owner is not None:
             scratch_owner.cleanup()
 
@@ -581,10 +593,10 @@ def _process(args, start, layout, manifest, manifest_path, rule, shard, out, sta
              for c in candidates}
     prefetched = None
     if any(c.label_error == DEFERRED for c in candidates):
-        metas: dict = {}
+        labels: dict = {}
         prefetched = {r.id: r for r in fetch_and_process(mirror, candidates, tasks, args.workers,
-                                                         args.fetch_workers, metas)}
-        candidates = [Candidate(c.id, c.path, c.rel, *ingest.label_of(metas[c.id])) for c in candidates]
+                                                         args.fetch_workers, labels)}
+        candidates = [Candidate(c.id, c.path, c.rel, *labels[c.id]) for c in candidates]
     accepted, rejections, manifest_info = select(candidates, manifest, rule)
     selected = len(accepted)
 

@@ -12,7 +12,10 @@ on SageMaker, so a photo reaches every executor through the same code:
   Content-Length, and a file is renamed into place only once complete, so a kill at any moment
   leaves no half-written file a later run could take for good;
 - a ledger (`.fetch-ledger.jsonl`) remembers what was verified, so a rerun after a kill or a
-  network failure fetches only what is missing or damaged.
+  network failure fetches only what is missing or damaged;
+- GETs go through a reader: botocore's client, or the AWS Common Runtime's S3 client (awscrt,
+  when installed) whose native HTTP stack and signer cost a fraction of botocore's Python CPU per
+  request (docs/benchmarks.md, `make bench-ingest`). HEAD and LIST stay with botocore.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from pathlib import Path
 
 LEDGER = ".fetch-ledger.jsonl"
 PART = ".part-"
+MAX_ATTEMPTS = 8  # botocore's standard retry mode: throttling, 5xx, connection errors
+CONNECT_TIMEOUT, READ_TIMEOUT = 10, 60
 
 
 class FetchError(Exception):
@@ -55,10 +60,10 @@ def make_client(workers: int, anonymous: bool | None = None):
     if anonymous is None:
         anonymous = session.get_credentials() is None
     config = Config(
-        retries={"mode": "standard", "max_attempts": 8},
-        max_pool_connections=max(10, workers * 2),
-        connect_timeout=10,
-        read_timeout=60,
+        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        max_pool_connections=max(1, workers),  # one connection per thread, kept and reused
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
         signature_version=UNSIGNED if anonymous else None,
     )
     region = session.region_name or "us-east-1"  # aft-vbi-pds lives in us-east-1
@@ -111,6 +116,7 @@ class Ledger:
         self.path = root / LEDGER
         self.entries: dict[str, dict] = {}
         self._lock = threading.Lock()
+        self._file = None
         if self.path.exists():
             for line in self.path.read_text(errors="replace").splitlines():
                 try:
@@ -131,10 +137,18 @@ class Ledger:
 
     def record(self, rel: str, size: int, md5: str, etag: str | None) -> None:
         entry = {"file": rel, "size": size, "md5": md5, "etag": etag}
+        line = json.dumps(entry, sort_keys=True) + "\n"
         with self._lock:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
+            if self._file is None:  # kept open: one write per line, each reaching the OS at once
+                self._file = open(self.path, "a", buffering=1)
+            self._file.write(line)
             self.entries[rel] = entry
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def md5_file(path: Path) -> str:
@@ -152,14 +166,166 @@ def clean_partials(root: Path) -> None:
             part.unlink(missing_ok=True)
 
 
+class BotoReader:
+    """GetObject through botocore: the body streamed to `sink` in 64 KiB blocks."""
+
+    name = "botocore"
+
+    def __init__(self, client):
+        self.client = client
+
+    def get(self, bucket: str, key: str, sink) -> tuple[str | None, int | None]:
+        """Stream the object into sink(bytes); (ETag, Content-Length). Raises botocore's errors."""
+        response = self.client.get_object(Bucket=bucket, Key=key)
+        for block in response["Body"].iter_chunks(1 << 16):
+            sink(block)
+        return response.get("ETag"), response.get("ContentLength")
+
+    def close(self) -> None:
+        pass
+
+
+class CrtError(Exception):
+    """An S3 error answer or a transport failure from awscrt, shaped like botocore's ClientError
+    (`response["Error"]["Code"]`) so that is_missing() and describe() read both the same way."""
+
+    def __init__(self, code: str, message: str, status: int | None = None):
+        super().__init__(f"{code}: {message}")
+        self.response = {"Error": {"Code": code, "Message": message},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+class CrtReader:
+    """GetObject through the AWS Common Runtime's S3 client: its native HTTP stack, signer and
+    retry strategy (standard, exponential backoff with jitter) instead of botocore's Python ones.
+    The endpoint, region and credentials are botocore's (AWS_ENDPOINT_URL and the rest, refreshed
+    credentials through a delegate); anonymous requests are unsigned."""
+
+    name = "awscrt"
+
+    def __init__(self, workers: int, anonymous: bool | None = None, region: str | None = None):
+        import boto3
+        from urllib.parse import urlsplit
+
+        from awscrt import auth, http, io, s3
+
+        self._s3, self._http = s3, http
+        session = boto3.Session()
+        credentials = session.get_credentials()
+        if anonymous is None:
+            anonymous = credentials is None
+        self.region = region or session.region_name or "us-east-1"  # the bucket's, when known
+        # botocore resolves the endpoint (AWS_ENDPOINT_URL, the region's S3 endpoint) once.
+        endpoint = urlsplit(session.client("s3", region_name=self.region).meta.endpoint_url)
+        self.host = endpoint.netloc
+        self.aws = (endpoint.hostname or "").endswith(".amazonaws.com")
+        signing = None
+        if not anonymous:
+            def frozen():
+                c = credentials.get_frozen_credentials()
+                return auth.AwsCredentials(c.access_key, c.secret_key, c.token)
+            signing = s3.create_default_s3_signing_config(
+                region=self.region, credential_provider=auth.AwsCredentialsProvider.new_delegate(frozen))
+        events = io.EventLoopGroup(1)  # one native thread: the fetch threads only wait on it
+        self.client = s3.S3Client(
+            bootstrap=io.ClientBootstrap(events, io.DefaultHostResolver(events)),
+            region=self.region, signing_config=signing,
+            tls_mode=s3.S3RequestTlsMode.DISABLED if endpoint.scheme == "http" else s3.S3RequestTlsMode.ENABLED,
+            max_active_connections_override=max(1, workers),
+            retry_config=s3.S3RetryConfig(max_retries=MAX_ATTEMPTS - 1),
+            connect_timeout_ms=CONNECT_TIMEOUT * 1000)
+
+    def _target(self, bucket: str, key: str) -> tuple[str, str]:
+        """(Host, path): virtual-hosted on AWS, path-style elsewhere (a local store's IP)."""
+        from urllib.parse import quote
+
+        path = "/" + quote(key, safe="/~")
+        if not self.aws or "." in bucket:
+            return self.host, f"/{bucket}{path}"
+        return f"{bucket}.{self.host}", path
+
+    def get(self, bucket: str, key: str, sink) -> tuple[str | None, int | None]:
+        host, path = self._target(bucket, key)
+        received: dict[str, str] = {}
+        request = self._http.HttpRequest("GET", path, self._http.HttpHeaders([("Host", host)]))
+        done = self.client.make_request(
+            type=self._s3.S3RequestType.GET_OBJECT, request=request,
+            on_headers=lambda status_code, headers, **_: received.update((k.lower(), v) for k, v in headers),
+            on_body=lambda chunk, **_: sink(chunk))
+        try:
+            done.finished_future.result(timeout=READ_TIMEOUT)
+        except TimeoutError:
+            done.cancel()  # a stalled transfer fails like botocore's read timeout mid-body
+            raise CrtError("RequestTimeout", f"no complete answer in {READ_TIMEOUT} s") from None
+        except self._s3.S3ResponseError as exc:
+            raise crt_error(exc) from None
+        except Exception as exc:  # noqa: BLE001 - awscrt's own (connection) errors, after its retries
+            raise CrtError(getattr(exc, "name", type(exc).__name__), str(exc)) from None
+        length = received.get("content-length", "")
+        return received.get("etag"), int(length) if length.isdigit() else None
+
+    def close(self) -> None:
+        self.client = None  # awscrt shuts its native client down when the last reference goes
+
+
+def crt_error(exc) -> CrtError:
+    """An S3 error answer (its XML <Code>) or the CRT's own error name."""
+    import re
+
+    body = (exc.body or b"")[:4096].decode("utf-8", "replace")
+    code = re.search(r"<Code>([^<]{1,64})</Code>", body)
+    message = re.search(r"<Message>([^<]{0,300})</Message>", body)
+    status = exc.status_code
+    return CrtError(code[1] if code else str(status or exc.name),
+                    message[1] if message else exc.message or "", status)
+
+
+def crt_available() -> bool:
+    try:
+        import awscrt.s3  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_reader(client, workers: int, transport: str = "auto", anonymous: bool | None = None,
+                region: str | None = None):
+    """The reader GETs go through: `crt` (awscrt), `botocore` (`client`), or `auto`: the CRT when
+    awscrt is installed, botocore otherwise. `region`: the bucket's (check_bucket's answer)."""
+    if transport not in ("auto", "crt", "botocore"):
+        raise FetchError(f"unknown S3 client {transport!r} (auto, crt or botocore)")
+    if transport == "crt" or (transport == "auto" and crt_available()):
+        if not crt_available():
+            raise FetchError("the CRT S3 client needs awscrt: pip install awscrt")
+        return CrtReader(workers, anonymous, region)
+    return BotoReader(client)
+
+
+@dataclass(frozen=True)
+class Read:
+    """A small object read into memory (metadata): at most `limit` + 1 bytes kept, `size` in all;
+    `status` is fetched | missing | failed."""
+
+    status: str
+    body: bytes = b""
+    size: int = 0
+    reason: str = ""
+
+
 class Mirror:
     """Objects under s3://bucket/prefix/ mirrored to `root` under the same relative keys."""
 
-    def __init__(self, client, bucket: str, prefix: str, root: Path):
+    def __init__(self, client, bucket: str, prefix: str, root: Path, reader=None):
         self.client, self.bucket, self.prefix, self.root = client, bucket, prefix, root
+        self.reader = reader or BotoReader(client)
         root.mkdir(parents=True, exist_ok=True)
         clean_partials(root)
         self.ledger = Ledger(root)
+        self._folders: set[Path] = set()  # made already: no mkdir per object
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.reader.close()
 
     def fetch(self, rel: str) -> Fetched:
         """Make `root/rel` an intact copy of `prefix + rel`, downloading only when needed."""
@@ -184,28 +350,46 @@ class Mirror:
         return f"s3://{self.bucket}/{self.prefix}{rel}"
 
     def _download(self, rel: str, path: Path) -> Fetched:
-        response = self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)
-        etag = response.get("ETag")
-        expected_size = response.get("ContentLength")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
         part = path.with_name(f".{path.name}{PART}{os.getpid()}-{threading.get_ident()}")
-        digest, size = hashlib.md5(usedforsecurity=False), 0
         try:
             with open(part, "wb") as out:
-                for block in response["Body"].iter_chunks(1 << 16):
-                    out.write(block)
-                    digest.update(block)
-                    size += len(block)
-            md5 = digest.hexdigest()
-            if expected_size is not None and size != expected_size:
-                return Fetched(rel, path, "failed", f"transfer cut short: {size} of {expected_size} bytes")
-            if plain_etag(etag) not in (None, md5):
-                return Fetched(rel, path, "failed", f"checksum mismatch: body MD5 {md5} != ETag {etag}")
+                body = _Body(out.write)
+                etag, expected_size = self.reader.get(self.bucket, self.prefix + rel, body)
+            problem = body.problem(etag, expected_size)
+            if problem:
+                return Fetched(rel, path, "failed", problem)
             os.replace(part, path)  # atomic: the name appears only with every byte behind it
         finally:
             part.unlink(missing_ok=True)
-        self.ledger.record(rel, size, md5, etag)
+        self.ledger.record(rel, body.size, body.md5, etag)
         return Fetched(rel, path, "fetched", etag=etag)
+
+    def read(self, rel: str, limit: int) -> Read:
+        """A small object into memory, checked as fetch() checks a file, never written to disk
+        (Preprocess's metadata: parsed once, kept nowhere). Past `limit` bytes the rest is only
+        counted, so a hostile size costs no memory."""
+        last = ""
+        for _ in range(2):
+            kept = bytearray()
+
+            def keep(block: bytes) -> None:
+                if len(kept) <= limit:
+                    kept.extend(block[: limit + 1 - len(kept)])
+
+            body = _Body(keep)
+            try:
+                etag, expected_size = self.reader.get(self.bucket, self.prefix + rel, body)
+            except Exception as exc:  # noqa: BLE001 - retried by the client already
+                if is_missing(exc):
+                    return Read("missing", reason=f"missing from {self.uri(rel)}")
+                return Read("failed", reason=f"fetch failed: {describe(exc)}")
+            last = body.problem(etag, expected_size)
+            if not last:
+                return Read("fetched", bytes(kept), body.size)
+        return Read("failed", reason=last)
 
     def head_etag(self, rel: str) -> tuple[str | None, int | None, str]:
         """(ETag, size, problem) of one object without reading it."""
@@ -236,17 +420,48 @@ class Mirror:
         return keys
 
 
-def check_bucket(client, bucket: str) -> None:
-    """Fail early, with one line, on a bucket that does not exist or cannot be read."""
+class _Body:
+    """A sink for a GET's body: each block to `write`, counted and MD5-hashed on the way."""
+
+    def __init__(self, write):
+        self.write, self.size, self.digest = write, 0, hashlib.md5(usedforsecurity=False)
+
+    def __call__(self, block: bytes) -> None:
+        self.write(block)
+        self.digest.update(block)
+        self.size += len(block)
+
+    @property
+    def md5(self) -> str:
+        return self.digest.hexdigest()
+
+    def problem(self, etag: str | None, expected_size: int | None) -> str:
+        if expected_size is not None and self.size != expected_size:
+            return f"transfer cut short: {self.size} of {expected_size} bytes"
+        if plain_etag(etag) not in (None, self.md5):
+            return f"checksum mismatch: body MD5 {self.md5} != ETag {etag}"
+        return ""
+
+
+def check_bucket(client, bucket: str) -> str | None:
+    """Fail early, with one line, on a bucket that does not exist or cannot be read. Returns the
+    bucket's region when S3 says it (botocore follows a wrong region's redirect itself; the CRT
+    client must be told)."""
     try:
-        client.head_bucket(Bucket=bucket)
+        response = client.head_bucket(Bucket=bucket)
     except Exception as exc:  # noqa: BLE001
         code = error_code(exc)
         if code in ("404", "NoSuchBucket"):
             raise FetchError(f"bucket {bucket!r} does not exist") from None
-        if code in ("403", "AccessDenied"):
-            return  # some public buckets refuse HeadBucket yet allow GetObject
+        if code in ("403", "AccessDenied"):  # some public buckets refuse HeadBucket yet allow GetObject
+            return bucket_region(getattr(exc, "response", None))
         raise FetchError(f"cannot reach bucket {bucket!r}: {describe(exc)}") from None
+    return bucket_region(response)
+
+
+def bucket_region(response: dict | None) -> str | None:
+    headers = (response or {}).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    return headers.get("x-amz-bucket-region") or None
 
 
 def progress(total: int, desc: str):
