@@ -25,6 +25,9 @@ STEP = ProcessingStep(
         "--manifest", MANIFEST,
         "--output", OUTPUT,
         "--resize", Param("ResizeShortSide"),
+        # The model's side: the monitoring baseline's image statistics are measured there, on
+        # every photo as received (report/image_statistics.json).
+        "--statistics-side", Param("ImageSize"),
         "--seed", Param("Seed"),
         "--counts", Param("SelectCounts"),
         "--per-count", Param("PerCount"),

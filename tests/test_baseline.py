@@ -162,7 +162,10 @@ def test_evaluate_writes_the_baseline_beside_evaluation_json(evaluated, test_spl
     root, artifact, baseline, stdout = evaluated
     evaluation = json.loads((root / "out" / "evaluation.json").read_text())
     assert baseline["model"] == {"model_id": "baseline-model", "artifact_sha256": evaluation["artifact"]["sha256"]}
-    assert baseline["made"]["photos"] == evaluation["test_images"] == 30 and baseline["notes"] == []
+    assert baseline["made"]["photos"] == evaluation["test_images"] == 30
+    # Without Preprocess's statistics of the photos as received, the test split's own, and a note.
+    assert [n for n in baseline["notes"] if "test split's resized copies" in n] == baseline["notes"] != []
+    assert baseline["image_statistics"]["from"] == "the test split"
     with open(root / "out" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     predicted = [int(r["prediction"]) for r in rows]
@@ -195,6 +198,43 @@ def test_evaluate_writes_the_baseline_beside_evaluation_json(evaluated, test_spl
     projected = (embeddings - mean) @ directions.T
     np.testing.assert_allclose(baseline_module.decode_array(summary["sample"]), projected[reference], atol=1e-3)
     np.testing.assert_allclose(summary["mean"], projected.mean(0), atol=1e-4)
+
+
+def test_the_image_statistics_are_of_every_photo_as_received_not_the_resized_copies(tmp_path, bin_photos):
+    """Preprocess measures every accepted photo as sent (--statistics-side: the model's side) and
+    Evaluate's baseline takes those: a served photo has its camera's size and sharpness, not
+    those of the copy resized for training."""
+    source = tmp_path / "photos"
+    for count in range(1, 6):
+        (source / str(count)).mkdir(parents=True)
+        for photo in sorted((bin_photos / str(count)).glob("*.jpg"))[:5]:
+            shutil.copy(photo, source / str(count) / photo.name)
+    preprocess = ROOT / "scripts" / "preprocess" / "preprocess.py"
+    subprocess.run([sys.executable, str(preprocess), "--input", str(source), "--output", str(tmp_path / "data"),
+                    "--manifest", "", "--resize", "48", "--statistics-side", "64", "--workers", "1"],
+                   check=True, capture_output=True, timeout=300)
+    artifact = make_artifact(tmp_path / "model", seed=3, image_size=64, model_id="baseline-model")
+    subprocess.run([sys.executable, str(EVALUATE), "--model", str(artifact), "--test", str(tmp_path / "data" / "test"),
+                    "--data-report", str(tmp_path / "data" / "report"), "--output", str(tmp_path / "out"),
+                    "--corruptions", "none"], check=True, capture_output=True, timeout=300)
+    baseline = json.loads((tmp_path / "out" / "baseline.json").read_text())
+    stats = baseline["image_statistics"]
+    originals = sorted(source.glob("*/*.jpg"))
+    assert stats["photos"] == len(originals) > baseline["made"]["photos"]  # every split, not the test split
+    assert stats["from"].startswith("every photo Preprocess accepted, as received")
+    assert not any("resized copies" in note for note in baseline["notes"])
+    expected = [photos.statistics(photos.decode(p.read_bytes()), 64) for p in originals]
+    for name in photos.STATISTICS:
+        assert sorted(stats["values"][name]) == sorted(e[name] for e in expected), name
+    assert min(stats["values"]["width"]) > 48 and min(stats["values"]["height"]) > 48  # not the 48 px copies
+
+    # Measured at another side than the model's: not comparable, so the test split's, with why.
+    subprocess.run([sys.executable, str(EVALUATE), "--model", str(make_artifact(tmp_path / "other", seed=3, image_size=32)),
+                    "--test", str(tmp_path / "data" / "test"), "--data-report", str(tmp_path / "data" / "report"),
+                    "--output", str(tmp_path / "out32"), "--corruptions", "none"], check=True, capture_output=True, timeout=300)
+    other = json.loads((tmp_path / "out32" / "baseline.json").read_text())
+    assert other["image_statistics"]["from"] == "the test split"
+    assert any("at 64 px, the model sees 32 px" in note for note in other["notes"])
 
 
 def test_the_baseline_does_not_depend_on_the_batch_size(evaluated, test_split, tmp_path):

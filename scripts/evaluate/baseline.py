@@ -12,8 +12,10 @@ decoding, the same forward passes), so it travels with every registered version.
   test then found drift in 22% of windows of unchanged real photos at a 5% level (in 5% with the
   parts apart; docs/monitoring.md). Their mean and covariance summarise all of them;
 - predicted counts: the histogram of the model's answers on the test photos;
-- image statistics: brightness, contrast, sharpness, width and height of every test photo
-  (photos.statistics, the definition the endpoint's capture and the monitor use too).
+- image statistics: brightness, contrast, sharpness, width and height (photos.statistics, the
+  definition the endpoint's capture and the monitor use too) of every photo Preprocess accepted,
+  as received (its report/image_statistics.json); of the test photos when Preprocess did not
+  measure them at the model's side.
 
 Arrays are stored as {"dtype": "float32", "shape": [...], "base64": ...} (little-endian): a
 32 x 1280 projection is 160 KB that way, against 500 KB as JSON numbers.
@@ -87,7 +89,7 @@ def embedding_summary(embeddings: np.ndarray, seed: int, sample: int = SAMPLE,
 
 
 def statistics_summary(stats: list[dict], names: tuple[str, ...], side: int, seed: int,
-                       sample: int = STATISTICS_SAMPLE) -> dict:
+                       sample: int = STATISTICS_SAMPLE, source: str = "the test split") -> dict:
     rng = np.random.default_rng([seed, 1])
     kept = np.sort(rng.choice(len(stats), min(sample, len(stats)), replace=False)) if stats else []
     values = {name: [stats[i][name] for i in kept] for name in names}
@@ -96,13 +98,13 @@ def statistics_summary(stats: list[dict], names: tuple[str, ...], side: int, see
         column = np.array([s[name] for s in stats], dtype=np.float64)
         summary[name] = {"mean": round(float(column.mean()), 6), "sd": round(float(column.std()), 6),
                          **{f"p{q}": round(float(np.percentile(column, q)), 6) for q in (5, 50, 95)}}
-    return {"side": int(side), "photos": len(stats), "names": list(names), "values": values,
+    return {"side": int(side), "photos": len(stats), "from": source, "names": list(names), "values": values,
             "summary": summary}
 
 
 def build(*, model_id: str | None, artifact_sha256: str, counts: list[int], labels: list[int],
           embeddings: np.ndarray | None, stats: list[dict], stat_names: tuple[str, ...],
-          side: int | None, seed: int, notes: list[str]) -> dict:
+          side: int | None, seed: int, notes: list[str], statistics_from: str = "the test split") -> dict:
     """The whole baseline.json. `embeddings` None or `stats` empty: that part is missing, and
     `notes` says why (an artifact made before its serving code could give them)."""
     histogram = {str(label): 0 for label in labels}
@@ -122,5 +124,5 @@ def build(*, model_id: str | None, artifact_sha256: str, counts: list[int], labe
     if embeddings is not None and len(embeddings) >= 4:
         baseline["embeddings"] = embedding_summary(embeddings, seed)
     if stats and side:
-        baseline["image_statistics"] = statistics_summary(stats, stat_names, side, seed)
+        baseline["image_statistics"] = statistics_summary(stats, stat_names, side, seed, source=statistics_from)
     return baseline

@@ -454,7 +454,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                             "rmse": round(rmse(y_true, np.array(predicted)), 6),
                             "severity": SEVERITY[kind]}
     sha256 = file_sha256(tarball)
-    baseline = make_baseline(scores, identity, sha256, labels, embed, stat_names, side, args.seed)
+    received = read_received_statistics(args.data_report, side, stat_names)
+    baseline = make_baseline(scores, identity, sha256, labels, embed, stat_names, side, args.seed, received)
     report.update({
         # What was scored, byte for byte: Register records it and every deploy checks it.
         "artifact": {"sha256": sha256},
@@ -490,8 +491,34 @@ def evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
+def read_received_statistics(data_report: str | None, side: int | None,
+                             names: tuple[str, ...]) -> tuple[list[dict] | None, str]:
+    """Preprocess's image statistics of every photo as received (report/image_statistics*.json,
+    one per shard), when they were measured at the model's side: (rows, where from), else
+    (None, why not)."""
+    folder = Path(data_report) if data_report else None
+    files = sorted(folder.glob("image_statistics*.json")) if folder and folder.is_dir() else []
+    if not files or not side or not names:
+        return None, "no image statistics from Preprocess (made before it wrote them)"
+    rows = []
+    for path in files:
+        document = read_json(path) or {}
+        if document.get("side") != side or not set(names) <= set(document.get("names", ())):
+            return None, (f"Preprocess measured its image statistics at {document.get('side')} px, "
+                          f"the model sees {side} px")
+        values = document["values"]
+        rows += [{name: values[name][i] for name in names} for i in range(int(document["photos"]))]
+    return (rows, f"every photo Preprocess accepted, as received ({len(rows)})") if rows else \
+        (None, "Preprocess accepted no photos")
+
+
 def make_baseline(scores: Scores, identity: str | None, sha256: str, labels: list[int], embed: bool,
-                  stat_names: tuple[str, ...], side: int | None, seed: int) -> dict:
+                  stat_names: tuple[str, ...], side: int | None, seed: int,
+                  received: tuple[list[dict] | None, str] = (None, "")) -> dict:
+    """baseline.json. Its image statistics are those of the photos as the endpoint receives them
+    (Preprocess's, every split) when Preprocess measured them at the model's side: the test
+    split's copies are resized and re-encoded, so their size and sharpness are not a served
+    photo's. Else the test split's, and a note says so."""
     notes = []
     embeddings = np.concatenate(scores.embeddings) if scores.embeddings else None
     if not embed:
@@ -500,9 +527,14 @@ def make_baseline(scores: Scores, identity: str | None, sha256: str, labels: lis
         notes.append("no embeddings: the artifact's network has no counting head to read them from")
     if not stat_names:
         notes.append("no image statistics: the artifact's code/photos.py has no statistics()")
+    stats, source = received
+    if stat_names and stats is None:
+        notes.append(f"image statistics of the test split's resized copies, not of photos as received: {source}")
     return drift_baseline.build(model_id=identity, artifact_sha256=sha256, counts=scores.y_pred,
-                                labels=labels, embeddings=embeddings, stats=scores.image_stats,
-                                stat_names=stat_names, side=side, seed=seed, notes=notes)
+                                labels=labels, embeddings=embeddings,
+                                stats=stats if stats is not None else scores.image_stats,
+                                stat_names=stat_names, side=side, seed=seed, notes=notes,
+                                statistics_from=source if stats is not None else "the test split")
 
 
 def baseline_line(baseline: dict) -> str:

@@ -16,6 +16,9 @@ Output (--output):
   <split>/manifest.csv       the index: id,count,width,height,md5 (manifest-<host>.csv per shard)
   report/data_report.json    layout, selection, totals, counts per split and class, rejections,
                              duplicate groups (data_report-<host>.json per shard)
+  report/image_statistics.json   with --statistics-side: every written photo's brightness,
+                             contrast, sharpness and size as received, by split (Evaluate's
+                             monitoring baseline)
 
 Every photo is judged by scripts/inference/photos.py, the rule serving uses too. Exact
 duplicates (same bytes under two ids) are flagged and each group kept in one split, so the same
@@ -54,6 +57,7 @@ from abid import CLASSES, LAYOUT_ABID, LAYOUT_FOLDERS, InputError, Selection
 
 SPLITS = ("train", "validation", "test")
 JPEG_QUALITY = 90
+STATISTICS_FILE = "image_statistics"  # report/image_statistics.json, with --statistics-side
 EXAMPLES = 10  # how many ids the report lists for long lists (missing ids, ...)
 RESOURCE_CONFIG = "/opt/ml/config/resourceconfig.json"
 DEFERRED = "label deferred: metadata is fetched with the photo"
@@ -80,6 +84,7 @@ class Task:
     staged: str
     resize: int
     min_size: int
+    statistics_side: int = 0  # > 0: measure photos.statistics of the photo as received, at this side
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class Result:
     height: int = 0
     md5: str = ""
     source_short_side: int = 0
+    statistics: dict | None = None  # photos.statistics of the photo as the endpoint would receive it
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="downsample every count to the smallest count's size (seeded)")
     p.add_argument("--min-size", type=positive_int, default=32,
                    help="reject images whose short side is below this")
+    p.add_argument("--statistics-side", type=non_negative_int, default=0,
+                   help="the model's image size: write report/image_statistics.json, every photo's "
+                        "brightness, contrast, sharpness and size as received, for the monitoring "
+                        "baseline (default 0: not written)")
     p.add_argument("--workers", type=positive_int, default=default_workers(),
                    help="processes decoding and resizing (default min(4, cpus))")
     p.add_argument("--fetch-workers", type=positive_int, default=16,
@@ -300,11 +310,18 @@ def process_image(task: Task) -> Result:
     except photos.ImageRejected as e:
         return Result(task.id, e.kind, e.reason, md5=md5)
     width, height = rgb.info["source_size"]
+    stats = None
+    if task.statistics_side:
+        # The monitoring baseline's image statistics: of the photo as sent, decoded whole as the
+        # endpoint decodes it, not of the resized copy the model trains on (whose size and
+        # sharpness differ from every served photo's).
+        whole = rgb if rgb.size == (width, height) else photos.decode(data, min_side=task.min_size)
+        stats = photos.statistics(whole, task.statistics_side)
     size = target_size(width, height, task.resize)
     if size != rgb.size:
         rgb = rgb.resize(size, photos.Image.Resampling.BICUBIC)
     rgb.save(task.staged, "JPEG", quality=JPEG_QUALITY)
-    return Result(task.id, None, None, *size, md5=md5, source_short_side=min(width, height))
+    return Result(task.id, None, None, *size, md5=md5, source_short_side=min(width, height), statistics=stats)
 
 
 def run_tasks(tasks: list[Task], workers: int) -> list[Result]:
@@ -589,8 +606,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def _process(args, start, layout, manifest, manifest_path, rule, shard, out, staging,
              candidates, mirror) -> dict:
-    tasks = {c.id: Task(c.id, str(c.path), str(staging / f"{c.id}.jpg"), args.resize, args.min_size)
-             for c in candidates}
+    tasks = {c.id: Task(c.id, str(c.path), str(staging / f"{c.id}.jpg"), args.resize, args.min_size,
+                        args.statistics_side) for c in candidates}
     prefetched = None
     if any(c.label_error == DEFERRED for c in candidates):
         labels: dict = {}
@@ -683,7 +700,22 @@ def _process(args, start, layout, manifest, manifest_path, rule, shard, out, sta
     }
     (out / "report").mkdir(parents=True, exist_ok=True)
     (out / "report" / f"data_report{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.statistics_side:
+        write_statistics(out / "report" / f"{STATISTICS_FILE}{suffix}.json", args.statistics_side, splits, results)
     return report
+
+
+def write_statistics(path: Path, side: int, splits: dict, results: dict[str, Result]) -> None:
+    """Every written photo's photos.statistics, by split: Evaluate's monitoring baseline takes them
+    from here (all splits: image statistics are not fitted by training, and more photos make a
+    steadier reference)."""
+    rows = [(split, results[i].statistics) for split in SPLITS for ids in splits[split].values() for i in ids
+            if results[i].statistics is not None]
+    names = list(photos.STATISTICS)
+    document = {"side": side, "names": names, "photos": len(rows),
+                "split": [split for split, _ in rows],
+                "values": {name: [stats[name] for _, stats in rows] for name in names}}
+    path.write_text(json.dumps(document) + "\n")
 
 
 def count_kinds(rejections: list[dict]) -> dict[str, int]:
