@@ -370,9 +370,13 @@ def test_crt_client_retries_throttling_checks_every_byte_and_signs_only_with_cre
         store.close()
 
 
-@pytest.mark.skipif(s3fetch.crt_available(), reason="awscrt is installed")
 def test_asking_for_the_crt_client_without_awscrt_is_one_line(server, dataset, tmp_path):
+    """A container image without awscrt (it is a project dependency, so hide it here)."""
     url, env = server
+    hidden = tmp_path / "no-awscrt"
+    (hidden / "awscrt").mkdir(parents=True)
+    (hidden / "awscrt" / "__init__.py").write_text('raise ImportError("no awscrt in this image")\n')
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hidden), env.get("PYTHONPATH", "")]))}
     manifest = write_manifest(tmp_path / "file_list.json", dataset[1])
     done = run_preprocess(env, "--input", SOURCE, "--manifest", str(manifest), "--s3-client", "crt",
                           "--output", str(tmp_path / "out"))
