@@ -254,6 +254,8 @@ def test_deploy_of_a_version_not_approved_is_refused_and_changes_nothing(sm, cap
 
 
 def test_a_second_deploy_updates_in_place_with_blue_green_and_auto_rollback(sm, capsys, updates):
+    """The update's traffic shifting itself (canary, linear, staging's all at once) is in
+    tests/test_rollout.py."""
     for version in (1, 2):
         sm.update_model_package(ModelPackageArn=package(sm, version)["ModelPackageArn"],
                                 ModelApprovalStatus="Approved")
@@ -266,11 +268,12 @@ def test_a_second_deploy_updates_in_place_with_blue_green_and_auto_rollback(sm, 
     (request,) = updates
     assert request["EndpointName"] == "bin-count-production"
     policy = request["DeploymentConfig"]["BlueGreenUpdatePolicy"]
-    assert policy["TrafficRoutingConfiguration"]["Type"] == "ALL_AT_ONCE"
+    assert policy["TrafficRoutingConfiguration"]["Type"] == "CANARY"
     assert policy["TerminationWaitInSeconds"] > 0  # the old fleet is kept while the new one bakes
     assert request["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [
         {"AlarmName": "bin-count-production-invocation-5xx"},
-        {"AlarmName": "bin-count-production-model-latency"}]}
+        {"AlarmName": "bin-count-production-model-latency-p99"},
+        {"AlarmName": "bin-count-production-low-confidence"}]}
     _, configs, endpoints = resources(sm)
     assert endpoints == ["bin-count-production"] and len(configs) == 2  # updated in place
     assert sm.describe_endpoint(EndpointName="bin-count-production")["EndpointConfigName"] == \
@@ -437,14 +440,30 @@ def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_pa
                 env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
             assert done.returncode == 0, done.stderr
             first, again = (json.loads(line) for line in done.stdout.splitlines())
+            name = sm.list_endpoint_configs()["EndpointConfigs"][0]["EndpointConfigName"]
             assert first == {"deployed": True, "endpoint": "bin-count-production", "version": 2,
                              "message": "bin-count-production now serves bin-count/2",
-                             "event": "bin-count/2 Approved"}
+                             "event": "bin-count/2 Approved",
+                             "rollout": "new endpoint: it takes all traffic once InService (no fleet to shift from)",
+                             "pruned": f"bin-count-production: nothing to delete; kept {name} (current, version 2)"}
             assert again["deployed"] is False and "already serves bin-count/2" in again["message"]
             models, configs, endpoints = resources(sm)
             assert endpoints == ["bin-count-production"] and len(models) == len(configs) == 1
             assert sm.describe_model(ModelName=models[0])["Containers"][0]["Environment"][
                 "INVMON_MODEL_PACKAGE_ARN"] == package(sm, 2)["ModelPackageArn"]
+
+            # The endpoint's InService event (rule EndpointInServiceRule): its scaling, from the zip.
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", LAMBDA_RUNNER, str(archive), str(EVENTS / "endpoint_in_service.json")],
+                env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            (scaled,) = (json.loads(line) for line in done.stdout.splitlines())
+            assert scaled["scaling"] == ("bin-count-production scales between 2 and 4 instances at 600 "
+                                         "invocations a minute per instance")
+            (target,) = boto3.Session(region_name=REGION).client("application-autoscaling").describe_scalable_targets(
+                ServiceNamespace="sagemaker")["ScalableTargets"]
+            assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
+                "endpoint/bin-count-production/variant/AllTraffic", 2, 4)
 
 
 def test_models_show_names_the_report_the_register_step_recorded(sm, capsys):

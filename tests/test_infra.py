@@ -21,7 +21,8 @@ EVENTS = Path(__file__).parent / "events"
 # Actions that take no resource-level permission: "*" is the only resource IAM accepts.
 NO_RESOURCE_ACTIONS = {"ecr:GetAuthorizationToken", "sts:GetCallerIdentity",
                        "cloudwatch:PutMetricData", "sagemaker:ListModelPackages",
-                       "sagemaker:ListModelPackageGroups", "sagemaker:ListProcessingJobs"}
+                       "sagemaker:ListModelPackageGroups", "sagemaker:ListProcessingJobs",
+                       "sagemaker:ListEndpointConfigs", "application-autoscaling:DescribeScalableTargets"}
 
 
 class CfnLoader(yaml.SafeLoader):
@@ -471,3 +472,143 @@ def test_the_failed_monitor_job_rule_matches_only_this_groups_monitor_jobs(templ
                                         "Resources": []}])
         received = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
     assert [json.loads(m["Body"])["detail"]["ProcessingJobName"] for m in received] == ["bin-count-mon-prod-2612060300"]
+
+
+# --------------------------------------------------------------------------- rollout, scaling, clean-up
+
+
+def test_the_deploy_function_gets_the_rollout_and_scaling_the_template_sets(template):
+    """Every INVMON_* variable the deploy code reads is set on the function, each from the stack
+    parameter of that name, and the parameters' defaults are the code's own."""
+    import re
+
+    variables = template["Resources"]["DeployFunction"]["Properties"]["Environment"]["Variables"]
+    read = set(re.findall(r"INVMON_[A-Z0-9_]+", (ROOT / "pipeline" / "registry" / "deploy.py").read_text()))
+    read -= {"INVMON_MODEL_PACKAGE_ARN", "INVMON_ARTIFACT_SHA256"}  # the model's environment, not the function's
+    assert read <= set(variables), read - set(variables)
+    wiring = {"INVMON_ROLLOUT_MODE": "ProductionRolloutMode", "INVMON_ROLLOUT_PERCENT": "ProductionRolloutPercent",
+              "INVMON_ROLLOUT_WAIT_SECONDS": "ProductionRolloutWaitSeconds",
+              "INVMON_ROLLOUT_TERMINATION_WAIT_SECONDS": "ProductionTerminationWaitSeconds",
+              "INVMON_MIN_CAPACITY_PROD": "ProductionMinCapacity", "INVMON_MAX_CAPACITY_PROD": "ProductionMaxCapacity",
+              "INVMON_MIN_CAPACITY_STAGING": "StagingMinCapacity", "INVMON_MAX_CAPACITY_STAGING": "StagingMaxCapacity",
+              "INVMON_INVOCATIONS_PER_INSTANCE": "InvocationsPerInstanceTarget"}
+    assert {v: variables[v] for v in wiring} == {v: {"!Ref": p} for v, p in wiring.items()}
+    parameters = template["Parameters"]
+    defaults = {name: str(parameters[p]["Default"]) for name, p in wiring.items()}
+    rollout, scaling = deploy.rollout_settings(defaults)
+    assert (rollout, scaling) == deploy.rollout_settings({})  # the template's defaults are the code's
+    assert parameters["ProductionRolloutMode"]["AllowedValues"] == list(deploy.ROLLOUT_MODES)
+
+
+def test_the_rollback_alarms_watch_errors_p99_latency_and_low_confidence(template):
+    alarms = {a["Properties"]["AlarmName"]["!Sub"]: a["Properties"]
+              for a in resources(template, "AWS::CloudWatch::Alarm").values()}
+    for stage in deploy.STAGES:
+        endpoint = deploy.endpoint_name("${ModelPackageGroupName}", stage)
+        errors, latency, confidence = (alarms[name] for name in deploy.alarm_names(endpoint))
+        assert (errors["Namespace"], errors["MetricName"], errors["Statistic"]) == (
+            "AWS/SageMaker", "Invocation5XXErrors", "Sum")
+        assert (latency["Namespace"], latency["MetricName"], latency["ExtendedStatistic"]) == (
+            "AWS/SageMaker", "ModelLatency", "p99")
+        assert "Statistic" not in latency  # CloudWatch takes one or the other
+        assert latency["Threshold"] == {"!Ref": "LatencyP99ThresholdMicroseconds"}
+        assert (confidence["Namespace"], confidence["MetricName"], confidence["Statistic"]) == (
+            deploy.LOW_CONFIDENCE_NAMESPACE, deploy.LOW_CONFIDENCE_METRIC, "Average")  # the share of answers
+        assert confidence["Dimensions"] == [{"Name": "EndpointName", "Value": {"!Sub": endpoint}}]
+        assert confidence["TreatMissingData"] == "notBreaching"  # no publisher yet: no data is no alarm
+        for alarm in (errors, latency, confidence):
+            assert alarm["AlarmActions"] == [{"!Ref": "AlertsTopic"}]
+
+
+def test_the_in_service_rule_matches_only_the_groups_two_endpoints_coming_in_service(template):
+    import boto3
+    from moto import mock_aws
+
+    rule = template["Resources"]["EndpointInServiceRule"]["Properties"]
+    assert rule["Targets"] == [{"Id": "deploy-function", "Arn": {"!GetAtt": "DeployFunction.Arn"}}]
+    pattern = json.loads(json.dumps(rule["EventPattern"]).replace("${ModelPackageGroupName}", "bin-count")
+                         .replace('{"!Sub": "bin-count-production"}', '"bin-count-production"')
+                         .replace('{"!Sub": "bin-count-staging"}', '"bin-count-staging"'))
+    with patched_environ(aws_env()), mock_aws():
+        session = boto3.Session(region_name=REGION)
+        sqs, events = session.client("sqs"), session.client("events")
+        queue = sqs.create_queue(QueueName="deploy-function-stand-in")["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        events.put_rule(Name="in-service", EventPattern=json.dumps(pattern))
+        events.put_targets(Rule="in-service", Targets=[{"Id": "1", "Arn": arn}])
+        for path in sorted(EVENTS.glob("*.json")):
+            event = json.loads(path.read_text())
+            events.put_events(Entries=[{"Source": event["source"], "DetailType": event["detail-type"],
+                                        "Detail": json.dumps(event["detail"]), "Resources": event["resources"]}])
+        received = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    assert sorted(json.loads(m["Body"])["detail"]["EndpointName"] for m in received) == [
+        "bin-count-production", "bin-count-staging"]
+    invokers = {r["Properties"]["SourceArn"]["!GetAtt"] for r in resources(template, "AWS::Lambda::Permission").values()
+                if r["Properties"]["FunctionName"] == {"!Ref": "DeployFunction"}}
+    assert invokers == {"ApprovalRule.Arn", "EndpointInServiceRule.Arn"}
+
+
+ARN = "arn:aws:sagemaker:us-east-1:123456789012"
+
+
+def test_no_role_may_delete_another_groups_models_or_configs(template):
+    """The clean-up deletes only models and endpoint configs of the group's two endpoints that
+    carry the group's tag: a name prefix alone would also match another group's (bin-count-* is
+    bin-count-eu-*), so a deploy role cannot be used to delete another group's models."""
+    from iam_policies import allowed
+
+    found = documents(template)
+    own = {"aws:ResourceTag/invmon:group": "bin-count"}
+    ours = [f"{ARN}:model/bin-count-production-v3-0123456789", f"{ARN}:endpoint-config/bin-count-staging-v1-0123456789",
+            f"{ARN}:endpoint-config/bin-count-staging-p4jn9xou8a8s", f"{ARN}:model/bin-count-Deploy-Model-abc"]
+    for target in ours:
+        action = "sagemaker:DeleteModel" if ":model/" in target else "sagemaker:DeleteEndpointConfig"
+        assert allowed(found["DeployFunctionRole"], action, target, own), target
+        assert not allowed(found["DeployFunctionRole"], action, target), target  # untagged: never
+        assert not allowed(found["DeployFunctionRole"], action, target, {"aws:ResourceTag/invmon:group": "bin-count-eu"})
+    theirs = [f"{ARN}:model/bin-count-eu-production-v1-0123456789", f"{ARN}:model/other-production-v1-0123456789",
+              f"{ARN}:endpoint-config/other-staging-v1-0123456789"]
+    for target in theirs:
+        action = "sagemaker:DeleteModel" if ":model/" in target else "sagemaker:DeleteEndpointConfig"
+        for tag in ("bin-count", "bin-count-eu", "other"):  # whatever they are tagged
+            assert not allowed(found["DeployFunctionRole"], action, target,
+                               {"aws:ResourceTag/invmon:group": tag}), (target, tag)
+    # No other role of the stack deletes a model or an endpoint config at all.
+    for role in set(resources(template, "AWS::IAM::Role")) - {"DeployFunctionRole"}:
+        for target in ours + theirs:
+            for action in ("sagemaker:DeleteModel", "sagemaker:DeleteEndpointConfig"):
+                assert not allowed(found[role], action, target, own), (role, action, target)
+
+
+def test_only_the_deploy_function_scales_and_only_the_groups_two_endpoints(template):
+    """Scalable targets are named by an id, not the endpoint: the role may register SageMaker
+    variants only (service and dimension), and Application Auto Scaling checks that the caller
+    may change the variant it scales (UpdateEndpointWeightsAndCapacities), which the role may on
+    the group's two endpoints only."""
+    from iam_policies import allowed
+
+    found = documents(template)
+    deployer = found["DeployFunctionRole"]
+    target = "arn:aws:application-autoscaling:us-east-1:123456789012:scalable-target/056ba3c1b1b946c1ac5d2a0d7f8a2e8c"
+    variant = {"application-autoscaling:service-namespace": "sagemaker",
+               "application-autoscaling:scalable-dimension": "sagemaker:variant:DesiredInstanceCount"}
+    for action in ("RegisterScalableTarget", "PutScalingPolicy", "DeregisterScalableTarget"):
+        assert allowed(deployer, f"application-autoscaling:{action}", target, variant), action
+        for other in ({**variant, "application-autoscaling:service-namespace": "ecs"},
+                      {**variant, "application-autoscaling:scalable-dimension": "dynamodb:table:ReadCapacityUnits"},
+                      {}):
+            assert not allowed(deployer, f"application-autoscaling:{action}", target, other), (action, other)
+    for stage in ("production", "staging"):
+        assert allowed(deployer, "sagemaker:UpdateEndpointWeightsAndCapacities", f"{ARN}:endpoint/bin-count-{stage}")
+        assert allowed(deployer, "cloudwatch:PutMetricAlarm", "arn:aws:cloudwatch:us-east-1:123456789012:alarm:"
+                       f"TargetTracking-endpoint/bin-count-{stage}/variant/AllTraffic-AlarmHigh-1234")
+    for endpoint in ("bin-count-eu-production", "other-production", "bin-count-production-2"):
+        assert not allowed(deployer, "sagemaker:UpdateEndpointWeightsAndCapacities", f"{ARN}:endpoint/{endpoint}")
+        assert not allowed(deployer, "cloudwatch:PutMetricAlarm", "arn:aws:cloudwatch:us-east-1:123456789012:alarm:"
+                           f"TargetTracking-endpoint/{endpoint}/variant/AllTraffic-AlarmHigh-1234")
+    assert not allowed(deployer, "cloudwatch:PutMetricAlarm",
+                       "arn:aws:cloudwatch:us-east-1:123456789012:alarm:bin-count-production-invocation-5xx")
+    for role in set(resources(template, "AWS::IAM::Role")) - {"DeployFunctionRole"}:
+        assert not allowed(found[role], "application-autoscaling:RegisterScalableTarget", target, variant), role
+        assert not allowed(found[role], "sagemaker:UpdateEndpointWeightsAndCapacities",
+                           f"{ARN}:endpoint/bin-count-production"), role

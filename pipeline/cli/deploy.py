@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import sys
 from dataclasses import asdict
 
 from pipeline.cli.aws import region_of
 from pipeline.cli.conventions import add_json_option, print_json
-from pipeline.cli.errors import CommandError
+from pipeline.cli.errors import CommandError, UsageError
 
 LOG = logging.getLogger("invmon.deploy")
 
@@ -25,7 +26,11 @@ def add_commands(commands) -> None:
 
     endpoints = commands.add_parser("endpoints", help="both stages' endpoints and what they serve")
     backend_options(endpoints)
-    add_json_option(endpoints, "both stages' endpoints")
+    endpoints.add_argument("--prune", action="store_true",
+                           help="delete each endpoint's Models and EndpointConfigs older than its current "
+                                "and previous version's (aws; never what an endpoint uses or switches to)")
+    endpoints.add_argument("--dry-run", action="store_true", help="with --prune: list what would go, delete nothing")
+    add_json_option(endpoints, "both stages' endpoints (with --prune: what each keeps, deletes and leaves)")
     endpoints.set_defaults(handler=cmd_endpoints)
 
 
@@ -89,6 +94,13 @@ def cmd_deploy(args) -> int:
     outcome = deploy.deploy(registry, target_of(args, registry), group_of(args), args.stage,
                             args.version)
     print(outcome.message)
+    if outcome.rollout:
+        where = "rollout" if args.backend == "aws" else "rollout on SageMaker (this local record switched at once)"
+        print(f"{where}: {outcome.rollout}")
+    if outcome.pruned and (outcome.pruned.configs or outcome.pruned.models or outcome.pruned.errors):
+        print(f"clean-up: {outcome.pruned.summary()}")
+        for error in outcome.pruned.errors:
+            LOG.warning(f"clean-up: {error}")
     if outcome.changed and args.backend == "aws":
         LOG.info(f"follow it: invmon endpoints --backend aws --group {group_of(args)}")
     return 0
@@ -98,8 +110,12 @@ def cmd_deploy(args) -> int:
 def cmd_endpoints(args) -> int:
     from pipeline.registry import deploy
 
+    if args.dry_run and not args.prune:
+        raise UsageError("--dry-run goes with --prune (invmon endpoints --prune --dry-run)")
     group = group_of(args)
     registry = registry_of(args)
+    if args.prune:
+        return prune(args, target_of(args, registry), group)
     found = {e.name: e for e in target_of(args, registry).endpoints(group)}
     names = {stage: deploy.endpoint_name(group, stage) for stage in deploy.STAGES}
     if args.json:
@@ -121,3 +137,30 @@ def endpoint_record(stage: str, name: str, endpoint) -> dict:
     fields = asdict(endpoint) if endpoint is not None else {}
     return {"stage": stage, "name": name, "present": endpoint is not None,
             **{key: fields.get(key) for key in ("version", "status", "updated_at", "flag", "pending")}}
+
+
+def prune(args, target, group: str) -> int:
+    """`endpoints --prune [--dry-run]`: each stage's clean-up (deploy.SageMakerTarget.prune); exit 1
+    if anything could not be deleted."""
+    from pipeline.registry import deploy
+
+    results = [target.prune(deploy.endpoint_name(group, stage), group, stage, dry_run=args.dry_run)
+               for stage in deploy.STAGES]
+    if args.json:
+        print_json([{"endpoint": r.endpoint, "dry_run": args.dry_run, "note": r.note,
+                     "kept": [{"name": n, "why": w} for n, w in r.kept],
+                     "endpoint_configs": r.configs, "models": r.models,
+                     "left": [{"name": n, "why": w} for n, w in r.left], "errors": r.errors} for r in results])
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        for r in results:
+            print(r.summary(args.dry_run))
+            for kind, names in (("endpoint config", r.configs), ("model", r.models)):
+                for name in names:
+                    print(f"  {verb} {kind} {name}")
+            for name, why in r.left:
+                print(f"  left {name}: {why}")
+    for r in results:
+        for error in r.errors:
+            print(f"invmon: error: {r.endpoint}: {error}", file=sys.stderr)
+    return 1 if any(r.errors for r in results) else 0

@@ -20,6 +20,11 @@ Rules:
   read again right before traffic switches: duplicate, late and out-of-order events change
   nothing. Models and endpoint configs are named by version and artifact, so two deliveries of
   one event build the same ones and the second finds the switch already made or under way.
+- On SageMaker, production's update shifts traffic by canary or linear steps (staging's all at
+  once) and rolls back by itself when a rollback alarm fires; each endpoint scales on invocations
+  per instance once it is InService; a deploy keeps the Models and EndpointConfigs of the current
+  and the previous version and deletes this endpoint's older ones, never what an endpoint uses or
+  an update in progress switches to.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.alerts import notify
 from pipeline.digests import file_sha256, sha256_of
@@ -42,11 +47,17 @@ PIPELINE_STAGE = "pipeline"  # the stage tag of a run's jobs
 CAPTURE_PERCENT = {"staging": 100, "prod": 20}
 CAPTURE_PREFIX = "capture"
 EVENT_TYPE = "SageMaker Model Package State Change"
+ENDPOINT_EVENT_TYPE = "SageMaker Endpoint State Change"
 VARIANT = "AllTraffic"
-# Blue/green: shift all traffic at once after the new fleet is up, then bake for 10 minutes with
-# the rollback alarms watched before the old fleet is terminated (SageMaker deployment guardrails).
+# Staging's blue/green update: all traffic at once once the new fleet is up, then the old fleet is
+# kept 10 minutes with the rollback alarms watched (SageMaker deployment guardrails).
 BAKE_SECONDS = 600
-ALARM_SUFFIXES = ("invocation-5xx", "model-latency")
+# The rollback alarms infra/invmon.yaml creates for each stage endpoint, named <endpoint>-<suffix>.
+ALARM_SUFFIXES = ("invocation-5xx", "model-latency-p99", "low-confidence")
+# The share of answers given with low confidence, which the <endpoint>-low-confidence alarm reads
+# (Average of a 0/1 value per answer, dimension EndpointName). Nothing publishes it yet: what a
+# publisher must send is in docs/promotion.md (rollback alarms).
+LOW_CONFIDENCE_NAMESPACE, LOW_CONFIDENCE_METRIC = "invmon/Endpoints", "LowConfidence"
 
 
 class DeployError(RegistryError):
@@ -114,6 +125,152 @@ def pipeline_endpoint_problem(parameters: dict) -> str | None:
             f"(invmon deploy --stage prod, or approval in the registry)")
 
 
+# --------------------------------------------------------------------------- rollout and scaling
+
+ROLLOUT_MODES = ("CANARY", "LINEAR", "ALL_AT_ONCE")
+PROVISION_SECONDS = 1800  # the new fleet's start, in the update's MaximumExecutionTimeoutInSeconds
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How an update moves traffic from the old fleet to the new one (SageMaker's blue/green
+    TrafficRoutingConfiguration). CANARY: `percent` of the new fleet's capacity takes traffic for
+    `wait_seconds`, then all of it; LINEAR: `percent` more every `wait_seconds`; ALL_AT_ONCE: all
+    of it. The old fleet is then kept `termination_wait_seconds`. A rollback alarm that fires at
+    any time before that sends all traffic back to the old fleet."""
+    mode: str = "CANARY"
+    percent: int = 10
+    wait_seconds: int = 600
+    termination_wait_seconds: int = 600
+
+    def steps(self) -> list[int]:
+        """The shares of the new fleet's capacity that take traffic, each for `wait_seconds`,
+        before all of it does."""
+        if self.mode == "CANARY":
+            return [self.percent]
+        if self.mode == "LINEAR":
+            return list(range(self.percent, 100, self.percent))
+        return []
+
+    def traffic_routing(self) -> dict:
+        size = {"Type": "CAPACITY_PERCENT", "Value": self.percent}
+        return {"Type": self.mode, "WaitIntervalInSeconds": self.wait_seconds if self.steps() else 0,
+                **({"CanarySize": size} if self.mode == "CANARY" else {}),
+                **({"LinearStepSize": size} if self.mode == "LINEAR" else {})}
+
+    def timeout_seconds(self) -> int:
+        total = PROVISION_SECONDS + len(self.steps()) * self.wait_seconds + self.termination_wait_seconds
+        return max(total, 600)  # UpdateEndpoint's range is 600-28800 s (rollout_settings checks the top)
+
+    def describe(self, alarms: list[str]) -> str:
+        """What shifts when, e.g. `10% for 10 min, then 100%; old fleet kept 10 min; roll back on: ...`."""
+        shifts = [f"{p}% for {_duration(self.wait_seconds)}" for p in self.steps()]
+        shifts.append("then 100%" if shifts else "100% at once")
+        return (", ".join(shifts) + f"; old fleet kept {_duration(self.termination_wait_seconds)}"
+                f"; roll back on: {', '.join(alarms)}")
+
+
+STAGING_ROLLOUT = Rollout("ALL_AT_ONCE", 100, 0, BAKE_SECONDS)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Application Auto Scaling of a stage endpoint's variant: target tracking on
+    SageMakerVariantInvocationsPerInstance (invocations a minute per instance)."""
+    min_capacity: int
+    max_capacity: int
+    invocations_per_instance: int
+
+
+# Defaults, as infra/invmon.yaml's parameters: production keeps two instances (a canary needs a
+# fleet it can split); 600 invocations a minute is a quarter of the ~43 requests a second the
+# local server answered on 2 cores (docs/benchmarks.md): half for headroom, half again because the
+# SageMaker serving container was not measured.
+CAPACITY = {"staging": (1, 2), "prod": (2, 4)}
+INVOCATIONS_PER_INSTANCE = 600
+CAPACITY_ENV = {"staging": ("INVMON_MIN_CAPACITY_STAGING", "INVMON_MAX_CAPACITY_STAGING"),
+                "prod": ("INVMON_MIN_CAPACITY_PROD", "INVMON_MAX_CAPACITY_PROD")}
+MAX_INSTANCES = 20
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
+
+
+def _env_int(env, name: str, default: int, low: int, high: int, why: str = "") -> int:
+    text = str(env.get(name, "")).strip()
+    if not text:
+        return default
+    if not (text.isdigit() and low <= int(text) <= high):
+        raise DeployError(f"{name}={text!r}: give a whole number, {low}-{high}{why}")
+    return int(text)
+
+
+def rollout_settings(env=None) -> tuple[Rollout, dict[str, Scaling]]:
+    """Production's rollout and each stage's scaling, from the deploy function's environment
+    (infra/invmon.yaml sets it from the stack's parameters) or the defaults. A bad value is one
+    line naming the variable."""
+    env = os.environ if env is None else env
+    mode = str(env.get("INVMON_ROLLOUT_MODE", "")).strip().upper() or Rollout.mode
+    if mode not in ROLLOUT_MODES:
+        raise DeployError(f"INVMON_ROLLOUT_MODE={mode!r}: use one of {', '.join(ROLLOUT_MODES)}")
+    rollout = Rollout(
+        mode,
+        # SageMaker: a canary is at most half of the new fleet, a linear step 10-50% of it.
+        _env_int(env, "INVMON_ROLLOUT_PERCENT", Rollout.percent, 10 if mode == "LINEAR" else 1, 50,
+                 " (% of the new fleet's capacity" + (" a step)" if mode == "LINEAR" else ")")),
+        _env_int(env, "INVMON_ROLLOUT_WAIT_SECONDS", Rollout.wait_seconds, 0, 3600),
+        _env_int(env, "INVMON_ROLLOUT_TERMINATION_WAIT_SECONDS", Rollout.termination_wait_seconds, 0, 3600))
+    waits = len(rollout.steps()) * rollout.wait_seconds + rollout.termination_wait_seconds
+    if PROVISION_SECONDS + waits > 28800:
+        raise DeployError(f"the rollout: {len(rollout.steps())} step(s) of {rollout.wait_seconds} s and "
+                          f"{rollout.termination_wait_seconds} s for the old fleet take longer than the 8 hours "
+                          "SageMaker gives a deployment (less the new fleet's start); use bigger steps or shorter waits")
+    scaling = {}
+    for stage, (low_name, high_name) in CAPACITY_ENV.items():
+        low = _env_int(env, low_name, CAPACITY[stage][0], 1, MAX_INSTANCES)
+        high = _env_int(env, high_name, CAPACITY[stage][1], 1, MAX_INSTANCES)
+        if low > high:
+            raise DeployError(f"{low_name}={low} is above {high_name}={high}")
+        scaling[stage] = Scaling(low, high, _env_int(env, "INVMON_INVOCATIONS_PER_INSTANCE",
+                                                     INVOCATIONS_PER_INSTANCE, 1, 100_000))
+    if rollout.steps() and scaling["prod"].min_capacity < 2:
+        raise DeployError(f"INVMON_ROLLOUT_MODE={mode} needs a production fleet of at least 2 instances "
+                          f"(INVMON_MIN_CAPACITY_PROD={scaling['prod'].min_capacity}): a share of one "
+                          "instance is all of it; use ALL_AT_ONCE or a minimum of 2")
+    return rollout, scaling
+
+
+def rollout_report(name: str, stage: str, rollout: Rollout, creating: bool = False) -> str:
+    """One line: how a deploy to `name` moves its traffic and what rolls it back."""
+    if creating:
+        return "new endpoint: it takes all traffic once InService (no fleet to shift from)"
+    return (STAGING_ROLLOUT if stage == "staging" else rollout).describe(alarm_names(name))
+
+
+@dataclass
+class Pruned:
+    """A clean-up of one endpoint's Models and EndpointConfigs: what it keeps and why, what it
+    deletes (or would, in a dry run), what it leaves alone and why, and what failed."""
+    endpoint: str
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def summary(self, dry_run: bool = False) -> str:
+        if self.note:
+            return f"{self.endpoint}: {self.note}"
+        kept = ", ".join(f"{name} ({why})" for name, why in self.kept) or "nothing"
+        verb = "would delete" if dry_run else "deleted"
+        gone = (f"{verb} {len(self.configs)} endpoint config(s) and {len(self.models)} model(s)"
+                if self.configs or self.models else "nothing to delete")
+        return f"{self.endpoint}: {gone}; kept {kept}"
+
+
 @dataclass
 class Outcome:
     endpoint: str
@@ -121,6 +278,8 @@ class Outcome:
     previous: int | None = None
     changed: bool = False
     message: str = ""
+    rollout: str = ""  # how the switch moves traffic (rollout_report)
+    pruned: Pruned | None = None  # the clean-up after the switch
 
 
 # --------------------------------------------------------------------------- choosing a version
@@ -191,6 +350,7 @@ def deploy(registry, target, group: str, stage: str, version: int | None = None,
     previous = current.version if current and current.group == group else None
     if previous == model.version and not (current and current.flag) and current.pending is None:
         return Outcome(name, model, previous, False, f"{name} already serves {model.name}")
+    rollout = target.rollout_report(name, stage, creating=current is None)  # a bad setting fails here
     try:
         target.deploy(name, model, stage, recheck=recheck)
     except NoChange as exc:
@@ -200,7 +360,8 @@ def deploy(registry, target, group: str, stage: str, version: int | None = None,
                endpoint=name, group=group, version=model.version)
         raise
     outcome = Outcome(name, model, previous, True, f"{name} now serves {model.name}"
-                      + (f" (was version {previous})" if previous else ""))
+                      + (f" (was version {previous})" if previous else ""), rollout,
+                      tidy(target, name, group, stage))
     notify("deploy", f"{name} now serves {model.name}", outcome.message, endpoint=name, group=group,
            version=model.version, previous=previous)
     return outcome
@@ -253,6 +414,7 @@ def roll_back_from(registry, target, model: ModelVersion) -> Outcome | None:
                endpoint=name, group=model.group, version=model.version)
         return Outcome(name, model, model.version, False, f"{name} {flag} (left as it is, flagged)")
     newest = fallback[-1]
+    rollout = target.rollout_report(name, "prod")
     try:
         target.deploy(name, newest, "prod")
     except (RegistryError, NoChange) as exc:
@@ -264,10 +426,20 @@ def roll_back_from(registry, target, model: ModelVersion) -> Outcome | None:
                endpoint=name, group=model.group, version=model.version)
         raise DeployError(message) from None
     outcome = Outcome(name, newest, model.version, True,
-                      f"{name} rolled back from Rejected version {model.version} to {newest.name}")
+                      f"{name} rolled back from Rejected version {model.version} to {newest.name}",
+                      rollout, tidy(target, name, model.group, "prod"))
     notify("rolled-back", f"{name} rolled back to {newest.name}", outcome.message, endpoint=name,
            group=model.group, version=newest.version, previous=model.version)
     return outcome
+
+
+def tidy(target, name: str, group: str, stage: str) -> Pruned:
+    """The clean-up after a switch. It never fails the deploy it follows: what it could not do is
+    in the result's errors (and the next deploy, or `invmon endpoints --prune`, tries again)."""
+    try:
+        return target.prune(name, group, stage)
+    except RegistryError as exc:
+        return Pruned(name, errors=[str(exc)])
 
 
 def _safe_current(target, name: str) -> Endpoint | None:
@@ -321,6 +493,18 @@ class LocalTarget:
         names = {endpoint_name(group, s) for s in STAGES}
         return [e for e in self.registry.list_endpoints() if e.name in names]
 
+    def rollout_report(self, name: str, stage: str, creating: bool = False) -> str:
+        """What a deploy on SageMaker would shift when, from the same settings the deploy function
+        reads (the local record itself switches at once)."""
+        return rollout_report(name, stage, rollout_settings()[0], creating)
+
+    def prune(self, name: str, group: str, stage: str, dry_run: bool = False) -> Pruned:
+        """A local endpoint is one record naming the version it serves: no models or configs pile up."""
+        current = self.current(name)
+        return Pruned(name, kept=[(name, f"serves version {current.version}")] if current else [],
+                      note="nothing to prune: a local endpoint is one record naming the version it serves"
+                           + (f" ({current.version})" if current else " (no record)"))
+
 
 # --------------------------------------------------------------------------- SageMaker back-end
 
@@ -351,14 +535,18 @@ class SageMakerTarget:
 
     def __init__(self, sm, role_arn: str, instance_type: str = "ml.m5.large",
                  alarms: dict[str, list[str]] | None = None, clock=time.time, s3=None,
-                 capture_percent: dict[str, int] | None = None):
+                 capture_percent: dict[str, int] | None = None, rollout: Rollout | None = None,
+                 scaling: dict[str, Scaling] | None = None, autoscaling=None):
         self.sm, self.role_arn, self.instance_type = sm, role_arn, instance_type
         self.alarms = alarms or {}
         # What share of requests each stage's endpoint captures (DataCaptureConfig): all of
         # staging's, a sample of production's (infra/invmon.yaml's ProductionCapturePercent).
         self.capture_percent = {**CAPTURE_PERCENT, **(capture_percent or {})}
+        defaults = rollout_settings({})
+        self.rollout = rollout or defaults[0]  # production's; staging's is STAGING_ROLLOUT
+        self.scaling = scaling or defaults[1]
         self.clock = clock
-        self._s3 = s3
+        self._s3, self._autoscaling = s3, autoscaling
 
     @property
     def s3(self):
@@ -368,12 +556,21 @@ class SageMakerTarget:
             self._s3 = client("s3", self.sm.meta.region_name)
         return self._s3
 
+    @property
+    def autoscaling(self):
+        if self._autoscaling is None:
+            from pipeline.sagemaker.clients import client
+
+            self._autoscaling = client("application-autoscaling", self.sm.meta.region_name)
+        return self._autoscaling
+
     def _call(self, fn, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
 
         from pipeline.sagemaker.clients import describe_error
 
-        service = "S3" if fn.__self__ is self._s3 else "SageMaker"
+        service = ("S3" if fn.__self__ is self._s3 else
+                   "Application Auto Scaling" if fn.__self__ is self._autoscaling else "SageMaker")
         try:
             return fn(**kwargs)
         except ClientError as exc:
@@ -414,16 +611,22 @@ class SageMakerTarget:
                         updated_at=changed.isoformat() if hasattr(changed, "isoformat") else str(changed or ""),
                         flag=flag, status=endpoint.get("EndpointStatus", ""), pending=pending)
 
-    def deployment_config(self, name: str) -> dict:
+    def deployment_config(self, name: str, stage: str = "prod") -> dict:
+        """UpdateEndpoint's blue/green DeploymentConfig: production's rollout (canary or linear by
+        default), staging's all at once; both roll back on the endpoint's alarms."""
+        rollout = self.rollout if stage == "prod" else STAGING_ROLLOUT
         alarms = self.alarms.get(name, alarm_names(name))
         return {
             "BlueGreenUpdatePolicy": {
-                "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0},
-                "TerminationWaitInSeconds": BAKE_SECONDS,
-                "MaximumExecutionTimeoutInSeconds": 3600,
+                "TrafficRoutingConfiguration": rollout.traffic_routing(),
+                "TerminationWaitInSeconds": rollout.termination_wait_seconds,
+                "MaximumExecutionTimeoutInSeconds": rollout.timeout_seconds(),
             },
             "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": a} for a in alarms]},
         }
+
+    def rollout_report(self, name: str, stage: str, creating: bool = False) -> str:
+        return rollout_report(name, stage, self.rollout, creating)
 
     # ------------------------------------------------------------------ the artifact
 
@@ -472,7 +675,8 @@ class SageMakerTarget:
         """The Model's and EndpointConfig's name: by endpoint, version, artifact and settings, so
         that every delivery of one deploy builds the same ones (at most 63 characters)."""
         settings = "\0".join((model.properties.get(DIGEST_PROPERTY, ""), image, self.instance_type,
-                              self.role_arn, str(self.capture_percent[stage])))
+                              self.role_arn, str(self.capture_percent[stage]),
+                              str(self.scaling[stage].min_capacity)))
         return f"{name[:38]}-v{model.version}-{sha256_of([settings.encode()])[:10]}"
 
     # ------------------------------------------------------------------ the switch
@@ -550,10 +754,12 @@ class SageMakerTarget:
             return (have.get("ModelDataUrl"), have.get("Image"), found.get("ExecutionRoleArn")) == \
                 (data_url, container["Image"], self.role_arn)
 
+        fleet = self.scaling[stage].min_capacity  # a new endpoint starts at its minimum
+
         def same_config(found: dict) -> bool:
             variants = found.get("ProductionVariants") or [{}]
-            return [(v.get("ModelName"), v.get("InstanceType")) for v in variants] == \
-                [(resource, self.instance_type)] and found.get("DataCaptureConfig") == capture
+            return [(v.get("ModelName"), v.get("InstanceType"), v.get("InitialInstanceCount")) for v in variants] \
+                == [(resource, self.instance_type, fleet)] and found.get("DataCaptureConfig") == capture
 
         made_model = self._create(
             self.sm.create_model, lambda **k: self._call(self.sm.describe_model, **k), "ModelName", resource,
@@ -564,12 +770,12 @@ class SageMakerTarget:
         made_config = self._create(
             self.sm.create_endpoint_config, lambda **k: self._call(self.sm.describe_endpoint_config, **k),
             "EndpointConfigName", resource, same_config, Tags=tags, DataCaptureConfig=capture,
-            ProductionVariants=[{"VariantName": VARIANT, "ModelName": resource, "InitialInstanceCount": 1,
+            ProductionVariants=[{"VariantName": VARIANT, "ModelName": resource, "InitialInstanceCount": fleet,
                                  "InstanceType": self.instance_type}])
         if recheck and (problem := recheck()):
             self._delete(resource if made_model else None, resource if made_config else None)
             raise NoChange(f"not switched: {problem}")
-        self._switch(name, resource, existing, tags)
+        self._switch(name, resource, existing, tags, stage)
         if existing is not None:
             self._clear_flag(existing)
         if stage == "prod" and recheck and (problem := recheck()):  # rejected while it switched
@@ -578,16 +784,27 @@ class SageMakerTarget:
             raise DeployError(f"{name} {flag}; it is flagged: run `invmon models reject {model.version}` "
                               "when the update ends to roll it back")
 
-    def _switch(self, name: str, config: str, existing: dict | None, tags: list[dict]) -> None:
+    def _switch(self, name: str, config: str, existing: dict | None, tags: list[dict], stage: str) -> None:
         """Create the endpoint or update it blue/green; a second delivery racing the first finds
         the switch made or under way, which is success (NoChange), never a failed invocation.
-        The endpoint's cost tags follow the version it switches to."""
+        The endpoint's cost tags follow the version it switches to.
+
+        An update keeps the fleet autoscaling grew (RetainAllVariantProperties: the new config's
+        count is a new endpoint's start, or a fleet below the stage's minimum) and takes the new
+        config's DataCaptureConfig. SageMaker refuses to change the instance type of a scaled
+        variant, so then the scaling goes first; the InService event applies it again."""
         try:
             if existing is None:
                 self._call(self.sm.create_endpoint, EndpointName=name, EndpointConfigName=config, Tags=tags)
             else:
+                if self._instance_type(existing["EndpointConfigName"]) != self.instance_type:
+                    self.drop_scaling(name)
+                running = (existing.get("ProductionVariants") or [{}])[0].get("DesiredInstanceCount") or 0
+                keep_count = running >= self.scaling[stage].min_capacity
                 self._call(self.sm.update_endpoint, EndpointName=name, EndpointConfigName=config,
-                           DeploymentConfig=self.deployment_config(name))
+                           DeploymentConfig=self.deployment_config(name, stage), RetainAllVariantProperties=True,
+                           ExcludeRetainedVariantProperties=[{"VariantPropertyType": "DataCaptureConfig"}] + (
+                               [] if keep_count else [{"VariantPropertyType": "DesiredInstanceCount"}]))
                 try:  # bookkeeping: a tag that cannot be written never fails a switch that was made
                     self._call(self.sm.add_tags, ResourceArn=existing["EndpointArn"], Tags=tags)
                 except DeployError:
@@ -617,62 +834,267 @@ class SageMakerTarget:
     def endpoints(self, group: str) -> list[Endpoint]:
         return [e for e in (self.current(endpoint_name(group, s)) for s in STAGES) if e]
 
+    # ------------------------------------------------------------------ scaling
+
+    def _instance_type(self, config_name: str) -> str:
+        config = self._call(self.sm.describe_endpoint_config, EndpointConfigName=config_name)
+        return (config.get("ProductionVariants") or [{}])[0].get("InstanceType", "")
+
+    def apply_scaling(self, name: str, stage: str) -> str:
+        """Register the endpoint's variant with Application Auto Scaling (the stage's minimum and
+        maximum) and put its target tracking policy on invocations per instance; both calls set
+        the same values when made again. SageMaker scales only an InService endpoint, so the
+        deploy function applies it on the endpoint's InService event, whoever deployed it."""
+        endpoint = self._describe(name)
+        status = (endpoint or {}).get("EndpointStatus", "absent")
+        if status != "InService":
+            return f"{name} is {status}: its scaling is applied when it is InService"
+        scaling, resource = self.scaling[stage], scaling_resource(name)
+        self._call(self.autoscaling.register_scalable_target, ServiceNamespace="sagemaker",
+                   ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
+                   MinCapacity=scaling.min_capacity, MaxCapacity=scaling.max_capacity)
+        self._call(self.autoscaling.put_scaling_policy, PolicyName=scaling_policy_name(name),
+                   ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
+                   PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration={
+                       "TargetValue": float(scaling.invocations_per_instance),
+                       "PredefinedMetricSpecification": {
+                           "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+                       "ScaleInCooldown": SCALE_IN_COOLDOWN, "ScaleOutCooldown": SCALE_OUT_COOLDOWN})
+        return (f"{name} scales between {scaling.min_capacity} and {scaling.max_capacity} instances at "
+                f"{scaling.invocations_per_instance} invocations a minute per instance")
+
+    def drop_scaling(self, name: str) -> None:
+        """Deregister the variant (its policy goes with it), where it is registered."""
+        resource = scaling_resource(name)
+        found = self._call(self.autoscaling.describe_scalable_targets, ServiceNamespace="sagemaker",
+                           ResourceIds=[resource], ScalableDimension=SCALABLE_DIMENSION)
+        if found.get("ScalableTargets"):
+            self._call(self.autoscaling.deregister_scalable_target, ServiceNamespace="sagemaker",
+                       ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION)
+
+    # ------------------------------------------------------------------ clean-up
+
+    def _in_use(self, group: str) -> tuple[set[str], set[str]]:
+        """The endpoint configs the group's two endpoints use or switch to, and their models."""
+        configs: set[str] = set()
+        for stage in STAGES:
+            endpoint = self._describe(endpoint_name(group, stage)) or {}
+            configs |= {endpoint.get("EndpointConfigName"),
+                        (endpoint.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")}
+        configs.discard(None)
+        models = set()
+        for config in configs:
+            try:
+                models |= set(_models_of(self._call(self.sm.describe_endpoint_config, EndpointConfigName=config)))
+            except DeployError as exc:  # unknown is not "unused": nothing is deleted
+                raise DeployError(f"what {config} serves could not be read ({exc}); nothing was deleted") from None
+        return configs, models
+
+    def _tags(self, arn: str) -> dict[str, str]:
+        return {t["Key"]: t["Value"] for t in self._call(self.sm.list_tags, ResourceArn=arn).get("Tags", [])}
+
+    def _candidates(self, name: str) -> list[dict]:
+        """The endpoint configs named for `name`: the deploy code's `<name[:38]>-v<version>-...` and
+        the pipeline's staging Deploy's `<name>-<execution id>`, oldest first."""
+        found, token = [], None
+        while True:
+            page = self._call(self.sm.list_endpoint_configs, NameContains=name[:38], MaxResults=100,
+                              **({"NextToken": token} if token else {}))
+            found += [c for c in page.get("EndpointConfigs", [])
+                      if c["EndpointConfigName"].startswith((f"{name}-", f"{name[:38]}-v"))]
+            token = page.get("NextToken")
+            if not token:
+                return sorted(found, key=lambda c: (c["CreationTime"], c["EndpointConfigName"]))
+
+    def prune(self, name: str, group: str, stage: str, dry_run: bool = False) -> Pruned:
+        """Delete this endpoint's older Models and EndpointConfigs: all but the config it uses,
+        the one an update in progress switches to, and the newest one of another version (the
+        previous version's, for a rollback). Only what carries this group's and stage's tags is
+        touched (the deploy role may delete nothing else), and what either of the group's
+        endpoints uses or switches to is read again right before anything is deleted. A later
+        deploy of a deleted version makes them again from its verified copy under registry/."""
+        result = Pruned(name)
+        endpoint = self._describe(name)
+        if endpoint is None:
+            result.note = "no such endpoint: nothing is pruned (what it would keep cannot be told)"
+            return result
+        current = endpoint["EndpointConfigName"]
+        pending = (endpoint.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+        own, described = [], {}
+        for summary in self._candidates(name):
+            config = summary["EndpointConfigName"]
+            tags = self._tags(summary["EndpointConfigArn"])
+            if (tags.get(GROUP_TAG), tags.get(STAGE_TAG)) != (group, STAGES[stage]):
+                if config not in (current, pending):
+                    result.left.append((config, f"not tagged {GROUP_TAG}={group}, {STAGE_TAG}={STAGES[stage]}"))
+                continue
+            own.append(config)
+            described[config] = self._call(self.sm.describe_endpoint_config, EndpointConfigName=config)
+        for config in (current, pending):  # kept whoever made them; their models with them
+            if config and config not in described:
+                described[config] = self._call(self.sm.describe_endpoint_config, EndpointConfigName=config)
+        models: dict[str, dict | None] = {}
+
+        def model(model_name: str) -> dict | None:
+            if model_name not in models:
+                try:
+                    models[model_name] = self._call(self.sm.describe_model, ModelName=model_name)
+                except DeployError:
+                    models[model_name] = None  # gone already, or unreadable: left alone
+            return models[model_name]
+
+        def version_of(config: str) -> str:  # configs of an unknown version count as their own
+            found = [model(m) for m in _models_of(described[config])]
+            arns = [(_container(m).get("Environment") or {}).get(PACKAGE_ENV, "") for m in found if m]
+            matched = PACKAGE_ARN.search(arns[0]) if len(arns) == 1 else None
+            return f"version {matched['version']}" if matched else config
+
+        others = [c for c in own if c not in (current, pending) and version_of(c) != version_of(current)]
+        previous = others[-1] if others else None  # the newest: what was served before, or tried
+        result.kept = [(c, why) for c, why in ((current, f"current, {version_of(current)}"),
+                                               (pending, "an update in progress switches to it"),
+                                               (previous, f"previous, {version_of(previous) if previous else ''}"))
+                       if c]
+        doomed = [c for c in own if c not in (current, pending, previous)]
+        keep_models = {m for c in (current, pending, previous) if c in described for m in _models_of(described[c])}
+        for config in doomed:
+            for model_name in _models_of(described[config]):
+                found = model(model_name)
+                if model_name in keep_models or model_name in result.models:
+                    continue
+                if found is None:
+                    result.left.append((model_name, "could not be read"))
+                elif self._tags(found["ModelArn"]).get(GROUP_TAG) != group:
+                    result.left.append((model_name, f"not tagged {GROUP_TAG}={group}"))
+                else:
+                    result.models.append(model_name)
+        result.configs = doomed
+        if dry_run or not (doomed or result.models):
+            return result
+        in_use, used_models = self._in_use(group)  # read again: a deploy may have started since
+        for kind, names, used, delete in (
+                ("endpoint config", result.configs, in_use, lambda n: self._call(
+                    self.sm.delete_endpoint_config, EndpointConfigName=n)),
+                ("model", result.models, used_models, lambda n: self._call(self.sm.delete_model, ModelName=n))):
+            for item in list(names):
+                if item in used:
+                    names.remove(item)
+                    result.left.append((item, "an endpoint uses it or switches to it now"))
+                    continue
+                try:
+                    delete(item)
+                except DeployError as exc:
+                    names.remove(item)
+                    result.errors.append(f"{kind} {item}: {exc}")
+        return result
+
+
+def _models_of(config: dict) -> list[str]:
+    return [v["ModelName"] for v in config.get("ProductionVariants") or [] if v.get("ModelName")]
+
+
+def _container(model: dict) -> dict:
+    return (model.get("Containers") or [model.get("PrimaryContainer") or {}])[0]
+
+
+def scaling_resource(name: str) -> str:
+    """Application Auto Scaling's ResourceId of an endpoint's variant."""
+    return f"endpoint/{name}/variant/{VARIANT}"
+
+
+def scaling_policy_name(name: str) -> str:
+    return f"{name}-invocations-per-instance"
+
+
+SCALE_IN_COOLDOWN, SCALE_OUT_COOLDOWN = 300, 60  # seconds: out fast, in slowly
+
 
 def sagemaker_target(sm, role_arn: str | None = None, instance_type: str | None = None) -> SageMakerTarget:
     """A SageMakerTarget configured from arguments or the environment (CLI and Lambda)."""
     prod = os.environ.get("INVMON_CAPTURE_PERCENT_PROD", "").strip()
     if prod and not (prod.isdigit() and 0 <= int(prod) <= 100):
         raise DeployError(f"INVMON_CAPTURE_PERCENT_PROD={prod!r}: give a whole percentage, 0-100")
+    rollout, scaling = rollout_settings()
     return SageMakerTarget(sm, role_arn or os.environ.get("INVMON_MODEL_ROLE_ARN", ""),
                            instance_type or os.environ.get("INVMON_INSTANCE_TYPE", "ml.m5.large"),
-                           capture_percent={"prod": int(prod)} if prod else None)
+                           capture_percent={"prod": int(prod)} if prod else None,
+                           rollout=rollout, scaling=scaling)
 
 
 # --------------------------------------------------------------------------- Lambda
 
 
 def handler(event: dict, context=None) -> dict:
-    """The deploy function, invoked by EventBridge's "SageMaker Model Package State Change" of
-    this group (infra/invmon.yaml). Events may come twice, late or out of order, so each is only a
-    hint to look at the registry again:
-    - Approved: deploy that version to production if it is, now, the newest Approved version
-      (re-checked right before traffic switches); otherwise change nothing and say why.
-    - Rejected: if production serves that version (a reject in the console, say), roll it back
-      to the newest other Approved version, or flag it.
-    Anything else is ignored (the rule already filters; this is the second lock). A failed deploy
+    """The deploy function, invoked by EventBridge for this group (infra/invmon.yaml). Events may
+    come twice, late or out of order, so each is only a hint to look again:
+    - "SageMaker Model Package State Change", Approved: deploy that version to production if it
+      is, now, the newest Approved version (re-checked right before traffic switches); otherwise
+      change nothing and say why. Rejected: if production serves that version (a reject in the
+      console, say), roll it back to the newest other Approved version, or flag it.
+    - "SageMaker Endpoint State Change" of <group>-staging or <group>-production to IN_SERVICE,
+      whoever deployed it (an approval, the pipeline's staging Deploy, a deploy by hand): if it is
+      InService now, apply its scaling and delete its older Models and EndpointConfigs.
+    Anything else is ignored (the rules already filter; this is the second lock). A failed deploy
     raises: the invocation fails, its error is logged and the function's error alarm fires."""
-    from pipeline.registry.sagemaker import SageMakerRegistry
-    from pipeline.sagemaker.clients import client, resolve_region
-
     group = os.environ["INVMON_MODEL_PACKAGE_GROUP"]
-    detail = event.get("detail") or {}
-    status = detail.get("ModelApprovalStatus")
-    why = None
-    if event.get("detail-type") != EVENT_TYPE or event.get("source") != "aws.sagemaker":
-        why = f"not a model package state change ({event.get('detail-type')!r})"
-    elif detail.get("ModelPackageGroupName") != group:
-        why = f"group {detail.get('ModelPackageGroupName')!r} is not {group!r}"
-    elif status not in ("Approved", "Rejected"):
-        why = f"status {status!r} is neither Approved nor Rejected"
-    if why:
-        result = {"deployed": False, "ignored": why}
+    kind = event.get("detail-type")
+    if event.get("source") != "aws.sagemaker" or kind not in (EVENT_TYPE, ENDPOINT_EVENT_TYPE):
+        result = {"deployed": False, "ignored": f"not a model package or endpoint state change ({kind!r})"}
+    elif kind == EVENT_TYPE:
+        result = _on_package_event(group, event)
     else:
-        region = resolve_region(event.get("region"))
-        sm = client("sagemaker", region)
-        registry = SageMakerRegistry(sagemaker_client=sm)
-        target = sagemaker_target(sm)
-        version = int(detail["ModelPackageVersion"])
-        name = endpoint_name(group, "prod")
-        if status == "Approved":
-            outcome = deploy(registry, target, group, "prod", version, newest_only=True)
-        else:
-            model = registry.get(group, version)
-            outcome = (roll_back_from(registry, target, model) if model.status == "Rejected" else
-                       Outcome(name, model, None, False, f"{name} left as it is: {model.name} is {model.status} now"))
-            outcome = outcome or Outcome(name, model, None, False,
-                                         f"{name} left as it is: it does not serve {model.name}")
-        result = {"deployed": outcome.changed, "endpoint": outcome.endpoint,
-                  "version": outcome.version.version, "message": outcome.message,
-                  "event": f"{group}/{version} {status}"}
+        result = _on_endpoint_event(group, event)
     print(json.dumps(result))  # CloudWatch Logs
     return result
+
+
+def _function_target(event: dict) -> tuple:
+    from pipeline.sagemaker.clients import client, resolve_region
+
+    sm = client("sagemaker", resolve_region(event.get("region")))
+    return sm, sagemaker_target(sm)
+
+
+def _on_package_event(group: str, event: dict) -> dict:
+    from pipeline.registry.sagemaker import SageMakerRegistry
+
+    detail = event.get("detail") or {}
+    status = detail.get("ModelApprovalStatus")
+    if detail.get("ModelPackageGroupName") != group:
+        return {"deployed": False, "ignored": f"group {detail.get('ModelPackageGroupName')!r} is not {group!r}"}
+    if status not in ("Approved", "Rejected"):
+        return {"deployed": False, "ignored": f"status {status!r} is neither Approved nor Rejected"}
+    sm, target = _function_target(event)
+    registry = SageMakerRegistry(sagemaker_client=sm)
+    version = int(detail["ModelPackageVersion"])
+    name = endpoint_name(group, "prod")
+    if status == "Approved":
+        outcome = deploy(registry, target, group, "prod", version, newest_only=True)
+    else:
+        model = registry.get(group, version)
+        outcome = (roll_back_from(registry, target, model) if model.status == "Rejected" else
+                   Outcome(name, model, None, False, f"{name} left as it is: {model.name} is {model.status} now"))
+        outcome = outcome or Outcome(name, model, None, False,
+                                     f"{name} left as it is: it does not serve {model.name}")
+    result = {"deployed": outcome.changed, "endpoint": outcome.endpoint,
+              "version": outcome.version.version, "message": outcome.message,
+              "event": f"{group}/{version} {status}"}
+    if outcome.changed:
+        result["rollout"] = outcome.rollout
+        result["pruned"] = outcome.pruned.summary() if outcome.pruned else ""
+    return result
+
+
+def _on_endpoint_event(group: str, event: dict) -> dict:
+    detail = event.get("detail") or {}
+    name = detail.get("EndpointName")
+    stage = next((s for s in STAGES if endpoint_name(group, s) == name), None)
+    if stage is None:
+        return {"deployed": False, "ignored": f"endpoint {name!r} is neither of {group}'s"}
+    if detail.get("EndpointStatus") != "IN_SERVICE":
+        return {"deployed": False, "ignored": f"{name} is {detail.get('EndpointStatus')!r}, not IN_SERVICE"}
+    _, target = _function_target(event)
+    scaling = target.apply_scaling(name, stage)  # reads the endpoint afresh; a failure raises
+    pruned = tidy(target, name, group, stage)  # what it could not delete is logged; the next event retries
+    return {"deployed": False, "endpoint": name, "scaling": scaling, "pruned": pruned.summary(),
+            "errors": pruned.errors}
