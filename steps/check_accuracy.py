@@ -9,7 +9,7 @@ STEP = ConditionStep(
     description="accuracy >= AccuracyThreshold",
     left=ACCURACY,
     right=Param("AccuracyThreshold"),
-    if_true=("Register", "Deploy"),
+    if_true=("Register", "Deploy", "SmokeTest", "CheckSmokeTest"),
     if_false=("AccuracyTooLow",),
 )
 

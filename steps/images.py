@@ -81,7 +81,11 @@ INFERENCE = Container("inference", PYTORCH_INFERENCE, SCRIPTS / "inference" / "r
 MONITOR = Container("monitor", PYTORCH_TRAINING, SCRIPTS / "monitor" / "requirements.txt",
                     "ProcessingInstanceType")
 
-CONTAINERS: tuple[Container, ...] = (PREPROCESS, TRAIN, TRAIN_DEBUGGER, EVALUATE, INFERENCE, MONITOR)
+# The staging endpoint's smoke test (scripts/smoke/): HTTP and boto3 only, torch-free; the training
+# image because it ships boto3 and is the one the other processing jobs already pull.
+SMOKE = Container("smoke", PYTORCH_TRAINING, SCRIPTS / "smoke" / "requirements.txt", "ProcessingInstanceType")
+
+CONTAINERS: tuple[Container, ...] = (PREPROCESS, TRAIN, TRAIN_DEBUGGER, EVALUATE, INFERENCE, MONITOR, SMOKE)
 BY_NAME = {c.name: c for c in CONTAINERS}
 
 

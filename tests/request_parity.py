@@ -185,6 +185,10 @@ class RunValues:
             return self.steps[m[1]]["properties"]["TunedHyperParameters"][m[2]]
         if m := re.fullmatch(r"Steps\.(\w+)\.InferenceSpecification\.Containers\[0\]\.ModelDataUrl", ref):
             return self.steps[m[1]]["properties"]["artifact"]
+        if m := re.fullmatch(r"Steps\.(\w+)\.ModelPackageArn", ref):  # a local version: group/version
+            return f"{self.steps[m[1]]['properties']['group']}/{self.steps[m[1]]['properties']['version']}"
+        if m := re.fullmatch(r"Steps\.(\w+)\.EndpointName", ref):
+            return self.steps[m[1]]["properties"]["endpoint"]
         raise AssertionError(f"no local value for {ref}")
 
     @staticmethod

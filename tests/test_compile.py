@@ -131,6 +131,7 @@ def test_invmon_plan_prints_the_compiled_requests(capsys):
         {"Get": "Parameters.Epochs"}]}}
     assert printed["Parameters"]["Epochs"] == 3
     assert [s["Type"] for s in printed["Steps"]] == ["Processing", "Tuning", "Training", "Processing",
-                                                     "Condition", "RegisterModel", "Endpoint", "Fail"]
+                                                     "Condition", "RegisterModel", "Endpoint", "Processing",
+                                                     "Condition", "Fail", "Fail"]
     assert main(["plan", "--param", "Epochs=zero"]) == 2
     assert "Epochs" in capsys.readouterr().err

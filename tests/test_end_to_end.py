@@ -91,7 +91,8 @@ def test_every_executed_request_is_the_definitions(finished_run, run_definition)
     # Beside them, what was compiled: the same steps, with placeholders.
     plan = json.loads((run_dir(home) / "plan.json").read_text())
     assert [s["Name"] for s in plan["Steps"]] == ["Preprocess", "Tune", "Train", "Evaluate", "CheckAccuracy",
-                                                  "Register", "Deploy", "AccuracyTooLow"]
+                                                  "Register", "Deploy", "SmokeTest", "CheckSmokeTest",
+                                                  "AccuracyTooLow", "SmokeTestFailed"]
 
 
 @pytest.mark.slow

@@ -53,6 +53,11 @@ def test_every_compiled_request_is_in_the_definition():
     (lambda s: s["CheckAccuracy"]["Arguments"]["Conditions"][0].update(Type="GreaterThan"), "CheckAccuracy.Conditions"),
     (lambda s: s["Tune"]["Arguments"]["HyperParameterTuningJobConfig"].update(Strategy="Random"), "Tune.HyperParameterTuningJobConfig.Strategy"),
     (lambda s: s["Preprocess"].pop("CacheConfig"), "Preprocess: cache"),
+    (lambda s: s["SmokeTest"]["Arguments"]["AppSpecification"]["ContainerArguments"].pop(), "SmokeTest.AppSpecification"),
+    (lambda s: s["CheckSmokeTest"]["Arguments"]["Conditions"][0].update(RightValue=0), "CheckSmokeTest.Conditions"),
+    (lambda s: s["CheckSmokeTest"]["Arguments"]["ElseSteps"].clear(), "SmokeTestFailed"),
+    (lambda s: s["SmokeTestFailed"]["Arguments"]["ErrorMessage"]["Std:Join"]["Values"].pop(),
+     "SmokeTestFailed.ErrorMessage"),
 ])
 def test_the_comparison_notices_a_difference(change, expected):
     """The parity check itself can fail, on any kind of step."""
@@ -115,3 +120,29 @@ def test_the_staging_deploy_captures_what_it_serves_where_the_monitor_reads():
     for endpoint in ("bin-count-staging", "other-group-staging"):
         value = Resolver({"StagingEndpointName": endpoint}, lambda ref: None)(destination)
         assert value == capture_uri(BUCKET, endpoint) == f"s3://{BUCKET}/capture/{endpoint}"
+
+
+def test_the_smoke_test_calls_what_deploy_updated_before_the_gate_is_passed():
+    """SmokeTest runs in CheckAccuracy's branch after Deploy, on the endpoint Deploy updated and
+    the package Register made, and its own condition (nested in that branch) stops the execution
+    with the job's reason; on one instance, with the region boto3 needs."""
+    definition = json.loads(default_offline_definition())
+    steps = all_steps(definition)
+    check = steps["CheckAccuracy"]["Arguments"]
+    assert [s["Name"] for s in check["IfSteps"]][-2:] == ["SmokeTest", "CheckSmokeTest"]
+    assert [s["Name"] for s in steps["CheckSmokeTest"]["Arguments"]["ElseSteps"]] == ["SmokeTestFailed"]
+    assert "SmokeTest" not in [s["Name"] for s in definition["Steps"]]  # only inside the branch
+    smoke = steps["SmokeTest"]["Arguments"]
+    arguments = smoke["AppSpecification"]["ContainerArguments"]
+    named = {arguments[i]: arguments[i + 1] for i in range(len(arguments) - 1) if isinstance(arguments[i], str)
+             and arguments[i].startswith("--")}
+    assert named["--endpoint-name"] == {"Get": "Steps.Deploy.EndpointName"}
+    assert named["--model-package"] == {"Get": "Steps.Register.ModelPackageArn"}
+    assert named["--model-data"] == {"Get": "Steps.Register.InferenceSpecification.Containers[0].ModelDataUrl"}
+    assert named["--latency-ms"] == {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.SmokeLatencyMs"}]}}
+    assert smoke["ProcessingResources"]["ClusterConfig"]["InstanceCount"] == 1
+    assert smoke["Environment"]["AWS_DEFAULT_REGION"]
+    (condition,) = steps["CheckSmokeTest"]["Arguments"]["Conditions"]
+    assert condition["LeftValue"]["Std:JsonGet"]["Path"] == "passed" and condition["RightValue"] == 1
+    assert steps["SmokeTest"]["PropertyFiles"] == [
+        {"PropertyFileName": "SmokeReport", "OutputName": "smoke", "FilePath": "smoke.json"}]

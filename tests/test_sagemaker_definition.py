@@ -100,8 +100,12 @@ def test_step_types_and_branches(definition, steps):
     condition = steps["CheckAccuracy"]["Arguments"]
     assert [(s["Name"], s["Type"]) for s in condition["IfSteps"]] == [
         ("Register", "RegisterModel"), ("Deploy-Model", "Model"),
-        ("Deploy-EndpointConfig", "EndpointConfig"), ("Deploy", "Endpoint")]
+        ("Deploy-EndpointConfig", "EndpointConfig"), ("Deploy", "Endpoint"),
+        ("SmokeTest", "Processing"), ("CheckSmokeTest", "Condition")]
     assert [(s["Name"], s["Type"]) for s in condition["ElseSteps"]] == [("AccuracyTooLow", "Fail")]
+    smoke = steps["CheckSmokeTest"]["Arguments"]
+    assert smoke["IfSteps"] == [] and [(s["Name"], s["Type"]) for s in smoke["ElseSteps"]] == [
+        ("SmokeTestFailed", "Fail")]
 
 
 def test_train_hyperparameters_are_wired_from_the_best_tuning_job(steps):

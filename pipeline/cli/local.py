@@ -76,6 +76,10 @@ def add_commands(commands) -> None:
             sub.add_argument("version", type=int)
         if name in ("approve", "reject"):
             sub.add_argument("--note", default="", help="why (kept with the version)")
+        if name == "approve":
+            sub.add_argument("--force-no-smoke", action="store_true",
+                             help="approve although the version's staging smoke test failed or never ran "
+                                  "(an operator's override: logged, and kept in the approval's note)")
         sub.add_argument("--group", default=None, help="model package group (default: bin-count)")
         sub.add_argument("--backend", choices=["local", "aws"], default="local")
         sub.add_argument("--region", default=None, help="AWS region (aws back-end)")
@@ -417,6 +421,7 @@ def cmd_models_approve(args) -> int:
 
     registry = _registry(args)
     group = _group(args)
+    args.note = _smoke_gate(args, _registry_call(registry.get, group, args.version))
     if args.backend == "aws":
         # On AWS the approval event is what deploys: the EventBridge rule of infra/ invokes the
         # deploy function (deploying here as well would race it).
@@ -435,6 +440,22 @@ def cmd_models_approve(args) -> int:
           + (f" (was version {outcome.previous})" if outcome.changed and outcome.previous else "")
           + f" (serve it: invmon serve --endpoint {outcome.endpoint})")
     return 0
+
+
+def _smoke_gate(args, version) -> str:
+    """The approval's note, once the version's staging smoke test passed (pipeline/registry/local.py,
+    smoke_problem); refused otherwise, unless --force-no-smoke, which is logged and kept in the note."""
+    from pipeline.registry.local import smoke_problem
+
+    problem = smoke_problem(version)
+    if problem is None:
+        return args.note
+    if not args.force_no_smoke:
+        raise CommandError(f"not approved: {problem}; run the pipeline again, or approve it anyway with "
+                           "--force-no-smoke (an operator's override, kept in the approval's note)")
+    LOG.warning(f"approving {version.name} without a passing staging smoke test (--force-no-smoke): {problem}")
+    # SageMaker keeps 1,024 characters of an ApprovalDescription.
+    return f"{args.note} [--force-no-smoke: {problem}]".strip()[:1024]
 
 
 def cmd_models_reject(args) -> int:

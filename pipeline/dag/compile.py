@@ -30,6 +30,7 @@ from pipeline.registry.deploy import CAPTURE_PERCENT, PIPELINE_STAGE, STAGES, ca
 from pipeline.registry.local import BASELINE_PROPERTY, DIGEST_PROPERTY, REPORT_PROPERTY
 from steps.base import (CategoricalRange, ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, JsonGet,
                         Param, ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
+from steps.smoke import EndpointSmokeTest
 
 CHECKPOINTS = "/opt/ml/checkpoints"
 SERVING_CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image"]
@@ -155,6 +156,8 @@ class StepRequest:
     code: dict | None = None
     read_by_script: list[dict] = field(default_factory=list)
     reads_registry: dict | None = None
+    # The endpoint a job calls (a smoke test): the local runner serves it for the job's duration.
+    invokes_endpoint: dict | None = None
 
     def to_json(self) -> dict:
         entry = {"Name": self.name, "Type": self.type, "Arguments": self.arguments,
@@ -164,7 +167,8 @@ class StepRequest:
         if self.gate:
             entry["RunsIf"] = {"Condition": self.gate[0], "Outcome": self.gate[1]}
         for key, value in (("PropertyFiles", self.property_files), ("Code", self.code),
-                           ("ReadByScript", self.read_by_script), ("ReadsRegistry", self.reads_registry)):
+                           ("ReadByScript", self.read_by_script), ("ReadsRegistry", self.reads_registry),
+                           ("InvokesEndpoint", self.invokes_endpoint)):
             if value:
                 entry[key] = value
         return entry
@@ -446,6 +450,39 @@ def endpoint_arguments(c: Compiler, s: DeployStep) -> dict:
 
 register(DeployStep, Kind("Endpoint", endpoint_arguments))
 register(FailStep, Kind("Fail", lambda c, s: {"ErrorMessage": join([c.value(p) for p in s.message])}))
+
+
+# ---- the staging endpoint's smoke test: a processing job that calls what Deploy updated
+
+
+def smoke_test_targets(c: Compiler, s: EndpointSmokeTest) -> dict:
+    """The endpoint Deploy updated, the package Register made and its model data (run-time values)."""
+    c.known(s.deploy_step, DeployStep)
+    c.known(s.register_step, RegisterStep)
+    return {"EndpointName": get(f"Steps.{s.deploy_step}.EndpointName"),
+            "ModelPackage": get(f"Steps.{s.register_step}.ModelPackageArn"),
+            "ModelData": get(f"Steps.{s.register_step}.InferenceSpecification.Containers[0].ModelDataUrl")}
+
+
+def smoke_test_arguments(c: Compiler, s: EndpointSmokeTest) -> dict:
+    request = processing_arguments(c, s)
+    targets = smoke_test_targets(c, s)
+    request["AppSpecification"]["ContainerArguments"] += [
+        "--endpoint-name", targets["EndpointName"], "--model-package", targets["ModelPackage"],
+        "--model-data", targets["ModelData"], "--run", get("Execution.PipelineExecutionArn")]
+    return request
+
+
+def smoke_test_extras(c: Compiler, s: EndpointSmokeTest) -> dict:
+    if not s.property_files:
+        raise CompileError(f"{s.name} must write its verdict in a property file")
+    # The runner serves the endpoint for the job and records the verdict (the property file's
+    # `record`) on the package; on SageMaker the job records it itself.
+    return {**processing_extras(c, s), "invokes_endpoint": {
+        **smoke_test_targets(c, s), "Verdict": s.property_files[0].name}}
+
+
+register(EndpointSmokeTest, Kind("Processing", smoke_test_arguments, extras=smoke_test_extras))
 
 
 # --------------------------------------------------------------------------- the DAG

@@ -171,6 +171,9 @@ PARAMETERS: tuple[Parameter, ...] = (
             "come from Evaluate either way",
             *TRUE_FALSE),
     _number("AccuracyThreshold", float, 0.3, "test accuracy a model needs to be registered", 0.0, 1.0),
+    _number("SmokeLatencyMs", float, 1000.0,
+            "the staging endpoint's smoke test: the p95 latency of its held-out photos must be under this "
+            "(milliseconds, as a client measures one request at a time)", 1.0, 600_000.0),
     _text("ModelPackageGroupName", "bin-count", "model registry group",
           GROUP_NAME, "1-52 letters, digits and hyphens, starting and ending with a letter or digit"),
     _text("StagingEndpointName", "bin-count-staging",

@@ -4,7 +4,8 @@ Processing: the container's /opt/ml/processing tree is mirrored under the step's
 inputs are linked into it, outputs are read back from it, and arguments that name container
 paths are rewritten to the mirror. Training: hyperparameters become `--name value` arguments,
 channels and the model dir arrive as SM_* variables, and the model dir is tarred into
-model.tar.gz afterwards, as SageMaker does.
+model.tar.gz afterwards, as SageMaker does. A job that calls an endpoint (the smoke test) gets the
+real local endpoint, served for its duration (`serve_endpoint`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from steps.base import PROCESSING_BASE, Code, MetricDefinition, stage_source
+from steps.base import PROCESSING_BASE, ROOT, Code, MetricDefinition, stage_source
 
 
 class JobFailed(RuntimeError):
@@ -259,3 +262,80 @@ def tar_model(model_dir: Path, tarball: Path) -> Path:
         for item in sorted(model_dir.rglob("*")):
             tar.add(item, arcname=item.relative_to(model_dir).as_posix(), recursive=False)
     return tarball
+
+
+class EndpointFailed(RuntimeError):
+    """The local endpoint a job needs did not start (its log's end is in the message)."""
+
+
+ENDPOINT_READY_S = 180.0  # importing torch and loading a model on a busy 2-core machine
+ENDPOINT_STOP_S = 20.0
+
+
+def _ping(port: int) -> int | None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/ping")
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def serve_endpoint(artifact: Path, model_version: str, log_path: Path, capture_dir: str = "",
+                   ready_s: float = ENDPOINT_READY_S,
+                   on_start: Callable[[int, float], None] | None = None,
+                   on_end: Callable[[int], None] | None = None):
+    """The real local endpoint (`python -m pipeline.serving.http_server`) for the block: yields
+    its URL once /ping answers 200, and stops it after (SIGTERM: it drains; SIGKILL past
+    ENDPOINT_STOP_S). The socket is bound here, on 127.0.0.1 and a free port, and handed over,
+    so no port is picked and raced for. Its process group counts among the jobs that a stop of
+    the runner ends (stop_all), and `on_start`/`on_end` let the runner record it as a job's."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    args = [sys.executable, "-m", "pipeline.serving.http_server", str(artifact), "--fd", str(sock.fileno()),
+            "--model-version", model_version]
+    if capture_dir:
+        args += ["--capture-dir", capture_dir]
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(log_path, "wb")
+    try:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, pass_fds=[sock.fileno()], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        sock.close()  # the server holds its own copy
+    with _LIVE_LOCK:
+        _LIVE[proc.pid] = "local endpoint"
+    if on_start:
+        on_start(proc.pid, identity(proc.pid) or 0.0)
+    try:
+        deadline = time.monotonic() + ready_s
+        while _ping(port) != 200:
+            if proc.poll() is not None:
+                raise EndpointFailed(f"the local endpoint exited with code {proc.returncode} before it was "
+                                     f"ready; end of its log ({log_path}):\n{tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise EndpointFailed(f"the local endpoint was not ready within {ready_s:g} s; end of its "
+                                     f"log ({log_path}):\n{tail(log_path)}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=ENDPOINT_STOP_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait()
+        _kill_group(proc.pid)  # anything it left in its group
+        log.close()
+        with _LIVE_LOCK:
+            _LIVE.pop(proc.pid, None)
+        if on_end:
+            on_end(proc.pid)

@@ -36,6 +36,8 @@ SYNTHETIC_PER_CLASS = 300
 FEATURE_CACHE = "feature-cache"  # in the run's folder: train.py's cache of frozen-layer outputs
 # Where a step that reads the registry finds the local one's listing (scripts/evaluate/previous.py).
 REGISTRY_LISTING_ENV = "INVMON_MODEL_REGISTRY"
+# Where a job that calls an endpoint (scripts/smoke/) finds the local one the runner serves for it.
+ENDPOINT_URL_ENV = "INVMON_ENDPOINT_URL"
 
 
 class RunFailed(RuntimeError):
@@ -339,6 +341,10 @@ class LocalRun:
             return record["properties"]["TunedHyperParameters"][m[1]]
         if path == "InferenceSpecification.Containers[0].ModelDataUrl":
             return record["properties"]["artifact"]
+        if path == "ModelPackageArn":  # a local version is named group/version
+            return f"{record['properties']['group']}/{record['properties']['version']}"
+        if path == "EndpointName":
+            return record["properties"]["endpoint"]
         raise RuntimeError(f"no local value for {ref}")
 
     def output_path(self, step: str, output: str) -> Path:
@@ -441,13 +447,14 @@ class LocalRun:
         for path in outputs.values():
             path.mkdir(parents=True, exist_ok=True)
         code = request.declaration.code
-        jobs.run_script(
-            self.python(code), code, step_dir, [local(a) for a in arguments],
-            self._registry_listing(request, step_dir),
-            step_dir / "log.txt", echo=lambda line: self.echo(request.name, line),
-            max_runtime_s=executed["StoppingCondition"]["MaxRuntimeInSeconds"],
-            on_start=self._job_started(record), on_end=self._job_ended(record),
-        )
+        with self._serving(request, step_dir, record) as endpoint_env:
+            jobs.run_script(
+                self.python(code), code, step_dir, [local(a) for a in arguments],
+                {**self._registry_listing(request, step_dir), **endpoint_env},
+                step_dir / "log.txt", echo=lambda line: self.echo(request.name, line),
+                max_runtime_s=executed["StoppingCondition"]["MaxRuntimeInSeconds"],
+                on_start=self._job_started(record), on_end=self._job_ended(record),
+            )
         record["outputs"] = {name: str(path.relative_to(step_dir)) for name, path in outputs.items()}
         properties = {}
         for pf in request.property_files:
@@ -456,7 +463,67 @@ class LocalRun:
                 raise FileNotFoundError(f"{request.name} did not write its property file {pf['FilePath']}")
             properties[pf["PropertyFileName"]] = json.loads(path.read_text())
         record["properties"] = properties
+        if request.invokes_endpoint:
+            self._record_verdict(request, properties)
         self._remember(request.declaration, record)
+
+    def _package(self, request: StepRequest) -> tuple[str, int]:
+        """(group, version) of the version a job that invokes an endpoint tests."""
+        group, _, version = str(self.resolve(request.invokes_endpoint["ModelPackage"])).rpartition("/")
+        return group, int(version)
+
+    @contextlib.contextmanager
+    def _serving(self, request: StepRequest, step_dir: Path, record: dict):
+        """The job environment of a step that calls an endpoint (the smoke test): the real local
+        endpoint, served for the job from the version this run deployed, at $INVMON_ENDPOINT_URL,
+        and stopped after it. An endpoint that no longer serves this run's version, or whose
+        artifact is not the registered bytes, is never tested in its place."""
+        if not request.invokes_endpoint:
+            yield {}
+            return
+        from pipeline.registry.deploy import verify_local_artifact
+        from pipeline.registry.local import open_registry
+
+        name = str(self.resolve(request.invokes_endpoint["EndpointName"]))
+        group, version = self._package(request)
+        registry = open_registry(self.home)
+        endpoint = registry.get_endpoint(name)
+        if (endpoint.group, endpoint.version) != (group, version):
+            raise RunFailed(f"endpoint {name} serves {endpoint.group}/{endpoint.version}, not {group}/{version}, "
+                            "which this run deployed: another run deployed it since, and this version stays "
+                            "untested (invmon models approve refuses it)")
+        model = registry.get(group, version)
+        verify_local_artifact(model)
+        try:
+            with jobs.serve_endpoint(Path(model.artifact_uri), model.name, step_dir / "endpoint.log",
+                                     # where `invmon serve --endpoint NAME` captures, as SageMaker's staging does
+                                     capture_dir=str(self.home / "capture" / name),
+                                     on_start=self._job_started(record), on_end=self._job_ended(record)) as url:
+                self.echo(request.name, f"{name} serves {model.name} at {url} for the job")
+                yield {ENDPOINT_URL_ENV: url}
+        except jobs.EndpointFailed as exc:
+            self._record_smoke(group, version, {"SmokeTest": "failed",
+                                                "SmokeTestDetail": "the staging endpoint did not start"})
+            raise RunFailed(f"{name} ({model.name}) did not start: {exc}") from None
+        self.echo(request.name, f"{name} stopped")
+
+    def _record_verdict(self, request: StepRequest, properties: dict) -> None:
+        """The job's verdict (its property file's `record`) on the version it tested, in the local
+        registry: what UpdateModelPackage records on SageMaker."""
+        verdict = properties.get(request.invokes_endpoint["Verdict"], {}).get("record")
+        if not isinstance(verdict, dict):
+            raise RunFailed(f"{request.name} wrote no verdict to record (its property file has no 'record')")
+        self._record_smoke(*self._package(request), verdict)
+
+    def _record_smoke(self, group: str, version: int, verdict: dict) -> None:
+        from pipeline.registry.local import SMOKE_PROPERTIES, SMOKE_PROPERTY, SMOKE_RUN_PROPERTY, open_registry
+
+        kept = {k: str(v) for k, v in verdict.items() if k in SMOKE_PROPERTIES}
+        if kept.get(SMOKE_PROPERTY) not in ("passed", "failed"):
+            raise RunFailed(f"a smoke test verdict is passed or failed, not {kept.get(SMOKE_PROPERTY)!r}")
+        kept[SMOKE_RUN_PROPERTY] = self.state["id"]  # the run that recorded it, as the runner knows it
+        open_registry(self.home).set_properties(group, version, kept)
+        self.echo("runner", f"recorded {SMOKE_PROPERTY}={kept[SMOKE_PROPERTY]} on {group}/{version}")
 
     def _registry_listing(self, request: StepRequest, step_dir: Path) -> dict[str, str]:
         """The job environment of a step that reads the registry: the local registry's versions of

@@ -42,6 +42,13 @@ DIGEST_PROPERTY = "ArtifactSha256"
 # The commit of the code that made the version, `<sha>` or `<sha>-dirty` (pipeline/lineage.py);
 # SageMaker keeps it as MetadataProperties.CommitId.
 COMMIT_PROPERTY = "CommitId"
+# The staging endpoint's smoke test (steps/smoke.py), recorded on the version it tested (SageMaker:
+# CustomerMetadataProperties, by UpdateModelPackage): passed or failed, a line saying why, and the
+# run or execution that recorded it. `invmon models approve` refuses a version without "passed".
+SMOKE_PROPERTY = "SmokeTest"
+SMOKE_DETAIL_PROPERTY = "SmokeTestDetail"
+SMOKE_RUN_PROPERTY = "SmokeTestRun"
+SMOKE_PROPERTIES = (SMOKE_PROPERTY, SMOKE_DETAIL_PROPERTY, SMOKE_RUN_PROPERTY)
 # A new version is registered with one of these: Approved is a reviewer's step (set_status).
 REGISTRABLE = ("PendingManualApproval", "Rejected")
 BUSY_TIMEOUT_MS = 30_000
@@ -159,6 +166,24 @@ def _version_from_row(row: sqlite3.Row) -> ModelVersion:
         properties=properties,
         commit_id=properties.get(COMMIT_PROPERTY, ""),
     )
+
+
+def smoke_problem(version: ModelVersion) -> str | None:
+    """Why `version` may not be approved as far as its staging smoke test goes, or None: it must
+    have passed, and the verdict must come from the run that registered it (a verdict copied from
+    another run's test says nothing about this version's endpoint)."""
+    result = version.properties.get(SMOKE_PROPERTY)
+    if result is None:
+        return (f"{version.name} has no staging smoke test result: its run stopped before SmokeTest "
+                "finished, or it was registered outside the pipeline")
+    detail = version.properties.get(SMOKE_DETAIL_PROPERTY, "")
+    if result != "passed":
+        return f"{version.name} failed its staging smoke test" + (f": {detail}" if detail else "")
+    tested_by = version.properties.get(SMOKE_RUN_PROPERTY, "")
+    if version.run_id and tested_by != version.run_id:
+        return (f"{version.name}'s smoke test result was recorded by {tested_by or 'an unknown run'}, not by "
+                f"{version.run_id}, the run that registered it")
+    return None
 
 
 def _endpoint_from_row(row: sqlite3.Row, flags: dict[str, str]) -> Endpoint:
@@ -372,6 +397,20 @@ class LocalRegistry:
             conn.execute("UPDATE model_versions SET status = ?, note = ?, updated_at = ? "
                          "WHERE group_name = ? AND version = ?",
                          (status, note, _now(), group, int(version)))
+            return self._get(conn, group, version)
+
+    def set_properties(self, group: str, version: int, properties: dict[str, str]) -> ModelVersion:
+        """Add or replace some of a version's properties (SageMaker: UpdateModelPackage's
+        CustomerMetadataProperties, which merges the same way). The artifact's SHA-256 is
+        recorded at registration and never changed."""
+        if DIGEST_PROPERTY in properties:
+            raise RegistryError(f"{DIGEST_PROPERTY} is recorded when a version is registered and never changed")
+        with self._write() as conn:
+            model = self._get(conn, group, version)
+            merged = {**model.properties, **{str(k): str(v) for k, v in properties.items()}}
+            conn.execute("UPDATE model_versions SET properties = ?, updated_at = ? "
+                         "WHERE group_name = ? AND version = ?",
+                         (json.dumps(merged), _now(), group, int(version)))
             return self._get(conn, group, version)
 
     def latest(self, group: str, status: str | None = None) -> ModelVersion | None:

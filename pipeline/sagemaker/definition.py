@@ -6,7 +6,8 @@ compiled request, by its type, into SDK v3 objects; every field the request hold
 (`_Build.sdk` turns its placeholders into Parameters, step Properties, Join and JsonGet):
 
     Processing     -> FrameworkProcessor (PyTorch image, the step's own source + requirements)
-                      (each step container's image and requirements file: steps/images.py)
+                      (each step container's image and requirements file: steps/images.py);
+                      the smoke test is one too, on one instance, given the region for boto3
     Tuning         -> HyperparameterTuner over a ModelTrainer, tuner.tune() -> TuningStep
     Training       -> ModelTrainer.train() -> TrainingStep (checkpoints + managed spot)
     Condition      -> ConditionStep(ConditionGreaterThanOrEqualTo(JsonGet, parameter))
@@ -527,7 +528,8 @@ class _Build:
             image_uri=self.image(container),
             role=self.role,
             instance_type=self.params["ProcessingInstanceType"],
-            instance_count=self.params["ProcessingInstanceCount"],
+            # A smoke test runs once: N instances would each call the endpoint and record a verdict.
+            instance_count=1 if request.invokes_endpoint else self.params["ProcessingInstanceCount"],
             volume_size_in_gb=PROCESSING_VOLUME_GB,
             volume_kms_key=self.kms,
             output_kms_key=self.kms,
@@ -536,9 +538,9 @@ class _Build:
             code_location=f"s3://{self.bucket}",  # helper scripts: <bucket>/<job prefix>/source/
             sagemaker_session=self.session,
             network_config=NetworkConfig(subnets=vpc[0], security_group_ids=vpc[1]) if vpc else None,
-            # A step that reads the model registry calls it with boto3, which needs a region:
-            # SageMaker does not promise one in a processing container's environment.
-            env={"AWS_DEFAULT_REGION": self.region} if request.reads_registry else None,
+            # A step that reads the model registry (or invokes an endpoint) calls it with boto3,
+            # which needs a region: SageMaker does not promise one in a processing container.
+            env={"AWS_DEFAULT_REGION": self.region} if request.reads_registry or request.invokes_endpoint else None,
             tags=self.sdk(args.get("Tags")),
         )
         for item in request.read_by_script:  # read from S3 by the script itself, never mounted
@@ -965,7 +967,9 @@ def _translate(build: _Build, dag: base.Dag) -> list:
         made = made if isinstance(made, list) else [made]
         build.sm_steps[request.name] = made[-1]
         branches[request.name] = made
-    for request in conditions:
+    # Inner conditions first: a condition inside another's branch (CheckSmokeTest inside
+    # CheckAccuracy's) is declared after it, and must exist when the outer one is built.
+    for request in reversed(conditions):
         build.sm_steps[request.name] = build.condition(request, branches)
         branches[request.name] = [build.sm_steps[request.name]]
     # Steps inside a condition's branches must not also be listed at the top level.
