@@ -63,7 +63,7 @@ clean:
 
 # The Lambda functions of infra/invmon.yaml (deploy, retrain, monitor): the modules they need, nothing
 # else (the Lambda runtime provides boto3; the SageMaker SDK is never imported).
-DEPLOY_FUNCTION_MODULES := __init__ alerts digests home registry/__init__ registry/deploy registry/local registry/sagemaker \
+DEPLOY_FUNCTION_MODULES := __init__ alerts digests home registry/__init__ registry/deploy registry/local registry/sagemaker registry/smoke \
 	sagemaker/__init__ sagemaker/clients sagemaker/retrain sagemaker/monitor_job
 deploy-function:
 	mkdir -p build

@@ -659,3 +659,119 @@ def test_a_model_made_in_advance_under_the_deploys_name_is_refused(sm, capsys, u
     code, _, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws")
     assert code == 1 and f"refused: {name} exists already and is not what this deploy would make" in err
     assert resources(sm)[1:] == ([], [])  # no config, no endpoint
+
+
+# --------------------------------------------------------------------------- the smoke test gate on production
+
+EXECUTION = f"arn:aws:sagemaker:{REGION}:123456789012:pipeline/bin-count/execution/"
+
+
+def register_smoked(sm, smoke: dict, made_by: str = "exec-4") -> int:
+    """One more version, registered by execution `made_by` with these smoke test properties."""
+    body = b"model.tar.gz of the smoked version"
+    s3().put_object(Bucket=ARTIFACTS, Key=f"{GROUP}/smoked/model.tar.gz", Body=body)
+    arn = sm.create_model_package(
+        ModelPackageGroupName=GROUP, ModelApprovalStatus="PendingManualApproval",
+        InferenceSpecification={"Containers": [{"Image": IMAGE, "ModelDataUrl":
+                                                f"s3://{ARTIFACTS}/{GROUP}/smoked/model.tar.gz"}],
+                                "SupportedContentTypes": ["image/jpeg"],
+                                "SupportedResponseMIMETypes": ["application/json"]},
+        MetadataProperties={"GeneratedBy": EXECUTION + made_by},
+        CustomerMetadataProperties={"ArtifactSha256": hashlib.sha256(body).hexdigest(), **smoke},
+    )["ModelPackageArn"]
+    return int(arn.rsplit("/", 1)[1])
+
+
+def alerts(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def serving_2(sm, updates, tmp_path):
+    """Production serves version 2 (approved, smoke test passed); alerts go to a file."""
+    os.environ["INVMON_NOTIFICATIONS"] = str(tmp_path / "alerts.jsonl")  # restored with the environment
+    approve(sm, 2)
+    assert [r["deployed"] for r in deliver(event(2))] == [True]
+    return tmp_path / "alerts.jsonl"
+
+
+@pytest.mark.parametrize("smoke, reason", [
+    ({}, "bin-count/4 has no staging smoke test result"),
+    ({"SmokeTest": "failed", "SmokeTestDetail": "3 of 10 photos got no good answer",
+      "SmokeTestRun": EXECUTION + "exec-4"},
+     "bin-count/4 failed its staging smoke test: 3 of 10 photos got no good answer"),
+    ({"SmokeTest": "passed", "SmokeTestRun": EXECUTION + "exec-1"},
+     f"bin-count/4's smoke test result was recorded by {EXECUTION}exec-1, not by {EXECUTION}exec-4"),
+], ids=["never-ran", "failed", "another-execution"])
+def test_a_console_approval_without_its_own_passing_smoke_test_changes_nothing_and_alerts(
+        sm, serving_2, smoke, reason):
+    """The bypass closed: a reviewer approves in the console (no CLI gate), the approval event
+    reaches the deploy function, which refuses; production keeps version 2, unflagged, and the
+    deploy-failed alert names the reason."""
+    version = register_smoked(sm, smoke)
+    approve(sm, version)
+    before = resources(sm)
+    (result,) = deliver(event(version))
+    assert result["deployed"] is False and reason in result["refused"]
+    assert result["message"] == result["refused"] and "left as it is" in result["message"]
+    assert production(sm) == 2 and resources(sm) == before
+    from pipeline.registry import deploy
+
+    assert deploy.sagemaker_target(sm).current("bin-count-production").flag == ""  # nothing flagged
+    (alert,) = [a for a in alerts(serving_2) if a["kind"] == "deploy-failed"]
+    assert reason in alert["message"] and alert["version"] == version
+    assert package(sm, version)["ModelApprovalStatus"] == "Approved"  # the reviewer's decision stands
+
+
+def test_deploy_prod_by_hand_applies_the_same_gate(sm, serving_2, capsys):
+    version = register_smoked(sm, {"SmokeTest": "failed", "SmokeTestRun": EXECUTION + "exec-4"})
+    approve(sm, version)
+    before = resources(sm)
+    code, _, err = run(capsys, "deploy", "--stage", "prod", "--backend", "aws", "--version", str(version))
+    assert code == 1 and err.count("\n") == 1
+    assert f"invmon: error: refused: bin-count/{version} failed its staging smoke test" in err
+    assert production(sm) == 2 and resources(sm) == before
+
+
+def test_a_passing_smoke_test_of_its_own_execution_deploys(sm, serving_2):
+    version = register_smoked(sm, {"SmokeTest": "passed", "SmokeTestRun": EXECUTION + "exec-4"})
+    approve(sm, version)
+    (result,) = deliver(event(version))
+    assert result["deployed"] is True and "refused" not in result
+    assert production(sm) == version
+    assert [a["kind"] for a in alerts(serving_2)] == ["deploy", "deploy"]
+
+
+def test_the_operators_override_is_recorded_before_approval_and_deploys(sm, serving_2, capsys):
+    version = register_smoked(sm, {"SmokeTest": "failed", "SmokeTestDetail": "p95 latency 2300 ms",
+                                   "SmokeTestRun": EXECUTION + "exec-4"})
+    code, _, err = run(capsys, "models", "approve", str(version), "--backend", "aws")
+    assert code == 1 and "--force-no-smoke" in err
+    assert package(sm, version)["ModelApprovalStatus"] == "PendingManualApproval"
+    assert "SmokeTestOverride" not in package(sm, version)["CustomerMetadataProperties"]
+
+    code, _, err = run(capsys, "models", "approve", str(version), "--backend", "aws", "--force-no-smoke",
+                       "--note", "hotfix for the night shift (ticket #42)")
+    assert code == 0, err
+    recorded = package(sm, version)
+    assert recorded["ModelApprovalStatus"] == "Approved"
+    override = recorded["CustomerMetadataProperties"]["SmokeTestOverride"]
+    # Who (the caller's identity), why (the note) and what it overrode, as a property may hold it.
+    assert override.startswith("by arn:aws:sts::123456789012:") and "hotfix for the night shift" in override
+    assert f"bin-count/{version} failed its staging smoke test: p95 latency 2300 ms" in override
+    assert len(override) <= 256 and "(" not in override and "#" not in override
+    assert "--force-no-smoke" in recorded["ApprovalDescription"]
+    (result,) = deliver(event(version))
+    assert result["deployed"] is True and production(sm) == version
+
+
+def test_a_rollback_skips_an_approved_version_without_a_passing_smoke_test(sm, serving_2):
+    """Rejecting what production serves must not put an unsmoked Approved version there either."""
+    version = register_smoked(sm, {})
+    approve(sm, version)
+    assert deliver(event(version))[0]["deployed"] is False
+    approve(sm, 1)  # passed: the rollback's target
+    approve(sm, 2, status="Rejected")
+    (rolled,) = deliver(event(2, "Rejected"))
+    assert rolled["deployed"] and rolled["message"].endswith("to bin-count/1")
+    assert production(sm) == 1

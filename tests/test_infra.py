@@ -612,3 +612,92 @@ def test_only_the_deploy_function_scales_and_only_the_groups_two_endpoints(templ
         assert not allowed(found[role], "application-autoscaling:RegisterScalableTarget", target, variant), role
         assert not allowed(found[role], "sagemaker:UpdateEndpointWeightsAndCapacities",
                            f"{ARN}:endpoint/bin-count-production"), role
+
+
+# --------------------------------------------------------------------------- smoke test override, build, reviewers
+
+
+def test_no_role_that_runs_or_builds_may_write_the_smoke_test_override(template):
+    """The pipeline role records the SmokeTest* verdict, and nothing else, on the group's versions;
+    the operator's override (SmokeTestOverride, which lets production serve a version without a
+    passing smoke test) is outside what it may write, at registration or after, alone or beside
+    the verdict. A reviewer may record it (invmon models approve --force-no-smoke)."""
+    from iam_policies import allowed
+
+    found = documents(template)
+    pipeline = found["PipelineRole"]
+    verdict = {"sagemaker:CustomerMetadataProperties/SmokeTest": "passed",
+               "sagemaker:CustomerMetadataProperties/SmokeTestRun": "arn:...:execution/abc"}
+    override = {"sagemaker:CustomerMetadataProperties/SmokeTestOverride": "by the pipeline"}
+    assert allowed(pipeline, "sagemaker:UpdateModelPackage", PACKAGE, verdict)
+    assert not allowed(pipeline, "sagemaker:UpdateModelPackage", PACKAGE, {**verdict, **override})
+    assert not allowed(pipeline, "sagemaker:UpdateModelPackage", PACKAGE, override)
+    pending = {"sagemaker:ModelApprovalStatus": "PendingManualApproval"}
+    assert allowed(pipeline, "sagemaker:CreateModelPackage", GROUP_ARN, {**pending, **verdict})
+    assert not allowed(pipeline, "sagemaker:CreateModelPackage", GROUP_ARN, {**pending, **override})
+    for role in set(resources(template, "AWS::IAM::Role")) - {"ReviewerRole"}:
+        for action, target in (("sagemaker:UpdateModelPackage", PACKAGE), ("sagemaker:CreateModelPackage", GROUP_ARN)):
+            assert not allowed(found[role], action, target, {**pending, **override}), (role, action)
+    approving = {"sagemaker:ModelApprovalStatus": "Approved"}
+    assert allowed(found["ReviewerRole"], "sagemaker:UpdateModelPackage", PACKAGE, override)
+    assert allowed(found["ReviewerRole"], "sagemaker:UpdateModelPackage", PACKAGE, {**approving, **override})
+    # The evaluator itself: without the Null on the override the verdict's allow would let it through.
+    statement = next(s for d in pipeline for s in d["Statement"] if s.get("Sid") == "RecordTheSmokeTest")
+    loose = {**statement, "Condition": {"Null": {k: v for k, v in statement["Condition"]["Null"].items()
+                                                 if not k.endswith("/SmokeTestOverride")}}}
+    assert allowed([{"Statement": [loose]}], "sagemaker:UpdateModelPackage", PACKAGE, {**verdict, **override})
+
+
+def test_the_build_keeps_pips_cache_where_the_buildspec_says(template):
+    """buildspec.yml's cache: paths: are kept only by a project Cache; S3, in the artifact bucket
+    under a prefix the build role may read and write (and no other role writes)."""
+    from iam_policies import allowed
+
+    buildspec = yaml.safe_load((ROOT / "buildspec.yml").read_text())
+    assert buildspec["cache"]["paths"]
+    cache = template["Resources"]["Build"]["Properties"]["Cache"]
+    assert cache["Type"] == "S3"
+    location = resolve_sub(cache["Location"])
+    assert location == "invmon-artifacts/build-cache/invmon-build"
+    found = documents(template)
+    key = f"arn:aws:s3:::{location}/0123abcd.zip"
+    for action in ("s3:GetObject", "s3:PutObject"):
+        assert allowed(found["BuildRole"], action, key), action
+    assert not allowed(found["TestRole"], "s3:PutObject", key)  # a pushed branch cannot poison it
+    assert "Cache" not in template["Resources"]["Test"]["Properties"]
+
+
+def test_the_build_role_publishes_test_reports_to_its_own_report_groups_only(template):
+    from iam_policies import allowed
+
+    found = documents(template)
+    buildspec = yaml.safe_load((ROOT / "buildspec.yml").read_text())
+    prefix = "arn:aws:codebuild:us-east-1:123456789012:report-group"
+    for group in buildspec["reports"]:  # CodeBuild names it <project>-<name>
+        for action in ("CreateReportGroup", "CreateReport", "UpdateReport", "BatchPutTestCases",
+                       "BatchPutCodeCoverages"):
+            assert allowed(found["BuildRole"], f"codebuild:{action}", f"{prefix}/invmon-build-{group}"), action
+            assert not allowed(found["BuildRole"], f"codebuild:{action}", f"{prefix}/invmon-test-{group}"), action
+            assert not allowed(found["BuildRole"], f"codebuild:{action}", f"{prefix}/other-{group}"), action
+            assert not allowed(found["TestRole"], f"codebuild:{action}", f"{prefix}/invmon-build-{group}"), action
+
+
+def test_reviewers_may_read_the_parameters_of_the_groups_executions_only(template):
+    """`invmon models show --backend aws` reads the execution's definition and parameters."""
+    from iam_policies import allowed
+
+    found = documents(template)
+    mine = f"{ARN}:pipeline/bin-count/execution/abc123"
+    for action in ("DescribePipelineDefinitionForExecution", "ListPipelineParametersForExecution"):
+        assert allowed(found["ReviewerRole"], f"sagemaker:{action}", mine), action
+        assert allowed(found["ReviewerPolicy"], f"sagemaker:{action}", mine), action
+        assert not allowed(found["ReviewerRole"], f"sagemaker:{action}", f"{ARN}:pipeline/other/execution/abc123")
+
+
+def resolve_sub(value) -> str:
+    from iam_policies import STACK
+
+    text = value["!Sub"]
+    for key, replacement in STACK.items():
+        text = text.replace("${" + key + "}", replacement)
+    return text

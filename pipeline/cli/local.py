@@ -79,7 +79,9 @@ def add_commands(commands) -> None:
         if name == "approve":
             sub.add_argument("--force-no-smoke", action="store_true",
                              help="approve although the version's staging smoke test failed or never ran "
-                                  "(an operator's override: logged, and kept in the approval's note)")
+                                  "(an operator's override: logged, and kept in the approval's note; on aws also "
+                                  "recorded on the package as SmokeTestOverride with who and why, which the "
+                                  "production deploy requires)")
         sub.add_argument("--group", default=None, help="model package group (default: bin-count)")
         sub.add_argument("--backend", choices=["local", "aws"], default="local")
         sub.add_argument("--region", default=None, help="AWS region (aws back-end)")
@@ -421,7 +423,7 @@ def cmd_models_approve(args) -> int:
 
     registry = _registry(args)
     group = _group(args)
-    args.note = _smoke_gate(args, _registry_call(registry.get, group, args.version))
+    args.note = _smoke_gate(args, registry, _registry_call(registry.get, group, args.version))
     if args.backend == "aws":
         # On AWS the approval event is what deploys: the EventBridge rule of infra/ invokes the
         # deploy function (deploying here as well would race it).
@@ -442,18 +444,25 @@ def cmd_models_approve(args) -> int:
     return 0
 
 
-def _smoke_gate(args, version) -> str:
-    """The approval's note, once the version's staging smoke test passed (pipeline/registry/local.py,
-    smoke_problem); refused otherwise, unless --force-no-smoke, which is logged and kept in the note."""
-    from pipeline.registry.local import smoke_problem
+def _smoke_gate(args, registry, version) -> str:
+    """The approval's note, once the version's staging smoke test passed (pipeline/registry/smoke.py,
+    production_problem, the rule production's deploy applies too); refused otherwise, unless
+    --force-no-smoke, which is logged and kept in the note; on AWS also recorded on the package
+    (who and why) before it is approved: the approval event deploys, and the deploy function
+    requires it."""
+    from pipeline.registry import smoke
 
-    problem = smoke_problem(version)
+    problem = smoke.production_problem(version)
     if problem is None:
         return args.note
     if not args.force_no_smoke:
         raise CommandError(f"not approved: {problem}; run the pipeline again, or approve it anyway with "
                            "--force-no-smoke (an operator's override, kept in the approval's note)")
     LOG.warning(f"approving {version.name} without a passing staging smoke test (--force-no-smoke): {problem}")
+    if args.backend == "aws":
+        override = smoke.override_text(_registry_call(smoke.operator, registry.sm), args.note, problem)
+        _registry_call(smoke.record_override, registry.sm, version, override)
+        LOG.info(f"recorded on {version.name}: {smoke.OVERRIDE_PROPERTY}={override}")
     # SageMaker keeps 1,024 characters of an ApprovalDescription.
     return f"{args.note} [--force-no-smoke: {problem}]".strip()[:1024]
 

@@ -7,7 +7,14 @@ Standard library and boto3 only: the Lambda runtime has boto3, not the SageMaker
 Rules:
 - Each group has two fixed endpoints, `<group>-staging` and `<group>-production`. A pipeline
   execution deploys only to `<group>-staging` (pipeline_endpoint_problem).
-- Production serves only an Approved version; a refused deploy creates or changes nothing.
+- On SageMaker, production serves only an Approved version whose staging smoke test passed and
+  was recorded by the execution that registered it, or on which an operator recorded an
+  override (pipeline/registry/smoke.py): an approval in the console never passes through
+  `invmon models approve`, which applies the rule on both back-ends. A version refused for its
+  smoke test changes nothing and sends the deploy-failed alert with the reason, whichever way
+  it came: the approval event (the deploy function), `invmon deploy --stage prod`, or a
+  rollback's fallback. Locally a version becomes Approved only through that command.
+- A refused deploy creates or changes nothing.
 - Approving deploys to production; if that deploy fails the version stays Approved, the
   failure is reported and production keeps what it served.
 - Rejecting what production serves moves production to the newest other Approved version, or,
@@ -37,6 +44,7 @@ from dataclasses import dataclass, field
 from pipeline.alerts import notify
 from pipeline.digests import file_sha256, sha256_of
 from pipeline.registry.local import (DIGEST_PROPERTY, Endpoint, ModelVersion, NotFoundError, RegistryError)
+from pipeline.registry.smoke import production_problem
 
 STAGES = {"staging": "staging", "prod": "production"}
 # Cost-allocation tags (activate them in Billing): what a job, model, endpoint config or endpoint
@@ -280,6 +288,7 @@ class Outcome:
     message: str = ""
     rollout: str = ""  # how the switch moves traffic (rollout_report)
     pruned: Pruned | None = None  # the clean-up after the switch
+    refused: str = ""  # why production may not serve the version (its smoke test), if it may not
 
 
 # --------------------------------------------------------------------------- choosing a version
@@ -318,17 +327,31 @@ def verify_artifact(model: ModelVersion, actual: str) -> None:
                           f"(nothing was changed)")
 
 
-def deploy_problem(registry, model: ModelVersion, newest_only: bool) -> str | None:
+def deploy_problem(registry, model: ModelVersion, newest_only: bool, smoke: bool = False) -> str | None:
     """Why `model` may not go to production now, read afresh; None when it may.
-    `newest_only`: an approval event deploys only the newest Approved version of the group."""
-    status = registry.get(model.group, model.version).status
-    if status != "Approved":
-        return f"{model.name} is {status} now"
+    `newest_only`: an approval event deploys only the newest Approved version of the group.
+    `smoke`: its staging smoke test (or an override) is checked again too."""
+    fresh = registry.get(model.group, model.version)
+    if fresh.status != "Approved":
+        return f"{model.name} is {fresh.status} now"
     if newest_only:
         newest = registry.latest(model.group, "Approved")
         if newest is not None and newest.version != model.version:
             return f"{newest.name} is the newest Approved version, not {model.name}"
-    return None
+    return production_problem(fresh) if smoke else None
+
+
+def smoke_refusal(name: str, model: ModelVersion) -> str | None:
+    """Production's smoke-test gate: None when `model` may go there; otherwise the refusal,
+    already sent as a deploy-failed alert (nothing was changed, nothing is flagged)."""
+    problem = production_problem(model)
+    if problem is None:
+        return None
+    message = (f"refused: {problem}; {name} was left as it is. Run the pipeline again, or record an "
+               f"operator's override: invmon models approve {model.version} --backend aws --force-no-smoke --note WHY")
+    notify("deploy-failed", f"{name}: {model.name} refused (staging smoke test)", message,
+           endpoint=name, group=model.group, version=model.version)
+    return message
 
 
 def deploy(registry, target, group: str, stage: str, version: int | None = None,
@@ -344,8 +367,13 @@ def deploy(registry, target, group: str, stage: str, version: int | None = None,
         model = choose(registry, group, stage, version)
     recheck = None
     if stage == "prod":
+        if target.smoke_gate and (refused := smoke_refusal(name, model)):
+            if newest_only:  # an event: the invocation succeeds (no retry, no second alert)
+                return Outcome(name, model, None, False, refused, refused=refused)
+            raise DeployError(refused)
+
         def recheck() -> str | None:  # right before the traffic switches
-            return deploy_problem(registry, model, newest_only)
+            return deploy_problem(registry, model, newest_only, smoke=target.smoke_gate)
     current = target.current(name)
     previous = current.version if current and current.group == group else None
     if previous == model.version and not (current and current.flag) and current.pending is None:
@@ -405,10 +433,12 @@ def roll_back_from(registry, target, model: ModelVersion) -> Outcome | None:
         raise DeployError(f"{model.name} is Rejected, but {name} is switching to it right now ({current.status}); "
                           f"it is flagged: run `invmon models reject {model.version}` again when the update "
                           f"ends to roll it back")
-    fallback = [v for v in registry.list_versions(model.group)
+    approved = [v for v in registry.list_versions(model.group)
                 if v.status == "Approved" and v.version != model.version]
+    fallback = [v for v in approved if not target.smoke_gate or production_problem(v) is None]
     if not fallback:
-        flag = f"serves Rejected version {model.version}; no other Approved version to roll back to"
+        flag = (f"serves Rejected version {model.version}; no other Approved version to roll back to"
+                + (" that passed its staging smoke test" if approved else ""))
         target.flag(name, flag)
         notify("deploy-failed", f"{name} serves Rejected {model.name}", f"{name} {flag}; it is flagged",
                endpoint=name, group=model.group, version=model.version)
@@ -469,6 +499,8 @@ def verify_local_artifact(model: ModelVersion) -> None:
 
 class LocalTarget:
     """Endpoints as records in the SQLite registry (`invmon serve --endpoint` serves them)."""
+
+    smoke_gate = False  # a local version is Approved only by `invmon models approve`, which applies it
 
     def __init__(self, registry):
         self.registry = registry
@@ -532,6 +564,8 @@ class SageMakerTarget:
     both, so a repeated deploy reuses them), then CreateEndpoint, or UpdateEndpoint with a
     blue/green DeploymentConfig that rolls back by itself when one of the endpoint's alarms fires
     while the new fleet bakes."""
+
+    smoke_gate = True  # an approval in the console has passed no gate: production's deploy is it
 
     def __init__(self, sm, role_arn: str, instance_type: str = "ml.m5.large",
                  alarms: dict[str, list[str]] | None = None, clock=time.time, s3=None,
@@ -1029,8 +1063,10 @@ def handler(event: dict, context=None) -> dict:
     come twice, late or out of order, so each is only a hint to look again:
     - "SageMaker Model Package State Change", Approved: deploy that version to production if it
       is, now, the newest Approved version (re-checked right before traffic switches); otherwise
-      change nothing and say why. Rejected: if production serves that version (a reject in the
-      console, say), roll it back to the newest other Approved version, or flag it.
+      change nothing and say why. A version whose staging smoke test did not pass (and has no
+      operator's override) is refused: nothing changes, the deploy-failed alert says why, and the
+      result's `refused` does too. Rejected: if production serves that version (a reject in the
+      console, say), roll it back to the newest other Approved version that passed, or flag it.
     - "SageMaker Endpoint State Change" of <group>-staging or <group>-production to IN_SERVICE,
       whoever deployed it (an approval, the pipeline's staging Deploy, a deploy by hand): if it is
       InService now, apply its scaling and delete its older Models and EndpointConfigs.
@@ -1079,6 +1115,8 @@ def _on_package_event(group: str, event: dict) -> dict:
     result = {"deployed": outcome.changed, "endpoint": outcome.endpoint,
               "version": outcome.version.version, "message": outcome.message,
               "event": f"{group}/{version} {status}"}
+    if outcome.refused:
+        result["refused"] = outcome.refused
     if outcome.changed:
         result["rollout"] = outcome.rollout
         result["pruned"] = outcome.pruned.summary() if outcome.pruned else ""
