@@ -369,6 +369,30 @@ def test_resize_sets_short_side_keeps_aspect_and_never_upscales(tmp_path):
     assert report["totals"]["kept_below_resize"] == 1
 
 
+def test_the_test_split_keeps_each_jpeg_as_received(tmp_path):
+    """Evaluate scores (and its monitoring baseline describes) the photos the endpoint will be
+    sent: the test split's JPEGs are the bytes received, not copies resized for training. A photo
+    whose bytes are not a JPEG keeps its JPEG copy (its .jpg name must not lie to Evaluate)."""
+    inp = tmp_path / "in"
+    (inp / "2").mkdir(parents=True)
+    (inp / "2" / "land.jpg").write_bytes(jpeg_bytes((300, 200), seed=1))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    (inp / "2" / "turned.jpg").write_bytes(jpeg_bytes((240, 160), seed=2, exif=exif))
+    (inp / "2" / "png.jpg").write_bytes(jpeg_bytes((300, 200), seed=3, fmt="PNG"))
+    rc, _ = run(inp, tmp_path / "out", "--resize", "80", "--split", "0,0,1")
+    assert rc == 1  # train and validation are empty on purpose
+    test = tmp_path / "out" / "test" / "2"
+    assert (test / "land.jpg").read_bytes() == (inp / "2" / "land.jpg").read_bytes()
+    assert (test / "turned.jpg").read_bytes() == (inp / "2" / "turned.jpg").read_bytes()
+    with Image.open(test / "png.jpg") as im:
+        assert im.format == "JPEG" and im.size == (120, 80)
+    with open(tmp_path / "out" / "test" / "manifest.csv") as f:
+        sizes = {r["id"]: (int(r["width"]), int(r["height"])) for r in csv.DictReader(f)}
+    assert sizes == {"land": (300, 200), "turned": (160, 240), "png": (120, 80)}  # upright
+    assert not list((tmp_path / "out").glob("**/*.staging*"))
+
+
 def test_balance_downsamples_every_class_to_the_smallest(tmp_path):
     sizes = {1: 12, 2: 6, 3: 9, 4: 15, 5: 10}
     labels, k = {}, 0
@@ -445,7 +469,11 @@ def test_real_abid_sample_subset_through_the_script(abid_sample, tmp_path):
     for s, n in zip(SPLITS, (12, 4, 4)):
         assert report["counts"][s] == {**{str(c): n for c in range(1, 6)}, "total": 5 * n}
     assert report["manifest_summary"]["missing_from_input"]["count"] == 10441 - 100
+    for p in sorted(out.glob("test/*/*.jpg")):  # the test split: the photos as received
+        assert p.read_bytes() == (inp / p.parent.name / p.name).read_bytes()
     for p in sorted(out.glob("*/*/*.jpg"))[::7]:
+        if p.parent.parent.name == "test":
+            continue
         with Image.open(inp / p.parent.name / p.name) as original:
             w, h = original.size
         with Image.open(p) as im:

@@ -12,7 +12,9 @@ disjoint shard (--shard auto reads SageMaker's resourceconfig.json); the split i
 the whole selection on every instance, so the shards' outputs add up to one split.
 
 Output (--output):
-  <split>/<count>/<id>.jpg   RGB JPEG q90, short side resized to --resize (never upscaled)
+  <split>/<count>/<id>.jpg   RGB JPEG q90, short side resized to --resize (never upscaled); the
+                             test split keeps each JPEG as received, byte for byte, so Evaluate
+                             scores the photos the endpoint will be sent
   <split>/manifest.csv       the index: id,count,width,height,md5 (manifest-<host>.csv per shard)
   report/data_report.json    layout, selection, totals, counts per split and class, rejections,
                              duplicate groups (data_report-<host>.json per shard)
@@ -99,6 +101,7 @@ class Result:
     md5: str = ""
     source_short_side: int = 0
     statistics: dict | None = None  # photos.statistics of the photo as the endpoint would receive it
+    received: tuple[int, int] | None = None  # (width, height) upright, when the bytes are a JPEG to keep as is
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,9 @@ def process_image(task: Task) -> Result:
     if size != rgb.size:
         rgb = rgb.resize(size, photos.Image.Resampling.BICUBIC)
     rgb.save(task.staged, "JPEG", quality=JPEG_QUALITY)
-    return Result(task.id, None, None, *size, md5=md5, source_short_side=min(width, height), statistics=stats)
+    received = (width, height) if photos.sniff_format(data[:16]) == "JPEG" else None
+    return Result(task.id, None, None, *size, md5=md5, source_short_side=min(width, height), statistics=stats,
+                  received=received)
 
 
 def run_tasks(tasks: list[Task], workers: int) -> list[Result]:
@@ -550,7 +555,10 @@ def prepare_output(out: Path) -> Path:
 
 
 def write_split(out: Path, split: str, ids_by_count: dict[int, list[str]], staging: Path,
-                results: dict[str, Result], index_name: str) -> None:
+                results: dict[str, Result], index_name: str, sources: dict[str, str] | None = None) -> None:
+    """The split's photos and index. With `sources` (the test split), each JPEG is kept as it
+    was received, byte for byte: Evaluate then scores, and its monitoring baseline describes, the
+    photos the endpoint will be sent, not copies resized and re-encoded for training."""
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -558,8 +566,14 @@ def write_split(out: Path, split: str, ids_by_count: dict[int, list[str]], stagi
         (folder / str(count)).mkdir(exist_ok=True)
         for image_id in ids_by_count[count]:
             r = results[image_id]
+            target = folder / str(count) / f"{image_id}.jpg"
+            if sources is not None and r.received is not None:
+                shutil.copyfile(sources[image_id], target)
+                (staging / f"{image_id}.jpg").unlink()
+                rows.append((image_id, count, *r.received, r.md5))
+                continue
             # move, not os.replace: the split folders may be separate mounts in a container
-            shutil.move(staging / f"{image_id}.jpg", folder / str(count) / f"{image_id}.jpg")
+            shutil.move(staging / f"{image_id}.jpg", target)
             rows.append((image_id, count, r.width, r.height, r.md5))
     with open(folder / index_name, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -657,7 +671,8 @@ def _process(args, start, layout, manifest, manifest_path, rule, shard, out, sta
                   for k in plan[s]} for s in SPLITS}
     suffix = f"-{shard.host or shard.index}" if shard.count > 1 else ""
     for split in SPLITS:
-        write_split(out, split, splits[split], staging, results, f"manifest{suffix}.csv")
+        write_split(out, split, splits[split], staging, results, f"manifest{suffix}.csv",
+                    {i: tasks[i].path for ids in splits[split].values() for i in ids} if split == "test" else None)
     shutil.rmtree(staging)  # what is left there was dropped by --balance or a conflict
 
     rejections.sort(key=lambda r: (r["path"], r["reason"]))
