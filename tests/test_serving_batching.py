@@ -1,13 +1,13 @@
-"""MicroBatcher on its own: who goes into a batch, who waits, who is left out."""
+"""MicroBatcher on its own: who goes into a batch, who waits and why, who skips the queue, who
+is left out."""
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
-from pipeline.serving.batching import MicroBatcher, PixelBudget
+from pipeline.serving.batching import ALONE, DEADLINE, FULL, LONE, MicroBatcher, PixelBudget
 
 
 class Recorder:
@@ -36,42 +36,175 @@ async def in_forward_pass(recorder: Recorder) -> None:
     await asyncio.wait_for(entered(), 10)
 
 
-def test_a_lone_request_does_not_wait_for_company():
+# The batcher's waits are on its own events, and each dispatch records why it went and how
+# often it waited (Dispatch). With max_wait an hour, a batch that waited for company would hold
+# the test for an hour: the assertions below need no timing of their own.
+HOUR = 3600.0
+
+
+def test_a_lone_request_goes_at_once_without_waiting_for_company():
     async def main():
         recorder = Recorder()
-        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=5.0)
+        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=HOUR)
         batcher.start()
-        started = time.perf_counter()
-        assert await batcher.submit(1) == 10
-        elapsed = time.perf_counter() - started
+        assert await asyncio.wait_for(batcher.submit(1), 30) == 10
+        lone = batcher.last
         await batcher.stop()
-        return recorder.calls, elapsed
+        return recorder.calls, lone
 
-    calls, elapsed = run(main())
+    calls, lone = run(main())
     assert calls == [[1]]
-    assert elapsed < 2.5  # nobody else was decoding: max_wait (5 s) was not spent
+    assert lone.reason == ALONE and lone.waits == 0
 
 
-def test_requests_still_decoding_are_waited_for_up_to_max_wait():
+def test_a_lone_request_right_after_a_full_batch_does_not_wait_either():
     async def main():
         recorder = Recorder()
-        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=0.3)
+        batcher = MicroBatcher(recorder, max_batch=4, max_wait_s=HOUR)
+        batcher.start()
+        await asyncio.wait_for(asyncio.gather(*[batcher.submit(i) for i in range(4)]), 30)
+        busy = batcher.last
+        assert await asyncio.wait_for(batcher.submit(7), 30) == 70
+        lone = batcher.last
+        await batcher.stop()
+        return recorder.calls, busy, lone
+
+    calls, busy, lone = run(main())
+    assert calls == [[0, 1, 2, 3], [7]]
+    assert busy.reason == FULL and busy.waits == 0
+    assert lone.reason == ALONE and lone.waits == 0
+
+
+def test_requests_that_arrive_together_share_one_batch():
+    async def main():
+        recorder = Recorder()
+        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=HOUR)
+        batcher.start()
+        results = await asyncio.wait_for(asyncio.gather(*[batcher.submit(i) for i in (1, 2, 3)]), 30)
+        together = batcher.last
+        await batcher.stop()
+        return recorder.calls, results, together
+
+    calls, results, together = run(main())
+    assert calls == [[1, 2, 3]] and results == [10, 20, 30]
+    assert together.reason == ALONE and together.waits == 0
+
+
+def test_requests_still_decoding_are_waited_for_and_the_batch_goes_when_the_last_arrives():
+    async def main():
+        recorder = Recorder()
+        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=HOUR)
         batcher.start()
         batcher.incoming = 2  # two more requests are decoding
         first = batcher.submit(1)
 
-        async def arrives(value, delay):
-            await asyncio.sleep(delay)
+        async def arrives(value, after):
+            for _ in range(after):  # a few turns of the loop: the batch is already waiting
+                await asyncio.sleep(0)
             batcher.incoming -= 1
             return await batcher.submit(value)
 
-        results = await asyncio.gather(first, arrives(2, 0.05), arrives(3, 0.1))
+        results = await asyncio.wait_for(asyncio.gather(first, arrives(2, 5), arrives(3, 10)), 30)
+        waited = batcher.last
         await batcher.stop()
-        return recorder.calls, results
+        return recorder.calls, results, waited
 
-    calls, results = run(main())
+    calls, results, waited = run(main())
     assert calls == [[1, 2, 3]]
     assert results == [10, 20, 30]
+    assert waited.reason == ALONE and waited.waits >= 1  # it waited, and went as the last came
+
+
+def test_a_request_that_gives_up_on_its_way_releases_the_waiting_batch():
+    async def main():
+        recorder = Recorder()
+        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=HOUR)
+        batcher.start()
+        batcher.incoming = 1  # one request decoding; its photo will turn out to be bad
+        first = batcher.submit(1)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        batcher.incoming -= 1  # it failed to decode (a 400): nobody is on the way any more
+        result = await asyncio.wait_for(first, 30)
+        released = batcher.last
+        await batcher.stop()
+        return recorder.calls, result, released
+
+    calls, result, released = run(main())
+    assert calls == [[1]] and result == 10
+    assert released.reason == ALONE and released.waits >= 1
+
+
+def test_a_batch_waits_no_longer_than_max_wait_for_requests_on_their_way():
+    async def main():
+        recorder = Recorder()
+        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=0.05)
+        batcher.start()
+        batcher.incoming = 1  # a request that never arrives (a client trickling its body)
+        assert await asyncio.wait_for(batcher.submit(1), 30) == 10
+        timed_out = batcher.last
+        await batcher.stop()
+        return recorder.calls, timed_out
+
+    calls, timed_out = run(main())
+    assert calls == [[1]]
+    assert timed_out.reason == DEADLINE and timed_out.waits >= 1
+
+
+def test_a_lone_request_runs_on_the_forward_thread_and_a_batch_waits_for_it():
+    async def main():
+        recorder = Recorder()
+        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=HOUR)
+        batcher.start()
+        batcher.incoming = 1  # the lone request itself, admitted
+        assert batcher.free_for_one()
+        batcher.incoming = 0
+        gate, threads = threading.Event(), []
+
+        def decode_and_predict():  # what the endpoint runs: its decode, then the forward pass
+            threads.append(threading.current_thread().name)
+            gate.wait(10)
+            return recorder([5])[0]
+
+        alone = asyncio.ensure_future(batcher.run_alone(decode_and_predict))
+        await asyncio.sleep(0)
+        assert not batcher.free_for_one()  # the forward thread is taken
+        queued = batcher.submit(6)  # a second request, decoded meanwhile, queues for a batch
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert batcher.queued == 1 and recorder.calls == []  # held behind the lone one
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(alone, queued), 30)
+        await batcher.stop()
+        return recorder.calls, results, threads, batcher.reasons, batcher.images
+
+    calls, results, threads, reasons, images = run(main())
+    assert calls == [[5], [6]] and results == [50, 60]
+    assert threads[0].startswith("invmon-predict")
+    assert reasons == {LONE: 1, ALONE: 1} and images == 2
+
+
+def test_no_request_skips_the_queue_while_others_are_queued_or_on_their_way():
+    async def main():
+        recorder = Recorder()
+        batcher = MicroBatcher(recorder, max_batch=16, max_wait_s=HOUR)
+        batcher.start()
+        batcher.incoming = 2  # itself and one more: they should share a batch
+        on_the_way = batcher.free_for_one()
+        batcher.incoming = 0
+        recorder.gate.clear()
+        running = batcher.submit(0)
+        await in_forward_pass(recorder)
+        batcher.incoming = 1  # a request admitted while a batch runs
+        during_a_batch = batcher.free_for_one()
+        recorder.gate.set()
+        await running
+        await asyncio.sleep(0)
+        after = batcher.free_for_one()
+        await batcher.stop()
+        return on_the_way, during_a_batch, after
+
+    assert run(main()) == (False, False, True)
 
 
 def test_batches_never_exceed_max_batch_and_queue_while_a_batch_runs():

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from conftest import make_artifact
+from pipeline.serving.threads import available_cores, plan
 from serving_testing import ServerProcess, bin_photo, patched_artifact
 from waiting import wait_for
 
@@ -47,6 +48,20 @@ def model_fn(model_dir):
     while _pathlib.Path({hold!r}).exists() and _time.monotonic() < deadline:
         _time.sleep(0.01)
     return _model_fn(model_dir)
+"""
+
+
+THREADS_SEEN = """
+import json as _json, os as _os, threading as _threading
+_predict_fn_seen = predict_fn
+
+
+def predict_fn(data, model):
+    with open({seen!r}, "a") as seen:
+        seen.write(_json.dumps({{"omp": _os.environ.get("OMP_WAIT_POLICY"),
+                                 "torch_threads": torch.get_num_threads(),
+                                 "thread": _threading.current_thread().name}}) + "\\n")
+    return _predict_fn_seen(data, model)
 """
 
 
@@ -144,6 +159,32 @@ def test_concurrent_requests_share_one_forward_pass(tmp_path):
             got = together.json()
             assert got["count"] == single["count"]
             assert got["probabilities"] == pytest.approx(single["probabilities"], abs=1e-4)
+    # Each lone request (the nine in turn, then the held one) went straight to the forward
+    # pass; the eight behind the held one went as one batch once nobody else was on the way.
+    assert ("scored 18 images in 11 forward passes (mean batch 1.6; "
+            "dispatched: 10 lone request, 1 nobody on the way)") in server.log()
+
+
+def test_threads_are_sized_for_the_machine_and_openmp_waits_passively(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # as a user's shell has it
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = tmp_path / "seen.jsonl"
+    artifact = patched_artifact(make_artifact, tmp_path / "seen", THREADS_SEEN.format(seen=str(seen)))
+    cores = available_cores()
+    logs = []
+    for name, settings in (("auto", {}), ("set", {"torch_threads": 1, "decode_workers": 3})):
+        with ServerProcess(artifact, tmp_path / f"{name}.log", **settings) as server, \
+                httpx.Client(base_url=server.url, timeout=60) as http:
+            assert http.post("/invocations", content=bin_photo(1), headers=JPEG).status_code == 200
+            logs.append(server.log())
+    auto, chosen = [json.loads(line) for line in seen.read_text().splitlines()]
+    # Set by the server before torch loaded: OpenMP's idle threads do not spin.
+    assert auto["omp"] == "PASSIVE" and auto["thread"].startswith("invmon-predict")
+    assert auto["torch_threads"] == cores
+    decode = max(1, cores // 4)
+    assert f"{cores} cores: {cores} torch threads for the forward pass, {decode} decode threads" in logs[0]
+    assert chosen["torch_threads"] == 1
+    assert f"{cores} cores: 1 torch threads for the forward pass, 3 decode threads" in logs[1]
 
 
 def test_past_the_queue_limit_the_answer_is_503_with_retry_after(tmp_path):
@@ -294,3 +335,14 @@ def test_one_access_log_line_per_request_with_status_and_latency(plain_server):
     assert len(lines) == 5, lines
     for line, status in zip(lines, statuses):
         assert re.search(rf'127\.0\.0\.1:\d+ "POST /invocations" {status} \d+\.\d ms', line), line
+
+
+def test_the_thread_plan_gives_torch_every_core_and_decoding_a_quarter(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert plan(cores=2) == plan(0, 0, 2)
+    assert (plan(cores=1).torch_threads, plan(cores=1).decode_workers) == (1, 1)
+    assert (plan(cores=2).torch_threads, plan(cores=2).decode_workers) == (2, 1)
+    assert (plan(cores=16).torch_threads, plan(cores=16).decode_workers) == (16, 4)
+    assert (plan(4, 2, cores=16).torch_threads, plan(4, 2, cores=16).decode_workers) == (4, 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an explicit setting wins over the core count
+    assert plan(cores=16).torch_threads == 3 and plan(5, cores=16).torch_threads == 5

@@ -49,6 +49,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from pipeline.serving import threads
 from pipeline.serving.batching import MicroBatcher, PixelBudget
 from pipeline.serving.capture import Capture, Captured, from_settings as capture_from_settings
 
@@ -335,7 +336,8 @@ class ServingSettings:
     max_batch: int = 16           # images in one predict_fn call
     max_wait_ms: float = 5.0      # how long a batch waits for requests still decoding
     max_queue: int = 64           # requests admitted at once; past it 503 + Retry-After
-    decode_workers: int = 2       # threads decoding bodies (input_fn) beside the forward pass
+    decode_workers: int = 0       # threads decoding bodies beside the forward pass; 0: threads.py's
+    torch_threads: int = 0        # torch's intra-op threads; 0: OMP_NUM_THREADS, else every core
     decoded_megapixels: int = 48  # decoded pixels held at once (3 photos at the 16 MP budget)
     request_timeout_s: float = 30.0  # body received -> answer; past it 503 + Retry-After
     body_timeout_s: float = 10.0     # the whole body must arrive within this (slow clients)
@@ -396,23 +398,34 @@ async def _client_left(request: Request) -> None:
 
 async def _decode_and_predict(state: ServingState, model: LoadedModel, body: bytes,
                               content_type: str, arrived, keep: bool = False):
-    """input_fn in the decode pool, then predict_fn in a micro-batch. Cancelling the task drops
+    """input_fn in the decode pool, then predict_fn in a micro-batch; or, for a lone request
+    (the forward thread idle, nothing queued, nobody else on the way), both at once on the
+    forward thread: no batch to wait for, two thread hand-offs fewer. Cancelling the task drops
     the work: a decode not yet started never starts, a queued image is left out of its batch.
     Decoded pixels held at once are bounded by state.pixels (memory, whatever the photos).
     Returns (what the batch gave, the photo at the model's side when `keep`, for the capture)."""
     loop = asyncio.get_running_loop()
     batcher = state.batcher
+    decode = model.decode_kept if keep else model.decode
     # Reserve the most a photo may decode to; keep only its real size once decoded.
     reserved = 0
     try:
         most = int(getattr(model.inference, "MAX_PIXELS", 16_000_000))
         await state.pixels.acquire(most)
         reserved = most
+        if batcher.free_for_one():
+            arrived()  # no longer on its way to the queue: a batch forming now does not wait for it
+
+            def decode_and_predict():
+                image, kept = decode(body, content_type) if keep else (decode(body, content_type), None)
+                return batcher.predict_batch([image])[0], kept
+
+            return await batcher.run_alone(decode_and_predict)
         kept = None
         if keep:
-            image, kept = await loop.run_in_executor(state.decode_pool, model.decode_kept, body, content_type)
+            image, kept = await loop.run_in_executor(state.decode_pool, decode, body, content_type)
         else:
-            image = await loop.run_in_executor(state.decode_pool, model.decode, body, content_type)
+            image = await loop.run_in_executor(state.decode_pool, decode, body, content_type)
         width, height = getattr(image, "size", (0, 0))
         held = min(reserved, width * height)
         state.pixels.release(reserved - held)
@@ -527,12 +540,15 @@ def create_app(artifact: str | Path, model_version: str | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.decode_pool = ThreadPoolExecutor(settings.decode_workers,
-                                               thread_name_prefix="invmon-decode")
+        plan = threads.plan(settings.torch_threads, settings.decode_workers)
+        log.info("%d cores: %d torch threads for the forward pass, %d decode threads", plan.cores,
+                 plan.torch_threads, plan.decode_workers)
+        state.decode_pool = ThreadPoolExecutor(plan.decode_workers, thread_name_prefix="invmon-decode")
         state.pixels = PixelBudget(settings.decoded_megapixels * 1_000_000)
         embed = state.capture is not None
         state.batcher = MicroBatcher(lambda images: state.model.predict_batch(images, embed),
-                                     settings.max_batch, settings.max_wait_ms / 1000)
+                                     settings.max_batch, settings.max_wait_ms / 1000,
+                                     thread_init=lambda: threads.use_torch_threads(plan.torch_threads))
         state.batcher.start()
         if state.capture is not None:
             state.capture.start()
@@ -545,8 +561,7 @@ def create_app(artifact: str | Path, model_version: str | None = None,
         finally:
             batcher = state.batcher
             if batcher.batches:
-                log.info("scored %d images in %d forward passes (mean batch %.1f)",
-                         batcher.images, batcher.batches, batcher.images / batcher.batches)
+                log.info("%s", batcher.summary())
             await batcher.stop()
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
             if state.capture is not None:  # what is queued is written (a few seconds at most)

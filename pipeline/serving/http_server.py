@@ -28,6 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.serving.capture import CaptureError
 from pipeline.serving.endpoint import ServingSettings, create_app
+from pipeline.serving.threads import passive_openmp_waits
 
 log = logging.getLogger("invmon.endpoint")
 
@@ -146,6 +147,7 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8080, model_version: st
     """Serve until interrupted. The port is bound at once; /ping says 503 until the model is
     loaded, and a model that fails to load stops the server (exit status 1)."""
     configure_logging()
+    passive_openmp_waits()  # before the model's torch is imported (threads.py says why)
     settings = settings or ServingSettings()
     failed = []
     server: uvicorn.Server | None = None
