@@ -62,7 +62,8 @@ def build_world(sm, s3, *, staging_baseline: bool = False, capture: bool = True)
         run = f"{GROUP}/exec-{version}"
         body = b"model.tar.gz of version %d" % version
         s3.put_object(Bucket=BUCKET, Key=f"{run}/Train/model.tar.gz", Body=body)
-        properties = {"ArtifactSha256": hashlib.sha256(body).hexdigest()}
+        # A passed smoke test: production's deploy refuses a version without one.
+        properties = {"ArtifactSha256": hashlib.sha256(body).hexdigest(), "SmokeTest": "passed"}
         if version == 1 or staging_baseline:
             key = f"{run}/Evaluate/evaluation/baseline.json"
             s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(
