@@ -164,7 +164,7 @@ def test_evaluate_writes_the_baseline_beside_evaluation_json(evaluated, test_spl
     assert baseline["model"] == {"model_id": "baseline-model", "artifact_sha256": evaluation["artifact"]["sha256"]}
     assert baseline["made"]["photos"] == evaluation["test_images"] == 30
     # Without Preprocess's statistics of the photos as received, the test split's own, and a note.
-    assert [n for n in baseline["notes"] if "test split's resized copies" in n] == baseline["notes"] != []
+    assert [n for n in baseline["notes"] if "test split's photos alone" in n] == baseline["notes"] != []
     assert baseline["image_statistics"]["from"] == "the test split"
     with open(root / "out" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
@@ -222,7 +222,7 @@ def test_the_image_statistics_are_of_every_photo_as_received_not_the_resized_cop
     originals = sorted(source.glob("*/*.jpg"))
     assert stats["photos"] == len(originals) > baseline["made"]["photos"]  # every split, not the test split
     assert stats["from"].startswith("every photo Preprocess accepted, as received")
-    assert not any("resized copies" in note for note in baseline["notes"])
+    assert not any("photos alone" in note for note in baseline["notes"])
     expected = [photos.statistics(photos.decode(p.read_bytes()), 64) for p in originals]
     for name in photos.STATISTICS:
         assert sorted(stats["values"][name]) == sorted(e[name] for e in expected), name

@@ -516,9 +516,9 @@ def make_baseline(scores: Scores, identity: str | None, sha256: str, labels: lis
                   stat_names: tuple[str, ...], side: int | None, seed: int,
                   received: tuple[list[dict] | None, str] = (None, "")) -> dict:
     """baseline.json. Its image statistics are those of the photos as the endpoint receives them
-    (Preprocess's, every split) when Preprocess measured them at the model's side: the test
-    split's copies are resized and re-encoded, so their size and sharpness are not a served
-    photo's. Else the test split's, and a note says so."""
+    (Preprocess's, every split) when Preprocess measured them at the model's side: more photos
+    than the test split, and no resized copy among them. Else the test split's, and a note says
+    why."""
     notes = []
     embeddings = np.concatenate(scores.embeddings) if scores.embeddings else None
     if not embed:
@@ -529,7 +529,7 @@ def make_baseline(scores: Scores, identity: str | None, sha256: str, labels: lis
         notes.append("no image statistics: the artifact's code/photos.py has no statistics()")
     stats, source = received
     if stat_names and stats is None:
-        notes.append(f"image statistics of the test split's resized copies, not of photos as received: {source}")
+        notes.append(f"image statistics of the test split's photos alone, not of every photo as received: {source}")
     return drift_baseline.build(model_id=identity, artifact_sha256=sha256, counts=scores.y_pred,
                                 labels=labels, embeddings=embeddings,
                                 stats=stats if stats is not None else scores.image_stats,
