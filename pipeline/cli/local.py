@@ -420,6 +420,7 @@ def report_line(uri: str | None) -> str:
 def cmd_models_approve(args) -> int:
     from pipeline.cli import deploy as cli_deploy
     from pipeline.registry import deploy
+    from pipeline.registry.stages import endpoint_name
 
     registry = _registry(args)
     group = _group(args)
@@ -429,7 +430,7 @@ def cmd_models_approve(args) -> int:
         # deploy function (deploying here as well would race it).
         version = _registry_call(registry.set_status, group, args.version, "Approved", args.note)
         print(f"{group} version {args.version}: {version.status}")
-        print(f"the approval rule deploys it to {deploy.endpoint_name(group, 'prod')}")
+        print(f"the approval rule deploys it to {endpoint_name(group, 'prod')}")
         LOG.info(f"follow it: invmon endpoints --backend aws (without the infra stack: invmon deploy "
                  f"--stage prod --backend aws --version {args.version})")
         return 0
@@ -511,7 +512,8 @@ def _resolve_version(args):
     if not artifact.exists():
         raise CommandError(f"model artifact {artifact} of {group} version {version.version} is missing")
     if args.version is None:  # an endpoint serves only the bytes that were registered
-        from pipeline.registry.deploy import DeployError, verify_local_artifact
+        from pipeline.registry.artifacts import verify_local_artifact
+        from pipeline.registry.stages import DeployError
 
         try:
             verify_local_artifact(version)

@@ -39,4 +39,21 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def call(fn, /, *, error: type[Exception] = AwsError, service: str = "", **kwargs):
+    """One boto3 request, `fn(**kwargs)`: its answer, or `error` with one line, no traceback.
+
+    With `service` the line reads "<service> refused <operation>: <code>: <message>", or "cannot
+    reach <service>: ..." when the request never got an answer; without it, "<operation>: ..."
+    for both. (Request parameters are CamelCase, so they never meet `error` or `service`.)"""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except ClientError as exc:
+        where = f"{service} refused {fn.__name__}" if service else fn.__name__
+        raise error(f"{where}: {describe_error(exc)}") from None
+    except BotoCoreError as exc:
+        raise error(f"cannot reach {service}: {exc}" if service else f"{fn.__name__}: {exc}") from None
+
+
 # --------------------------------------------------------------------------- pipelines
