@@ -64,7 +64,8 @@ clean:
 # The Lambda functions of infra/invmon.yaml (deploy, retrain, monitor): the modules they need, nothing
 # else (the Lambda runtime provides boto3; the SageMaker SDK is never imported).
 DEPLOY_FUNCTION_MODULES := __init__ alerts digests home registry/__init__ registry/deploy registry/local registry/sagemaker registry/smoke \
-	sagemaker/__init__ sagemaker/clients sagemaker/retrain sagemaker/monitor_job
+	registry/stages registry/labels registry/capture registry/rollout registry/scaling registry/cleanup registry/artifacts \
+	registry/sagemaker_target sagemaker/__init__ sagemaker/clients sagemaker/retrain sagemaker/monitor_job
 deploy-function:
 	mkdir -p build
 	rm -f build/deploy-function.zip

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.registry import deploy
 from pipeline.cli import main
 from pipeline.registry.local import RegistryError, open_registry
+from pipeline.registry.local_target import LocalTarget
+from pipeline.registry.stages import DeployError, endpoint_name
 
 GROUP = "bin-count"
 
@@ -38,15 +39,15 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def serving(registry, stage="prod") -> int | None:
-    endpoint = deploy.LocalTarget(registry).current(deploy.endpoint_name(GROUP, stage))
+    endpoint = LocalTarget(registry).current(endpoint_name(GROUP, stage))
     return endpoint.version if endpoint else None
 
 
 def test_stage_endpoint_names_are_fixed_per_group():
-    assert deploy.endpoint_name("bin-count", "staging") == "bin-count-staging"
-    assert deploy.endpoint_name("other", "prod") == "other-production"
-    with pytest.raises(deploy.DeployError, match="unknown stage"):
-        deploy.endpoint_name("bin-count", "canary")
+    assert endpoint_name("bin-count", "staging") == "bin-count-staging"
+    assert endpoint_name("other", "prod") == "other-production"
+    with pytest.raises(DeployError, match="unknown stage"):
+        endpoint_name("bin-count", "canary")
 
 
 def test_deploy_prod_takes_only_approved_and_refusal_changes_nothing(registry, capsys):
@@ -155,7 +156,7 @@ def test_reject_that_cannot_read_production_fails_and_flags(registry, capsys, mo
         raise RegistryError(f"registry {self.registry.path} is locked by another writer")
 
     with monkeypatch.context() as patch:
-        patch.setattr(deploy.LocalTarget, "current", unreadable)
+        patch.setattr(LocalTarget, "current", unreadable)
         code, out, err = run(capsys, "models", "reject", "2")
     assert code == 1 and "rolled back" not in out and "Traceback" not in err
     assert ("bin-count/2 is Rejected, but what bin-count-production serves could not be read (registry "

@@ -521,7 +521,7 @@ def test_a_swapped_artifact_is_refused_at_deploy_naming_both_digests(sm, capsys,
             f"model.tar.gz has SHA-256 {hashlib.sha256(swapped).hexdigest()}, the registry recorded {recorded}"
             in err)
     assert resources(sm) == ([], [], [])
-    from pipeline.registry.deploy import DeployError
+    from pipeline.registry.stages import DeployError
 
     with pytest.raises(DeployError, match=f"has SHA-256 {hashlib.sha256(swapped).hexdigest()}, the registry "
                                           f"recorded {recorded}"):

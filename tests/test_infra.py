@@ -13,6 +13,9 @@ import yaml
 
 from aws_testing import REGION, ROOT, aws_env, patched_environ
 from pipeline.registry import deploy
+from pipeline.registry.rollout import (LOW_CONFIDENCE_METRIC, LOW_CONFIDENCE_NAMESPACE, ROLLOUT_MODES, alarm_names,
+                                       rollout_settings)
+from pipeline.registry.stages import STAGES, endpoint_name
 
 CFN_LINT = [sys.executable, "-c", "import sys, cfnlint.runner; sys.exit(cfnlint.runner.main())"]
 TEMPLATES = sorted((ROOT / "infra").glob("*.yaml"))
@@ -125,9 +128,9 @@ def test_the_template_runs_the_deploy_code(template):
         "INVMON_MODEL_PACKAGE_GROUP", "INVMON_MODEL_ROLE_ARN", "INVMON_INSTANCE_TYPE"}
     alarms = {a["Properties"]["AlarmName"]["!Sub"]
               for a in resources(template, "AWS::CloudWatch::Alarm").values()}
-    for stage in deploy.STAGES:
-        endpoint = deploy.endpoint_name("${ModelPackageGroupName}", stage)
-        assert set(deploy.alarm_names(endpoint)) <= alarms
+    for stage in STAGES:
+        endpoint = endpoint_name("${ModelPackageGroupName}", stage)
+        assert set(alarm_names(endpoint)) <= alarms
 
 
 def test_the_rule_matches_only_this_groups_approvals_and_rejections(template):
@@ -381,7 +384,7 @@ def test_the_drift_alarm_reads_the_metric_the_monitor_writes(template):
     written = cloudwatch.datums({"drift": True, "window": {"requests": 5}, "tests": {}}, "E")
     (drift,) = [d for d in written if d["MetricName"] == cloudwatch.DRIFT_METRIC]
     assert [d["Name"] for d in drift["Dimensions"]] == [d["Name"] for d in alarm["Dimensions"]] == ["EndpointName"]
-    assert alarm["Dimensions"][0]["Value"] == {"!Sub": deploy.endpoint_name("${ModelPackageGroupName}", "prod")}
+    assert alarm["Dimensions"][0]["Value"] == {"!Sub": endpoint_name("${ModelPackageGroupName}", "prod")}
     statement = next(s for r, s in statements(template) if r == "MonitorJobRole" and s.get("Sid") == "DriftMetricsOnly")
     assert statement["Condition"] == {"StringEquals": {"cloudwatch:namespace": monitor_job.NAMESPACE}}
 
@@ -483,7 +486,8 @@ def test_the_deploy_function_gets_the_rollout_and_scaling_the_template_sets(temp
     import re
 
     variables = template["Resources"]["DeployFunction"]["Properties"]["Environment"]["Variables"]
-    read = set(re.findall(r"INVMON_[A-Z0-9_]+", (ROOT / "pipeline" / "registry" / "deploy.py").read_text()))
+    read = {name for path in (ROOT / "pipeline" / "registry").glob("*.py")  # the deploy code, all its modules
+            for name in re.findall(r"INVMON_[A-Z0-9_]+", path.read_text())}
     read -= {"INVMON_MODEL_PACKAGE_ARN", "INVMON_ARTIFACT_SHA256"}  # the model's environment, not the function's
     assert read <= set(variables), read - set(variables)
     wiring = {"INVMON_ROLLOUT_MODE": "ProductionRolloutMode", "INVMON_ROLLOUT_PERCENT": "ProductionRolloutPercent",
@@ -495,17 +499,17 @@ def test_the_deploy_function_gets_the_rollout_and_scaling_the_template_sets(temp
     assert {v: variables[v] for v in wiring} == {v: {"!Ref": p} for v, p in wiring.items()}
     parameters = template["Parameters"]
     defaults = {name: str(parameters[p]["Default"]) for name, p in wiring.items()}
-    rollout, scaling = deploy.rollout_settings(defaults)
-    assert (rollout, scaling) == deploy.rollout_settings({})  # the template's defaults are the code's
-    assert parameters["ProductionRolloutMode"]["AllowedValues"] == list(deploy.ROLLOUT_MODES)
+    rollout, scaling = rollout_settings(defaults)
+    assert (rollout, scaling) == rollout_settings({})  # the template's defaults are the code's
+    assert parameters["ProductionRolloutMode"]["AllowedValues"] == list(ROLLOUT_MODES)
 
 
 def test_the_rollback_alarms_watch_errors_p99_latency_and_low_confidence(template):
     alarms = {a["Properties"]["AlarmName"]["!Sub"]: a["Properties"]
               for a in resources(template, "AWS::CloudWatch::Alarm").values()}
-    for stage in deploy.STAGES:
-        endpoint = deploy.endpoint_name("${ModelPackageGroupName}", stage)
-        errors, latency, confidence = (alarms[name] for name in deploy.alarm_names(endpoint))
+    for stage in STAGES:
+        endpoint = endpoint_name("${ModelPackageGroupName}", stage)
+        errors, latency, confidence = (alarms[name] for name in alarm_names(endpoint))
         assert (errors["Namespace"], errors["MetricName"], errors["Statistic"]) == (
             "AWS/SageMaker", "Invocation5XXErrors", "Sum")
         assert (latency["Namespace"], latency["MetricName"], latency["ExtendedStatistic"]) == (
@@ -513,7 +517,7 @@ def test_the_rollback_alarms_watch_errors_p99_latency_and_low_confidence(templat
         assert "Statistic" not in latency  # CloudWatch takes one or the other
         assert latency["Threshold"] == {"!Ref": "LatencyP99ThresholdMicroseconds"}
         assert (confidence["Namespace"], confidence["MetricName"], confidence["Statistic"]) == (
-            deploy.LOW_CONFIDENCE_NAMESPACE, deploy.LOW_CONFIDENCE_METRIC, "Average")  # the share of answers
+            LOW_CONFIDENCE_NAMESPACE, LOW_CONFIDENCE_METRIC, "Average")  # the share of answers
         assert confidence["Dimensions"] == [{"Name": "EndpointName", "Value": {"!Sub": endpoint}}]
         assert confidence["TreatMissingData"] == "notBreaching"  # no publisher yet: no data is no alarm
         for alarm in (errors, latency, confidence):

@@ -21,6 +21,9 @@ import yaml
 
 from aws_testing import REGION, ROOT, aws_env, free_port, keep_customer_metadata, moto_server, patched_environ
 from pipeline.registry import deploy
+from pipeline.registry.capture import capture_settings, capture_uri
+from pipeline.registry.sagemaker_target import SageMakerTarget
+from pipeline.registry.stages import endpoint_name
 from pipeline.sagemaker import monitor_job
 
 GROUP = "bin-count"
@@ -79,10 +82,10 @@ def build_world(sm, s3, *, staging_baseline: bool = False, capture: bool = True)
     sm.update_model_package(ModelPackageArn=packages[1], ModelApprovalStatus="Approved")
     from pipeline.registry.sagemaker import SageMakerRegistry
 
-    target = deploy.SageMakerTarget(sm, MODEL_ROLE, s3=s3)
+    target = SageMakerTarget(sm, MODEL_ROLE, s3=s3)
     outcome = deploy.deploy(SageMakerRegistry(sagemaker_client=sm, s3_client=s3), target, GROUP, "prod", 1)
     assert outcome.changed
-    staging = deploy.endpoint_name(GROUP, "staging")
+    staging = endpoint_name(GROUP, "staging")
     sm.create_model(ModelName=f"{GROUP}-Deploy-abc123", ExecutionRoleArn=PIPELINE_ROLE,
                     PrimaryContainer={"Image": IMAGE, "ModelDataUrl": f"s3://{BUCKET}/{GROUP}/exec-2/Train/model.tar.gz",
                                       "Environment": {"SAGEMAKER_PROGRAM": "inference.py"}})
@@ -90,10 +93,10 @@ def build_world(sm, s3, *, staging_baseline: bool = False, capture: bool = True)
         EndpointConfigName=f"{staging}-exec2", ProductionVariants=[{
             "VariantName": "AllTraffic", "ModelName": f"{GROUP}-Deploy-abc123", "InitialInstanceCount": 1,
             "InstanceType": "ml.m5.large"}],
-        DataCaptureConfig={**deploy.capture_settings(100), "DestinationS3Uri": deploy.capture_uri(BUCKET, staging)})
+        DataCaptureConfig={**capture_settings(100), "DestinationS3Uri": capture_uri(BUCKET, staging)})
     sm.create_endpoint(EndpointName=staging, EndpointConfigName=f"{staging}-exec2")
     if capture:
-        for endpoint in (deploy.endpoint_name(GROUP, "prod"), staging):
+        for endpoint in (endpoint_name(GROUP, "prod"), staging):
             for hour in CAPTURE_DAYS:
                 s3.put_object(Bucket=BUCKET, Key=f"capture/{endpoint}/{endpoint}/AllTraffic/{hour}/part.jsonl",
                               Body=(sagemaker_capture_line() + "\n").encode())

@@ -106,7 +106,7 @@ def test_the_staging_deploy_captures_what_it_serves_where_the_monitor_reads():
     """The pipeline's own staging endpoint captures every request and answer, with the settings
     of the deploy code's endpoints, under the same capture/<endpoint> prefix."""
     from pipeline.dag.compile import Resolver
-    from pipeline.registry.deploy import CAPTURE_PERCENT, capture_settings, capture_uri
+    from pipeline.registry.capture import CAPTURE_PERCENT, capture_settings, capture_uri
 
     (deploy,) = [r for r in compiled() if r["Type"] == "Endpoint"]
     capture = deploy["Arguments"]["EndpointConfig"]["DataCaptureConfig"]

@@ -13,6 +13,7 @@ import pytest
 
 from aws_testing import REGION
 from pipeline.registry import deploy
+from pipeline.registry.rollout import BAKE_SECONDS, rollout_settings
 from test_deploy_aws import EVENTS, GROUP, approve, deliver, event, resources, run
 from test_deploy_aws import sm, updates  # noqa: F401 (fixtures)
 
@@ -131,7 +132,7 @@ def test_staging_keeps_all_at_once(sm, capsys, updates):
     assert conforms(request, update_endpoint_model()) == []
     policy = request["DeploymentConfig"]["BlueGreenUpdatePolicy"]
     assert policy["TrafficRoutingConfiguration"] == {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}
-    assert policy["TerminationWaitInSeconds"] == deploy.BAKE_SECONDS
+    assert policy["TerminationWaitInSeconds"] == BAKE_SECONDS
     staging = [a.replace("production", "staging") for a in ALARMS]
     assert request["DeploymentConfig"]["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": a} for a in staging]}
     assert f"rollout: 100% at once; old fleet kept 10 min; roll back on: {', '.join(staging)}" in out.splitlines()
@@ -160,7 +161,7 @@ def test_a_bad_setting_is_one_line_and_changes_nothing(sm, capsys, updates, monk
 
 
 def test_one_instance_is_fine_all_at_once():
-    rollout, scaling = deploy.rollout_settings({"INVMON_ROLLOUT_MODE": "ALL_AT_ONCE", "INVMON_MIN_CAPACITY_PROD": "1"})
+    rollout, scaling = rollout_settings({"INVMON_ROLLOUT_MODE": "ALL_AT_ONCE", "INVMON_MIN_CAPACITY_PROD": "1"})
     assert rollout.traffic_routing() == {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}
     assert scaling["prod"].min_capacity == 1
 

@@ -129,7 +129,7 @@ class TorchServeProcess:
         bin_dirs = [str(self.python.parent), str(Path(java()).resolve().parent), "/usr/bin", "/bin"]
         return {
             "PATH": os.pathsep.join(bin_dirs), "HOME": str(self.workdir), "LANG": "C.UTF-8",
-            # What the SageMaker Model sets (pipeline/sagemaker/definition.py, pipeline/registry/deploy.py).
+            # What the SageMaker Model sets (pipeline/sagemaker/definition.py, pipeline/registry/sagemaker_target.py).
             "SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
             "SAGEMAKER_CONTAINER_LOG_LEVEL": "20", "SAGEMAKER_REGION": "us-east-1",
             # The toolkit's knobs: where /opt/ml is, the port, the number of workers.

@@ -63,12 +63,13 @@ def registry_of(args):
 
 def target_of(args, registry):
     """Where endpoints live: records in the local registry, or SageMaker endpoints."""
-    from pipeline.registry import deploy
-
     if args.backend == "aws":
-        return deploy.sagemaker_target(registry.sm, getattr(args, "role_arn", None),
-                                       getattr(args, "instance_type", None))
-    return deploy.LocalTarget(registry)
+        from pipeline.registry.deploy import sagemaker_target
+
+        return sagemaker_target(registry.sm, getattr(args, "role_arn", None), getattr(args, "instance_type", None))
+    from pipeline.registry.local_target import LocalTarget
+
+    return LocalTarget(registry)
 
 
 def one_line_errors(handler):
@@ -108,7 +109,7 @@ def cmd_deploy(args) -> int:
 
 @one_line_errors
 def cmd_endpoints(args) -> int:
-    from pipeline.registry import deploy
+    from pipeline.registry.stages import STAGES, endpoint_name
 
     if args.dry_run and not args.prune:
         raise UsageError("--dry-run goes with --prune (invmon endpoints --prune --dry-run)")
@@ -117,7 +118,7 @@ def cmd_endpoints(args) -> int:
     if args.prune:
         return prune(args, target_of(args, registry), group)
     found = {e.name: e for e in target_of(args, registry).endpoints(group)}
-    names = {stage: deploy.endpoint_name(group, stage) for stage in deploy.STAGES}
+    names = {stage: endpoint_name(group, stage) for stage in STAGES}
     if args.json:
         print_json([endpoint_record(stage, name, found.get(name)) for stage, name in names.items()])
         return 0
@@ -140,12 +141,12 @@ def endpoint_record(stage: str, name: str, endpoint) -> dict:
 
 
 def prune(args, target, group: str) -> int:
-    """`endpoints --prune [--dry-run]`: each stage's clean-up (deploy.SageMakerTarget.prune); exit 1
+    """`endpoints --prune [--dry-run]`: each stage's clean-up (pipeline/registry/cleanup.py); exit 1
     if anything could not be deleted."""
-    from pipeline.registry import deploy
+    from pipeline.registry.stages import STAGES, endpoint_name
 
-    results = [target.prune(deploy.endpoint_name(group, stage), group, stage, dry_run=args.dry_run)
-               for stage in deploy.STAGES]
+    results = [target.prune(endpoint_name(group, stage), group, stage, dry_run=args.dry_run)
+               for stage in STAGES]
     if args.json:
         print_json([{"endpoint": r.endpoint, "dry_run": args.dry_run, "note": r.note,
                      "kept": [{"name": n, "why": w} for n, w in r.kept],

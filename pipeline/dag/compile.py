@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.dag.parameters import PARAMETERS, REGISTERED_STATUS
-from pipeline.registry.deploy import CAPTURE_PERCENT, PIPELINE_STAGE, STAGES, capture_settings, cost_tags
+from pipeline.registry.capture import CAPTURE_PERCENT, capture_settings
+from pipeline.registry.labels import PIPELINE_STAGE, cost_tags
 from pipeline.registry.local import BASELINE_PROPERTY, DIGEST_PROPERTY, REPORT_PROPERTY
+from pipeline.registry.stages import STAGES
 from steps.base import (CategoricalRange, ConditionStep, ContinuousRange, Dag, DeployStep, FailStep, JsonGet,
                         Param, ProcessingStep, RegisterStep, StepOutput, TrainingStep, TunedValue, TuningStep)
 from steps.smoke import EndpointSmokeTest

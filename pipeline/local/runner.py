@@ -239,7 +239,7 @@ class LocalRun:
             self.save()
 
     def _execute(self) -> dict:
-        from pipeline.registry.deploy import pipeline_endpoint_problem
+        from pipeline.registry.stages import pipeline_endpoint_problem
         from pipeline.dag.parameters import BY_NAME, ParameterError, validate
 
         try:  # every declared parameter within its range, before any step runs
@@ -481,7 +481,7 @@ class LocalRun:
         if not request.invokes_endpoint:
             yield {}
             return
-        from pipeline.registry.deploy import verify_local_artifact
+        from pipeline.registry.artifacts import verify_local_artifact
         from pipeline.registry.local import open_registry
 
         name = str(self.resolve(request.invokes_endpoint["EndpointName"]))
@@ -718,7 +718,7 @@ class LocalRun:
         return {k: v for k, v in found.items() if v}
 
     def _deploy(self, request: StepRequest, record: dict) -> None:
-        from pipeline.registry.deploy import verify_local_artifact
+        from pipeline.registry.artifacts import verify_local_artifact
         from pipeline.registry.local import open_registry
 
         executed = self.resolve(request.arguments)

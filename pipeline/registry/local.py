@@ -37,7 +37,7 @@ REPORT_PROPERTY = "EvaluationReport"
 # The monitoring baseline Evaluate made (baseline.json), what `invmon monitor` compares with.
 BASELINE_PROPERTY = "MonitoringBaseline"
 # The SHA-256 of model.tar.gz recorded at registration (hex), on both back-ends; every deploy
-# checks the artifact against it (pipeline/registry/deploy.py).
+# checks the artifact against it (pipeline/registry/artifacts.py).
 DIGEST_PROPERTY = "ArtifactSha256"
 # The commit of the code that made the version, `<sha>` or `<sha>-dirty` (pipeline/lineage.py);
 # SageMaker keeps it as MetadataProperties.CommitId.

@@ -753,7 +753,7 @@ class _Build:
         from sagemaker.mlops.workflow.endpoint_step import EndpointConfigStep, EndpointStep
         from sagemaker.mlops.workflow.model_step import ModelStep
 
-        from pipeline.registry.deploy import capture_uri_parts
+        from pipeline.registry.capture import capture_uri_parts
 
         decl, args = request.declaration, request.arguments
         container = args["Model"]["PrimaryContainer"]
@@ -941,7 +941,7 @@ def _build_pipeline(region, role, default_bucket, pipeline_name, profile, sagema
 def _translate(build: _Build, dag: base.Dag) -> list:
     """The SDK steps for the declarations, as the pipeline's top-level step list."""
     build.vpc()  # fail early on half a VPC config
-    from pipeline.registry.deploy import pipeline_endpoint_problem
+    from pipeline.registry.stages import pipeline_endpoint_problem
 
     if problem := pipeline_endpoint_problem(build.values):  # executions deploy only to staging
         raise DefinitionError(problem)

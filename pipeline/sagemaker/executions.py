@@ -77,7 +77,7 @@ def start(sm, pipeline_name: str, parameters: dict | None = None, commit_id: str
     The commit id goes into the execution's display name (commit-<first 12>) and, whole, into
     its description ("CommitId=<sha>"), where the console and list-executions show it.
     """
-    from pipeline.registry.deploy import pipeline_endpoint_problem
+    from pipeline.registry.stages import pipeline_endpoint_problem
     from pipeline.sagemaker.definition import MAX_ENDPOINT_NAME, MAX_PARALLEL_STEPS, fixed_parameters
 
     parameters = parameters or {}

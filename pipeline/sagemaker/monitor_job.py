@@ -43,9 +43,11 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from pipeline.registry.deploy import (PACKAGE_ARN, PACKAGE_ENV, STAGES, capture_uri, endpoint_name)
+from pipeline.registry.capture import capture_uri
+from pipeline.registry.labels import PACKAGE_ARN, PACKAGE_ENV
 from pipeline.registry.local import BASELINE_PROPERTY
-from pipeline.sagemaker.clients import client, describe_error, resolve_region
+from pipeline.registry.stages import STAGES, endpoint_name
+from pipeline.sagemaker.clients import call, client, resolve_region
 
 NAMESPACE = "invmon/Monitor"
 SCHEDULE_EVENT = "Scheduled Event"
@@ -162,14 +164,8 @@ def job_name(group: str, stage: str, until: datetime) -> str:
 
 
 def _call(fn, **kwargs):
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        return fn(**kwargs)
-    except ClientError as exc:
-        raise MonitorJobError(f"{fn.__name__}: {describe_error(exc)}") from None
-    except BotoCoreError as exc:
-        raise MonitorJobError(f"{fn.__name__}: {exc}") from None
+    """One boto3 request; a failure is a one-line MonitorJobError naming the operation."""
+    return call(fn, error=MonitorJobError, **kwargs)
 
 
 def _not_found(exc: MonitorJobError) -> bool:
