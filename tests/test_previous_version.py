@@ -1,6 +1,7 @@
 """Evaluate's comparison with the previous registered version (scripts/evaluate/previous.py):
 which version is chosen, read from the SageMaker Model Registry under moto and from the local
-runner's listing, and a registry that cannot be read is a note, not a failure."""
+runner's listing with its artifact and recorded SHA-256 (what Evaluate scores on the same photos,
+tests/test_champion.py), and a registry that cannot be read is a note, not a failure."""
 from __future__ import annotations
 
 import json
@@ -37,13 +38,15 @@ def test_the_runners_listing_and_the_scripts_agree_on_where_it_is():
 def test_from_the_local_runners_listing(tmp_path, monkeypatch):
     listing = tmp_path / "registry.json"
     listing.write_text(json.dumps({"group": "bin-count", "versions": [
-        {"version": 1, "status": "Approved", "evaluation": evaluation(0.61)},
+        {"version": 1, "status": "Approved", "evaluation": evaluation(0.61), "artifact": "/r/1/model.tar.gz",
+         "sha256": "ab" * 32},
         {"version": 2, "status": "PendingManualApproval", "evaluation": evaluation(0.74)}]}))
     monkeypatch.setenv(previous.LISTING_ENV, str(listing))
     found, note = previous.lookup("bin-count")
     assert note == ""
     assert found == {"group": "bin-count", "version": 1, "status": "Approved",
-                     "metrics": {"accuracy": 0.61, "weighted_f1": pytest.approx(0.56), "rmse": pytest.approx(0.39)}}
+                     "metrics": {"accuracy": 0.61, "weighted_f1": pytest.approx(0.56), "rmse": pytest.approx(0.39)},
+                     "artifact": {"uri": "/r/1/model.tar.gz", "sha256": "ab" * 32}}
     # An explicit --previous-metrics file is used as given.
     given = tmp_path / "given.json"
     given.write_text(json.dumps({"version": 9, "metrics": {"accuracy": 0.5}}))
@@ -73,6 +76,8 @@ def register(sm, s3, accuracy: float, status: str = "PendingManualApproval", met
     s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(evaluation(accuracy)))
     extra = {"ModelMetrics": {"ModelQuality": {"Statistics": {
         "ContentType": "application/json", "S3Uri": f"s3://{BUCKET}/{key}"}}}} if metrics else {}
+    # The artifact's SHA-256, as Register records it.
+    extra["CustomerMetadataProperties"] = {previous.DIGEST_PROPERTY: f"{int(accuracy * 100):064d}"}
     sm.create_model_package(
         ModelPackageGroupName="bin-count", ModelApprovalStatus=status,
         InferenceSpecification={"Containers": [{"Image": "123.dkr.ecr.us-east-1.amazonaws.com/x:1",
@@ -92,6 +97,8 @@ def test_from_the_sagemaker_model_registry(sagemaker, monkeypatch):
     found, note = previous.lookup("bin-count")  # boto3's own clients, as in the job
     assert note == "" and (found["version"], found["status"]) == (2, "PendingManualApproval")
     assert found["metrics"]["accuracy"] == 0.74
+    # The package's ModelDataUrl and recorded digest: what Evaluate scores on this run's photos.
+    assert found["artifact"] == {"uri": f"s3://{BUCKET}/m/0.74.tar.gz", "sha256": f"{74:064d}"}
 
     sm.update_model_package(ModelPackageArn=f"arn:aws:sagemaker:{REGION}:123456789012:model-package/bin-count/1",
                             ModelApprovalStatus="Approved")
@@ -99,12 +106,15 @@ def test_from_the_sagemaker_model_registry(sagemaker, monkeypatch):
     assert (found["version"], found["status"], found["metrics"]["accuracy"]) == (1, "Approved", 0.61)
 
 
-def test_a_package_without_metrics_or_an_unreachable_registry_is_a_note(sagemaker, monkeypatch):
+def test_a_package_without_metrics_still_names_its_artifact_and_an_unreachable_registry_is_a_note(sagemaker, monkeypatch):
     monkeypatch.delenv(previous.LISTING_ENV, raising=False)
     sm, s3 = sagemaker
     sm.create_model_package_group(ModelPackageGroupName="bin-count")
     register(sm, s3, 0.5, metrics=False)
-    assert previous.lookup("bin-count") == (None, "bin-count version 1 has no model quality statistics to compare with")
+    # No recorded metrics: still the version and its artifact, which Evaluate can score itself.
+    assert previous.lookup("bin-count") == ({
+        "group": "bin-count", "version": 1, "status": "PendingManualApproval", "metrics": {},
+        "artifact": {"uri": f"s3://{BUCKET}/m/0.5.tar.gz", "sha256": f"{50:064d}"}}, "")
     with patched_environ(aws_env(region=None)):  # no region: boto3 cannot even make the client
         found, note = previous.lookup("bin-count")
     assert found is None and "could not be read from the SageMaker Model Registry (NoRegionError" in note

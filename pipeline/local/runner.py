@@ -528,16 +528,20 @@ class LocalRun:
     def _registry_listing(self, request: StepRequest, step_dir: Path) -> dict[str, str]:
         """The job environment of a step that reads the registry: the local registry's versions of
         its group in a file, the local stand-in for the SageMaker Model Registry API. The script
-        picks the version itself (newest Approved, else newest), the same rule on both back-ends."""
+        picks the version itself (newest Approved, else newest), the same rule on both back-ends.
+        Each version comes with its artifact and the SHA-256 recorded at registration, as a model
+        package has its ModelDataUrl and ArtifactSha256: Evaluate scores the one it picks on the
+        run's test photos after checking the bytes."""
         if not request.reads_registry:
             return {}
-        from pipeline.registry.local import open_registry
+        from pipeline.registry.local import DIGEST_PROPERTY, open_registry
 
         group = str(self.resolve(request.reads_registry["ModelPackageGroupName"]))
         versions = open_registry(self.home).list_versions(group)
         listing = step_dir / "registry.json"
         listing.write_text(json.dumps({"group": group, "versions": [
-            {"version": v.version, "status": v.status, "evaluation": v.metrics} for v in versions]}))
+            {"version": v.version, "status": v.status, "evaluation": v.metrics, "artifact": v.artifact_uri,
+             "sha256": v.properties.get(DIGEST_PROPERTY, "")} for v in versions]}))
         return {REGISTRY_LISTING_ENV: str(listing)}
 
     def _training_job(self, code, job: dict, job_dir: Path, hyperparameters: dict[str, str], echo,
