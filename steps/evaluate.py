@@ -1,6 +1,6 @@
 """Evaluate: score the test split through the model's own inference code; write evaluation.json
-and report.html (metrics against the gate and the previous registered version, loss curves,
-Debugger rule verdicts, data report)."""
+and report.html (metrics against the gate and against the previous registered version scored on
+the same photos, loss curves, Debugger rule verdicts, data report)."""
 from steps.base import (PROCESSING_BASE, Code, Param, ProcessingInput, ProcessingOutput, ProcessingStep,
                         PropertyFile, StepOutput)
 
@@ -28,8 +28,9 @@ STEP = ProcessingStep(
                "--threshold", Param("AccuracyThreshold"),
                "--model-package-group", Param("ModelPackageGroupName")),
     property_files=(EVALUATION,),
-    # report.html compares with the group's previous version (scripts/evaluate/previous.py). Looked
-    # up by the job, not passed in: a pipeline parameter would be stale or empty on every start
-    # not made by `invmon start`, and a ProcessingInput cannot have an empty source.
+    # report.html compares with the group's previous version, which the job scores on the same test
+    # photos (scripts/evaluate/previous.py, champion.py). Looked up by the job, not passed in: a
+    # pipeline parameter would be stale or empty on every start not made by `invmon start`, and a
+    # ProcessingInput cannot have an empty source.
     reads_registry=Param("ModelPackageGroupName"),
 )

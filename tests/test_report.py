@@ -87,7 +87,12 @@ def test_gate_previous_version_and_worst_mistakes_first(report, run):
     evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
     accuracy = evaluation["multiclass_classification_metrics"]["accuracy"]["value"]
     assert ("pass" if accuracy >= 0.5 else "FAIL") + " (&ge; 0.5)" in page
-    assert f"{accuracy - 0.123:+.4f}" in page
+    # --previous-metrics names no artifact: the previous version is not scored on these photos, so
+    # no change is printed, and its own numbers are labelled as measured on other photos.
+    assert f"{accuracy - 0.123:+.4f}" not in page and "change (this run" not in page
+    assert ("No change is shown against the previous version (7): version 7 was not scored on these "
+            "photos: the registry records no artifact for it.") in page
+    assert "measured on its own test split (other photos, not comparable with this run's): accuracy 0.1230, rmse 1.9000" in page
     errors = [abs(int(t) - int(p)) for t, p in re.findall(r"true (\d) &middot; predicted (\d)", page)]
     assert len(errors) == 20 and errors == sorted(errors, reverse=True)
     majority, lowest = (evaluation["constant_answer_baselines"][k] for k in ("majority", "lowest_rmse"))
@@ -185,8 +190,12 @@ def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):
     page = (tmp_path / "out" / "report.html").read_text()
     assert "previous version (1, Approved)" in page and "0.2000" in page and "2.5000" in page
     written = json.loads((tmp_path / "out" / "evaluation.json").read_text())["previous_version"]
+    # This listing names no artifact, so version 1 is not scored on these photos (tests/test_champion.py
+    # scores one that has).
     assert written == {"group": "bin-count", "version": 1, "status": "Approved",
-                       "metrics": {"accuracy": 0.2, "rmse": 2.5}}
+                       "recorded_metrics": {"accuracy": 0.2, "rmse": 2.5},
+                       "note": "version 1 (Approved) was not scored on these photos: the registry records no "
+                               "artifact for it"}
 
     listing.write_text(json.dumps({"group": "bin-count", "versions": []}))  # the first version ever
     done = subprocess.run([*args, "--output", str(tmp_path / "first")], env=env, capture_output=True,

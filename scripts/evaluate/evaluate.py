@@ -18,9 +18,15 @@ Baseline: <output>/baseline.json (baseline.py), from the same pass: the test pho
 (the counting head's input, from the same forward passes), predicted-count histogram and image
 statistics, which drift monitoring compares served requests with (docs/monitoring.md).
 
+Champion and challenger: the previous registered version (--previous-metrics FILE, or looked up
+in the --model-package-group's registry, see previous.py) is scored on the same test photos with
+its own code/inference.py, once, without corruptions, after its artifact's bytes are checked
+against the SHA-256 recorded at registration (champion.py). evaluation.json's previous_version
+holds its scores on these photos and the paired difference with its interval; where it cannot be
+scored, why. Its failure is a note, never a failed step.
+
 Report: <output>/report.html, one self-contained page (report.py) with the metrics against the
-gate (--threshold) and the previous registered version (--previous-metrics FILE, or looked up in
-the --model-package-group's registry, see previous.py), the loss curves and
+gate (--threshold) and the previous version on the same photos, the loss curves and
 Debugger rule verdicts from what the artifact carries (history.json, debugger.json; rules.py),
 the data report (--data-report, optional) and the test photos, worst mistakes first. The
 verdicts are also written into evaluation.json under "debugger_rules". A report that cannot be
@@ -57,6 +63,7 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # rules.py and report.py sit beside this script
 import baseline as drift_baseline  # noqa: E402
+import champion  # noqa: E402
 import previous as previous_version  # noqa: E402
 import report as html_report  # noqa: E402
 import rules  # noqa: E402
@@ -81,6 +88,10 @@ SEVERITY = {
     "jpeg": {"quality": 10},
 }
 CORRUPTIONS = tuple(SEVERITY)
+# The module names the two artifacts' code/inference.py are imported under: one process loads
+# both, and each artifact's siblings (photos.py...) are imported under its module's name.
+CHALLENGER_MODULE = "artifact_inference"
+CHAMPION_MODULE = "champion_inference"
 
 
 class EvaluationError(Exception):
@@ -119,13 +130,13 @@ def safe_extract(tarball: Path, dest: Path) -> None:
         raise EvaluationError(f"{tarball}: not a readable model.tar.gz ({exc})") from None
 
 
-def import_inference(code_dir: Path) -> ModuleType:
+def import_inference(code_dir: Path, module_name: str = CHALLENGER_MODULE) -> ModuleType:
     """Import the artifact's own code/inference.py, as the serving container does."""
     path = code_dir / "inference.py"
     if not path.is_file():
         raise EvaluationError("the model artifact has no code/inference.py (the serving code)")
     sys.path.insert(0, str(code_dir))  # the serving container puts code/ on the path too
-    spec = importlib.util.spec_from_file_location("artifact_inference", path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
@@ -351,11 +362,12 @@ def baseline_functions(inference: ModuleType, model) -> tuple[bool, object, int 
 
 
 def score(inference: ModuleType, model, photos: list[Photo], batch_size: int,
-          corruptions: list[str], seed: int) -> Scores:
-    """Decode each photo through input_fn, predict in batches, and again per corruption."""
+          corruptions: list[str], seed: int, baseline: bool = True) -> Scores:
+    """Decode each photo through input_fn, predict in batches, and again per corruption; with
+    `baseline`, the embeddings and image statistics baseline.json is made of too."""
     invalid = getattr(inference, "InvalidInput", ValueError)
     scores = Scores(corrupted={kind: [] for kind in corruptions})
-    embed, statistics, side = baseline_functions(inference, model)
+    embed, statistics, side = baseline_functions(inference, model) if baseline else (False, None, None)
     started = time.monotonic()
     for start in range(0, len(photos), batch_size):
         batch, images = [], []
@@ -436,6 +448,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         scores = score(inference, model, photos, args.batch_size, corruptions, args.seed)
         identity = model_id(model_dir) or scores.model_version
         how = decoding(model.get("config") or {}) if isinstance(model, dict) else {}
+        class_labels = labels_of(model)
         embed, statistics, side = baseline_functions(inference, model)
         stat_names = tuple(getattr(inference.photos, "STATISTICS", ())) if statistics else ()
         history = read_json(model_dir / "history.json")
@@ -473,8 +486,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     verdicts, debugger_note = rule_verdicts(history, debugger)
     report["debugger_rules"] = {"note": debugger_note, "verdicts": verdicts}
     before, why_none = previous_version.lookup(args.model_package_group, args.previous_metrics)
-    report["previous_version"] = before or {"note": why_none}
-    print(f"compared with: {why_none or _version_name(before)}", flush=True)
+    report["previous_version"] = compare_with_previous(before, photos, scores, class_labels, args) \
+        if before else {"note": why_none}
+    print(f"compared with: {why_none or _version_name(before)}{_comparison_line(report['previous_version'])}",
+          flush=True)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -487,8 +502,89 @@ def evaluate(args: argparse.Namespace) -> dict:
         for i, name in enumerate(scores.names):
             writer.writerow([name, scores.y_true[i], scores.y_pred[i],
                              *(scores.corrupted[kind][i] for kind in corruptions)])
-    write_html_report(args, report, scores, history, debugger, verdicts, debugger_note, before, why_none)
+    write_html_report(args, report, scores, history, debugger, verdicts, debugger_note,
+                      report["previous_version"] if before else None, why_none)
     return report
+
+
+def labels_of(model) -> list | None:
+    config = model.get("config") if isinstance(model, dict) else None
+    labels = config.get("labels") if isinstance(config, dict) else None
+    return list(labels) if isinstance(labels, list) else None
+
+
+def compare_with_previous(before: dict, photos: list[Photo], scores: Scores, labels: list | None,
+                          args: argparse.Namespace) -> dict:
+    """evaluation.json's previous_version: the version, the metrics it was registered with
+    (measured on its own test split: other photos, never compared), and its scores on this run's
+    test photos with the paired difference, or a note saying why it could not be scored.
+    Nothing the previous version does fails this step."""
+    found = {k: before[k] for k in ("group", "version", "status") if k in before}
+    if before.get("artifact"):
+        found["artifact"] = before["artifact"]
+    found["recorded_metrics"] = before.get("metrics") or {}
+    try:
+        found.update(score_previous(before, photos, scores, labels, args))
+    except champion.ChampionError as exc:
+        found["note"] = f"{champion.name(before)} was not scored on these photos: {exc}"
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - its own code, run here: whatever it raises
+        found["note"] = (f"{champion.name(before)} was not scored on these photos: it failed "
+                         f"({champion.describe(exc)})")
+    return found
+
+
+def score_previous(before: dict, photos: list[Photo], scores: Scores, labels: list | None,
+                   args: argparse.Namespace) -> dict:
+    """The previous version's artifact, verified, loaded through its own code/inference.py and
+    scored once (no corruptions) on the photos this run scored: {"these_photos", "difference"}."""
+    artifact = before.get("artifact") or {}
+    uri = artifact.get("uri", "")
+    scored_here = dict(zip(scores.names, scores.y_pred))
+    with tempfile.TemporaryDirectory(prefix="invmon-champion-") as tmp:
+        tarball, actual = champion.fetch(uri, Path(tmp))
+        champion.verify(uri, actual, artifact.get("sha256", ""))
+        model_dir = Path(tmp) / "model"
+        code_dir = str(model_dir / "code")
+        try:
+            safe_extract(tarball, model_dir)
+            inference = import_inference(model_dir / "code", CHAMPION_MODULE)
+            try:
+                model = inference.model_fn(str(model_dir))
+            except Exception as exc:  # noqa: BLE001
+                raise champion.ChampionError(f"its model_fn could not load it ({champion.describe(exc)})") from None
+            champion.same_labels(labels, labels_of(model))
+            print(f"scoring {champion.name(before)} ({uri}) on the same {len(scored_here)} photos", flush=True)
+            theirs = score(inference, model, [p for p in photos if p.name in scored_here], args.batch_size,
+                           [], args.seed, baseline=False)
+        except EvaluationError as exc:
+            raise champion.ChampionError(str(exc)) from None
+        finally:  # its code leaves the process's import state as it found it
+            while code_dir in sys.path:
+                sys.path.remove(code_dir)
+            for module in [m for m in sys.modules if m == CHAMPION_MODULE or m.startswith(CHAMPION_MODULE + "__")]:
+                del sys.modules[module]
+    if not theirs.y_pred:
+        raise champion.ChampionError("its code decoded none of these photos")
+    y_true = np.array(theirs.y_true)
+    ours = np.array([scored_here[name] for name in theirs.names])
+    measured = build_report(y_true, np.array(theirs.y_pred), sorted(set(CLASSES) | set(y_true.tolist())), args.seed)
+    these_photos = {"photos": len(y_true),
+                    "accuracy": measured["multiclass_classification_metrics"]["accuracy"],
+                    "rmse": measured["regression_metrics"]["rmse"],
+                    "weighted_f1": measured["multiclass_classification_metrics"]["weighted_f1"]}
+    if theirs.skipped:  # compared on the photos both models scored; the rest are named
+        these_photos["skipped"] = theirs.skipped
+    return {"these_photos": these_photos,
+            "difference": champion.paired_difference(y_true, ours, theirs.y_pred, args.seed)}
+
+
+def _comparison_line(previous: dict) -> str:
+    if "difference" in previous:
+        d = previous["difference"]
+        return (f" on the same {d['photos']} photos, accuracy {d['accuracy']['value']:+.4f} "
+                f"[{d['accuracy']['interval'][0]:+.4f}, {d['accuracy']['interval'][1]:+.4f}], "
+                f"rmse {d['rmse']['value']:+.4f} [{d['rmse']['interval'][0]:+.4f}, {d['rmse']['interval'][1]:+.4f}]")
+    return f"; {previous['note']}" if previous.get("note") and previous.get("version") is not None else ""
 
 
 def read_received_statistics(data_report: str | None, side: int | None,
@@ -635,8 +731,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-report", default=None,
                         help="Preprocess's data report (data_report.json or its folder) for report.html")
     parser.add_argument("--previous-metrics", default=None,
-                        help='JSON {"version": ..., "metrics": {"accuracy": ..., "rmse": ...}} of the '
-                             "previous registered version, compared in report.html")
+                        help='JSON {"version": ..., "metrics": {"accuracy": ..., "rmse": ...}, "artifact": '
+                             '{"uri": ..., "sha256": ...}} of the previous registered version: its artifact is '
+                             "scored on the same test photos and compared in report.html")
     parser.add_argument("--model-package-group", default=None,
                         help="without --previous-metrics: look up this group's newest Approved (else "
                              "newest) version in the model registry and compare with it (previous.py)")

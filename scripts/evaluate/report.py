@@ -2,7 +2,7 @@
 
 Plots are drawn with matplotlib and embedded as base64 PNG, test photos as base64 JPEG
 thumbnails; there are no external scripts, styles or fonts. Sections: headline metrics against
-the gate and the previous registered version, per-class table, confusion matrix, loss curves and
+the gate and the previous registered version on the same photos, per-class table, confusion matrix, loss curves and
 the learning rate, Debugger rule verdicts, accuracy under each corruption and its ratio to clean
 accuracy, the data report, and a grid of test photos with true and predicted counts, worst mistakes first.
 
@@ -149,13 +149,31 @@ def _previous_name(previous: dict) -> str:
     return f" ({_e(previous.get('version'))}{_e(status)})"
 
 
+def _change(difference: dict, better: str) -> str:
+    """This run minus the previous version on the same photos, with its paired interval; coloured
+    only when the interval leaves out zero."""
+    value, (low, high) = difference["value"], difference["interval"]
+    cls = "note"
+    if low > 0 or high < 0:
+        cls = "ok" if (low > 0) == (better == "higher") else "bad"
+    return f'<span class="{cls}">{value:+.4f}</span> [{low:+.4f}, {high:+.4f}]'
+
+
 def _headline(evaluation: dict, threshold: float | None, previous: dict | None, previous_note: str = "") -> str:
+    """Metrics against the gate and, on the same photos, the previous version (evaluation.json's
+    previous_version). A previous version that was not scored on these photos gets no change
+    column: its registered numbers come from other photos."""
     mc = evaluation["multiclass_classification_metrics"]
     rows = [("accuracy", mc["accuracy"], "higher"), ("rmse", evaluation["regression_metrics"]["rmse"], "lower"),
             ("weighted_f1", mc.get("weighted_f1"), "higher")]
-    prev_mc = (previous or {}).get("metrics", {})
-    out = ["<table><tr><th>metric</th><th>this run</th><th>gate</th><th>previous version"
-           + (_previous_name(previous) if previous else "") + "</th><th>change</th></tr>"]
+    paired = bool(previous) and "difference" in previous
+    theirs = (previous or {}).get("these_photos") or {}
+    difference = (previous or {}).get("difference") or {}
+    head = "<table><tr><th>metric</th><th>this run</th><th>gate</th>"
+    if paired:
+        head += (f"<th>previous version{_previous_name(previous)} on these photos</th>"
+                 "<th>change (this run &minus; previous) [interval]</th>")
+    out = [head + "</tr>"]
     for name, value, better in rows:
         if not value:
             continue
@@ -164,14 +182,13 @@ def _headline(evaluation: dict, threshold: float | None, previous: dict | None, 
         if name == "accuracy" and threshold is not None:
             passed = current >= threshold
             gate = f'<span class="{"ok" if passed else "bad"}">{"pass" if passed else "FAIL"} (&ge; {threshold})</span>'
-        before = prev_mc.get(name)
-        change = ""
-        if before is not None:
-            delta = current - before
-            good = delta >= 0 if better == "higher" else delta <= 0
-            change = f'<span class="{"ok" if good else "bad"}">{delta:+.4f}</span>'
-        out.append(f"<tr><td>{name}</td><td>{current:.4f} &plusmn; {value['standard_deviation']:.4f}</td>"
-                   f"<td>{gate}</td><td>{_num(before, 4)}</td><td>{change}</td></tr>")
+        row = f"<tr><td>{name}</td><td>{current:.4f} &plusmn; {value['standard_deviation']:.4f}</td><td>{gate}</td>"
+        if paired:
+            before = theirs.get(name) or {}
+            shown = (f"{before['value']:.4f} &plusmn; {before['standard_deviation']:.4f}"
+                     if "value" in before else "-")
+            row += f"<td>{shown}</td><td>{_change(difference[name], better) if name in difference else ''}</td>"
+        out.append(row + "</tr>")
     out.append("</table>")
     baselines = evaluation.get("constant_answer_baselines")
     if baselines:  # the bar a model must clear to have learnt anything
@@ -179,9 +196,28 @@ def _headline(evaluation: dict, threshold: float | None, previous: dict | None, 
         out.append(f"<p class='note'>The best a constant answer does on these photos: accuracy "
                    f"{majority['accuracy']:.4f} (always {majority['answer']}), RMSE {lowest['rmse']:.4f} "
                    f"(always {lowest['answer']}).</p>")
-    if previous is None:
+    if not previous:
         out.append(f"<p class='note'>No previous registered version to compare with"
                    f"{': ' + _e(previous_note) if previous_note else '.'}</p>")
+    elif paired:
+        left_out = len(theirs.get("skipped") or [])
+        out.append(
+            f"<p class='note'>The previous version{_previous_name(previous)} was scored on these "
+            f"{difference['photos']} test photos with its own serving code, its artifact checked against the "
+            f"SHA-256 recorded at its registration. The change is this run minus the previous version on the "
+            f"same photos; the interval is a {_e(difference.get('interval', ''))}. Only this run got "
+            f"{difference['only_this_model_right']} of them right, only the previous version "
+            f"{difference['only_previous_right']}."
+            + (f" {left_out} photos its code could not decode are left out of the comparison." if left_out else "")
+            + "</p>")
+    else:
+        out.append(f"<p class='note'>No change is shown against the previous version{_previous_name(previous)}: "
+                   f"{_e(previous.get('note') or previous_note)}.</p>")
+        recorded = previous.get("recorded_metrics") or previous.get("metrics") or {}
+        if recorded:
+            listed = ", ".join(f"{_e(k)} {v:.4f}" for k, v in recorded.items() if isinstance(v, (int, float)))
+            out.append(f"<p class='note'>Its metrics as registered, measured on its own test split (other "
+                       f"photos, not comparable with this run's): {listed}.</p>")
     return "".join(out)
 
 
