@@ -4,6 +4,10 @@ Thousands of photos, counted in batches (local model: decoding in threads while 
 scores the previous batch; a running endpoint: several requests in flight). Every photo gets
 one CSV row: id, path, count, confidence, one probability column per class, error. A photo
 that cannot be read or decoded is a row with its error, never an abort.
+
+A SageMaker Batch Transform job (pipeline/sagemaker/transform.py) answers each photo with what the
+artifact's output_fn wrote (its `<key>.out`) or refuses it with the artifact's error: `answer_row`
+turns either into the same Row, and `write_csv` writes both kinds of run.
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator, Mapping
 
 import httpx
 
@@ -50,9 +54,44 @@ def collect_photos(items: Iterable[str | Path]) -> list[Path]:
 
 @dataclass
 class Row:
-    path: Path
+    path: Path | str  # a local file, or an s3:// URI (Batch Transform)
     answer: dict | None = None
     error: str | None = None
+
+    @property
+    def id(self) -> str:
+        return PurePosixPath(str(self.path)).stem
+
+
+def answer_row(path: Path | str, body: bytes | str | None, refusal: str | None = None) -> Row:
+    """A photo's row from what the artifact answered for it: the text its output_fn wrote (JSON
+    with count and probabilities, or `{"error": ...}` as output_fn writes an error under the
+    serving toolkit), or the message it was refused with. No answer at all is an error row."""
+    if refusal is not None:
+        return Row(path, error=refusal)
+    if body is None:
+        return Row(path, error="no answer for this photo in the job's output")
+    try:
+        answer = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Row(path, error=f"the answer is not JSON ({exc})")
+    if isinstance(answer, dict) and "error" in answer:
+        return Row(path, error=str(answer["error"]))
+    probabilities = answer.get("probabilities") if isinstance(answer, dict) else None
+    if (not isinstance(probabilities, dict) or not probabilities
+            or str(answer.get("count")) not in probabilities
+            or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in probabilities.values())):
+        return Row(path, error="the answer has no count with its probabilities")
+    return Row(path, answer=answer)
+
+
+def rows_from_answers(answers: Iterable[tuple[Path | str, bytes | str | None]],
+                      refusals: Mapping[str, str] | None = None) -> Iterator[Row]:
+    """Rows from (photo, the text answered for it or None) pairs, in their order; a photo's
+    refusal (keyed by str(photo)) is its row, whatever was answered."""
+    refusals = refusals or {}
+    for path, body in answers:
+        yield answer_row(path, body, refusals.get(str(path)))
 
 
 @dataclass
@@ -79,10 +118,10 @@ class CsvOut:
 
     def _line(self, row: Row) -> list:
         if row.answer is None:
-            return [row.path.stem, str(row.path), "", "", *[""] * len(self.labels), row.error]
+            return [row.id, str(row.path), "", "", *[""] * len(self.labels), row.error]
         probs = row.answer["probabilities"]
         count = row.answer["count"]
-        return [row.path.stem, str(row.path), count, f"{probs[str(count)]:.6f}",
+        return [row.id, str(row.path), count, f"{probs[str(count)]:.6f}",
                 *[f"{probs[label]:.6f}" for label in self.labels], ""]
 
     def write(self, row: Row) -> None:
