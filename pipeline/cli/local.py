@@ -132,19 +132,32 @@ def add_commands(commands) -> None:
 
     predict = commands.add_parser("predict", help="count photos: print each, or --out a CSV")
     predict.add_argument("photos", nargs="+", metavar="PHOTO_DIR_OR_GLOB",
-                         help="photos, folders (searched for .jpg/.jpeg/.png) or globs")
+                         help="photos, folders (searched for .jpg/.jpeg/.png) or globs; with --backend "
+                              "aws also one s3://BUCKET/PREFIX/, counted by a SageMaker Batch Transform job")
     _model_choice(predict)
     predict.add_argument("--url", help="a running endpoint, e.g. http://127.0.0.1:8080")
     predict.add_argument("--backend", choices=["local", "aws"], default="local",
-                         help="aws: --endpoint names a SageMaker endpoint (runtime InvokeEndpoint)")
+                         help="aws: --endpoint names a SageMaker endpoint (runtime InvokeEndpoint); for "
+                              "s3:// photos the model is --version, the version --endpoint serves, or the "
+                              "newest Approved")
     predict.add_argument("--region", default=None, help="AWS region (aws back-end)")
     predict.add_argument("--json", action="store_true", help="print the full answers as JSON lines")
-    predict.add_argument("--out", type=Path, help="write a CSV (id, path, count, confidence, "
-                                                  "p1..p5, error) with a progress bar")
+    predict.add_argument("--out", type=_file_or_s3, help="write a CSV (id, path, count, confidence, "
+                         "p1..p5, error) with a progress bar; for s3:// photos also s3://BUCKET/KEY.csv")
     predict.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (--out)")
-    predict.add_argument("--concurrency", type=int, default=8, help="requests in flight (--out --url)")
+    predict.add_argument("--concurrency", type=int, default=8,
+                         help="requests in flight (--out --url; s3:// photos: per instance)")
     predict.add_argument("--no-raw", action="store_true",
                          help="skip measuring the raw forward rate printed beside the throughput")
+    job = predict.add_argument_group("s3:// photos (--backend aws): the Batch Transform job")
+    job.add_argument("--instance-type", default="ml.m5.xlarge", help="default: %(default)s")
+    job.add_argument("--instance-count", type=int, default=1, help="default: %(default)s")
+    job.add_argument("--role-arn", default=None, help="the role the model runs as (default: "
+                                                      "$INVMON_MODEL_ROLE_ARN, the stack's ModelRoleArn)")
+    job.add_argument("--transform-output", metavar="S3_PREFIX", default=None,
+                     help="where the job's manifests and answers go (default: s3://<the artifact's "
+                          "bucket>/bulk/<group>/, which the stack's ModelRole may write)")
+    job.add_argument("--poll-seconds", type=float, default=30.0, help="default: %(default)s")
     predict.set_defaults(handler=cmd_predict)
 
     data = commands.add_parser("data", help="datasets")
@@ -164,6 +177,10 @@ def add_commands(commands) -> None:
 
     ingest().add_arguments(fetch)
     fetch.set_defaults(handler=cmd_data_fetch)
+
+
+def _file_or_s3(value: str) -> Path | str:
+    return value if value.startswith("s3://") else Path(value)
 
 
 def _model_choice(parser: argparse.ArgumentParser) -> None:
@@ -621,8 +638,13 @@ def cmd_predict(args) -> int:
 
     if args.batch_size < 1 or args.concurrency < 1:
         raise UsageError("--batch-size and --concurrency must be at least 1")
+    if any(photo.startswith("s3://") for photo in args.photos):
+        return _predict_on_sagemaker(args)
+    if isinstance(args.out, str):
+        raise UsageError("--out s3://... is for s3:// photos with --backend aws; give a file")
     if args.backend == "aws" and args.out:
-        raise UsageError("--out counts with the local model or --url, not --backend aws")
+        raise UsageError("--out with --backend aws counts an s3://BUCKET/PREFIX/ of photos (Batch "
+                         "Transform); local photos are counted with the local model or --url")
     if args.backend == "aws" and not args.endpoint:
         raise UsageError("--backend aws needs --endpoint NAME (e.g. bin-count-production)")
     try:
@@ -690,6 +712,39 @@ def _sagemaker_predictor(args):
     runtime = clients.client("sagemaker-runtime", region_of(args.region))
     return lambda photo: executions.invoke_endpoint(runtime, args.endpoint, photo.read_bytes(),
                                              content_type_for(photo))
+
+
+def _predict_on_sagemaker(args) -> int:
+    """One s3:// prefix counted by a Batch Transform job into the local command's CSV."""
+    import os
+
+    from pipeline.cli.aws import region_of
+    from pipeline.sagemaker import clients, transform
+
+    if args.backend != "aws" or len(args.photos) != 1 or not args.out or args.url or args.json:
+        raise UsageError("s3:// photos are counted on SageMaker: one s3://BUCKET/PREFIX/ with --backend "
+                         "aws and --out counts.csv (or --out s3://BUCKET/KEY.csv), without --url or --json")
+    if args.instance_count < 1 or args.poll_seconds <= 0:
+        raise UsageError("--instance-count must be at least 1 and --poll-seconds above 0")
+    if args.transform_output and not args.transform_output.startswith("s3://"):
+        raise UsageError(f"--transform-output {args.transform_output}: give an s3://BUCKET/PREFIX/")
+    if args.instance_type not in (kinds := transform.instance_types()):
+        raise UsageError(f"--instance-type {args.instance_type}: Batch Transform runs on "
+                         f"{', '.join(k for k in kinds if k.startswith('ml.m5.'))}, ... (not this one)")
+    role = args.role_arn or os.environ.get("INVMON_MODEL_ROLE_ARN", "")
+    if not role:
+        raise UsageError("the Batch Transform job needs the model's execution role: pass --role-arn "
+                         "or set INVMON_MODEL_ROLE_ARN (the stack's ModelRoleArn output)")
+    region = region_of(args.region)
+    sm, s3, logs = (clients.client(service, region) for service in ("sagemaker", "s3", "logs"))
+    settings = transform.Settings(role, args.instance_type, args.instance_count, args.concurrency,
+                                  args.transform_output, args.poll_seconds)
+    try:
+        print(transform.count(sm, s3, logs, args.photos[0], args.out, settings, _group(args),
+                              args.version, args.endpoint, progress=LOG.isEnabledFor(logging.INFO)))
+    except transform.TransformError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
 
 
 def _predict_csv(args, photos: list[Path], model) -> int:
