@@ -157,3 +157,20 @@ def test_bulk_counting_the_real_abid_sample(staged, abid_sample, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "1731 photos in" in printed and "raw forward pass" in printed
     print(json.dumps({"printed": printed}))
+
+
+def test_a_photo_named_like_a_formula_is_text_in_the_csv(staged, tmp_path):
+    """Whoever can name a photo (a bucket writer) must not plant a formula in the reviewer's
+    spreadsheet: a cell that would start with = + - @ starts with a quote instead."""
+    photos = tmp_path / "named"
+    photos.mkdir()
+    (photos / "=HYPERLINK(1).jpg").write_bytes(bin_photo(1, (80, 60), "JPEG"))
+    (photos / "@SUM(1).png").write_bytes(b"not a png")
+    (photos / "plain.jpg").write_bytes(bin_photo(2, (80, 60), "JPEG"))
+    out = tmp_path / "counts.csv"
+    assert invmon(["predict", str(photos), "--out", str(out)]) == 0
+    rows = {row["id"]: row for row in read_rows(out)}
+    assert set(rows) == {"'=HYPERLINK(1)", "'@SUM(1)", "plain"}
+    assert rows["'=HYPERLINK(1)"]["path"].startswith("/") and rows["'=HYPERLINK(1)"]["count"] in "12345"
+    assert rows["'@SUM(1)"]["error"] and rows["plain"]["path"] == str(photos / "plain.jpg")
+    assert not any(cell.startswith(("=", "+", "-", "@")) for row in rows.values() for cell in row.values())

@@ -107,6 +107,17 @@ class Tally:
         return self.photos / self.seconds if self.seconds else 0.0
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text_cell(text: str | None) -> str:
+    """A file name or message as a CSV cell a spreadsheet shows as text: a photo named
+    `=HYPERLINK(...).jpg` (anyone who can write to the bucket can name one) must not become a
+    formula in the reviewer's spreadsheet, so such a cell starts with a quote (OWASP's advice)."""
+    text = text or ""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 class CsvOut:
     """Writes rows as they come. The class columns come from the first answer, so rows before
     it (errors only) wait in memory until then."""
@@ -118,10 +129,11 @@ class CsvOut:
 
     def _line(self, row: Row) -> list:
         if row.answer is None:
-            return [row.id, str(row.path), "", "", *[""] * len(self.labels), row.error]
+            return [text_cell(row.id), text_cell(str(row.path)), "", "", *[""] * len(self.labels),
+                    text_cell(row.error)]
         probs = row.answer["probabilities"]
         count = row.answer["count"]
-        return [row.id, str(row.path), count, f"{probs[str(count)]:.6f}",
+        return [text_cell(row.id), text_cell(str(row.path)), count, f"{probs[str(count)]:.6f}",
                 *[f"{probs[label]:.6f}" for label in self.labels], ""]
 
     def write(self, row: Row) -> None:
