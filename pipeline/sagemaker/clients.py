@@ -1,6 +1,7 @@
 """boto3 clients for the AWS half: region, retries, one-line errors. Plain boto3, no SDK."""
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -21,13 +22,31 @@ def client(service: str, region: str):
     Throttling and transient network errors are retried by botocore's standard retry mode
     (AWS_MAX_ATTEMPTS overrides the attempts), never by a loop of ours.
     """
-    import boto3
     from botocore.config import Config
 
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
     config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10,
                     read_timeout=60)
-    return boto3.Session(region_name=region).client(service, config=config)
+    return session(region).client(service, config=config)
+
+
+def session(region: str | None = None):
+    """A fresh boto3 session (credentials and endpoints read as they are now) that shares one
+    loader with every other: it keeps the parsed service models, which each new session would
+    otherwise parse again (SageMaker's alone costs ~100 ms of CPU, on every deploy-function call)."""
+    import boto3
+    import botocore.session
+
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _service_models())
+    return boto3.Session(botocore_session=core, region_name=region)
+
+
+@functools.lru_cache(maxsize=1)
+def _service_models():
+    from botocore.loaders import create_loader
+
+    return create_loader(os.environ.get("AWS_DATA_PATH"))
 
 
 def describe_error(exc: BaseException) -> str:
