@@ -13,6 +13,7 @@ import pytest
 from aws_testing import (BUCKET, COMMIT, REGION, ROLE, ROOT, aws_env, default_offline_definition,
                          moto_server, patched_environ)
 from pipeline.cli import main
+from pipeline.sagemaker import clients
 
 INVMON = ROOT / ".venv" / "bin" / "invmon"
 
@@ -25,11 +26,10 @@ def invmon_command() -> list[str]:
 @pytest.fixture(scope="module")
 def moto_aws():
     """moto for the module, with the pipeline upserted once (upsert builds the definition twice)."""
-    import boto3
     from moto import mock_aws
 
     with patched_environ(aws_env()), mock_aws():
-        session = boto3.Session(region_name=REGION)  # not boto3's process-wide default session
+        session = clients.session(REGION)  # not boto3's process-wide default session
         session.client("s3").create_bucket(Bucket=BUCKET)
         sm = session.client("sagemaker")
         assert sm.list_pipelines()["PipelineSummaries"] == []
@@ -41,6 +41,7 @@ def executions(sm) -> list:
     return sm.list_pipeline_executions(PipelineName="bin-count")["PipelineExecutionSummaries"]
 
 
+@pytest.mark.slow
 def test_upsert_creates_the_pipeline_then_updates_it(moto_aws, capsys):
     sm = moto_aws
     described = sm.describe_pipeline(PipelineName="bin-count")
@@ -60,9 +61,7 @@ def test_upsert_creates_the_pipeline_then_updates_it(moto_aws, capsys):
 
 
 def boto3_keys() -> set[str]:
-    import boto3
-
-    listed = boto3.Session(region_name=REGION).client("s3").list_objects_v2(Bucket=BUCKET)
+    listed = clients.session(REGION).client("s3").list_objects_v2(Bucket=BUCKET)
     return {o["Key"] for o in listed.get("Contents", [])}
 
 
@@ -133,9 +132,8 @@ def run_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_upsert_then_start_as_a_cli_user_against_moto_server():
-    import boto3
-
     # This module's mock_aws state is live in the server thread too: no reset, own names.
     name = "bin-count-cli"
     with moto_server(reset=False) as endpoint:
@@ -157,7 +155,7 @@ def test_upsert_then_start_as_a_cli_user_against_moto_server():
         assert f"CommitId={COMMIT}" in status.stdout
 
         with patched_environ(env):
-            session = boto3.Session(region_name=REGION)  # fresh: reads AWS_ENDPOINT_URL now
+            session = clients.session(REGION)  # fresh: reads AWS_ENDPOINT_URL now
             sm, s3 = session.client("sagemaker"), session.client("s3")
             definition = json.loads(sm.describe_pipeline(PipelineName=name)["PipelineDefinition"])
             (execution,) = sm.list_pipeline_executions(PipelineName=name)["PipelineExecutionSummaries"]
@@ -275,12 +273,10 @@ def _register(sm, s3, group: str, accuracy: float) -> str:
 
 
 def test_sagemaker_registry_has_the_local_registry_methods(moto_aws, capsys):
-    import boto3
-
     from pipeline.registry.sagemaker import SageMakerRegistry
     from pipeline.registry.local import ModelVersion, NotFoundError, RegistryError
 
-    sm, s3 = moto_aws, boto3.Session(region_name=REGION).client("s3")
+    sm, s3 = moto_aws, clients.session(REGION).client("s3")
     sm.create_model_package_group(ModelPackageGroupName="bin-count")
     _register(sm, s3, "bin-count", 0.61)
     _register(sm, s3, "bin-count", 0.74)

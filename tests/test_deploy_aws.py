@@ -22,6 +22,7 @@ import pytest
 
 from aws_testing import REGION, ROOT, aws_env, keep_customer_metadata, moto_server, patched_environ
 from pipeline.cli import main
+from pipeline.sagemaker import clients
 
 GROUP = "bin-count"
 MODEL_ROLE = "arn:aws:iam::123456789012:role/InvmonModelRole"
@@ -35,9 +36,8 @@ ARTIFACTS = "invmon-artifacts"
 def register(sm, group: str = GROUP, n: int = 3) -> list[str]:
     """n versions of `group`, each with a real model.tar.gz object in S3 and its SHA-256 recorded
     as the Register step records it (CustomerMetadataProperties ArtifactSha256)."""
-    import boto3
 
-    s3 = boto3.Session(region_name=REGION).client("s3")
+    s3 = clients.session(REGION).client("s3")
     if ARTIFACTS not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
         s3.create_bucket(Bucket=ARTIFACTS)
     sm.create_model_package_group(ModelPackageGroupName=group)
@@ -59,14 +59,13 @@ def register(sm, group: str = GROUP, n: int = 3) -> list[str]:
 
 @pytest.fixture
 def sm(monkeypatch):
-    import boto3
     from moto import mock_aws
 
     env = aws_env()
     env["INVMON_MODEL_ROLE_ARN"] = MODEL_ROLE
     keep_customer_metadata(monkeypatch)
     with patched_environ(env), mock_aws():
-        client = boto3.Session(region_name=REGION).client("sagemaker")
+        client = clients.session(REGION).client("sagemaker")
         register(client)
         yield client
 
@@ -179,9 +178,7 @@ def resources(sm) -> tuple[list, list, list]:
 
 
 def s3():
-    import boto3
-
-    return boto3.Session(region_name=REGION).client("s3")
+    return clients.session(REGION).client("s3")
 
 
 def approve(sm, *versions: int, status: str = "Approved") -> None:
@@ -401,9 +398,8 @@ for path in sys.argv[2:]:
 """
 
 
+@pytest.mark.slow
 def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_path, monkeypatch):
-    import boto3
-
     keep_customer_metadata(monkeypatch)
     archive = deploy_function_zip()
     with moto_server() as endpoint:
@@ -411,7 +407,7 @@ def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_pa
         env.update(INVMON_MODEL_PACKAGE_GROUP=GROUP, INVMON_MODEL_ROLE_ARN=MODEL_ROLE,
                    INVMON_INSTANCE_TYPE="ml.m5.large", PYTHONPATH="")
         with patched_environ(env):
-            sm = boto3.Session(region_name=REGION).client("sagemaker")
+            sm = clients.session(REGION).client("sagemaker")
             register(sm)
             register(sm, "other-group", 1)
             for version in (1, 2):
@@ -461,7 +457,7 @@ def test_the_deploy_function_deploys_approved_events_and_ignores_the_rest(tmp_pa
             (scaled,) = (json.loads(line) for line in done.stdout.splitlines())
             assert scaled["scaling"] == ("bin-count-production scales between 2 and 4 instances at 600 "
                                          "invocations a minute per instance")
-            (target,) = boto3.Session(region_name=REGION).client("application-autoscaling").describe_scalable_targets(
+            (target,) = clients.session(REGION).client("application-autoscaling").describe_scalable_targets(
                 ServiceNamespace="sagemaker")["ScalableTargets"]
             assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == (
                 "endpoint/bin-count-production/variant/AllTraffic", 2, 4)

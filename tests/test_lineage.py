@@ -23,6 +23,7 @@ from pipeline.dag import profiles
 from pipeline.dag.compile import Resolver, compile_dag
 from pipeline.digests import named_files_sha256
 from pipeline.registry.local import open_registry
+from pipeline.sagemaker import clients
 from steps.base import (PROCESSING_BASE, Code, ConditionStep, Dag, DeployStep, FailStep, JsonGet,
                         MetricDefinition, Param, ProcessingInput, ProcessingOutput, ProcessingStep,
                         PropertyFile, RegisterStep, StepOutput, TrainingStep)
@@ -422,12 +423,11 @@ def register_from_an_execution(sm, s3, epochs: int) -> tuple[str, str]:
 @pytest.fixture
 def sagemaker(monkeypatch):
     """The pipeline and one version, registered by an execution started with Epochs=3."""
-    import boto3
     from moto import mock_aws
 
     env = {**aws_env(), "INVMON_MODEL_ROLE_ARN": MODEL_ROLE}
     with patched_environ(env), mock_aws():
-        session = boto3.Session(region_name=REGION)
+        session = clients.session(REGION)
         sm, s3 = session.client("sagemaker"), session.client("s3")
         values = {**profiles.defaults("full"), "CommitId": COMMIT}
         sm.create_pipeline(PipelineName="bin-count", RoleArn=ROLE, PipelineDefinition=json.dumps(
@@ -487,7 +487,6 @@ def test_a_deploy_tags_the_model_its_config_and_the_endpoint(sagemaker, capsys):
 def test_an_update_moves_the_endpoints_run_tag_to_the_version_it_serves(sagemaker, capsys, monkeypatch):
     """moto has no UpdateEndpoint: tests/test_deploy_aws.py's stand-in checks the request against
     botocore's model and applies it."""
-    import boto3
     from pipeline.sagemaker import clients
     from test_deploy_aws import Updates
 
@@ -496,7 +495,7 @@ def test_an_update_moves_the_endpoints_run_tag_to_the_version_it_serves(sagemake
     real_client = clients.client
     monkeypatch.setattr(clients, "client", lambda service, region: updates.hook(real_client(service, region)))
     assert cli(capsys, "deploy", "--stage", "staging", "--version", "1", "--backend", "aws", "--region", REGION)[0] == 0
-    _, second = register_from_an_execution(sm, boto3.Session(region_name=REGION).client("s3"), epochs=4)
+    _, second = register_from_an_execution(sm, clients.session(REGION).client("s3"), epochs=4)
     code, _, err = cli(capsys, "deploy", "--stage", "staging", "--version", "2", "--backend", "aws", "--region", REGION)
     assert code == 0, err
     assert len(updates) == 1  # the update path, not a new endpoint

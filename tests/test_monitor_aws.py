@@ -25,6 +25,7 @@ from pipeline.registry.capture import capture_settings, capture_uri
 from pipeline.registry.sagemaker_target import SageMakerTarget
 from pipeline.registry.stages import endpoint_name
 from pipeline.sagemaker import monitor_job
+from pipeline.sagemaker import clients
 
 GROUP = "bin-count"
 BUCKET = "invmon-artifacts"
@@ -106,12 +107,11 @@ def build_world(sm, s3, *, staging_baseline: bool = False, capture: bool = True)
 
 @pytest.fixture
 def aws(monkeypatch):
-    import boto3
     from moto import mock_aws
 
     keep_customer_metadata(monkeypatch)
     with patched_environ({**aws_env(), **function_env()}), mock_aws():
-        session = boto3.Session(region_name=REGION)
+        session = clients.session(REGION)
         yield session.client("sagemaker"), session.client("s3")
 
 
@@ -292,8 +292,6 @@ monitor_job.handler(json.loads(sys.argv[2]))
 
 
 def test_the_packaged_function_starts_the_job_with_boto3_alone(tmp_path, monkeypatch):
-    import boto3
-
     keep_customer_metadata(monkeypatch)
     subprocess.run(["make", "-s", "deploy-function", f"PYTHON={sys.executable}"], cwd=ROOT,
                    check=True, capture_output=True, timeout=60)
@@ -301,7 +299,7 @@ def test_the_packaged_function_starts_the_job_with_boto3_alone(tmp_path, monkeyp
     with moto_server() as endpoint:
         env = {**aws_env(endpoint_url=endpoint), **function_env(), "PYTHONPATH": ""}
         with patched_environ(env):
-            session = boto3.Session(region_name=REGION)
+            session = clients.session(REGION)
             sm, s3 = session.client("sagemaker"), session.client("s3")
             build_world(sm, s3)
             event = {**SCHEDULED, "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:00Z")}
@@ -400,14 +398,13 @@ def drift_alarm() -> dict:
 
 
 def test_monitor_puts_the_metric_the_drift_alarm_reads(window, tmp_path, capsys):
-    import boto3
     from moto import mock_aws
 
     baseline, capture = window
     with patched_environ(aws_env()), mock_aws():
         assert run_monitor(baseline, capture, tmp_path / "out", "--cloudwatch-namespace", "invmon/Monitor",
                            "--endpoint", "bin-count-production") == 0
-        cloudwatch = boto3.Session(region_name=REGION).client("cloudwatch")
+        cloudwatch = clients.session(REGION).client("cloudwatch")
         metrics = cloudwatch.list_metrics(Namespace="invmon/Monitor")["Metrics"]
         alarm = drift_alarm()
         dimensions = [{"Name": d["Name"], "Value": d["Value"]["!Sub"].replace("${ModelPackageGroupName}", GROUP)}

@@ -14,6 +14,7 @@ import pytest
 from aws_testing import REGION
 from pipeline.registry import deploy
 from pipeline.registry.rollout import BAKE_SECONDS, rollout_settings
+from pipeline.sagemaker import clients
 from test_deploy_aws import EVENTS, GROUP, approve, deliver, event, resources, run
 from test_deploy_aws import sm, updates  # noqa: F401 (fixtures)
 
@@ -198,14 +199,14 @@ def test_the_local_deploy_prints_what_would_shift_when(invmon_home, tmp_path, ca
 def scalable_targets() -> list[dict]:
     import boto3
 
-    return boto3.Session(region_name=REGION).client("application-autoscaling").describe_scalable_targets(
+    return clients.session(REGION).client("application-autoscaling").describe_scalable_targets(
         ServiceNamespace="sagemaker")["ScalableTargets"]
 
 
 def scaling_policies() -> list[dict]:
     import boto3
 
-    return boto3.Session(region_name=REGION).client("application-autoscaling").describe_scaling_policies(
+    return clients.session(REGION).client("application-autoscaling").describe_scaling_policies(
         ServiceNamespace="sagemaker")["ScalingPolicies"]
 
 
@@ -249,6 +250,7 @@ def test_staging_scales_within_its_own_bounds(sm, capsys, updates):
     assert target["ResourceId"] == "endpoint/bin-count-staging/variant/AllTraffic"
 
 
+@pytest.mark.slow
 def test_a_new_instance_type_deregisters_the_scaling_before_the_update(sm, capsys, updates):
     """SageMaker refuses to change a scaled variant's instance type: the scaling goes first, and
     the endpoint's InService event puts it back."""
