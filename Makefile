@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-ingest bench-serve bench-drift gpu-carry env clean deploy-function
+.PHONY: run test check bench bench-ingest bench-serve bench-drift gpu-carry env clean deploy-function
 
 # The environment is built once and rebuilt when pyproject.toml changes.
 # torch/torchvision come from pip (never uv/poetry): on the project's machines pip takes them from disk.
@@ -30,8 +30,17 @@ export STEP_CODE_PTH
 run: $(STAMP)
 	$(BIN)/invmon run $(ARGS)
 
+# The whole suite on every core: one test file per worker at a time (its module fixtures built
+# once), the longest files first (tests/conftest.py LONGEST_FIRST, kept in that order).
+WORKERS ?= auto
+PARALLEL := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q $(PARALLEL) $(ARGS)
+
+# The inner loop: every contract that trains no model and runs no pipeline, in under 2 minutes.
+# `make test` (what CI runs) adds the slow, real-sample, TorchServe, package-index and browser tests.
+check: $(STAMP)
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow and not real_data and not torchserve and not pypi and not browser" $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py $(ARGS)
@@ -68,6 +77,6 @@ DEPLOY_FUNCTION_MODULES := __init__ alerts digests home registry/__init__ regist
 	registry/sagemaker_target sagemaker/__init__ sagemaker/clients sagemaker/retrain sagemaker/monitor_job
 deploy-function:
 	mkdir -p build
-	rm -f build/deploy-function.zip
 	$(PYTHON) -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED); [z.write(f) for f in sys.argv[2:]]; z.close()' \
-		build/deploy-function.zip $(DEPLOY_FUNCTION_MODULES:%=pipeline/%.py)
+		build/deploy-function.zip.$$$$ $(DEPLOY_FUNCTION_MODULES:%=pipeline/%.py) \
+		&& mv -f build/deploy-function.zip.$$$$ build/deploy-function.zip  # whole or not at all: tests build it in parallel

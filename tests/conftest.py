@@ -93,10 +93,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "real_data: needs the real ABID sample in ../shared/data")
 
 
+# The files that take longest start first. `make test` runs the files on parallel workers
+# (pytest-xdist, one file at a time per worker, so a module's fixtures are built once) in this
+# order, and a long file started last would keep one worker busy while the other waits. Measured
+# wall seconds on the 2-core machine (docs/benchmarks.md), the environment builds of a fresh
+# clone counted (image-pythons, torchserve); files not listed follow in collection order.
+LONGEST_FIRST = ("test_end_to_end.py", "test_image_pythons.py", "test_train.py", "test_monitor.py",
+                 "test_torchserve_ping.py", "test_serving_server.py", "test_smoke.py", "test_deploy_aws.py",
+                 "test_champion.py", "test_artifact_self_contained.py", "test_train_distributed.py",
+                 "test_torchserve.py", "test_debugger.py", "test_baseline.py", "test_report.py",
+                 "test_predict_bulk.py", "test_aws_cli.py", "test_cli_s3.py", "test_partial_finetune.py",
+                 "test_rollout.py", "test_tails.py", "test_pretrained.py", "test_transform.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "abid_sample" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_data)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -84,6 +84,7 @@ def topic(sm, monkeypatch):
     return received
 
 
+@pytest.mark.slow
 def test_deploy_outcomes_reach_the_topic(sm, updates, topic, capsys, monkeypatch):
     approve(sm, 1, 2)
     assert run(capsys, "deploy", "--stage", "prod", "--version", "1", "--backend", "aws")[0] == 0

@@ -68,6 +68,7 @@ def members(tarball: Path) -> dict[str, tarfile.TarInfo]:
         return {m.name: m for m in tar.getmembers()}
 
 
+@pytest.mark.slow
 def test_the_clean_environment_has_only_the_serving_image(image):
     done = run_isolated(image, "import torch, torchvision, PIL, numpy, importlib.util as u; "
                                "print(sorted(n for n in ('efficientnet_lite_pytorch', 'pipeline', "
@@ -76,6 +77,7 @@ def test_the_clean_environment_has_only_the_serving_image(image):
     assert done.stdout.split() == ["['torch']"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", list(profiles.PROFILES))
 def test_each_profile_artifact_loads_with_only_the_serving_image(profile, image, photos, tmp_path_factory):
     tarball = profile_artifact(profile, tmp_path_factory)
@@ -124,6 +126,7 @@ def test_each_profile_artifact_loads_with_only_the_serving_image(profile, image,
     assert result["answers"] == expected
 
 
+@pytest.mark.slow
 def test_without_its_copy_the_architecture_is_named_missing_in_one_line(image, photos, tmp_path_factory, tmp_path):
     """The control: the clean environment really lacks the package, and model_fn says so."""
     tarball = profile_artifact("local", tmp_path_factory)

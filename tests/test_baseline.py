@@ -158,6 +158,7 @@ def evaluated(tmp_path_factory, test_split):
     return root, artifact, json.loads((root / "out" / "baseline.json").read_text()), result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_baseline_beside_evaluation_json(evaluated, test_split):
     root, artifact, baseline, stdout = evaluated
     evaluation = json.loads((root / "out" / "evaluation.json").read_text())
@@ -200,6 +201,7 @@ def test_evaluate_writes_the_baseline_beside_evaluation_json(evaluated, test_spl
     np.testing.assert_allclose(summary["mean"], projected.mean(0), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_image_statistics_are_of_every_photo_as_received_not_the_resized_copies(tmp_path, bin_photos):
     """Preprocess measures every accepted photo as sent (--statistics-side: the model's side) and
     Evaluate's baseline takes those: a served photo has its camera's size and sharpness, not
@@ -237,6 +239,7 @@ def test_the_image_statistics_are_of_every_photo_as_received_not_the_resized_cop
     assert any("at 64 px, the model sees 32 px" in note for note in other["notes"])
 
 
+@pytest.mark.slow
 def test_the_baseline_does_not_depend_on_the_batch_size(evaluated, test_split, tmp_path):
     root, artifact, baseline, _ = evaluated
     subprocess.run([sys.executable, str(EVALUATE), "--model", str(artifact), "--test", str(test_split),
@@ -250,6 +253,7 @@ def test_the_baseline_does_not_depend_on_the_batch_size(evaluated, test_split, t
     np.testing.assert_allclose(a, b, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_an_artifact_without_the_embedding_code_gets_a_baseline_that_says_so(tmp_path, test_split):
     """An artifact trained before predict_and_embed and photos.statistics existed."""
     artifact = make_artifact(tmp_path, seed=3, image_size=32)

@@ -87,6 +87,7 @@ def test_sources_of_other_folds_or_labels_are_refused():
         real_blend_cv.aligned(fewer, first)
 
 
+@pytest.mark.slow
 def test_frozen_out_of_fold_probabilities_never_see_their_own_photo():
     """Each photo gets a feature of its own and a random label: a head that trained on the photo
     memorises it, one that did not is at chance. Out of fold must be the second."""
@@ -104,6 +105,7 @@ def test_frozen_out_of_fold_probabilities_never_see_their_own_photo():
     assert out_of_fold_accuracy < 0.3 and in_sample_accuracy > 0.8
 
 
+@pytest.mark.slow
 def test_the_frozen_head_learns_a_count_its_features_carry():
     """Features that carry the count (plus noise): train.py's head, trained and scored fold by fold
     with the trainer's parts, counts the held-out photos; mean decoding through the trainer's cuts."""

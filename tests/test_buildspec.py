@@ -176,6 +176,7 @@ def test_a_failing_test_stops_the_build_before_upsert_and_is_reported(server, tm
     assert BUILD_STARTED_S_AGO <= seconds < BUILD_STARTED_S_AGO + 120 and execution == "none started"
 
 
+@pytest.mark.slow
 def test_the_stop_comes_from_the_order_of_the_build_commands(server, tmp_path, junit):
     """The same failing suite with `|| true` after it would go on to upsert: the stop above is
     the buildspec's doing (the first failing command ends the phase), not the simulator's."""
@@ -188,6 +189,7 @@ def test_the_stop_comes_from_the_order_of_the_build_commands(server, tmp_path, j
     assert "pipeline bin-count created" in ran[1][2]
 
 
+@pytest.mark.slow
 def test_a_passing_build_upserts_and_starts_the_pipeline(server, tmp_path, junit):
     import boto3
 

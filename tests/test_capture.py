@@ -188,6 +188,7 @@ def post_all(app, bodies: list[bytes]) -> tuple[list[bytes], dict]:
     return answers, ping
 
 
+@pytest.mark.slow
 def test_the_endpoint_captures_what_it_served_and_answers_the_same(artifact, tmp_path):
     bodies = [bin_photo(i, (200 + 10 * i, 150)) for i in range(6)]
     plain, ping = post_all(create_app(artifact, model_version="bin-count/4"), bodies)

@@ -108,6 +108,7 @@ def repacked(tarball: Path, dest: Path, edit) -> Path:
 # --------------------------------------------------------------------------- the comparison
 
 
+@pytest.mark.slow
 def test_the_champion_is_rescored_on_the_challengers_test_photos(models, tmp_path):
     """The job as its container runs it, with the runner's listing: the champion (version 1,
     Approved, trained on other photos) is scored on the challenger's test split."""
@@ -160,6 +161,7 @@ def test_the_champion_is_rescored_on_the_challengers_test_photos(models, tmp_pat
     assert f"{ours_accuracy - 0.987:+.4f}" not in page  # nothing is compared with other photos' numbers
 
 
+@pytest.mark.slow
 def test_the_champion_runs_its_own_serving_code(models, tmp_path, monkeypatch):
     """A champion whose code/photos.py decodes photos with their colours inverted: Evaluate must
     get the answers that code gives, so it runs the champion's inference.py and its siblings, not
@@ -183,6 +185,7 @@ def test_the_champion_runs_its_own_serving_code(models, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- not scored: a note
 
 
+@pytest.mark.slow
 def test_a_swapped_artifact_is_not_loaded_and_the_report_says_so(models, tmp_path, monkeypatch):
     """The file at the registered path is not the registered bytes: its code must not run (it
     would write a marker), no difference is printed, the step succeeds."""
@@ -225,6 +228,7 @@ def other_labels(d: Path) -> None:
     (d / "model_config.json").write_text(json.dumps({**config, "labels": [0, 1, 2, 3, 4]}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, expected", [
     ("no digest", "the registry records no SHA-256 of its artifact, so the artifact cannot be verified "
                    "and was not loaded"),
@@ -314,6 +318,7 @@ def register(sm, s3, key: str, body: bytes, digest: str, status: str = "Approved
         CustomerMetadataProperties={previous.DIGEST_PROPERTY: digest})
 
 
+@pytest.mark.slow
 def test_on_sagemaker_the_packages_artifact_is_fetched_checked_and_scored(models, sagemaker, tmp_path):
     sm, s3 = sagemaker
     key = "bin-count/exec-1/Train/pipelines-abc-Train-1/output/model.tar.gz"

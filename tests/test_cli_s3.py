@@ -54,6 +54,7 @@ def invmon(env: dict, *args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_run_from_s3_data_and_an_s3_manifest_registers_a_model(server, dataset, tmp_path):
     objects, manifest, expected = dataset
     env = {**server, "INVMON_HOME": str(tmp_path / "home")}

@@ -110,6 +110,7 @@ def test_the_hook_records_losses_weights_and_gradients_and_the_trial_reads_back(
     assert "loss per step" in page
 
 
+@pytest.mark.slow
 def test_without_smdebug_training_works_and_the_report_still_has_the_four_verdicts(tmp_path):
     """The default everywhere: train's requirements.txt has no smdebug, nor has the project's
     environment (DESIGN.md). Same run, its curves in history.json, no Debugger data and the reason;

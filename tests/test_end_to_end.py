@@ -229,6 +229,7 @@ def test_the_real_profiles_partial_finetune_runs_through_the_pipeline(tiny_data,
     assert 0.001 <= float(config["lr"]) <= 0.01
 
 
+@pytest.mark.slow
 def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):
     result = invmon("run", "--param", "Epochs=many", home=tmp_path / "home", check=False)
     assert result.returncode == 2

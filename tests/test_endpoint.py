@@ -284,6 +284,7 @@ def test_predict_remote_against_the_real_server(live, jpeg_photo, tmp_path):
         predict_remote(f"http://127.0.0.1:{port}", jpeg_photo, timeout=5)
 
 
+@pytest.mark.slow
 def test_slow_predictions_do_not_block_the_event_loop(tmp_path, jpeg):
     """predict_fn runs in a threadpool: /ping answers while a prediction is under way."""
     make_artifact(tmp_path)

@@ -85,6 +85,7 @@ def load_served_model(model_dir: Path):
     return inference, inference.model_fn(str(model_dir / "model"))
 
 
+@pytest.mark.slow
 def test_report_has_the_sagemaker_model_quality_layout(evaluated):
     report, _, stdout = evaluated
     accuracy = get_path(report, ACCURACY_PATH)
@@ -107,6 +108,7 @@ def test_report_has_the_sagemaker_model_quality_layout(evaluated):
     assert f"accuracy={accuracy}" in stdout
 
 
+@pytest.mark.slow
 def test_counts_confusion_matrix_and_skipped_file(evaluated):
     report, rows, stdout = evaluated
     n = 5 * PER_CLASS + 1  # plus the PNG; the corrupt file and folder 9/ are not scored
@@ -128,6 +130,7 @@ def test_counts_confusion_matrix_and_skipped_file(evaluated):
     assert "9/x.jpg" not in {r["path"] for r in rows}
 
 
+@pytest.mark.slow
 def test_metrics_equal_direct_predict_fn_on_the_same_photos(evaluated, model_dir, test_split):
     """Load the artifact the endpoint's way and predict photo by photo: same numbers."""
     report, rows, _ = evaluated
@@ -160,6 +163,7 @@ def test_metrics_equal_direct_predict_fn_on_the_same_photos(evaluated, model_dir
     assert any(r[kind] != r["prediction"] for r in rows for kind in CORRUPTIONS)
 
 
+@pytest.mark.slow
 def test_corruptions_are_deterministic_and_independent_of_batch_size(evaluated, model_dir,
                                                                      test_split, tmp_path):
     report, rows, _ = evaluated

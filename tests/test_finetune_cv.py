@@ -45,6 +45,7 @@ def test_cached_views_are_the_photo_its_augmented_views_and_its_flips():
     assert torch.equal(again["train"], fronts["train"]) and torch.equal(again["flips"], fronts["flips"])
 
 
+@pytest.mark.slow
 def test_cached_fine_tune_trains_the_tail_and_scores_every_held_out_photo():
     cfg = config(ft.LAST1, views=2)
     torch.manual_seed(0)

@@ -79,6 +79,7 @@ def test_fetch_in_process_mirrors_exactly_the_manifest_and_names_every_problem(d
     assert "nested too deeply" in reasons[("x_deep", "unlabelled")]
 
 
+@pytest.mark.slow
 def test_fetch_command_killed_midway_then_rerun_gives_the_same_mirror_and_report(server, dataset, tmp_path):
     url, env = server
     manifest = write_manifest(tmp_path / "file_list.json", dataset[1])
@@ -202,6 +203,7 @@ def label_rejections(report: dict) -> set[tuple[str, str, str]]:
             if r["kind"] in ("unlabelled", "manifest_mismatch")}
 
 
+@pytest.mark.slow
 def test_preprocess_reading_s3_equals_preprocess_on_the_mirror_and_shards_add_up(server, dataset, tmp_path):
     url, env = server
     manifest = write_manifest(tmp_path / "file_list.json", dataset[1])

@@ -115,6 +115,7 @@ def monitor(world, capture: Path, out: Path, *extra, check: bool = True):
     return result, report
 
 
+@pytest.mark.slow
 def test_the_same_kind_of_photos_is_no_drift(world, windows, tmp_path):
     result, report = monitor(world, windows["same"], tmp_path)
     assert report["drift"] is False and report["drifted"] == []
@@ -131,6 +132,7 @@ def test_the_same_kind_of_photos_is_no_drift(world, windows, tmp_path):
     assert "Monitor: no drift" in page and page.count("data:image/png;base64,") == 7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift, found", [("dark", {"embeddings", "brightness"}), ("blur", {"embeddings", "sharpness"})])
 def test_darkened_or_blurred_photos_are_drift(world, windows, tmp_path, shift, found):
     result, report = monitor(world, windows[shift], tmp_path)
@@ -155,6 +157,7 @@ def to_sagemaker(folder: Path, dest: Path, output_encoding: str = "JSON") -> Pat
     return dest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", ["same", "dark"])
 def test_sagemaker_capture_files_get_the_same_verdicts(world, windows, tmp_path, shift):
     local = monitor(world, windows[shift], tmp_path / "local")[1]
@@ -167,6 +170,7 @@ def test_sagemaker_capture_files_get_the_same_verdicts(world, windows, tmp_path,
         assert test["statistic"] == pytest.approx(local["tests"][name]["statistic"], rel=1e-3, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_sagemaker_capture_without_the_model_has_statistics_but_no_embedding_test(world, windows, tmp_path):
     capture = to_sagemaker(windows["dark"], tmp_path / "sagemaker")
     # Their answers name the version (bin-count/1), not the artifact: which version to take is said.
@@ -179,6 +183,7 @@ def test_sagemaker_capture_without_the_model_has_statistics_but_no_embedding_tes
     assert report["tests"]["brightness"]["threshold"] == pytest.approx(0.05 / 6)
 
 
+@pytest.mark.slow
 def test_a_capture_of_another_model_is_refused_in_one_line(world, tmp_path):
     other = make_artifact(tmp_path / "other", seed=4, image_size=64, model_id="another-model")
     serve(other, [p.read_bytes() for p in world["window"][:5]], tmp_path / "capture", version="bin-count/2")
@@ -194,6 +199,7 @@ def test_a_capture_of_another_model_is_refused_in_one_line(world, tmp_path):
     assert result.returncode == 2 and "is not the artifact the baseline was made from" in result.stderr
 
 
+@pytest.mark.slow
 def test_model_version_picks_the_requests_of_one_version(world, windows, tmp_path):
     """A folder that holds two versions' requests (the endpoint was updated): each is monitored
     against its own baseline; asking for one it never served is refused."""
@@ -209,6 +215,7 @@ def test_model_version_picks_the_requests_of_one_version(world, windows, tmp_pat
         in result.stderr
 
 
+@pytest.mark.slow
 def test_the_window_is_bounded_by_since_and_until(world, windows, tmp_path):
     records = [json.loads(line) for p in sorted(windows["same"].glob("*.jsonl")) for line in p.read_text().splitlines()]
     times = sorted(r["time"] for r in records)
@@ -219,6 +226,7 @@ def test_the_window_is_bounded_by_since_and_until(world, windows, tmp_path):
     assert {t["verdict"] for t in empty["tests"].values()} == {"no_data"}
 
 
+@pytest.mark.slow
 def test_bad_input_gets_one_line(world, windows, tmp_path):
     cases = {
         "no such file or folder": ("--capture", tmp_path / "nowhere"),

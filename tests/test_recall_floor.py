@@ -93,6 +93,7 @@ def test_served_cuts_are_on_the_count():
             inference.served_cuts({**config, "cuts": bad})
 
 
+@pytest.mark.slow
 def test_train_fits_the_cuts_and_the_artifact_serves_them(tmp_path, squares):  # noqa: F811
     done = run_train(tmp_path, squares, *ARGS, "--recall_floor", "0.99",
                      env={"INVMON_FEATURE_CACHE": str(tmp_path / "cache")})
@@ -125,6 +126,7 @@ def test_train_fits_the_cuts_and_the_artifact_serves_them(tmp_path, squares):  #
         assert not torch.equal(served, plain)
 
 
+@pytest.mark.slow
 def test_recall_floor_needs_mean_decoding(tmp_path, squares):  # noqa: F811
     median = [a if a != "mean" else "median" for a in ARGS]
     done = run_train(tmp_path, squares, *median, "--recall_floor", "0.2", expect_ok=False)
@@ -139,6 +141,7 @@ def test_recall_floor_needs_mean_decoding(tmp_path, squares):  # noqa: F811
         validate({**values, "RecallFloor": 1.5})
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_validation_outputs_is_refused_by_name(tmp_path, data):  # noqa: F811
     """A job resumed from a checkpoint written before train.py kept the kept epoch's validation
     outputs has nothing to fit the cuts on: it says so, with no traceback."""

@@ -57,6 +57,7 @@ def report(run) -> Path:
     return run / "evaluation" / "report.html"
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_and_has_every_section(report):
     page = report.read_text()
     for section in SECTIONS:
@@ -71,6 +72,7 @@ def test_report_is_self_contained_and_has_every_section(report):
     assert "corrupt 2" in page and "unlabelled 1" in page
 
 
+@pytest.mark.slow
 def test_the_decoding_and_its_cuts_are_stated(report, run):
     cuts = json.loads((run / "model" / "model_config.json").read_text())["cuts"]
     evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
@@ -82,6 +84,7 @@ def test_the_decoding_and_its_cuts_are_stated(report, run):
             "under 0.5 recall on the validation split") in page
 
 
+@pytest.mark.slow
 def test_gate_previous_version_and_worst_mistakes_first(report, run):
     page = report.read_text()
     evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
@@ -103,6 +106,7 @@ def test_gate_previous_version_and_worst_mistakes_first(report, run):
         assert f"<td>{kind}</td><td>{r['accuracy']:.4f}</td><td>{r['accuracy'] / clean:.2f}</td>" in page
 
 
+@pytest.mark.slow
 def test_rule_verdicts_are_in_the_report_and_in_evaluation_json(report, run):
     evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
     verdicts = {v["rule"]: v["status"] for v in evaluation["debugger_rules"]["verdicts"]}
@@ -126,6 +130,7 @@ def report_of(model_dir: Path, test: Path, out: Path) -> str:
     return (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_without_history_or_data_report_the_report_says_what_is_missing(run):
     bare = run / "bare"
     shutil.copytree(run / "model", bare)
@@ -136,6 +141,7 @@ def test_without_history_or_data_report_the_report_says_what_is_missing(run):
     assert "the model artifact has no debugger.json" in page and "No previous registered version" in page
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_report_renders_in_headless_chromium(report, tmp_path):
     if not chromium.CHROMIUM.is_file():
@@ -150,6 +156,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert colours is None or len(colours) > 20  # a rendered page, not a blank one
 
 
+@pytest.mark.slow
 def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
     from pipeline.local.summary import summarize
     evaluation = {"multiclass_classification_metrics": {"accuracy": {"value": 0.7}},
@@ -169,6 +176,7 @@ def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
     assert "a constant answer: always 3 scores accuracy 0.2540, always 3 RMSE 1.2800" in text
 
 
+@pytest.mark.slow
 def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):
     """--model-package-group with the local runner's listing: the newest Approved version is the
     one compared with, in the page and in evaluation.json."""
@@ -205,6 +213,7 @@ def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):
     assert "No previous registered version to compare with: no version of bin-count is registered yet" in page
 
 
+@pytest.mark.slow
 def test_the_learning_rate_the_debugger_recorded_is_plotted_and_listed(run, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(run / "model", model)

@@ -94,6 +94,7 @@ def test_a_step_over_its_time_limit_is_stopped_with_a_clear_reason(fault):
     wait_for(lambda: not any(alive(p) for p in job_pids(root)), timeout=10, what="the job to end")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_tune_leaves_no_trial_process_behind(fault):
     root, home = fault
     (root / "go-processing").touch()

@@ -52,6 +52,7 @@ def get(name: str) -> dict:
     return {"Get": name}
 
 
+@pytest.mark.slow
 def test_built_without_network(moto_build):
     assert moto_build[2] == []
 
@@ -307,6 +308,7 @@ def test_offline_build_is_the_same_definition_with_the_same_files(moto_build, tm
     assert staged == set(objects)
 
 
+@pytest.mark.slow
 def test_code_uris_are_content_addressed(tmp_path):
     """Same code, same URIs (caching survives an upsert); other code, other URIs."""
     import steps as declared

@@ -132,6 +132,7 @@ def server(tiny_artifact, tmp_path_factory):
         yield running
 
 
+@pytest.mark.slow
 def test_a_thousand_hostile_payloads(server):
     statuses: Counter = Counter()
     limits = httpx.Limits(max_connections=8)

@@ -5,6 +5,8 @@ from conftest import make_artifact
 from pipeline.serving.endpoint import load_model
 from serving_testing import bin_photo, patched_artifact
 
+import pytest
+
 CROPPING_TO_PIXELS = """
 _to_pixels = to_pixels
 
@@ -15,6 +17,7 @@ def to_pixels(image, config):
 """
 
 
+@pytest.mark.slow
 def test_the_endpoint_resizes_early_with_identical_answers(tmp_path):
     model = load_model(make_artifact(tmp_path, image_size=48))
     assert model.presize == 48
@@ -27,6 +30,7 @@ def test_the_endpoint_resizes_early_with_identical_answers(tmp_path):
     assert a == b  # same probabilities to the last digit
 
 
+@pytest.mark.slow
 def test_an_inference_py_that_crops_is_left_to_resize_itself(tmp_path):
     artifact = patched_artifact(make_artifact, tmp_path, CROPPING_TO_PIXELS, image_size=48)
     model = load_model(artifact)

@@ -103,6 +103,7 @@ def access_lines(log: str, path: str = "/invocations") -> list[str]:
     return [line for line in log.splitlines() if f'"POST {path}"' in line or f'"GET {path}"' in line]
 
 
+@pytest.mark.slow
 def test_ping_is_503_until_the_model_is_loaded(tmp_path):
     hold = tmp_path / "hold-load"
     hold.touch()
@@ -133,6 +134,7 @@ def test_a_model_that_fails_to_load_stops_the_server(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_one_forward_pass(tmp_path):
     held = Held(tmp_path)
     photos = [bin_photo(i) for i in range(9)]
@@ -165,6 +167,7 @@ def test_concurrent_requests_share_one_forward_pass(tmp_path):
             "dispatched: 10 lone request, 1 nobody on the way)") in server.log()
 
 
+@pytest.mark.slow
 def test_threads_are_sized_for_the_machine_and_openmp_waits_passively(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # as a user's shell has it
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -187,6 +190,7 @@ def test_threads_are_sized_for_the_machine_and_openmp_waits_passively(tmp_path, 
     assert f"{cores} cores: 1 torch threads for the forward pass, 3 decode threads" in logs[1]
 
 
+@pytest.mark.slow
 def test_past_the_queue_limit_the_answer_is_503_with_retry_after(tmp_path):
     held = Held(tmp_path)
     held.hold.touch()
@@ -207,6 +211,7 @@ def test_past_the_queue_limit_the_answer_is_503_with_retry_after(tmp_path):
         assert re.search(r'"POST /invocations" 503 [\d.]+ ms', server.log())
 
 
+@pytest.mark.slow
 def test_a_request_past_its_timeout_is_503_and_its_work_dropped(tmp_path):
     held = Held(tmp_path)
     held.hold.touch()
@@ -234,6 +239,7 @@ def raw_request(port: int, body: bytes, length: int | None = None) -> socket.soc
     return sock
 
 
+@pytest.mark.slow
 def test_work_is_dropped_when_the_client_goes_away(tmp_path):
     held = Held(tmp_path)
     held.hold.touch()
@@ -261,6 +267,7 @@ def plain_server(tiny_artifact, tmp_path_factory):
         yield server
 
 
+@pytest.mark.slow
 def test_an_aborted_upload_is_one_log_line_not_a_traceback(plain_server):
     server = plain_server
     sock = raw_request(server.port, b"\xff\xd8\xff" + bytes(997), length=100_000)
@@ -277,6 +284,7 @@ def test_an_aborted_upload_is_one_log_line_not_a_traceback(plain_server):
     assert "Traceback" not in log and "Exception" not in log
 
 
+@pytest.mark.slow
 def test_slow_clients_are_cut_off(plain_server):
     server = plain_server
     # Headers trickled a byte at a time: the connection is closed at the deadline.
@@ -319,6 +327,7 @@ def test_slow_clients_are_cut_off(plain_server):
     assert "no complete request headers within 1 s" in server.log()
 
 
+@pytest.mark.slow
 def test_one_access_log_line_per_request_with_status_and_latency(plain_server):
     server = plain_server
     before = len(access_lines(server.log()))
@@ -337,6 +346,7 @@ def test_one_access_log_line_per_request_with_status_and_latency(plain_server):
         assert re.search(rf'127\.0\.0\.1:\d+ "POST /invocations" {status} \d+\.\d ms', line), line
 
 
+@pytest.mark.slow
 def test_the_thread_plan_gives_torch_every_core_and_decoding_a_quarter(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert plan(cores=2) == plan(0, 0, 2)

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from pipeline.serving.endpoint import ServingSettings
 from pipeline.serving.http_server import Draining, graceful_timeout_s, uvicorn_config
@@ -16,6 +17,7 @@ from serving_testing import ServerProcess, bin_photo
 from test_serving_server import JPEG, Held, wait_log
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_batch_finishes_it_and_answers_no_5xx(tmp_path):
     held = Held(tmp_path)
     held.hold.touch()

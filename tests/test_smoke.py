@@ -108,6 +108,7 @@ def run_job(tmp_path, split, predictions, url: str, *extra: str, monkeypatch) ->
 # --------------------------------------------------------------------------- what is sent
 
 
+@pytest.mark.slow
 def test_the_same_photos_for_the_same_split_and_seed(split, evaluated):
     predictions = smoke_cases.read_predictions(evaluated)
     first = smoke_cases.select_photos(split, predictions, 2, seed=7)
@@ -174,6 +175,7 @@ def test_a_slow_endpoint_fails_it(tmp_path, split, evaluated, server, monkeypatc
     assert report["reason"].startswith("p95 latency ") and report["reason"].endswith("is not under 0.01 ms")
 
 
+@pytest.mark.slow
 def test_a_served_model_that_answers_500_fails_it(tmp_path, split, evaluated, monkeypatch):
     broken = patched_artifact(make_artifact, tmp_path / "broken", FAILS_WHEN_SERVED, image_size=32)
     with ServerProcess(broken, tmp_path / "server.log") as running:
@@ -557,6 +559,7 @@ def endpoint_gone(run_dir: Path) -> bool:
     return "serving" in log and "shutting down" in log.lower()
 
 
+@pytest.mark.slow
 def test_locally_the_smoke_step_passes_a_good_model_and_records_it(local_pipeline, capsys):
     from pipeline.cli import main
     from pipeline.registry.local import open_registry
@@ -575,6 +578,7 @@ def test_locally_the_smoke_step_passes_a_good_model_and_records_it(local_pipelin
     assert main(["models", "approve", str(version.version)]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken, said", [
     (SHIFTED_WHEN_SERVED, "photos answered differently from Evaluate"),
     (FAILS_WHEN_SERVED, "photos got no good answer"),

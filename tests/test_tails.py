@@ -57,6 +57,7 @@ def test_shared_front_answers_the_mean_of_its_members():
     assert torch.allclose(together, (alone[0] + alone[1]) / 2, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_tails_train_serve_and_resume(tmp_path, squares):  # noqa: F811
     env = {"INVMON_FEATURE_CACHE": str(tmp_path / "cache")}
     checkpoints = tmp_path / "checkpoints"
@@ -108,6 +109,7 @@ def test_two_tails_train_serve_and_resume(tmp_path, squares):  # noqa: F811
     assert repeated["weights_sha256"] == config["weights_sha256"]
 
 
+@pytest.mark.slow
 def test_tails_need_a_front_to_share(tmp_path, squares):  # noqa: F811
     no_front = [a for a in ARGS if a not in ("--frozen_blocks", str(LAST2))]
     done = run_train(tmp_path, squares, *no_front, "--tails", "2", expect_ok=False)

@@ -64,6 +64,7 @@ def test_torchserve_ping_turns_unhealthy_when_the_architecture_is_missing(tmp_pa
                "the artifact" in line and "pip install efficientnet-lite-pytorch" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_local_server_stops_when_the_weights_are_missing(tmp_path, tiny_artifact):
     artifact = without(tiny_artifact, tmp_path / "model.tar.gz", "model.pth")
     server = ServerProcess(artifact, tmp_path / "server.log").start(wait_ready=False)

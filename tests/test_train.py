@@ -105,6 +105,7 @@ def trained(tmp_path_factory, data):
     return tmp, done
 
 
+@pytest.mark.slow
 def test_artifact_is_complete_and_serves_through_its_own_code(trained, data):
     tmp, done = trained
     model_dir = tmp / "model"
@@ -151,6 +152,7 @@ def test_artifact_is_complete_and_serves_through_its_own_code(trained, data):
     assert accuracy == pytest.approx(config["validation"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_every_epoch_line_matches_every_metric_regex(trained):
     _, done = trained
     lines = [m.group(0) for m in EPOCH_LINE.finditer(done.stdout)]
@@ -169,12 +171,14 @@ def test_every_epoch_line_matches_every_metric_regex(trained):
     assert float(last) == pytest.approx(best, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_pretrained_auto_without_network_trains_from_scratch_and_says_so(trained):
     _, done = trained
     assert "TRAINING FROM SCRATCH" in done.stdout
     assert "download failed" in done.stdout
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_epoch(tmp_path, data):
     ckpt = ["--checkpoint_dir", str(tmp_path / "ckpt")]
     first = run_train(tmp_path, data, *FAST, "--pretrained", "none", "--epochs", "1", *ckpt)
@@ -193,6 +197,7 @@ def test_resume_continues_at_the_next_epoch(tmp_path, data):
     assert "another configuration (seed differ)" in other.stdout and "epoch=1/1" in other.stdout
 
 
+@pytest.mark.slow
 def test_trial_mode_uses_a_stratified_fraction(tmp_path, data):
     done = run_train(tmp_path, data, *FAST, "--epochs", "1", "--data_fraction", "0.5", "--max_batches", "1",
                      "--checkpoint_dir", "none", "--pretrained", "none")
@@ -202,6 +207,7 @@ def test_trial_mode_uses_a_stratified_fraction(tmp_path, data):
     assert config["train_images"] == 20 and config["hyperparameters"]["data_fraction"] == 0.5
 
 
+@pytest.mark.slow
 def test_hyperparameters_as_strings_and_json_quoted(tmp_path, data):
     # What SageMaker hands over: dashes or underscores, JSON-quoted categoricals, its own extras.
     done = run_train(tmp_path, data, "--arch", '"resnet18"', "--image-size", "32", "--batch-size", '"16"',
@@ -214,6 +220,7 @@ def test_hyperparameters_as_strings_and_json_quoted(tmp_path, data):
     assert hp["image_size"] == 32 and hp["arch"] == "resnet18"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, env, message", [
     (["--arch", "resnet7"], {}, "unknown architecture 'resnet7'"),
     (["--lr", "fast"], {}, "argument --lr: expected a positive number, got 'fast'"),
@@ -241,6 +248,7 @@ def test_bad_input_is_one_clear_line_without_traceback(tmp_path, data, args, env
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_pretrained_weights_file_is_loaded_and_checked(tmp_path, data):
     import torchvision
 
@@ -287,6 +295,7 @@ def test_augmentation_never_cuts_the_photo(tmp_path):
     assert transform(pixels).shape == (3, 64, 64) and transform(pixels).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_two_hosts_train_one_model_with_ddp(tmp_path, data):
     """SageMaker with two instances and no launcher: one process per host, ranked by SM_HOSTS."""
     with socket.socket() as s:  # a free port for the rendezvous
@@ -309,6 +318,7 @@ def test_two_hosts_train_one_model_with_ddp(tmp_path, data):
     assert (tmp_path / "localhost" / "model.pth").is_file() and not (tmp_path / "127.0.0.1").exists()
 
 
+@pytest.mark.slow
 def test_the_model_learns_to_count_squares(tmp_path_factory):
     root = tmp_path_factory.mktemp("squares")
     data = {"train": write_split(root / "train", 40, seed=11),

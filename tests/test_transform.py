@@ -116,6 +116,7 @@ def read_rows(text: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
+@pytest.mark.slow
 def test_the_csv_made_from_the_handlers_answers_is_the_local_bulk_csv(folder, handler, local_csv, tmp_path):
     """The assembly alone: the artifact's answers to each photo's bytes, refusals included, make
     the same bytes as the local command."""
@@ -363,6 +364,7 @@ def photo_keys(folder: Path, content_type: str) -> list[str]:
                   and content_type_for(p) == content_type)
 
 
+@pytest.mark.slow
 def test_a_bulk_count_on_sagemaker_sends_this_request_and_writes_the_local_csv(aws, folder, local_csv,
                                                                               tmp_path, capsys):
     out = tmp_path / "counts.csv"
@@ -417,6 +419,7 @@ def test_a_bulk_count_on_sagemaker_sends_this_request_and_writes_the_local_csv(a
     assert again.read_text() == out.read_text()
 
 
+@pytest.mark.slow
 def test_the_csv_can_go_to_s3_and_a_version_or_an_endpoint_picks_the_model(aws, folder, local_csv, capsys):
     code, printed, err = predict(capsys, SOURCE.rstrip("/"), "--version", "2",
                                  "--out", f"s3://{PHOTOS}/results/counts.csv")
@@ -441,6 +444,7 @@ def test_the_csv_can_go_to_s3_and_a_version_or_an_endpoint_picks_the_model(aws, 
         transform.choose_version(registry, aws.sm, GROUP, endpoint=f"{GROUP}-staging")
 
 
+@pytest.mark.slow
 def test_a_prefix_without_photos_is_a_named_error(aws, tmp_path, capsys):
     aws.s3.put_object(Bucket=PHOTOS, Key="other/readme.txt", Body=b"no photos here")
     out = tmp_path / "counts.csv"
@@ -450,6 +454,7 @@ def test_a_prefix_without_photos_is_a_named_error(aws, tmp_path, capsys):
     assert not aws and not aws.models and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_failed_job_prints_its_reason_exits_1_and_writes_no_csv(aws, tmp_path, capsys):
     aws.reason, aws.limit = "AlgorithmError: model_fn could not load the model", 0  # answered none
     out = tmp_path / "counts.csv"

@@ -136,6 +136,7 @@ def regret(strategy: str, seed: int, budget: int) -> float:
     return 0.9 - best.objective
 
 
+@pytest.mark.slow
 def test_bayesian_search_beats_random_search():
     # Within 1e-4 of the optimum means lr within 0.026 decade of 0.01: a random point lands there
     # with probability 0.026 (2 decades wide), so 8 random trials do on 19% of seeds, and 5 or
