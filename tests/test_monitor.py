@@ -4,7 +4,8 @@ the real Evaluate step wrote for that model.
 
 A window of new photos of the same kind finds no drift; darkened or blurred photos are found; the
 same window as SageMaker's data capture files (base64 bodies, embedded through --model) gets the
-same verdicts; a capture of another model is refused in one line.
+same verdicts; a capture of another model is refused in one line. `invmon monitor` runs the same
+container against an endpoint's capture and alerts drift.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from conftest import ROOT, import_script, make_artifact
+from pipeline.cli import main
+from pipeline.registry.local import BASELINE_PROPERTY, open_registry
 from pipeline.serving.endpoint import ServingSettings, create_app
 
 with warnings.catch_warnings():
@@ -265,3 +268,56 @@ def test_count_test_merges_sparse_counts():
     result = drift.counts_test({"1": 50, "2": 50, "3": 48, "4": 2, "5": 0}, [1] * 30 + [2] * 30 + [3] * 40, 0.01)
     assert result["detail"]["bins"] == ["1", "2", "3+4+5"] and result["verdict"] == "no_drift"
     assert drift.counts_test({"1": 100, "2": 100}, [2] * 100, 0.01)["verdict"] == "drift"
+
+
+# -- `invmon monitor`: an endpoint's capture against the baseline registered with the version it
+# serves, through the monitor's own step container; drift is alerted. Here, beside the tests
+# themselves, so the model and its windows are made once.
+
+@pytest.fixture
+def endpoint(world, invmon_home):
+    """bin-count-staging serves the monitored model, registered with its baseline."""
+    registry = open_registry(invmon_home)
+    version = registry.register("bin-count", str(world["artifact"]), {"accuracy": 0.5}, run_id="r1",
+                                status="PendingManualApproval",
+                                properties={BASELINE_PROPERTY: world["baseline"].resolve().as_uri()})
+    registry.deploy("bin-count-staging", "bin-count", version.version, require_approved=False)
+    return invmon_home
+
+
+def captured(home, source):
+    shutil.copytree(source, home / "capture" / "bin-count-staging")
+
+
+@pytest.mark.slow
+def test_a_darkened_window_is_drift_and_is_alerted(endpoint, windows, notifications_log, capsys):
+    captured(endpoint, windows["dark"])
+    assert main(["monitor", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["drift"] and "brightness" in result["drifted"]
+    (alert,) = [json.loads(line) for line in notifications_log.read_text().splitlines()]
+    assert alert["kind"] == "drift" and alert["endpoint"] == "bin-count-staging" and alert["version"] == 1
+    assert main(["monitor", "--fail-on-drift"]) == 3
+    assert "DRIFT in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_same_kind_of_photos_is_quiet(endpoint, windows, notifications_log, capsys):
+    captured(endpoint, windows["same"])
+    assert main(["monitor", "--fail-on-drift"]) == 0
+    out = capsys.readouterr().out
+    assert "no drift" in out and "report: " in out
+    assert not notifications_log.exists()
+
+
+@pytest.mark.slow
+def test_what_is_missing_is_said_in_one_line(endpoint, world, capsys):
+    assert main(["monitor"]) == 1
+    assert "no capture at" in capsys.readouterr().err
+    assert main(["monitor", "--version", "1"]) == 2
+    assert "give --capture DIR" in capsys.readouterr().err
+    registry = open_registry(endpoint)
+    registry.register("bin-count", str(world["artifact"]), {"accuracy": 0.5}, run_id="r2",
+                      status="PendingManualApproval")
+    assert main(["monitor", "--version", "2", "--capture", str(endpoint)]) == 1
+    assert "bin-count/2 has no monitoring baseline" in capsys.readouterr().err
