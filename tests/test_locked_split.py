@@ -1,0 +1,93 @@
+"""The locked part (pipeline/data/locked.py): deterministic, stratified, disjoint from what the
+pipeline is given; and the score of a bulk CSV on it (benchmarks/locked_split.py)."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from pipeline.data import locked, synth
+
+SCRIPT = ROOT / "benchmarks" / "locked_split.py"
+
+
+def by_count(n_per_count=(30, 55, 12, 41, 7)) -> dict[str, list[str]]:
+    return {str(c): [f"{c}{i:05d}" for i in range(n)] for c, n in enumerate(n_per_count, start=1)}
+
+
+def test_the_same_ids_give_the_same_locked_part_in_any_order():
+    ids = by_count()
+    shuffled = {c: random.Random(3).sample(v, len(v)) for c, v in reversed(list(ids.items()))}
+    assert locked.locked_ids(ids) == locked.locked_ids(shuffled)
+    assert locked.locked_ids(ids) != locked.locked_ids(ids, seed="another seed")
+
+
+def test_each_count_keeps_its_share():
+    ids = by_count()
+    chosen = locked.locked_ids(ids)
+    for count, members in ids.items():
+        assert len(chosen & set(members)) == round(0.2 * len(members)), count
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        locked.locked_ids(by_count(), fraction=1.0)
+    with pytest.raises(ValueError, match="appears twice"):
+        locked.locked_ids({"1": ["a", "a"]})
+
+
+def test_the_rest_and_the_locked_part_are_disjoint_and_hold_every_photo(tmp_path):
+    data = tmp_path / "photos"
+    synth.write_dataset(data, per_class=10, seed=4)
+    folders = tmp_path / "folders"
+    for image in sorted((data / "bin-images").glob("*.jpg")):  # one folder per count, as the sample
+        count = json.loads((data / "metadata" / f"{image.stem}.json").read_text())["EXPECTED_QUANTITY"]
+        (folders / str(count)).mkdir(parents=True, exist_ok=True)
+        (folders / str(count) / image.name).write_bytes(image.read_bytes())
+    sides = locked.write(folders, tmp_path / "out")
+    rest = {p.stem for p in (tmp_path / "out" / "rest").rglob("*.jpg")}
+    kept = {p.stem for p in (tmp_path / "out" / "locked").rglob("*.jpg")}
+    everything = {p.stem for p in folders.rglob("*.jpg")}
+    assert rest.isdisjoint(kept) and rest | kept == everything
+    assert sides == {"rest": len(rest), "locked": len(kept)} and len(kept) == 10  # 2 of each count's 10
+    assert (tmp_path / "out" / "locked.txt").read_text().split() == sorted(kept)
+    for path in (tmp_path / "out" / "locked").rglob("*.jpg"):  # each photo keeps its count's folder
+        assert (folders / path.parent.name / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_photo_in_two_counts_is_refused(tmp_path):
+    for count in ("1", "2"):
+        (tmp_path / count).mkdir()
+        (tmp_path / count / "00007.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="00007 is in both 1/ and 2/"):
+        locked.read_folder(tmp_path)
+
+
+def test_the_score_of_a_bulk_csv(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    from locked_split import score
+
+    rows = [{"path": f"/x/{truth}/{i}.jpg", "count": str(answer)}
+            for i, (truth, answer) in enumerate([(1, 1), (1, 2), (3, 3), (5, 5), (5, 3)])]
+    rows.append({"path": "/x/2/9.jpg", "count": ""})  # an error: a wrong answer, scored as 3
+    result = score(rows)
+    assert result["photos"] == 6 and result["errors"] == 1
+    assert result["accuracy"] == pytest.approx(3 / 6, abs=1e-4)
+    assert result["rmse"] == pytest.approx(((1 + 4 + 1) / 6) ** 0.5, abs=1e-4)
+    assert result["per_count"] == {"1": 0.5, "2": 0.0, "3": 1.0, "5": 0.5}
+    low, high = result["accuracy_interval"]
+    assert low <= 0.5 <= high and high - low > 0.2  # six photos: a wide interval
+
+
+@pytest.mark.real_data
+def test_the_real_samples_locked_part(abid_sample, tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "split", "--data", str(abid_sample), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '{"rest": 1384, "locked": 347}'
+    per_count = {c: len(list((tmp_path / "out" / "locked" / c).iterdir())) for c in "12345"}
+    assert per_count == {"1": 41, "2": 76, "3": 88, "4": 79, "5": 63}
