@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.data import locked
 
-from pipeline.data import locked  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def score(rows: list[dict], resamples: int = 2000, seed: int = 0) -> dict:

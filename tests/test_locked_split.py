@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline.data import locked, synth
+from test_blend_cv import benchmark
 
 SCRIPT = ROOT / "benchmarks" / "locked_split.py"
 
@@ -68,9 +69,7 @@ def test_a_photo_in_two_counts_is_refused(tmp_path):
 
 
 def test_the_score_of_a_bulk_csv(tmp_path):
-    sys.path.insert(0, str(SCRIPT.parent))
-    from locked_split import score
-
+    score = benchmark("locked_split").score
     rows = [{"path": f"/x/{truth}/{i}.jpg", "count": str(answer)}
             for i, (truth, answer) in enumerate([(1, 1), (1, 2), (3, 3), (5, 5), (5, 3)])]
     rows.append({"path": "/x/2/9.jpg", "count": ""})  # an error: a wrong answer, scored as 3
