@@ -89,6 +89,7 @@ def test_two_processes_agree_with_one(tmp_path, data):
     assert abs(ta[0] - tb[0]) <= LOSS_TOLERANCE * ta[0]
     assert abs(va["accuracy"] - vb["accuracy"]) <= ACCURACY_TOLERANCE
 
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_restart_matches_an_uninterrupted_run(tmp_path, data):
     args = [sys.executable, str(TRAIN), *COMMON, "--batch_size", "2", "--epochs", "3"]
