@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 from pipeline.local.jobs import tar_model  # noqa: E402
+from pipeline.serving.bulk import raw_forward  # noqa: E402
 from trainer.artifact import write_untrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,32 +189,6 @@ def latency_blocks(servers: list[Server], model, bodies: list[bytes], seconds: f
                 raw.append(took)
             i += 1
         block += 1
-
-
-def raw_forward(model, images: list, batch: int, seconds: float) -> tuple[int, float, float]:
-    """(images, seconds, CPU seconds) of the bare forward pass at `batch` on preloaded tensors,
-    as pipeline/serving/bulk.py's raw_forward_rate measures it, with the CPU it took."""
-    import torch
-
-    inference, loaded = model.inference, model.model
-    batch_images = (images * (batch // max(len(images), 1) + 1))[:batch]
-    if isinstance(loaded, dict) and "model" in loaded and hasattr(inference, "to_tensor"):
-        net = loaded["model"]
-        tensor = torch.stack([inference.to_tensor(i, loaded["config"]) for i in batch_images])
-        tensor = tensor.to(loaded.get("device", "cpu"))
-
-        def step():
-            with torch.inference_mode():
-                net(tensor)
-    else:
-        def step():
-            inference.predict_fn(list(batch_images), loaded)
-    step()  # warm-up: first-call allocations are not throughput
-    done, started, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - started < seconds or done < 3:
-        step()
-        done += 1
-    return done * batch, time.perf_counter() - started, time.process_time() - cpu
 
 
 def level_round(servers: list[Server], model, images: list, bodies: list[bytes], level: int,

@@ -260,9 +260,15 @@ def write_csv(rows: Iterable[Row], out: Path, total: int, progress: bool = True)
 
 def raw_forward_rate(model, images: list, batch_size: int, seconds: float = 3.0) -> float:
     """Images/s of the bare forward pass of `model` (a LoadedModel) on preloaded, already
-    resized and normalised tensors at `batch_size`: the ceiling serving is measured against.
-    Uses the artifact's own to_tensor and model when it exposes them (this project's
-    inference.py does), else predict_fn on preloaded images."""
+    resized and normalised tensors at `batch_size`: the ceiling serving is measured against."""
+    done, elapsed, _ = raw_forward(model, images, batch_size, seconds)
+    return done / elapsed
+
+
+def raw_forward(model, images: list, batch_size: int, seconds: float) -> tuple[int, float, float]:
+    """(images, seconds, CPU seconds of this process) of the bare forward pass at `batch_size`,
+    run for at least `seconds` and 3 batches. Uses the artifact's own to_tensor and model when it
+    exposes them (this project's inference.py does), else predict_fn on preloaded images."""
     import torch
 
     inference, loaded = model.inference, model.model
@@ -278,11 +284,11 @@ def raw_forward_rate(model, images: list, batch_size: int, seconds: float = 3.0)
         def step():
             inference.predict_fn(list(batch_images), loaded)
     step()  # warm-up: first-call allocations are not throughput
-    done, started = 0, time.perf_counter()
+    done, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds or done < 3:
         step()
         done += 1
-    return done * batch_size / (time.perf_counter() - started)
+    return done * batch_size, time.perf_counter() - started, time.process_time() - cpu
 
 
 def summary_line(tally: Tally) -> str:
