@@ -53,6 +53,7 @@ STEP = TrainingStep(
         *COMMON_HYPERPARAMETERS,
         ("epochs", Param("Epochs")),
         ("tails", Param("Tails")),  # trials train one tail: they rank learning rates
+        ("refit", Param("Refit")),  # and on the training split alone
         ("recall_floor", Param("RecallFloor")),  # and on the plain rounding
         ("lr", TunedValue("Tune", "lr")),
         ("batch_size", TunedValue("Tune", "batch_size")),

@@ -141,6 +141,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     _number("Tails", int, 1,
             "with FrozenBlocks: train this many tails (seeds Seed, Seed+1000, ...) on the one cached "
             "front; the model runs the front once and averages their class probabilities", 1, 8),
+    _choice("Refit", "false",
+            "true, with Tails > 1: the tails also learn from the validation split, cross-fitted: tail k trains on "
+            "the training split and every validation part but part k of Tails seeded, stratified parts; the "
+            "validation metrics and RecallFloor's cuts are their out-of-fold answers", *TRUE_FALSE),
     _number("ImageSize", int, 224, "square crop the network sees, in pixels", 32, 1024),
     _number("BackboneLr", float, 1.0,
             "when the backbone trains (every layer, or the blocks after FrozenBlocks): its lr as a "
@@ -246,6 +250,9 @@ def check_combination(values: dict[str, object]) -> None:
     if tails > 1 and not blocks:
         raise ParameterError(f"Tails={tails} needs a front to share: set FrozenBlocks (11 on efficientnet_lite0) "
                              "or Tails=1")
+    if str(values.get("Refit", "false")).lower() == "true" and tails < 2:
+        raise ParameterError(f"Refit=true needs Tails of 2 or more (each validation photo is answered by a tail "
+                             f"that did not train on it), not Tails={tails}; set Tails=2 or Refit=false")
     floor = values.get("RecallFloor", 0.0)
     if floor and values.get("Decode") != "mean":
         raise ParameterError(f"RecallFloor={floor:g} moves the cuts of Decode=mean, not {values.get('Decode')}; "

@@ -12,6 +12,7 @@
     epoch         one training pass and one validation pass
     loop          the epochs: metric lines, checkpoints, the kept epoch
     tails         several tails on one cached front (--tails)
+    refit         the tails learn from the validation split too, cross-fitted (--refit)
     recall_floor  the end cuts of mean decoding (--recall_floor)
     checkpoint    resuming a restarted job
     artifact      the model directory: weights, model_config.json, code/

@@ -143,6 +143,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with --frozen_blocks: train this many tails on the same cached front (on a CPU at "
                         "once, a process each), with seeds --seed, --seed+1000, ...; the model runs the front once and "
                         "averages the tails' class probabilities (two tails: docs/model.md)")
+    p.add_argument("--refit", type=switch, default=False,
+                   help="with --tails N: the tails also learn from the validation split, cross-fitted: its photos "
+                        "are dealt into N seeded parts, stratified by count; tail k trains on the training split and "
+                        "every part but part k, and predicts part k. The validation metrics and --recall_floor's "
+                        "cuts are those out-of-fold answers; the model serves the mean of the tails")
     p.add_argument("--feature_views", type=feature_views_arg, default=0, choices=(0, 1, 2, 4, 8),
                    help="with --freeze_backbone or --frozen_blocks: train on this many views of each photo: "
                         "the photo as is, then views through the training augmentation at --augment "
@@ -219,6 +224,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      f"not {args.arch}; use --freeze_backbone or 0")
     if args.tails > 1 and not args.frozen_blocks:
         parser.error(f"argument --tails: {args.tails} tails need a front to share: give --frozen_blocks")
+    if args.refit and args.tails < 2:
+        parser.error("argument --refit: each validation photo must be answered by a tail that did not train on it; "
+                     "give --tails 2 or more, or --refit false")
     if args.recall_floor and args.decode != "mean":
         parser.error(f"argument --recall_floor: moves the cuts of --decode mean, not {args.decode}; "
                      "give --decode mean or 0")

@@ -103,6 +103,7 @@ def finish(args, best: dict, history: list, config: dict, pretrained: str | None
               "pretrained_source": pretrained,
               "best_epoch": best["epoch"],
               **({"cuts": best["cuts"]} if "cuts" in best else {}),  # inference.served_cuts
+              **({"refit": refit_summary(best["refit"])} if "refit" in best else {}),
               "validation": {k: metrics[k] for k in ("accuracy", "rmse", "loss", "images")},
               "train_images": n_train,
               "hyperparameters": {k: v for k, v in vars(args).items()},
@@ -110,15 +111,26 @@ def finish(args, best: dict, history: list, config: dict, pretrained: str | None
               "framework": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
     model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     write_artifact(model_dir, best, config)
-    (model_dir / "history.json").write_text(json.dumps({"best_epoch": best["epoch"], "epochs": history}) + "\n")
+    # With --refit, the photo ids each tail trained on and predicted (trainer.refit).
+    photos = {"refit": best["refit"]} if "refit" in best else {}
+    (model_dir / "history.json").write_text(json.dumps({"best_epoch": best["epoch"], "epochs": history, **photos})
+                                            + "\n")
     debugger.finish(model_dir)  # model_dir/debugger.json: the Debugger trial's summary, or why there is none
     output_dir = os.environ.get("SM_OUTPUT_DATA_DIR")
     if output_dir:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        summary = {"best_epoch": best["epoch"], "model_id": config["model_id"], "epochs": history}
+        summary = {"best_epoch": best["epoch"], "model_id": config["model_id"], "epochs": history, **photos}
         (Path(output_dir) / "history.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"model {config['model_id']} (epoch {kept}, pretrained={pretrained is not None}) "
         f"written to {model_dir}")
+
+
+def refit_summary(refit: dict) -> dict:
+    """--refit in model_config.json: the parts, and how many photos each tail trained on and
+    predicted (history.json lists their ids)."""
+    return {"parts": refit["parts"], "seed": refit["seed"],
+            "trained_on": [len(t["trained_on"]) for t in refit["tails"]],
+            "predicted": [len(t["predicted"]) for t in refit["tails"]], "validation": "out of fold"}
 
 
 def write_untrained(model_dir: Path, argv: list[str], model_id: str, seed: int = 0) -> Path:

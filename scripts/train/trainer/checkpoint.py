@@ -51,7 +51,7 @@ def identity(args, n_train: int) -> dict:
             "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained",
             "head", "class_weights", "freeze_backbone", "frozen_blocks", "feature_views", "keep_epoch",
             "tails")
-    return {**{k: getattr(args, k) for k in keys}, "train_images": n_train,
+    return {**{k: getattr(args, k) for k in keys}, "refit": getattr(args, "refit", False), "train_images": n_train,
             "job": os.environ.get("TRAINING_JOB_NAME", "")}
 
 

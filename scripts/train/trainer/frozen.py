@@ -144,18 +144,23 @@ def head_on_features(head: torch.nn.Module, train_features: torch.Tensor, train_
 def partial_setup(model, train_set: BinImages, val_set: BinImages, args, place: Place, config: dict):
     """--frozen_blocks: freeze the stem and the first blocks, and return (the Tail to train, train
     loader, validation loader) over their cached output."""
+    train_fronts, val_fronts, _ = partial_fronts(model, train_set, val_set, args, place, config)
+    return tail_on_fronts(model, train_fronts, train_set.targets, val_fronts, val_set.targets, args, place)
+
+
+def partial_fronts(model, train_set: BinImages, val_set: BinImages, args, place: Place, config: dict):
+    """--frozen_blocks: freeze the stem and the first blocks; (their cached output for the training
+    photos' views, for the validation photos as scored, the views of each training photo)."""
     if args.frozen_blocks >= len(model._blocks):
         raise TrainError(f"--frozen_blocks {args.frozen_blocks}: {args.arch} has {len(model._blocks)} blocks, "
                          f"so at most {len(model._blocks) - 1} can be frozen")
     freeze_front(model, args.frozen_blocks)
     train_fronts, val_fronts, views = frozen_outputs(model, train_set, val_set, args, place, config)
-    fit, train_loader, val_loader = tail_on_fronts(model, train_fronts, train_set.targets, val_fronts,
-                                                   val_set.targets, args, place)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     place.log(f"frozen stem and blocks 0-{args.frozen_blocks - 1}: training blocks {args.frozen_blocks}-"
               f"{len(model._blocks) - 1}, the head conv and the {args.head} head ({trained / 1e6:.2f}M weights) "
               f"on their input, cached for {len(train_set)} photos x {views} views")
-    return fit, train_loader, val_loader
+    return train_fronts, val_fronts, views
 
 
 def tail_on_fronts(model, train_fronts: torch.Tensor, train_targets: list[int], val_fronts: torch.Tensor,

@@ -16,6 +16,7 @@ from trainer.frozen import frozen_setup, partial_setup
 from trainer.loop import Session, seed_everything, train_epochs
 from trainer.model import build, load_pretrained
 from trainer.recall_floor import floored
+from trainer.refit import first_tail_images, refit_sessions, validation_parts
 from trainer.tails import train_tails
 
 
@@ -34,7 +35,11 @@ def run(args) -> None:
     model = build(args)
     ckpt_dir = checkpoint_dir(args, log)  # every rank resumes from it; only rank 0 writes it
     ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir else None
-    checkpoint = load_checkpoint(ckpt_path, args, len(train_set), log)
+    # --refit: the validation photos' parts, dealt before the first tail's checkpoint (keyed by the
+    # photos it trains on) is looked for.
+    parts = validation_parts(val_set.samples, args.tails, args.seed) if args.refit else None
+    n_first = first_tail_images(len(train_set), parts) if parts else len(train_set)
+    checkpoint = load_checkpoint(ckpt_path, args, n_first, log)
     if checkpoint:
         pretrained = checkpoint["pretrained"]
     else:
@@ -51,13 +56,19 @@ def run(args) -> None:
                 f"pretrained weights trains on the output of random layers")
         if checkpoint:  # the frozen part's weights, before its output is computed
             model.load_state_dict(checkpoint["model"])
-        setup = frozen_setup if args.freeze_backbone else partial_setup
-        fit, train_loader, val_loader = setup(model, train_set, val_set, args, place, config)
-    session = Session(args, place, train_loader, val_loader, train_set.targets, pretrained, ckpt_path)
+        if args.refit:
+            fit, sessions, refit = refit_sessions(model, train_set, val_set, parts, args, place, config, pretrained,
+                                                  ckpt_path)
+        else:
+            setup = frozen_setup if args.freeze_backbone else partial_setup
+            fit, train_loader, val_loader = setup(model, train_set, val_set, args, place, config)
+    if not args.refit:
+        session = Session(args, place, train_loader, val_loader, train_set.targets, pretrained, ckpt_path)
+        sessions, refit = [session] * args.tails, None
     if args.tails == 1:
-        best, history = train_epochs(session, model, fit, checkpoint)
+        best, history = train_epochs(sessions[0], model, fit, checkpoint)
     else:
-        best, history = train_tails(session, model, fit, checkpoint)
+        best, history = train_tails(sessions, model, fit, checkpoint, refit)
     if args.recall_floor:
         best = floored(best, args.recall_floor, log)
     if place.rank == 0:

@@ -21,22 +21,28 @@ from trainer.epoch import evaluate
 from trainer.frozen import Tail, freeze_front
 from trainer.loop import Session, seed_everything, train_epochs
 from trainer.model import build, load_pretrained
+from trainer.refit import out_of_fold
 from trainer.report import TrainError
 
 
-def train_tails(session: Session, model, fit, checkpoint: dict | None) -> tuple[dict, list]:
+def train_tails(sessions: list[Session], model, fit, checkpoint: dict | None, refit: dict | None = None
+                ) -> tuple[dict, list]:
     """--tails: train the tails on the one cached front, then combine them (tails_combined).
+    `sessions` holds each tail's (the same one N times, or with --refit each tail's own photos:
+    trainer.refit, whose `refit` record the combined model carries).
 
     On a CPU each tail trains in a process of its own with its share of the cores: a tail's small
     7x7 convolutions keep 2 threads half idle, so 2 tails at once, 1 thread each, train at 72 img/s
     in all against 45 for one tail on 2 threads (Lite0 at 224 px, batch 32, this 2-core machine).
     Elsewhere (a GPU, DDP) one after another. Each tail checkpoints and resumes on its own."""
+    session = sessions[0]
     args = session.args
     parallel = session.device.type == "cpu" and session.place.world == 1 and usable_cpus() >= args.tails
     threads, share = torch.get_num_threads(), max(1, usable_cpus() // args.tails)
     folder = Path(tempfile.mkdtemp(prefix="tails-")) if parallel else None
     context = torch.multiprocessing.get_context("fork")  # the cached front is shared, not copied
-    workers = {member: context.Process(target=_tail_process, args=(session, member, folder, share), daemon=True)
+    workers = {member: context.Process(target=_tail_process, args=(sessions[member], member, folder, share),
+                                       daemon=True)
                for member in range(1, args.tails)} if parallel else {}
     try:
         if parallel:
@@ -48,7 +54,7 @@ def train_tails(session: Session, model, fit, checkpoint: dict | None) -> tuple[
         debugger.pause()  # the Debugger trial holds the first tail's run (the others never attach)
         for member in range(1, args.tails):
             if not parallel:
-                results.append(train_tail(session, member))
+                results.append(train_tail(sessions[member], member))
                 continue
             workers[member].join()
             if workers[member].exitcode != 0:
@@ -62,7 +68,7 @@ def train_tails(session: Session, model, fit, checkpoint: dict | None) -> tuple[
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
         torch.set_num_threads(threads)
-    return tails_combined(session, results)
+    return tails_combined(session, results, refit)
 
 
 def train_tail(session: Session, member: int) -> dict:
@@ -99,24 +105,33 @@ def _tail_process(session: Session, member: int, folder: Path, threads: int) -> 
     os._exit(0)  # no atexit handlers of the parent's (smdebug's, multiprocessing's) in a fork
 
 
-def tails_combined(session: Session, members: list[dict]) -> tuple[dict, list]:
+def tails_combined(session: Session, members: list[dict], refit: dict | None = None) -> tuple[dict, list]:
     """The tails' kept epochs as one SharedFront (the front stored once), scored on the validation
-    split as it will be served: the members' class probabilities averaged. Returns (best, history)
-    as for one model; the history holds each tail's epochs in turn, marked with its `member`."""
+    split as it will be served: the members' class probabilities averaged; with --refit (`refit`:
+    trainer.refit's record of the parts) each validation photo as the tail that did not train on
+    it answered it instead (trainer.refit.out_of_fold). Returns (best, history) as for one model;
+    the history holds each tail's epochs in turn, marked with its `member`."""
     args = session.args
     ensemble = build(args, tails=len(members), shared_blocks=args.frozen_blocks)
     wanted = ensemble.state_dict()
     state = {f"members.{i}.{name}": tensor for i, m in enumerate(members)
              for name, tensor in m["best"]["state_dict"].items() if f"members.{i}.{name}" in wanted}
     ensemble.load_state_dict(state)  # strict: every member's tail, and the front once
-    ensemble.to(session.device, memory_format=torch.channels_last)
-    val = evaluate(Tail(ensemble, args.frozen_blocks), session.val_loader, session.val_steps, session.place,
-                   session.dtype, args.head, args.decode, "none")
-    outputs = session.place.gathered(val.pop("outputs"))
     alone = ", ".join(f"{m['best']['metrics']['accuracy']:.4f}" for m in members)
-    session.place.log(f"tails: {len(members)} averaged, validation:accuracy={val['accuracy']:.4f} "
-                      f"validation:rmse={val['rmse']:.4f} (each alone: accuracy {alone})")
+    if refit:
+        val = out_of_fold(members, refit["parts_of"], session.place, args.decode)
+        outputs = val.pop("outputs")
+        session.place.log(f"tails: {len(members)} refit, out of fold validation:accuracy={val['accuracy']:.4f} "
+                          f"validation:rmse={val['rmse']:.4f} (each on its own part: accuracy {alone})")
+    else:
+        ensemble.to(session.device, memory_format=torch.channels_last)
+        val = evaluate(Tail(ensemble, args.frozen_blocks), session.val_loader, session.val_steps, session.place,
+                       session.dtype, args.head, args.decode, "none")
+        outputs = session.place.gathered(val.pop("outputs"))
+        session.place.log(f"tails: {len(members)} averaged, validation:accuracy={val['accuracy']:.4f} "
+                          f"validation:rmse={val['rmse']:.4f} (each alone: accuracy {alone})")
     best = {"epoch": [m["best"]["epoch"] for m in members], "accuracy": val["accuracy"], "metrics": val,
             "state_dict": state, "outputs": outputs}
+    if refit:
+        best["refit"] = {k: v for k, v in refit.items() if k != "parts_of"}
     return best, [{**entry, "member": index} for index, m in enumerate(members) for entry in m["history"]]
-
