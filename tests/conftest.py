@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def bin_photos(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_step_envs(tmp_path_factory):
+    """One folder of step environments for the whole run, shared by the parallel workers
+    (INVMON_ENVS): each test still has its own INVMON_HOME, but a step's requirements are
+    installed once per run, not once per home (a pip check of a second or more each)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "step-envs"
+    before = os.environ.get("INVMON_ENVS")
+    os.environ["INVMON_ENVS"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("INVMON_ENVS", None)
+    else:
+        os.environ["INVMON_ENVS"] = before
+
+
 @pytest.fixture
 def invmon_home(tmp_path, monkeypatch) -> Path:
     """An isolated INVMON_HOME (runs, registry, step environments, cache) for one test."""
@@ -91,6 +108,19 @@ def invmon_home(tmp_path, monkeypatch) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_data: needs the real ABID sample in ../shared/data")
+    share_the_cores_among_workers()
+
+
+def share_the_cores_among_workers() -> None:
+    """On parallel workers, give each worker's torch (and the jobs it starts) its share of the
+    cores, waiting passively: N workers of all-core OpenMP pools on these cores spin against each
+    other, which cost the suite about a tenth of its CPU time. Runs before any test imports torch;
+    a setting already in the environment wins, and tests of the thread defaults clear it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # The files that take longest start first. `make test` runs the files on parallel workers

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, import_script
+from pipeline.home import step_envs
 from pipeline.local.envs import StepEnvironmentError, python_for
 from pipeline.local.jobs import tar_model
 from test_train import FAST, TRAIN, write_split
@@ -31,9 +32,8 @@ DEBUGGER_REQUIREMENTS = ROOT / "scripts" / "train" / "requirements-debugger.txt"
 
 def training_environment() -> Path:
     """The training step's python (built once, cached like the runner's), or skip saying why."""
-    envs = Path(os.environ.get("INVMON_HOME", ROOT / ".invmon")) / "envs"
     try:
-        return python_for(DEBUGGER_REQUIREMENTS, envs)
+        return python_for(DEBUGGER_REQUIREMENTS, step_envs(Path(os.environ.get("INVMON_HOME", ROOT / ".invmon"))))
     except StepEnvironmentError as exc:
         pytest.skip(f"the training step environment (smdebug) cannot be built here: {str(exc)[-300:]}")
 

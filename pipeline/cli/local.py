@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.cli.conventions import add_json_option, add_recipe_option, checked_parameters, print_json
 from pipeline.cli.errors import CommandError, UsageError
-from pipeline.home import invmon_home
+from pipeline.home import invmon_home, step_envs
 from pipeline.registry.local import RegistryError
 
 LOG = logging.getLogger("invmon.local")
@@ -595,7 +595,7 @@ def cmd_monitor(args) -> int:
     out = Path(args.out).expanduser() if args.out else (
         invmon_home() / "monitor" / (name or label.replace("/", "-")) / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     try:
-        python = python_for(MONITOR.requirements, invmon_home() / "envs", log=LOG.info)
+        python = python_for(MONITOR.requirements, step_envs(), log=LOG.info)
     except StepEnvironmentError as exc:
         raise CommandError(str(exc)) from None
     command = [str(python), str(MONITOR.requirements.parent / "monitor.py"), "--capture", str(capture),

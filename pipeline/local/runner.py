@@ -28,6 +28,7 @@ from pipeline.alerts import notify
 from pipeline.dag.compile import Resolver, StepRequest, compile_dag, lower, parse_step_ref
 from pipeline.local import envs, jobs
 from pipeline.digests import tree_sha256
+from pipeline.home import step_envs
 from pipeline.local.cache import StepCache, cache_key, link_tree
 from pipeline.local.tuner import Tuner
 from steps.base import ContinuousRange, Dag, MetricDefinition
@@ -397,7 +398,7 @@ class LocalRun:
         requirements = code.requirements  # a script folder of its own (a test's toy DAG)
         if code.root == SCRIPTS:
             requirements = container_for(code.source_dir, debugger=debugger).requirements
-        return envs.python_for(requirements, self.home / "envs", log=lambda m: self.echo("env", m))
+        return envs.python_for(requirements, step_envs(self.home), log=lambda m: self.echo("env", m))
 
     # -- caching ---------------------------------------------------------------------------------
     def _cached(self, request: StepRequest, record: dict, settings: dict, inputs: dict[str, Path | None]) -> bool:
