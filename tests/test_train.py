@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from conftest import import_script
 from steps.base import stage_source
 from steps.train import CODE, METRICS
 from trainer import artifact, args as train_args, data as train_data, heads, optim
@@ -220,9 +221,7 @@ def test_hyperparameters_as_strings_and_json_quoted(tmp_path, data):
     assert hp["image_size"] == 32 and hp["arch"] == "resnet18"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args, env, message", [
-    (["--arch", "resnet7"], {}, "unknown architecture 'resnet7'"),
+BAD_INPUTS = [
     (["--lr", "fast"], {}, "argument --lr: expected a positive number, got 'fast'"),
     (["--batch_size", "0"], {}, "argument --batch_size: expected a positive integer"),
     (["--epoch", "3"], {}, "unknown hyperparameter(s): --epoch 3"),
@@ -231,21 +230,55 @@ def test_hyperparameters_as_strings_and_json_quoted(tmp_path, data):
     ([], {"SM_CHANNEL_TRAIN": "/nonexistent/train"}, "the train channel /nonexistent/train"),
     ([], {"SM_CHANNEL_TRAIN": "EMPTY"}, "holds no images"),
     (["--pretrained", "/nonexistent/w.pth"], {}, "--pretrained /nonexistent/w.pth: no such weights file"),
-])
-def test_bad_input_is_one_clear_line_without_traceback(tmp_path, data, args, env, message):
+]
+
+
+def bad_input_env(tmp_path: Path, env: dict) -> dict:
     if env.get("SM_CHANNEL_TRAIN") == "EMPTY":
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "manifest.csv").write_text("id,count\n")
         env = {"SM_CHANNEL_TRAIN": str(tmp_path / "empty")}
-    sm_output = tmp_path / "sm-output"
-    sm_output.mkdir()
-    done = run_train(tmp_path, data, *FAST, "--epochs", "1", "--checkpoint_dir", "none", *args,
-                     env={**env, "SM_OUTPUT_DIR": str(sm_output)}, expect_ok=False)
-    assert done.returncode != 0
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
-    assert message.split(":")[0] in (sm_output / "failure").read_text()  # SageMaker's FailureReason
+    (tmp_path / "sm-output").mkdir()
+    return {**env, "SM_OUTPUT_DIR": str(tmp_path / "sm-output")}
+
+
+def assert_refused(tmp_path: Path, message: str, stderr: str) -> None:
+    assert message in stderr
+    assert message.split(":")[0] in (tmp_path / "sm-output" / "failure").read_text()  # SageMaker's FailureReason
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_bad_input_ends_the_process_with_one_clear_line_without_traceback(tmp_path, data):
+    """The process contract, once: a non-zero exit, the message, no traceback."""
+    message = "unknown architecture 'resnet7'"
+    done = run_train(tmp_path, data, *FAST, "--epochs", "1", "--checkpoint_dir", "none", "--arch", "resnet7",
+                     env=bad_input_env(tmp_path, {}), expect_ok=False)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    assert_refused(tmp_path, message, done.stderr)
+
+
+@pytest.mark.parametrize("args, env, message", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(tmp_path, data, monkeypatch, capsys, args, env, message):
+    """Every other refusal through train.py's own main(), in this process (the same code path
+    as the process above, without paying for a torch import per case): exit status 2, the
+    message, and no exception escaping (an escaping one fails this test)."""
+    train = import_script("train", "train")
+    environ = {"SM_CHANNEL_TRAIN": str(data["train"]), "SM_CHANNEL_VALIDATION": str(data["validation"]),
+               "SM_MODEL_DIR": str(tmp_path / "model"), "SM_OUTPUT_DATA_DIR": str(tmp_path / "output"),
+               **bad_input_env(tmp_path, env)}
+    for name, value in environ.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    try:
+        status = train.main([*FAST, "--epochs", "1", "--checkpoint_dir", "none", *args])
+    except SystemExit as exc:  # argparse's refusals
+        status = exc.code
+    assert status == 2
+    assert_refused(tmp_path, message, capsys.readouterr().err)
 
 
 @pytest.mark.slow
