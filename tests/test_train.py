@@ -259,24 +259,30 @@ def test_bad_input_ends_the_process_with_one_clear_line_without_traceback(tmp_pa
     assert_refused(tmp_path, message, done.stderr)
 
 
-@pytest.mark.parametrize("args, env, message", BAD_INPUTS)
-def test_bad_input_is_one_clear_line(tmp_path, data, monkeypatch, capsys, args, env, message):
-    """Every other refusal through train.py's own main(), in this process (the same code path
-    as the process above, without paying for a torch import per case): exit status 2, the
-    message, and no exception escaping (an escaping one fails this test)."""
+def train_main(monkeypatch, tmp: Path, data: dict, *args: str, env: dict | None = None) -> int:
+    """train.py's own main() in this process, under run_train's SM_* environment (a None value
+    unsets a variable): its exit status. The refusals go through the same code path as in the
+    container's process without paying for a torch import each; an exception that escapes main()
+    fails the calling test."""
     train = import_script("train", "train")
     environ = {"SM_CHANNEL_TRAIN": str(data["train"]), "SM_CHANNEL_VALIDATION": str(data["validation"]),
-               "SM_MODEL_DIR": str(tmp_path / "model"), "SM_OUTPUT_DATA_DIR": str(tmp_path / "output"),
-               **bad_input_env(tmp_path, env)}
+               "SM_MODEL_DIR": str(tmp / "model"), "SM_OUTPUT_DATA_DIR": str(tmp / "output"), **(env or {})}
     for name, value in environ.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
     try:
-        status = train.main([*FAST, "--epochs", "1", "--checkpoint_dir", "none", *args])
+        return train.main(list(args))
     except SystemExit as exc:  # argparse's refusals
-        status = exc.code
+        return exc.code
+
+
+@pytest.mark.parametrize("args, env, message", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(tmp_path, data, monkeypatch, capsys, args, env, message):
+    """Every other refusal, through train.main in this process: exit status 2 and the message."""
+    status = train_main(monkeypatch, tmp_path, data, *FAST, "--epochs", "1", "--checkpoint_dir", "none", *args,
+                        env=bad_input_env(tmp_path, env))
     assert status == 2
     assert_refused(tmp_path, message, capsys.readouterr().err)
 
