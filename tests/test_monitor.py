@@ -9,6 +9,7 @@ container against an endpoint's capture and alerts drift.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -112,16 +113,32 @@ def windows(world):
     return made
 
 
-def monitor(world, capture: Path, out: Path, *extra, check: bool = True):
-    result = run(MONITOR, "--capture", capture, "--baseline", world["baseline"], "--output", out, *extra,
-                 "--permutations", 500, check=check)
+def in_process(main, *args) -> subprocess.CompletedProcess:
+    """A script's main() in this process, its output captured as run() captures a process's: the
+    same code without a process start (and its numpy, scipy and matplotlib imports) per call. An
+    exception that escapes main() fails the calling test, as a traceback would."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's refusals
+            status = exc.code
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
+def monitor(world, capture: Path, out: Path, *extra, check: bool = True, process: bool = False):
+    """monitor.py on a capture against the world's baseline; as a process when `process`."""
+    args = ["--capture", capture, "--baseline", world["baseline"], "--output", out, *extra, "--permutations", 500]
+    result = run(MONITOR, *args, check=check) if process else in_process(monitor_script.main, *args)
+    if check:
+        assert result.returncode == 0, result.stderr
     report = json.loads((out / "monitor.json").read_text()) if result.returncode == 0 else None
     return result, report
 
 
 @pytest.mark.slow
 def test_the_same_kind_of_photos_is_no_drift(world, windows, tmp_path):
-    result, report = monitor(world, windows["same"], tmp_path)
+    result, report = monitor(world, windows["same"], tmp_path, process=True)
     assert report["drift"] is False and report["drifted"] == []
     assert report["window"]["requests"] == 100 and report["window"]["by_source"] == {"local": 100}
     assert set(report["tests"]) == {"embeddings", "predicted_counts", "brightness", "contrast", "sharpness",
@@ -191,7 +208,7 @@ def test_sagemaker_capture_without_the_model_has_statistics_but_no_embedding_tes
 def test_a_capture_of_another_model_is_refused_in_one_line(world, tmp_path):
     other = make_artifact(tmp_path / "other", seed=4, image_size=64, model_id="another-model")
     serve(other, [p.read_bytes() for p in world["window"][:5]], tmp_path / "capture", version="bin-count/2")
-    result, _ = monitor(world, tmp_path / "capture", tmp_path / "out", check=False)
+    result, _ = monitor(world, tmp_path / "capture", tmp_path / "out", check=False, process=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "monitor: error: refused: 5 of the 5 captured requests were answered by model another-model, not by the "
@@ -231,24 +248,19 @@ def test_the_window_is_bounded_by_since_and_until(world, windows, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_input_gets_one_line(world, windows, tmp_path, capsys):
+def test_bad_input_gets_one_line(world, windows, tmp_path):
     cases = {
         "no such file or folder": ("--capture", tmp_path / "nowhere"),
         "not a baseline.json": ("--baseline", world["root"] / "evaluation" / "evaluation.json"),
         "neither an ISO 8601 time nor a duration": ("--since", "yesterday"),
         "--alpha 2.0 refused": ("--alpha", "2"),
     }
-    for i, (expected, (flag, value)) in enumerate(cases.items()):
+    for expected, (flag, value) in cases.items():
         args = {"--capture": windows["same"], "--baseline": world["baseline"], "--output": tmp_path, flag: value}
         argv = [str(x) for pair in args.items() for x in pair]
-        if i == 0:  # as the container runs it: exit status 2, one line, no traceback
-            result = run(MONITOR, *argv, check=False)
-            status, stderr = result.returncode, result.stderr
-            assert "Traceback" not in stderr, stderr
-        else:  # the same main(), in this process (an escaping exception fails the test)
-            status, stderr = monitor_script.main(argv), capsys.readouterr().err
-        assert status == 2, stderr
-        lines = stderr.strip().splitlines()
+        result = in_process(monitor_script.main, *argv)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], lines
     torn = tmp_path / "torn"
     torn.mkdir()
