@@ -20,10 +20,12 @@ import torch
 from PIL import Image, ImageFilter
 
 from conftest import ROOT, import_script, make_artifact
+from in_process import run_main
 
 inference = import_script("inference", "inference")
 photos = import_script("inference", "photos")
 baseline_module = import_script("evaluate", "baseline")
+evaluate = import_script("evaluate", "evaluate")
 
 EVALUATE = ROOT / "scripts" / "evaluate" / "evaluate.py"
 
@@ -216,9 +218,9 @@ def test_the_image_statistics_are_of_every_photo_as_received_not_the_resized_cop
                     "--manifest", "", "--resize", "48", "--statistics-side", "64", "--workers", "1"],
                    check=True, capture_output=True, timeout=300)
     artifact = make_artifact(tmp_path / "model", seed=3, image_size=64, model_id="baseline-model")
-    subprocess.run([sys.executable, str(EVALUATE), "--model", str(artifact), "--test", str(tmp_path / "data" / "test"),
-                    "--data-report", str(tmp_path / "data" / "report"), "--output", str(tmp_path / "out"),
-                    "--corruptions", "none"], check=True, capture_output=True, timeout=300)
+    run_main(evaluate.main, "--model", artifact, "--test", tmp_path / "data" / "test",
+             "--data-report", tmp_path / "data" / "report", "--output", tmp_path / "out", "--corruptions", "none",
+             check=True)
     baseline = json.loads((tmp_path / "out" / "baseline.json").read_text())
     stats = baseline["image_statistics"]
     originals = sorted(source.glob("*/*.jpg"))
@@ -231,9 +233,9 @@ def test_the_image_statistics_are_of_every_photo_as_received_not_the_resized_cop
     assert min(stats["values"]["width"]) > 48 and min(stats["values"]["height"]) > 48  # not the 48 px copies
 
     # Measured at another side than the model's: not comparable, so the test split's, with why.
-    subprocess.run([sys.executable, str(EVALUATE), "--model", str(make_artifact(tmp_path / "other", seed=3, image_size=32)),
-                    "--test", str(tmp_path / "data" / "test"), "--data-report", str(tmp_path / "data" / "report"),
-                    "--output", str(tmp_path / "out32"), "--corruptions", "none"], check=True, capture_output=True, timeout=300)
+    run_main(evaluate.main, "--model", make_artifact(tmp_path / "other", seed=3, image_size=32),
+             "--test", tmp_path / "data" / "test", "--data-report", tmp_path / "data" / "report",
+             "--output", tmp_path / "out32", "--corruptions", "none", check=True)
     other = json.loads((tmp_path / "out32" / "baseline.json").read_text())
     assert other["image_statistics"]["from"] == "the test split"
     assert any("at 64 px, the model sees 32 px" in note for note in other["notes"])
@@ -242,9 +244,8 @@ def test_the_image_statistics_are_of_every_photo_as_received_not_the_resized_cop
 @pytest.mark.slow
 def test_the_baseline_does_not_depend_on_the_batch_size(evaluated, test_split, tmp_path):
     root, artifact, baseline, _ = evaluated
-    subprocess.run([sys.executable, str(EVALUATE), "--model", str(artifact), "--test", str(test_split),
-                    "--output", str(tmp_path), "--corruptions", "none", "--batch-size", "32"],
-                   check=True, capture_output=True, timeout=300)
+    run_main(evaluate.main, "--model", artifact, "--test", test_split, "--output", tmp_path,
+             "--corruptions", "none", "--batch-size", "32", check=True)
     again = json.loads((tmp_path / "baseline.json").read_text())
     assert again["predicted_counts"] == baseline["predicted_counts"]
     assert again["image_statistics"] == baseline["image_statistics"]

@@ -9,7 +9,6 @@ container against an endpoint's capture and alerts drift.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import shutil
@@ -23,6 +22,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from conftest import ROOT, import_script, make_artifact
+from in_process import run_main
 from pipeline.cli import main
 from pipeline.registry.local import BASELINE_PROPERTY, open_registry
 from pipeline.serving.endpoint import ServingSettings, create_app
@@ -113,23 +113,10 @@ def windows(world):
     return made
 
 
-def in_process(main, *args) -> subprocess.CompletedProcess:
-    """A script's main() in this process, its output captured as run() captures a process's: the
-    same code without a process start (and its numpy, scipy and matplotlib imports) per call. An
-    exception that escapes main() fails the calling test, as a traceback would."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse's refusals
-            status = exc.code
-    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
-
-
 def monitor(world, capture: Path, out: Path, *extra, check: bool = True, process: bool = False):
     """monitor.py on a capture against the world's baseline; as a process when `process`."""
     args = ["--capture", capture, "--baseline", world["baseline"], "--output", out, *extra, "--permutations", 500]
-    result = run(MONITOR, *args, check=check) if process else in_process(monitor_script.main, *args)
+    result = run(MONITOR, *args, check=check) if process else run_main(monitor_script.main, *args)
     if check:
         assert result.returncode == 0, result.stderr
     report = json.loads((out / "monitor.json").read_text()) if result.returncode == 0 else None
@@ -258,7 +245,7 @@ def test_bad_input_gets_one_line(world, windows, tmp_path):
     for expected, (flag, value) in cases.items():
         args = {"--capture": windows["same"], "--baseline": world["baseline"], "--output": tmp_path, flag: value}
         argv = [str(x) for pair in args.items() for x in pair]
-        result = in_process(monitor_script.main, *argv)
+        result = run_main(monitor_script.main, *argv)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], lines

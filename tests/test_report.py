@@ -14,10 +14,12 @@ import pytest
 from pipeline.local.jobs import tar_model
 
 import chromium
-from conftest import ROOT
+from conftest import ROOT, import_script
+from in_process import run_main
 from test_train import FAST, run_train, write_split
 
 EVALUATE = ROOT / "scripts" / "evaluate" / "evaluate.py"
+evaluate_script = import_script("evaluate", "evaluate")
 SECTIONS = ("Headline", "Per class", "Confusion matrix", "Loss curves", "Debugger rules", "Robustness",
             "Data", "Test photos")
 
@@ -123,10 +125,8 @@ def test_rule_verdicts_are_in_the_report_and_in_evaluation_json(report, run):
 def report_of(model_dir: Path, test: Path, out: Path) -> str:
     """Evaluate the artifact packed from `model_dir` without corruptions; the report's HTML."""
     tar_model(model_dir, out.with_suffix(".tar.gz"))
-    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(out.with_suffix(".tar.gz")), "--test",
-                           str(test), "--output", str(out), "--corruptions", "none"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    run_main(evaluate_script.main, "--model", out.with_suffix(".tar.gz"), "--test", test, "--output", out,
+             "--corruptions", "none", check=True)
     return (out / "report.html").read_text()
 
 
