@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, make_artifact
+from conftest import ROOT, import_script, make_artifact
+from in_process import run_main
 from steps.evaluate import ACCURACY_PATH
 
 SCRIPT = ROOT / "scripts" / "evaluate" / "evaluate.py"
@@ -22,9 +23,13 @@ PER_CLASS = 3
 CORRUPTIONS = ("blur", "noise", "low_light", "jpeg")
 
 
-def run_evaluate(*args, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
+def run_evaluate(*args, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+    """evaluate.py as its container runs it (a process) when `process`, else its main() here."""
+    if process:
+        result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
+                                capture_output=True, text=True, timeout=300)
+    else:
+        result = run_main(import_script("evaluate", "evaluate").main, *args)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -63,7 +68,7 @@ def test_split(tmp_path_factory, bin_photos) -> Path:
 def evaluated(model_dir, test_split, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluation")
     result = run_evaluate("--model", model_dir, "--test", test_split, "--output", out,
-                          "--batch-size", 4, "--seed", 5)
+                          "--batch-size", 4, "--seed", 5, process=True)
     report = json.loads((out / "evaluation.json").read_text())
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
@@ -178,7 +183,7 @@ def test_corruptions_are_deterministic_and_independent_of_batch_size(evaluated, 
 
 def test_missing_model_or_test_set_fails_with_a_clear_message(tmp_path, test_split, tiny_artifact):
     missing = run_evaluate("--model", tmp_path / "nope", "--test", test_split,
-                           "--output", tmp_path / "out", check=False)
+                           "--output", tmp_path / "out", check=False, process=True)
     assert missing.returncode != 0
     assert "--model" in missing.stderr and "nope" in missing.stderr
     assert "Traceback" not in missing.stderr
