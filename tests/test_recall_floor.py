@@ -127,10 +127,10 @@ def test_train_fits_the_cuts_and_the_artifact_serves_them(tmp_path, squares):  #
 
 
 @pytest.mark.slow
-def test_recall_floor_needs_mean_decoding(tmp_path, squares, monkeypatch, capsys):  # noqa: F811
+def test_recall_floor_needs_mean_decoding(tmp_path, squares, monkeypatch):  # noqa: F811
     median = [a if a != "mean" else "median" for a in ARGS]
-    assert train_main(monkeypatch, tmp_path, squares, *median, "--recall_floor", "0.2") == 2
-    assert "--recall_floor: moves the cuts of --decode mean, not median" in capsys.readouterr().err
+    done = train_main(monkeypatch, tmp_path, squares, *median, "--recall_floor", "0.2")
+    assert done.returncode == 2 and "--recall_floor: moves the cuts of --decode mean, not median" in done.stderr
     values = defaults("real")
     assert values["RecallFloor"] == 0.2
     check_combination(values)

@@ -110,7 +110,7 @@ def test_two_tails_train_serve_and_resume(tmp_path, squares):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_tails_need_a_front_to_share(tmp_path, squares, monkeypatch, capsys):  # noqa: F811
+def test_tails_need_a_front_to_share(tmp_path, squares, monkeypatch):  # noqa: F811
     no_front = [a for a in ARGS if a not in ("--frozen_blocks", str(LAST2))]
-    assert train_main(monkeypatch, tmp_path, squares, *no_front, "--tails", "2") == 2
-    assert "--tails: 2 tails need a front to share: give --frozen_blocks" in capsys.readouterr().err
+    done = train_main(monkeypatch, tmp_path, squares, *no_front, "--tails", "2")
+    assert done.returncode == 2 and "--tails: 2 tails need a front to share: give --frozen_blocks" in done.stderr

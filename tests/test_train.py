@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import import_script
+from in_process import run_main
 from steps.base import stage_source
 from steps.train import CODE, METRICS
 from trainer import artifact, args as train_args, data as train_data, heads, optim
@@ -180,8 +181,16 @@ def test_pretrained_auto_without_network_trains_from_scratch_and_says_so(trained
 
 
 @pytest.mark.slow
-def test_resume_continues_at_the_next_epoch(tmp_path, data):
-    ckpt = ["--checkpoint_dir", str(tmp_path / "ckpt")]
+def test_resume_continues_at_the_next_epoch(tmp_path, data, monkeypatch):
+    """Four jobs on one checkpoint folder, through train.main in this process (the checkpoint
+    logic; test_train_distributed.py restarts a process killed mid-epoch)."""
+    ckpt = ["--checkpoint_dir", str(tmp_path / "ckpt"), "--workers", "0"]
+
+    def run_train(tmp, data, *args):
+        done = train_main(monkeypatch, tmp, data, *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
     first = run_train(tmp_path, data, *FAST, "--pretrained", "none", "--epochs", "1", *ckpt)
     assert "epoch=1/1" in first.stdout and (tmp_path / "ckpt" / "checkpoint.pth").is_file()
     # The job is restarted with more epochs (a stopped job restarts with the same ones).
@@ -259,32 +268,30 @@ def test_bad_input_ends_the_process_with_one_clear_line_without_traceback(tmp_pa
     assert_refused(tmp_path, message, done.stderr)
 
 
-def train_main(monkeypatch, tmp: Path, data: dict, *args: str, env: dict | None = None) -> int:
+def train_main(monkeypatch, tmp: Path, data: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """train.py's own main() in this process, under run_train's SM_* environment (a None value
-    unsets a variable): its exit status. The refusals go through the same code path as in the
-    container's process without paying for a torch import each; an exception that escapes main()
-    fails the calling test."""
-    train = import_script("train", "train")
+    unsets a variable), its output captured as run_train captures the process's. The same code
+    path as the container's process without a torch import each time; an exception that escapes
+    main() fails the calling test. Give it `--workers 0` where it trains: no worker processes
+    forked from the test process."""
     environ = {"SM_CHANNEL_TRAIN": str(data["train"]), "SM_CHANNEL_VALIDATION": str(data["validation"]),
-               "SM_MODEL_DIR": str(tmp / "model"), "SM_OUTPUT_DATA_DIR": str(tmp / "output"), **(env or {})}
+               "SM_MODEL_DIR": str(tmp / "model"), "SM_OUTPUT_DATA_DIR": str(tmp / "output"),
+               "TORCH_HOME": str(tmp / "torch-home"), **(env or {})}
     for name, value in environ.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    try:
-        return train.main(list(args))
-    except SystemExit as exc:  # argparse's refusals
-        return exc.code
+    return run_main(import_script("train", "train").main, *args)
 
 
 @pytest.mark.parametrize("args, env, message", BAD_INPUTS)
-def test_bad_input_is_one_clear_line(tmp_path, data, monkeypatch, capsys, args, env, message):
+def test_bad_input_is_one_clear_line(tmp_path, data, monkeypatch, args, env, message):
     """Every other refusal, through train.main in this process: exit status 2 and the message."""
-    status = train_main(monkeypatch, tmp_path, data, *FAST, "--epochs", "1", "--checkpoint_dir", "none", *args,
-                        env=bad_input_env(tmp_path, env))
-    assert status == 2
-    assert_refused(tmp_path, message, capsys.readouterr().err)
+    done = train_main(monkeypatch, tmp_path, data, *FAST, "--epochs", "1", "--checkpoint_dir", "none", *args,
+                      env=bad_input_env(tmp_path, env))
+    assert done.returncode == 2
+    assert_refused(tmp_path, message, done.stderr)
 
 
 @pytest.mark.slow
