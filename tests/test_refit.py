@@ -79,6 +79,8 @@ def test_refit_needs_two_tails():
     with pytest.raises(ValueError, match="Refit=true needs Tails of 2 or more"):
         check_combination(values)
     check_combination({**values, "Tails": 2})
+    assert defaults("real")["Refit"] == "true" and defaults("real")["Tails"] == 2
+    assert defaults("local")["Refit"] == "false" and defaults("full")["Refit"] == "false"
 
 
 @pytest.fixture(scope="module")
