@@ -153,3 +153,22 @@ def test_without_refit_the_tails_learn_from_the_training_split_alone(tmp_path, s
     assert config["hyperparameters"]["refit"] is False
     assert config["train_images"] == len(ids(split["train"]))
     assert config["validation"]["images"] == len(ids(split["validation"]))
+
+
+@pytest.mark.slow
+def test_a_restarted_refit_resumes_each_tail_and_a_run_without_it_does_not(tmp_path, split):
+    env = {"INVMON_FEATURE_CACHE": str(tmp_path / "cache")}
+    args = [*ARGS, "--epochs", "1", "--tails", "2", "--refit", "true", "--checkpoint_dir", str(tmp_path / "ckpt")]
+    run_train(tmp_path / "first", split, *args, env=env)
+    again = run_train(tmp_path / "again", split, *args, env=env)
+    assert "checkpoint already holds all 1 epochs of tail 1" in again.stdout
+    assert "tail 2| checkpoint already holds all 1 epochs of tail 2" in again.stdout
+    first, repeated = (json.loads((tmp_path / run / "model" / "model_config.json").read_text())
+                       for run in ("first", "again"))
+    assert repeated["weights_sha256"] == first["weights_sha256"] and repeated["validation"] == first["validation"]
+
+    # The same checkpoints hold tails that learnt from validation photos: a job without refit starts over.
+    plain = [a for a in args if a not in ("--refit", "true")]
+    off = run_train(tmp_path / "off", split, *plain, env=env)
+    assert "belongs to another configuration (refit, train_images differ)" in off.stdout
+    assert "epoch=1/1" in off.stdout
