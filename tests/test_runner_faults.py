@@ -179,3 +179,29 @@ def test_resume_never_signals_a_process_it_did_not_start(fault):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_job_about_to_start_when_the_stop_comes_never_starts(tmp_path):
+    """Ctrl-C while a tuner's thread is starting a trial: stop_all has signalled every job it saw,
+    so the trial it did not see must not start at all (the stopped runner would wait for it)."""
+    from pipeline.local import jobs
+    from steps.base import Code
+
+    (tmp_path / "job").mkdir()
+    marker = tmp_path / "ran"
+    (tmp_path / "job" / "job.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    code = Code("job", "job.py", root=tmp_path)
+
+    def start(name: str):
+        (tmp_path / name).mkdir()
+        return jobs.run_script(Path(sys.executable), code, tmp_path / name, [], {}, tmp_path / name / "log.txt")
+
+    try:
+        jobs.stop_all(grace_s=0)
+        with pytest.raises(jobs.JobNotStarted, match="job.py was not started: the run is stopping"):
+            start("refused")
+        assert not marker.exists()
+    finally:
+        jobs.accept_jobs()
+    start("accepted")  # the next run starts jobs again
+    assert marker.exists()

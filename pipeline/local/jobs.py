@@ -39,6 +39,18 @@ class JobTimedOut(JobFailed):
 # the runner (Ctrl-C, SIGTERM) ends every one of them, trials included, before anything waits.
 _LIVE: dict[int, str] = {}
 _LIVE_LOCK = threading.Lock()
+# Set by stop_all: a job that a tuner's thread was about to start when the stop came (after
+# stop_all had looked at _LIVE) must not start at all, or the stopped runner would wait for it.
+_STOPPING = threading.Event()
+
+
+class JobNotStarted(JobFailed):
+    """A stop came before the job's process started; it never ran."""
+
+
+def accept_jobs() -> None:
+    """A new run starts jobs again after an earlier stop in this process."""
+    _STOPPING.clear()
 
 
 def live_process_groups() -> dict[int, str]:
@@ -47,8 +59,11 @@ def live_process_groups() -> dict[int, str]:
 
 
 def stop_all(sig: int = signal.SIGTERM, grace_s: float = 5.0) -> None:
-    """Signal every live job's process group, then SIGKILL what is left after `grace_s`."""
-    groups = live_process_groups()
+    """Signal every live job's process group, then SIGKILL what is left after `grace_s`; no new
+    job starts until accept_jobs()."""
+    with _LIVE_LOCK:
+        _STOPPING.set()
+        groups = dict(_LIVE)
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
@@ -136,12 +151,14 @@ def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: di
     # whenever anything else shares the cores, e.g. a tuning trial beside the runner.
     full_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [str(python), "-u", code.entry_point, *args], cwd=code_dir, env=full_env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            start_new_session=True,  # so a stop reaches the script's DataLoader workers too
-        )
-        with _LIVE_LOCK:
+        with _LIVE_LOCK:  # started and registered at once: stop_all sees it, or it never starts
+            if _STOPPING.is_set():
+                raise JobNotStarted(f"{code.entry_point} was not started: the run is stopping")
+            proc = subprocess.Popen(
+                [str(python), "-u", code.entry_point, *args], cwd=code_dir, env=full_env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                start_new_session=True,  # so a stop reaches the script's DataLoader workers too
+            )
             _LIVE[proc.pid] = code.entry_point
         if on_start:
             on_start(proc.pid, identity(proc.pid) or 0.0)

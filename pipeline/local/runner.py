@@ -182,6 +182,7 @@ class LocalRun:
     def _stop_on_signals(self):
         """Ctrl-C and SIGTERM stop every running job's whole process tree (trials included)
         before anything waits on them; the run is then recorded as Stopped."""
+        jobs.accept_jobs()  # an earlier run's stop in this process stopped job starts
         if threading.current_thread() is not threading.main_thread():
             yield
             return
