@@ -208,9 +208,10 @@ def test_resume_continues_at_the_next_epoch(tmp_path, data, monkeypatch):
 
 
 @pytest.mark.slow
-def test_trial_mode_uses_a_stratified_fraction(tmp_path, data):
-    done = run_train(tmp_path, data, *FAST, "--epochs", "1", "--data_fraction", "0.5", "--max_batches", "1",
-                     "--checkpoint_dir", "none", "--pretrained", "none")
+def test_trial_mode_uses_a_stratified_fraction(tmp_path, data, monkeypatch):
+    done = train_main(monkeypatch, tmp_path, data, *FAST, "--epochs", "1", "--data_fraction", "0.5",
+                      "--max_batches", "1", "--checkpoint_dir", "none", "--pretrained", "none", "--workers", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "keeps 20 of 40 training images" in done.stdout
     assert "train 20 (1:4 2:4 3:4 4:4 5:4)" in done.stdout
     config = json.loads((tmp_path / "model" / "model_config.json").read_text())
@@ -218,12 +219,13 @@ def test_trial_mode_uses_a_stratified_fraction(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_hyperparameters_as_strings_and_json_quoted(tmp_path, data):
+def test_hyperparameters_as_strings_and_json_quoted(tmp_path, data, monkeypatch):
     # What SageMaker hands over: dashes or underscores, JSON-quoted categoricals, its own extras.
-    done = run_train(tmp_path, data, "--arch", '"resnet18"', "--image-size", "32", "--batch-size", '"16"',
-                     "--lr", '"0.01"', "--epochs", "1.0", "--augment", '"off"', "--max_batches", "1",
-                     "--checkpoint_dir", "none", "--pretrained", "none",
-                     "--_tuning_objective_metric", "validation:accuracy")
+    done = train_main(monkeypatch, tmp_path, data, "--arch", '"resnet18"', "--image-size", "32",
+                      "--batch-size", '"16"', "--lr", '"0.01"', "--epochs", "1.0", "--augment", '"off"',
+                      "--max_batches", "1", "--checkpoint_dir", "none", "--pretrained", "none", "--workers", "0",
+                      "--_tuning_objective_metric", "validation:accuracy")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert "ignoring SageMaker's own hyperparameters: _tuning_objective_metric" in done.stdout
     hp = json.loads((tmp_path / "model" / "model_config.json").read_text())["hyperparameters"]
     assert hp["batch_size"] == 16 and hp["lr"] == 0.01 and hp["epochs"] == 1 and hp["augment"] == 0.0
