@@ -11,13 +11,14 @@ STAMP := $(VENV)/.installed
 # machines pip takes them from disk, where uv would download the CUDA build. Everything else comes
 # through uv, which resolves and installs in parallel (a quarter of pip's time here), keeps the
 # installed torch, and byte-compiles what it installs (where PYTHONDONTWRITEBYTECODE is set, nothing
-# else would, and every process would compile botocore and the SageMaker SDK again).
+# else would, and every process would compile botocore and the SageMaker SDK again). --system-certs: the
+# machine's certificates, as pip uses (uv's own list does not know every network's).
 TORCH_PINS = $(shell $(PYTHON) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(" ".join(d for d in deps if re.match(r"torch(vision)?==", d)))')
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PINS) uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[test]'
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS) uv==0.13.9
+	$(BIN)/uv pip install --quiet --system-certs --python $(BIN)/python --compile-bytecode -e '.[test]'
 	$(BIN)/python -c "$$STEP_CODE_PTH"
 	touch $(STAMP)
 

@@ -72,7 +72,8 @@ def environment(python: Path, version: str) -> Path:
     # uv where the project's environment has it (`make env` installs it): in parallel, a fraction of
     # pip's time; byte-compiled, as pip does, for the runs with PYTHONDONTWRITEBYTECODE set.
     uv = Path(sys.executable).with_name("uv")
-    install = ([str(uv), "pip", "install", "--quiet", "--compile-bytecode", "--python", str(building / "bin" / "python")]
+    install = ([str(uv), "pip", "install", "--quiet", "--system-certs", "--compile-bytecode",
+                "--python", str(building / "bin" / "python")]
                if uv.is_file() else
                [str(building / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
     done = subprocess.run([*install, *PACKAGES], capture_output=True, text=True)
