@@ -31,12 +31,12 @@ ARCH_PACKAGE = "efficientnet_lite_pytorch"
 # Run in the clean interpreter: argv = model.tar.gz, then photos. Prints the answers and where
 # every module that was loaded for the architecture came from.
 LOAD = r'''
-import importlib.util, json, sys, tarfile, tempfile
+import importlib.util, json, os, sys, tarfile, tempfile
 from pathlib import Path
 
 for name in ("efficientnet_lite_pytorch", "sagemaker_inference", "pipeline", "fastapi", "yaml"):
     assert importlib.util.find_spec(name) is None, f"{name} is importable: the environment is not clean"
-model_dir = Path(tempfile.mkdtemp(prefix="opt-ml-model-"))
+model_dir = Path(tempfile.mkdtemp(prefix="opt-ml-model-", dir=os.getcwd()))  # the test's folder, removed with it
 with tarfile.open(sys.argv[1]) as tar:
     tar.extractall(model_dir, filter="data")
 sys.path.insert(0, str(model_dir / "code"))  # what the toolkit does (PYTHONPATH=/opt/ml/model/code)

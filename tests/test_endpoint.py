@@ -7,6 +7,7 @@ on 127.0.0.1, where bad input must still get a JSON 4xx and never a 5xx.
 from __future__ import annotations
 
 import io
+import os
 import random
 import shutil
 import socket
@@ -325,3 +326,24 @@ def predict_fn(data, model):
             assert not pending.done()
             release.touch()
             assert pending.result().status_code == 200
+
+
+def test_a_killed_servers_extracted_artifact_is_removed_by_the_next_one(tmp_path, tiny_artifact):
+    """A server killed outright leaves its extracted artifact in the temp folder; loading a
+    model removes the folders of servers that are gone, never a live one's."""
+    import subprocess
+    import sys
+
+    from pipeline.serving import endpoint
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f"{endpoint.WORKDIR_PREFIX}{gone}-abc"
+    live = tmp_path / f"{endpoint.WORKDIR_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{endpoint.WORKDIR_PREFIX}not-a-pid"
+    for folder in (stale, live, other):
+        (folder / "code").mkdir(parents=True)
+    assert endpoint.remove_stale_workdirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
+    loaded = endpoint.load_model(tiny_artifact)
+    assert Path(loaded.workdir.name).name.startswith(f"{endpoint.WORKDIR_PREFIX}{os.getpid()}-")

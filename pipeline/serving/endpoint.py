@@ -29,6 +29,8 @@ import asyncio
 import importlib.util
 import json
 import logging
+import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -231,6 +233,33 @@ class LoadedModel:
         return self.render(prediction, accept)
 
 
+# An extracted artifact lives as long as its server; a server killed outright (SIGKILL, the OOM
+# killer) leaves it behind, so the next one removes the folders of servers that are gone.
+WORKDIR_PREFIX = "invmon-endpoint-"
+
+
+def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
+    """Remove `<tmp>/invmon-endpoint-<pid>-*` folders whose server process no longer exists."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = folder.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def load_model(artifact: str | Path, model_version: str | None = None) -> LoadedModel:
     """Extract (if needed) and load an artifact: model.tar.gz, a folder holding it, or an
     already extracted artifact folder (with code/inference.py)."""
@@ -243,7 +272,8 @@ def load_model(artifact: str | Path, model_version: str | None = None) -> Loaded
         if not tarball.is_file():
             raise ArtifactError(f"no model artifact at {artifact} "
                                 "(expected model.tar.gz or a folder holding it)")
-        workdir = tempfile.TemporaryDirectory(prefix="invmon-endpoint-")
+        remove_stale_workdirs()
+        workdir = tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
         model_dir = Path(workdir.name)
         _safe_extract(tarball, model_dir)
     inference = _import_inference(model_dir / "code")
