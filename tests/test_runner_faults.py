@@ -205,3 +205,33 @@ def test_a_job_about_to_start_when_the_stop_comes_never_starts(tmp_path):
         jobs.accept_jobs()
     start("accepted")  # the next run starts jobs again
     assert marker.exists()
+
+
+def test_a_job_that_starts_while_the_stop_runs_is_ended_at_once(tmp_path, monkeypatch):
+    """The stop lands between the job's process start and its registration: the job ends it
+    itself instead of running on unseen."""
+    from pipeline.local import jobs
+    from steps.base import Code
+
+    (tmp_path / "job").mkdir()
+    marker = tmp_path / "ran"
+    (tmp_path / "job" / "job.py").write_text(f"import time\ntime.sleep(30)\nopen({str(marker)!r}, 'w').close()\n")
+    real_popen = subprocess.Popen
+    started = []
+
+    def popen_then_stop(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        jobs.stop_all(grace_s=0)  # as the signal handler would, before the job is registered
+        return proc
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen_then_stop)
+    begun = time.monotonic()
+    try:
+        with pytest.raises(jobs.JobNotStarted, match="job.py was stopped as it started"):
+            jobs.run_script(Path(sys.executable), Code("job", "job.py", root=tmp_path), tmp_path / "w", [], {},
+                            tmp_path / "log.txt")
+    finally:
+        jobs.accept_jobs()
+    assert time.monotonic() - begun < 20 and started[0].poll() is not None and not marker.exists()
+    assert started[0].pid not in jobs.live_process_groups()

@@ -38,7 +38,7 @@ class JobTimedOut(JobFailed):
 # Process groups of the jobs running now (a tuner runs several at once, from threads): a stop of
 # the runner (Ctrl-C, SIGTERM) ends every one of them, trials included, before anything waits.
 _LIVE: dict[int, str] = {}
-_LIVE_LOCK = threading.Lock()
+_LIVE_LOCK = threading.RLock()  # re-entrant: stop_all also runs in a signal handler of the main thread
 # Set by stop_all: a job that a tuner's thread was about to start when the stop came (after
 # stop_all had looked at _LIVE) must not start at all, or the stopped runner would wait for it.
 _STOPPING = threading.Event()
@@ -151,15 +151,23 @@ def run_script(python: Path, code: Code, workdir: Path, args: list[str], env: di
     # whenever anything else shares the cores, e.g. a tuning trial beside the runner.
     full_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "w") as log:
-        with _LIVE_LOCK:  # started and registered at once: stop_all sees it, or it never starts
-            if _STOPPING.is_set():
-                raise JobNotStarted(f"{code.entry_point} was not started: the run is stopping")
-            proc = subprocess.Popen(
-                [str(python), "-u", code.entry_point, *args], cwd=code_dir, env=full_env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                start_new_session=True,  # so a stop reaches the script's DataLoader workers too
-            )
+        if _STOPPING.is_set():
+            raise JobNotStarted(f"{code.entry_point} was not started: the run is stopping")
+        proc = subprocess.Popen(
+            [str(python), "-u", code.entry_point, *args], cwd=code_dir, env=full_env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True,  # so a stop reaches the script's DataLoader workers too
+        )
+        with _LIVE_LOCK:  # stop_all either sees this job, or stopped before it was registered
             _LIVE[proc.pid] = code.entry_point
+            stopping = _STOPPING.is_set()
+        if stopping:  # the stop came while it was starting: end it here, it never ran its course
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            with _LIVE_LOCK:
+                _LIVE.pop(proc.pid, None)
+            raise JobNotStarted(f"{code.entry_point} was stopped as it started: the run is stopping")
         if on_start:
             on_start(proc.pid, identity(proc.pid) or 0.0)
         timer = None
