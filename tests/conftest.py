@@ -114,8 +114,9 @@ def pytest_configure(config):
 def share_the_cores_among_workers() -> None:
     """On parallel workers, give each worker's torch (and the jobs it starts) its share of the
     cores, waiting passively: N workers of all-core OpenMP pools on these cores spin against each
-    other, which cost the suite about a tenth of its CPU time. Runs before any test imports torch;
-    a setting already in the environment wins, and tests of the thread defaults clear it."""
+    other (a training test and a monitor test took 12% less CPU with one thread each). Runs before
+    any test imports torch; a setting already in the environment wins, and tests of the thread
+    defaults clear it."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         cores = len(os.sched_getaffinity(0))
