@@ -343,7 +343,10 @@ def test_a_killed_servers_extracted_artifact_is_removed_by_the_next_one(tmp_path
     other = tmp_path / f"{endpoint.WORKDIR_PREFIX}not-a-pid"
     for folder in (stale, live, other):
         (folder / "code").mkdir(parents=True)
+    kept = tmp_path / "kept"  # a link named like a dead server's folder: never followed
+    (kept / "code").mkdir(parents=True)
+    (tmp_path / f"{endpoint.WORKDIR_PREFIX}{gone}-link").symlink_to(kept)
     assert endpoint.remove_stale_workdirs(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and other.exists() and (kept / "code").is_dir()
     loaded = endpoint.load_model(tiny_artifact)
     assert Path(loaded.workdir.name).name.startswith(f"{endpoint.WORKDIR_PREFIX}{os.getpid()}-")

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tarfile
 import tempfile
@@ -44,6 +45,7 @@ from pathlib import Path, PurePosixPath
 from types import ModuleType
 
 import httpx
+import psutil
 from fastapi import FastAPI, Request
 from PIL import Image
 from fastapi.exceptions import RequestValidationError
@@ -239,25 +241,19 @@ WORKDIR_PREFIX = "invmon-endpoint-"
 
 
 def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
-    """Remove `<tmp>/invmon-endpoint-<pid>-*` folders whose server process no longer exists."""
+    """Remove `<tmp>/invmon-endpoint-<pid>-*` folders of ours whose server process no longer
+    exists (never a link, nor another user's folder in a shared /tmp)."""
     removed = []
     for folder in Path(root or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
         pid = folder.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def load_model(artifact: str | Path, model_version: str | None = None) -> LoadedModel:
