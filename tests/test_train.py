@@ -66,10 +66,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
             "validation": write_split(root / "validation", 4, seed=2)}
 
 
-def run_train(tmp: Path, data: dict, *args: str, script: Path = TRAIN, env: dict | None = None,
-              expect_ok: bool = True) -> subprocess.CompletedProcess:
-    environ = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SM_")},
+def job_environment(tmp: Path, data: dict) -> dict[str, str]:
+    """The SM_* environment a training job gets, writing under `tmp`."""
+    return {
         "SM_CHANNEL_TRAIN": str(data["train"]),
         "SM_CHANNEL_VALIDATION": str(data["validation"]),
         "SM_MODEL_DIR": str(tmp / "model"),
@@ -78,8 +77,13 @@ def run_train(tmp: Path, data: dict, *args: str, script: Path = TRAIN, env: dict
         "TORCH_HOME": str(tmp / "torch-home"),
         "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
         "no_proxy": "", "NO_PROXY": "",
-        **(env or {}),
     }
+
+
+def run_train(tmp: Path, data: dict, *args: str, script: Path = TRAIN, env: dict | None = None,
+              expect_ok: bool = True) -> subprocess.CompletedProcess:
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith("SM_")},
+               **job_environment(tmp, data), **(env or {})}
     environ = {k: v for k, v in environ.items() if v is not None}
     done = subprocess.run([sys.executable, str(script), *args], env=environ, capture_output=True,
                           text=True, timeout=300)
@@ -186,24 +190,24 @@ def test_resume_continues_at_the_next_epoch(tmp_path, data, monkeypatch):
     logic; test_train_distributed.py restarts a process killed mid-epoch)."""
     ckpt = ["--checkpoint_dir", str(tmp_path / "ckpt"), "--workers", "0"]
 
-    def run_train(tmp, data, *args):
-        done = train_main(monkeypatch, tmp, data, *args)
+    def job(*args):
+        done = train_main(monkeypatch, tmp_path, data, *args)
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
-    first = run_train(tmp_path, data, *FAST, "--pretrained", "none", "--epochs", "1", *ckpt)
+    first = job(*FAST, "--pretrained", "none", "--epochs", "1", *ckpt)
     assert "epoch=1/1" in first.stdout and (tmp_path / "ckpt" / "checkpoint.pth").is_file()
     # The job is restarted with more epochs (a stopped job restarts with the same ones).
-    second = run_train(tmp_path, data, *FAST, "--pretrained", "none", "--epochs", "2", *ckpt)
+    second = job(*FAST, "--pretrained", "none", "--epochs", "2", *ckpt)
     assert "resuming from checkpoint" in second.stdout and "continuing at epoch 2" in second.stdout
     assert "epoch=1/" not in second.stdout and "epoch=2/2" in second.stdout
     history = json.loads((tmp_path / "output" / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
     # A finished job restarted (e.g. killed while uploading) writes the model without training.
-    third = run_train(tmp_path, data, *FAST, "--pretrained", "none", "--epochs", "2", *ckpt)
+    third = job(*FAST, "--pretrained", "none", "--epochs", "2", *ckpt)
     assert "epoch=" not in third.stdout.replace("best_epoch=", "") and "holds all 2 epochs" in third.stdout
     # Another configuration in the same directory is not resumed.
-    other = run_train(tmp_path, data, *FAST, "--pretrained", "none", "--epochs", "1", "--seed", "5", *ckpt)
+    other = job(*FAST, "--pretrained", "none", "--epochs", "1", "--seed", "5", *ckpt)
     assert "another configuration (seed differ)" in other.stdout and "epoch=1/1" in other.stdout
 
 
@@ -276,10 +280,7 @@ def train_main(monkeypatch, tmp: Path, data: dict, *args: str, env: dict | None 
     path as the container's process without a torch import each time; an exception that escapes
     main() fails the calling test. Give it `--workers 0` where it trains: no worker processes
     forked from the test process."""
-    environ = {"SM_CHANNEL_TRAIN": str(data["train"]), "SM_CHANNEL_VALIDATION": str(data["validation"]),
-               "SM_MODEL_DIR": str(tmp / "model"), "SM_OUTPUT_DATA_DIR": str(tmp / "output"),
-               "TORCH_HOME": str(tmp / "torch-home"), **(env or {})}
-    for name, value in environ.items():
+    for name, value in {**job_environment(tmp, data), **(env or {})}.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
