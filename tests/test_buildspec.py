@@ -94,21 +94,21 @@ def test_tests_run_before_anything_touches_aws():
 
 
 def test_the_report_cache_and_summary_are_declared():
-    """The JUnit file the tests write is the one the report group reads; pip's download cache
-    (where `make env` installs from, and the directory pip is told to use) is kept; post_build
-    prints the build's time and the execution."""
+    """The JUnit file the tests write is the one the report group reads; uv's and pip's download
+    caches (where `make env` installs from, and the directories they are told to use) are kept;
+    post_build prints the build's time and the execution."""
     spec = load_spec()
     (args,) = [pytest_arguments(c) for c in spec["phases"]["build"]["commands"] if pytest_arguments(c) is not None]
     (junit,) = [a.split("=", 1)[1] for a in args if a.startswith("--junitxml=")]
     (group,) = spec["reports"].values()
     assert group["file-format"] == "JUNITXML"
     assert f"{group['base-directory']}/{group['files'][0]}" == junit
-    cache = spec["env"]["variables"]["PIP_CACHE_DIR"]
-    assert spec["cache"]["paths"] == [f"{cache}/**/*"]
+    caches = [spec["env"]["variables"][name] for name in ("PIP_CACHE_DIR", "UV_CACHE_DIR")]
+    assert spec["cache"]["paths"] == [f"{cache}/**/*" for cache in caches]
     # -B: the recipe as a fresh machine runs it, even where this checkout's environment is built.
     plan = subprocess.run(["make", "-n", "-B", "env", "PYTHON=python3.11"], cwd=ROOT, capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin"})
-    assert "pip install" in plan.stdout and "--no-cache-dir" not in plan.stdout
+    assert "uv pip install" in plan.stdout and "--no-cache" not in plan.stdout
     summary = " ".join(spec["phases"]["post_build"]["commands"])
     assert "CODEBUILD_START_TIME" in summary and "pipeline execution" in summary
 
