@@ -252,3 +252,24 @@ def test_train_uses_the_debugger_container_only_when_enabled(invmon_home, monkey
     run.python(CODE, debugger=True)
     run.python(CODE)
     assert asked == ["requirements-debugger.txt", "requirements.txt"]
+
+
+def test_the_runner_counts_gpus_without_importing_torch_where_there_is_no_driver(monkeypatch):
+    """SM_NUM_GPUS comes from torch only where an NVIDIA driver is installed: importing torch costs
+    every `invmon run` 1-2 s of CPU, and a machine without the driver has no GPU to count."""
+    import subprocess
+    import sys
+
+    from pipeline.local import jobs
+
+    code = ("import json, sys; from pipeline.local import jobs; jobs.nvidia_driver_present = lambda: False; "
+            "env = jobs.training_env({}, '/m', '/o', 'job', {}); "
+            "print(json.dumps([env['SM_NUM_GPUS'], 'torch' in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == ["0", False]
+    # Where there is a driver, torch counts (a stand-in torch here, which says 3).
+    fake = type(sys)("torch")
+    fake.cuda = type("cuda", (), {"device_count": staticmethod(lambda: 3)})
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    monkeypatch.setattr(jobs, "nvidia_driver_present", lambda: True)
+    assert jobs.training_env({}, Path("/m"), Path("/o"), "job", {})["SM_NUM_GPUS"] == "3"

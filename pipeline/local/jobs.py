@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,21 +251,33 @@ def link_input(source: Path | None, destination: Path) -> None:
         (destination / source.name).symlink_to(source.resolve())
 
 
-def training_env(channels: dict[str, Path], model_dir: Path, output_dir: Path, job_name: str,
-                 hyperparameters: dict[str, str]) -> dict[str, str]:
-    """The SM_* variables the SageMaker training toolkit sets for the script."""
+def nvidia_driver_present() -> bool:
+    return Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi") is not None
+
+
+def visible_gpus() -> int:
+    """How many GPUs a job started here sees. torch is asked only where an NVIDIA driver is
+    installed: importing it costs the runner 1-2 s of CPU per run, and a machine without the
+    driver has no GPU to count."""
+    if not nvidia_driver_present():
+        return 0
     try:
         import torch
 
-        gpus = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no torch, no GPUs
-        gpus = 0
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - a driver without torch, or a broken one: no GPUs to use
+        return 0
+
+
+def training_env(channels: dict[str, Path], model_dir: Path, output_dir: Path, job_name: str,
+                 hyperparameters: dict[str, str]) -> dict[str, str]:
+    """The SM_* variables the SageMaker training toolkit sets for the script."""
     env = {
         "SM_MODEL_DIR": str(model_dir),
         "SM_OUTPUT_DATA_DIR": str(output_dir),
         "SM_HOSTS": json.dumps(["algo-1"]),
         "SM_CURRENT_HOST": "algo-1",
-        "SM_NUM_GPUS": str(gpus),
+        "SM_NUM_GPUS": str(visible_gpus()),
         "SM_CHANNELS": json.dumps(sorted(channels)),
         "SM_HPS": json.dumps(hyperparameters),
         "TRAINING_JOB_NAME": job_name,
