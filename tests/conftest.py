@@ -25,7 +25,7 @@ def import_script(folder: str, module: str):
     return imported
 
 
-def make_artifact(dest: Path, arch: str = "resnet18", image_size: int = 32, seed: int = 0,
+def make_artifact(dest: Path, arch: str = "efficientnet_lite0", image_size: int = 32, seed: int = 0,
                   model_id: str = "test-model") -> Path:
     """Write a real (randomly initialised) model artifact, as train.py lays it out.
 

@@ -173,7 +173,7 @@ def test_evaluate_writes_the_baseline_beside_evaluation_json(evaluated, test_spl
         rows = list(csv.DictReader(f))
     predicted = [int(r["prediction"]) for r in rows]
     assert baseline["predicted_counts"] == {str(c): predicted.count(c) for c in range(1, 6)}
-    assert "wrote" in stdout and "baseline.json: 30 photos, embeddings 512-d" in stdout
+    assert "wrote" in stdout and "baseline.json: 30 photos, embeddings 1280-d" in stdout
 
     # The image statistics: those of each scored photo, decoded by the serving rule, in order.
     stats = baseline["image_statistics"]
@@ -188,14 +188,14 @@ def test_evaluate_writes_the_baseline_beside_evaluation_json(evaluated, test_spl
     images = [inference.input_fn((test_split / r["path"]).read_bytes(), "image/jpeg") for r in rows]
     _, embeddings = inference.predict_and_embed(images, model)
     summary = baseline["embeddings"]
-    assert summary["dimension"] == 512 and summary["sample_size"] == 15
+    assert summary["dimension"] == 1280 and summary["sample_size"] == 15
     # Half the photos are the reference, the other half fitted the PCA: never the same photos.
     reference = summary["sample_index"]
     fit = sorted(set(range(30)) - set(reference))
     assert len(reference) == 15 and summary["projection"]["fitted_on"] == 15
     mean = baseline_module.decode_array(summary["projection"]["mean"])
     directions = baseline_module.decode_array(summary["projection"]["directions"])
-    assert directions.shape == (14, 512)  # at most one fewer than the photos it is fitted on
+    assert directions.shape == (14, 1280)  # at most one fewer than the photos it is fitted on
     np.testing.assert_allclose(directions @ directions.T, np.eye(len(directions)), atol=1e-4)
     np.testing.assert_allclose(mean, embeddings[fit].mean(0), rtol=1e-4, atol=1e-5)
     projected = (embeddings - mean) @ directions.T

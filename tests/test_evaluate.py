@@ -37,10 +37,11 @@ def run_evaluate(*args, check: bool = True, process: bool = False) -> subprocess
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A real artifact whose random init gives varied counts on ABID photos (seed 3), so that
-    comparing predictions means something; tiny_artifact (seed 0) answers 2 for everything."""
+    """A real artifact whose random init gives varied counts on ABID photos (a ResNet-18, seed 3),
+    so that comparing predictions means something; a randomly initialised EfficientNet answers one
+    count for everything."""
     dest = tmp_path_factory.mktemp("eval-artifact")
-    make_artifact(dest, seed=3, model_id="seeded-model")
+    make_artifact(dest, arch="resnet18", seed=3, model_id="seeded-model")
     return dest
 
 

