@@ -4,10 +4,18 @@
     invmon run --recipe real --data build/locked/rest                 # the recipe sees the rest only
     invmon predict build/locked/locked --out build/locked/counts.csv  # its staging model, on the locked part
     python benchmarks/locked_split.py score build/locked/counts.csv
+    python benchmarks/locked_split.py compare A.csv B.csv [A2.csv B2.csv ...]   # B minus A, paired
+    python benchmarks/locked_split.py predict MODEL.tar.gz --tta flips --out B.csv  # a serving setting changed
 
 The split is pipeline/data/locked.py's (20% of each count, by a seeded hash of the photo id).
 `score` reads the count of each photo from its folder name and prints accuracy and RMSE with 95%
 bootstrap intervals (2,000 resamples over photos, seed 0) and the accuracy of each count.
+`compare` scores two recipes on the same photos: for each pair of CSVs (A's answers, then B's, say
+one seed's runs without and with a change), B minus A in accuracy and RMSE with 95% intervals from
+the same resamples of the photos for both, the photos only one of them got right, and with two or
+more pairs the mean difference over the pairs (each resample drawn once for every pair).
+`predict` answers the locked part with a registered artifact's own code, as a bulk CSV, with its
+model_config.json's serving settings changed (`--tta`): a setting tried without training again.
 """
 from __future__ import annotations
 
@@ -40,6 +48,73 @@ def score(rows: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
             "per_count": {str(c): round(float(right[truth == c].mean()), 4) for c in sorted(set(truth))}}
 
 
+def answers(rows: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(photos as <count>/<file>, true counts, answers), in that order; an error answers 0 (wrong;
+    scored as 3). Photos are named by their last two parts: CSVs written from another folder pair."""
+    named = sorted((f"{Path(r['path']).parent.name}/{Path(r['path']).name}", r) for r in rows)
+    truth = np.array([int(name.split("/")[0]) for name, _ in named])
+    return [n for n, _ in named], truth, np.array([int(r["count"]) if r["count"] else 0 for _, r in named])
+
+
+def compare(pairs: list[tuple[list[dict], list[dict]]], resamples: int = 2000, seed: int = 0) -> dict:
+    """B minus A for each (A rows, B rows) pair, paired on the same photos, and their mean."""
+    loaded = [(answers(a), answers(b)) for a, b in pairs]
+    paths, truth, _ = loaded[0][0]
+    for (pa, _, _), (pb, _, _) in loaded:
+        if pa != paths or pb != paths:
+            raise ValueError("every CSV must answer the same photos")
+    idx = np.random.default_rng(seed).integers(0, len(paths), (resamples, len(paths)))
+    squared = lambda given: (np.where(given > 0, given, 3) - truth) ** 2.0  # noqa: E731
+    interval = lambda samples: [round(float(q), 4) for q in np.quantile(samples, [0.025, 0.975])]  # noqa: E731
+    differences, per_pair = [], []
+    for (_, _, a), (_, _, b) in loaded:
+        right_a, right_b = (a == truth).astype(float), (b == truth).astype(float)
+        accuracy = right_b[idx].mean(1) - right_a[idx].mean(1)
+        rmse = np.sqrt(squared(b)[idx].mean(1)) - np.sqrt(squared(a)[idx].mean(1))
+        differences.append((accuracy, rmse))
+        per_pair.append({"accuracy": round(float(right_b.mean() - right_a.mean()), 4),
+                         "accuracy_interval": interval(accuracy),
+                         "rmse": round(float(np.sqrt(squared(b).mean()) - np.sqrt(squared(a).mean())), 4),
+                         "rmse_interval": interval(rmse),
+                         "only_a_right": int(np.sum((right_a == 1) & (right_b == 0))),
+                         "only_b_right": int(np.sum((right_b == 1) & (right_a == 0)))})
+    result = {"photos": len(paths), "pairs": per_pair}
+    if len(pairs) > 1:
+        mean_accuracy, mean_rmse = (np.mean([d[k] for d in differences], axis=0) for k in (0, 1))
+        result["mean"] = {"accuracy": round(float(np.mean([p["accuracy"] for p in per_pair])), 4),
+                          "accuracy_interval": interval(mean_accuracy),
+                          "rmse": round(float(np.mean([p["rmse"] for p in per_pair])), 4),
+                          "rmse_interval": interval(mean_rmse)}
+    return result
+
+
+def read(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def predict(artifact: Path, photos: list[Path], settings: dict, batch: int = 16) -> list[dict]:
+    """Bulk-CSV rows for `photos` from the artifact's own inference.py, its config updated with `settings`."""
+    import importlib.util
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        with tarfile.open(artifact) as tar:
+            tar.extractall(folder, filter="data")
+        spec = importlib.util.spec_from_file_location("locked_inference", Path(folder, "code", "inference.py"))
+        served = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(served)
+        model = served.model_fn(folder)
+        model["config"].update(settings)
+        rows = []
+        for start in range(0, len(photos), batch):
+            chunk = photos[start:start + batch]
+            answers = served.predict_fn([served.input_fn(p.read_bytes(), "image/jpeg") for p in chunk], model)
+            rows += [{"path": str(p), "count": str(a["count"])} for p, a in zip(chunk, answers)]
+        return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,7 +123,36 @@ def main() -> int:
     make.add_argument("--out", type=Path, default=ROOT / "build" / "locked")
     scored = commands.add_parser("score", help="accuracy, RMSE and per-count accuracy of a bulk CSV")
     scored.add_argument("csv", type=Path)
+    compared = commands.add_parser("compare", help="B minus A on the same photos, for pairs of bulk CSVs")
+    compared.add_argument("csvs", type=Path, nargs="+", metavar="A.csv B.csv")
+    predicted = commands.add_parser("predict", help="a bulk CSV of the locked part from an artifact, a setting changed")
+    predicted.add_argument("artifact", type=Path)
+    predicted.add_argument("--photos", type=Path, default=ROOT / "build" / "locked" / "locked")
+    predicted.add_argument("--tta", choices=("none", "flips"), required=True)
+    predicted.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.command == "predict":
+        photos = sorted(args.photos.glob("*/*.jpg"))
+        if not photos:
+            print(f"locked_split: no <count>/*.jpg photos under {args.photos}", file=sys.stderr)
+            return 1
+        rows = predict(args.artifact, photos, {"tta": args.tta})
+        with open(args.out, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "count"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(json.dumps(score(rows), indent=1))
+        return 0
+    if args.command == "compare":
+        if len(args.csvs) % 2:
+            parser.error("compare takes pairs of CSVs: A.csv B.csv [A2.csv B2.csv ...]")
+        try:
+            paired = [(read(a), read(b)) for a, b in zip(args.csvs[::2], args.csvs[1::2])]
+            print(json.dumps(compare(paired), indent=1))
+        except (OSError, KeyError, ValueError) as exc:
+            print(f"locked_split: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "split":
         try:
             print(json.dumps(locked.write(args.data, args.out)))
@@ -56,8 +160,7 @@ def main() -> int:
             print(f"locked_split: {exc}", file=sys.stderr)
             return 1
         return 0
-    with open(args.csv, newline="") as handle:
-        print(json.dumps(score(list(csv.DictReader(handle))), indent=1))
+    print(json.dumps(score(read(args.csv)), indent=1))
     return 0
 
 

@@ -82,6 +82,58 @@ def test_the_score_of_a_bulk_csv(tmp_path):
     assert low <= 0.5 <= high and high - low > 0.2  # six photos: a wide interval
 
 
+def test_two_recipes_compared_on_the_same_photos(tmp_path):
+    compare = benchmark("locked_split").compare
+    truth = [1, 2, 3, 4, 5, 5, 3, 2]
+    rows = lambda given, order=1: [{"path": f"/x/{t}/{i}.jpg", "count": str(g)}  # noqa: E731
+                                   for i, (t, g) in list(enumerate(zip(truth, given)))[::order]]
+    a = rows([1, 2, 3, 3, 3, 3, 3, 3])  # 4 right
+    b = rows([1, 2, 3, 4, 5, 4, 1, 2], order=-1)  # 6 right, listed in another order: paired by photo
+    result = compare([(a, b), (a, a)])
+    first, same = result["pairs"]
+    assert result["photos"] == 8
+    assert first["accuracy"] == pytest.approx(2 / 8) and (first["only_a_right"], first["only_b_right"]) == (1, 3)
+    low, high = first["accuracy_interval"]
+    assert low <= 2 / 8 <= high
+    assert same == {"accuracy": 0.0, "accuracy_interval": [0.0, 0.0], "rmse": 0.0, "rmse_interval": [0.0, 0.0],
+                    "only_a_right": 0, "only_b_right": 0}
+    assert result["mean"]["accuracy"] == pytest.approx(1 / 8)
+    # Different photos cannot be paired; the command says so in one line.
+    (tmp_path / "a.csv").write_text("path,count\n/x/1/0.jpg,1\n")
+    (tmp_path / "b.csv").write_text("path,count\n/x/1/1.jpg,1\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), "compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == "locked_split: every CSV must answer the same photos\n"
+    odd = subprocess.run([sys.executable, str(SCRIPT), "compare", str(tmp_path / "a.csv")], capture_output=True, text=True)
+    assert odd.returncode == 2 and "compare takes pairs of CSVs" in odd.stderr
+
+
+def test_a_serving_setting_tried_on_the_locked_part_without_training(tmp_path):
+    """predict: the artifact's own code answers every photo, with flip TTA as asked, as a bulk CSV."""
+    from conftest import make_artifact
+    from serving_testing import bin_photo
+
+    artifact = make_artifact(tmp_path / "model", image_size=32)
+    for count in (1, 4):
+        (tmp_path / "locked" / str(count)).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "locked" / str(count) / f"{count}{i}.jpg").write_bytes(bin_photo(count * 10 + i))
+    scored = {}
+    for tta in ("none", "flips"):
+        out = tmp_path / f"{tta}.csv"
+        done = subprocess.run([sys.executable, str(SCRIPT), "predict", str(artifact), "--photos", str(tmp_path / "locked"),
+                               "--tta", tta, "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        rows = out.read_text().splitlines()
+        assert rows[0] == "path,count" and len(rows) == 7
+        assert all(r.split(",")[1] in {"1", "2", "3", "4", "5"} for r in rows[1:])
+        scored[tta] = json.loads(done.stdout)
+    assert scored["none"]["photos"] == scored["flips"]["photos"] == 6
+    empty = subprocess.run([sys.executable, str(SCRIPT), "predict", str(artifact), "--photos", str(tmp_path / "nothing"),
+                            "--tta", "none", "--out", str(tmp_path / "x.csv")], capture_output=True, text=True)
+    assert empty.returncode == 1 and "no <count>/*.jpg photos under" in empty.stderr
+
+
 @pytest.mark.real_data
 def test_the_real_samples_locked_part(abid_sample, tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "split", "--data", str(abid_sample), "--out",
