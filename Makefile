@@ -40,8 +40,10 @@ run: $(STAMP)
 	$(BIN)/invmon run $(ARGS)
 
 # The whole suite on every core: one test file per worker at a time (its module fixtures built
-# once), the longest files first (tests/conftest.py LONGEST_FIRST, kept in that order).
-WORKERS ?= auto
+# once), the longest files first (tests/conftest.py LONGEST_FIRST, kept in that order). One worker
+# more than the cores: while a test waits on a server, TorchServe's Java or a slow client, another
+# uses its core (docs/benchmarks.md: on 2 cores, 3 workers took 6 min 43 s where 2 took 7 min 16 s).
+WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)')
 PARALLEL := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PARALLEL) $(ARGS)
