@@ -14,7 +14,7 @@ import pytest
 from pipeline.serving.endpoint import ServingSettings
 from pipeline.serving.http_server import Draining, graceful_timeout_s, uvicorn_config
 from serving_testing import ServerProcess, bin_photo
-from test_serving_server import JPEG, Held, wait_log
+from test_serving_server import JPEG, Held, wait_load, wait_log
 
 
 @pytest.mark.slow
@@ -27,6 +27,7 @@ def test_sigterm_during_a_long_batch_finishes_it_and_answers_no_5xx(tmp_path):
             in_flight = [pool.submit(http.post, "/invocations", content=bin_photo(i), headers=JPEG)
                          for i in range(2)]
             held.wait_calls(1)  # the forward pass is under way (and held)
+            wait_load(http, in_flight=2)  # and the second request admitted (a later one would get 503)
             server.process.send_signal(signal.SIGTERM)
             wait_log(server, "shutting down: finishing the requests in progress")
             time.sleep(6.0)  # past uvicorn's default 5 s, which answered these with a plain 500
