@@ -1,8 +1,8 @@
 """The whole pipeline through the `invmon` command line, on a tiny synthetic dataset.
 
-Real scripts, real models (a ResNet-18 at 32 px), real registry and serving code; only the
-sizes are small. Then the gate's other branch: an impossible threshold fails the run with a
-message naming the metric and the threshold, and registers nothing.
+Real scripts, real models (EfficientNet-Lite0 at 32 px, every profile's arch), real registry and
+serving code; only the sizes are small. Then the gate's other branch: an impossible threshold
+fails the run with a message naming the metric and the threshold, and registers nothing.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from pipeline.data import synth
 
 # The whole network trained (the local profile's frozen-backbone path has its own tests).
-TINY = ["Arch=resnet18", "FreezeBackbone=false", "ImageSize=32", "ResizeShortSide=40", "TuningMaxJobs=2",
+TINY = ["Arch=efficientnet_lite0", "FreezeBackbone=false", "ImageSize=32", "ResizeShortSide=40", "TuningMaxJobs=2",
         "TrialDataFraction=0.5", "TrialEpochs=3", "Epochs=2", "TuneLrMin=0.02", "TuneLrMax=0.05"]
 
 
