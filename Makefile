@@ -6,21 +6,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test check bench bench-ingest bench-serve bench-drift gpu-carry env clean deploy-function
 
-# The environment is built once and rebuilt when pyproject.toml changes, all through uv, which
-# installs in parallel and keeps what is installed. First torch and torchvision (their pins, read
-# from pyproject.toml), also from the package indexes pip is configured with: a machine may keep
-# those wheels on disk, and uv does not read pip's configuration (a URL there may carry a token, so
-# it goes through the environment, never the echoed command). Then the project and the rest.
+# The environment is built once and rebuilt when pyproject.toml changes, by one uv call, which
+# resolves, downloads, installs and byte-compiles in parallel: torch and torchvision at their pins
+# (read from pyproject.toml), the project and the rest. uv also looks in the package indexes pip is
+# configured with, as pip would (a machine may keep the torch wheels there, on disk), and, as pip
+# does, takes the best version from any index; uv does not read pip's configuration itself, and a
+# URL there may carry a token, so it goes through the environment, never the echoed command.
 # --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set, nothing else would, and every process
 # would compile torch, botocore and the SageMaker SDK again. --system-certs: the machine's
 # certificates, as pip uses (uv's own list does not know every network's).
 TORCH_PINS = $(shell $(PYTHON) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(" ".join(d for d in deps if re.match(r"torch(vision)?==", d)))')
-UV_INSTALL = $(BIN)/uv pip install --quiet --system-certs --compile-bytecode --python $(BIN)/python
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet uv==0.13.9
-	UV_EXTRA_INDEX_URL="$$($(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)" $(UV_INSTALL) $(TORCH_PINS)
-	$(UV_INSTALL) -e '.[test]'
+	UV_EXTRA_INDEX_URL="$$($(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)" \
+	    $(BIN)/uv pip install --quiet --system-certs --compile-bytecode --index-strategy unsafe-best-match \
+	    --python $(BIN)/python $(TORCH_PINS) -e '.[test]'
 	$(BIN)/python -c "$$STEP_CODE_PTH"
 	touch $(STAMP)
 
