@@ -43,7 +43,7 @@ run: $(STAMP)
 # The whole suite on every core: one test file per worker at a time (its module fixtures built
 # once), the longest files first (tests/conftest.py LONGEST_FIRST, kept in that order). One worker
 # more than the cores: while a test waits on a server, TorchServe's Java or a slow client, another
-# uses its core (docs/benchmarks.md: on 2 cores, 3 workers took 6 min 43 s where 2 took 7 min 16 s).
+# uses its core (docs/benchmarks.md: on 2 cores, 3 workers took 7 min 9 s where 2 took 7 min 21 s).
 WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)')
 PARALLEL := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
