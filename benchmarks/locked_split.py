@@ -32,15 +32,30 @@ from pipeline.data import locked
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def truth_and_answers(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The count of each row's photo (its folder's name) and the count answered; an error
+    answers 0, which is never right."""
+    return (np.array([int(Path(r["path"]).parent.name) for r in rows]),
+            np.array([int(r["count"]) if r["count"] else 0 for r in rows]))
+
+
+def squared_errors(answered: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each answer's squared error, an error (0) scored as the middle count, 3."""
+    return ((np.where(answered > 0, answered, 3) - truth) ** 2).astype(float)
+
+
+def interval(samples: np.ndarray) -> list[float]:
+    """The 95% interval of bootstrap samples."""
+    return [round(float(q), 4) for q in np.quantile(samples, [0.025, 0.975])]
+
+
 def score(rows: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
     """Accuracy, RMSE (each with a 95% bootstrap interval) and per-count accuracy of bulk CSV rows
     whose path is .../<count>/<id>.jpg. A row with an error counts as a wrong answer."""
-    truth = np.array([int(Path(r["path"]).parent.name) for r in rows])
-    answered = np.array([int(r["count"]) if r["count"] else 0 for r in rows])
+    truth, answered = truth_and_answers(rows)
     right = (answered == truth).astype(float)
-    squared = ((np.where(answered > 0, answered, 3) - truth) ** 2).astype(float)
+    squared = squared_errors(answered, truth)
     idx = np.random.default_rng(seed).integers(0, len(rows), (resamples, len(rows)))
-    interval = lambda samples: [round(float(q), 4) for q in np.quantile(samples, [0.025, 0.975])]  # noqa: E731
     return {"photos": len(rows), "errors": int(np.sum(answered == 0)),
             "accuracy": round(float(right.mean()), 4), "accuracy_interval": interval(right[idx].mean(axis=1)),
             "rmse": round(float(np.sqrt(squared.mean())), 4),
@@ -49,11 +64,10 @@ def score(rows: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
 
 
 def answers(rows: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(photos as <count>/<file>, true counts, answers), in that order; an error answers 0 (wrong;
-    scored as 3). Photos are named by their last two parts: CSVs written from another folder pair."""
+    """(photos as <count>/<file>, true counts, answers), in that order. Photos are named by their
+    last two parts, so CSVs written from another folder pair."""
     named = sorted((f"{Path(r['path']).parent.name}/{Path(r['path']).name}", r) for r in rows)
-    truth = np.array([int(name.split("/")[0]) for name, _ in named])
-    return [n for n, _ in named], truth, np.array([int(r["count"]) if r["count"] else 0 for _, r in named])
+    return ([name for name, _ in named], *truth_and_answers([r for _, r in named]))
 
 
 def compare(pairs: list[tuple[list[dict], list[dict]]], resamples: int = 2000, seed: int = 0) -> dict:
@@ -64,17 +78,16 @@ def compare(pairs: list[tuple[list[dict], list[dict]]], resamples: int = 2000, s
         if pa != paths or pb != paths:
             raise ValueError("every CSV must answer the same photos")
     idx = np.random.default_rng(seed).integers(0, len(paths), (resamples, len(paths)))
-    squared = lambda given: (np.where(given > 0, given, 3) - truth) ** 2.0  # noqa: E731
-    interval = lambda samples: [round(float(q), 4) for q in np.quantile(samples, [0.025, 0.975])]  # noqa: E731
     differences, per_pair = [], []
     for (_, _, a), (_, _, b) in loaded:
         right_a, right_b = (a == truth).astype(float), (b == truth).astype(float)
+        squared_a, squared_b = squared_errors(a, truth), squared_errors(b, truth)
         accuracy = right_b[idx].mean(1) - right_a[idx].mean(1)
-        rmse = np.sqrt(squared(b)[idx].mean(1)) - np.sqrt(squared(a)[idx].mean(1))
+        rmse = np.sqrt(squared_b[idx].mean(1)) - np.sqrt(squared_a[idx].mean(1))
         differences.append((accuracy, rmse))
         per_pair.append({"accuracy": round(float(right_b.mean() - right_a.mean()), 4),
                          "accuracy_interval": interval(accuracy),
-                         "rmse": round(float(np.sqrt(squared(b).mean()) - np.sqrt(squared(a).mean())), 4),
+                         "rmse": round(float(np.sqrt(squared_b.mean()) - np.sqrt(squared_a.mean())), 4),
                          "rmse_interval": interval(rmse),
                          "only_a_right": int(np.sum((right_a == 1) & (right_b == 0))),
                          "only_b_right": int(np.sum((right_b == 1) & (right_a == 0)))})
@@ -94,25 +107,18 @@ def read(path: Path) -> list[dict]:
 
 
 def predict(artifact: Path, photos: list[Path], settings: dict, batch: int = 16) -> list[dict]:
-    """Bulk-CSV rows for `photos` from the artifact's own inference.py, its config updated with `settings`."""
-    import importlib.util
-    import tarfile
-    import tempfile
+    """Bulk-CSV rows for `photos` from the artifact's own serving code, loaded as the local
+    endpoint loads it, its model_config.json's settings updated with `settings`."""
+    from pipeline.serving.endpoint import load_model
 
-    with tempfile.TemporaryDirectory() as folder:
-        with tarfile.open(artifact) as tar:
-            tar.extractall(folder, filter="data")
-        spec = importlib.util.spec_from_file_location("locked_inference", Path(folder, "code", "inference.py"))
-        served = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(served)
-        model = served.model_fn(folder)
-        model["config"].update(settings)
-        rows = []
-        for start in range(0, len(photos), batch):
-            chunk = photos[start:start + batch]
-            answers = served.predict_fn([served.input_fn(p.read_bytes(), "image/jpeg") for p in chunk], model)
-            rows += [{"path": str(p), "count": str(a["count"])} for p, a in zip(chunk, answers)]
-        return rows
+    loaded = load_model(artifact)
+    loaded.model["config"].update(settings)
+    served, rows = loaded.inference, []
+    for start in range(0, len(photos), batch):
+        chunk = photos[start:start + batch]
+        counted = served.predict_fn([served.input_fn(p.read_bytes(), "image/jpeg") for p in chunk], loaded.model)
+        rows += [{"path": str(p), "count": str(a["count"])} for p, a in zip(chunk, counted)]
+    return rows
 
 
 def main() -> int:
