@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, install_command
 from steps import images
 
 PYTHONS = sorted({c.image.python_version for c in images.CONTAINERS}
@@ -69,14 +69,7 @@ def environment(python: Path, version: str) -> Path:
     building = env.with_name(f"{env.name}.building-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
     subprocess.run([str(python), "-m", "venv", str(building)], check=True, capture_output=True)
-    # uv where the project's environment has it (`make env` installs it): in parallel, a fraction of
-    # pip's time; byte-compiled, as pip does, for the runs with PYTHONDONTWRITEBYTECODE set.
-    uv = Path(sys.executable).with_name("uv")
-    install = ([str(uv), "pip", "install", "--quiet", "--system-certs", "--compile-bytecode",
-                "--python", str(building / "bin" / "python")]
-               if uv.is_file() else
-               [str(building / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-    done = subprocess.run([*install, *PACKAGES], capture_output=True, text=True)
+    done = subprocess.run([*install_command(building / "bin" / "python"), *PACKAGES], capture_output=True, text=True)
     if done.returncode != 0:
         shutil.rmtree(building, ignore_errors=True)
         raise AssertionError(f"the Python {version} test environment could not be built: "

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 
+from conftest import install_command
 from serving_image import link_serving_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,11 +98,7 @@ def toolkit_python() -> tuple[Path, float]:
         site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                    check=True, capture_output=True, text=True).stdout.strip())
         (site / "serving-image.pth").write_text(f"{image}\n")
-        # uv where the project's environment has it (`make env` installs it): 8 s against pip's 14 here.
-        uv = Path(sys.executable).with_name("uv")
-        install = ([str(uv), "pip", "install", "--quiet", "--system-certs", "--compile-bytecode", "--python", str(python)]
-                   if uv.is_file() else [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-        done = subprocess.run([*install, *TOOLKIT], capture_output=True, text=True)
+        done = subprocess.run([*install_command(python), *TOOLKIT], capture_output=True, text=True)  # uv: 8 s, pip 14
         if done.returncode != 0:
             raise RuntimeError(f"installing the serving toolkit failed:\n{done.stdout}\n{done.stderr}")
         (ENV_DIR / "stamp").write_text(stamp)
