@@ -1,8 +1,8 @@
 """The whole pipeline through the `invmon` command line, on a tiny synthetic dataset.
 
 Real scripts, real models (EfficientNet-Lite0 at 32 px, every profile's arch), real registry and
-serving code; only the sizes are small. Then the gate's other branch: an impossible threshold
-fails the run with a message naming the metric and the threshold, and registers nothing.
+serving code; only the sizes are small. Then the gate's other branch: the next run, with an
+impossible threshold, fails with a message naming the metric and the threshold, and registers nothing.
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def test_a_drift_on_either_side_is_caught(finished_run, run_definition, tmp_path
 
 
 @pytest.mark.slow
-def test_run_registers_deploys_and_serves(finished_run, tiny_data):
+def test_run_registers_deploys_and_serves_and_the_next_run_stops_at_its_gate(finished_run, tiny_data, tmp_path):
     home, run, params = finished_run
     out = run.stdout
     for step in ("Preprocess", "Tune", "Train", "Evaluate", "CheckAccuracy", "Register", "Deploy"):
@@ -165,33 +165,24 @@ def test_run_registers_deploys_and_serves(finished_run, tiny_data):
     kept = Path(line.split("file://", 1)[1])
     assert kept.is_file() and kept.read_text() == evaluation_output(run_dir(home)).joinpath("report.html").read_text()
 
-    # Same data and settings again: Preprocess and Tune come from the cache, and Evaluate
-    # compares with version 1, now Approved, read from the registry.
-    again = invmon("run", "--data", str(tiny_data), *params, home=home).stdout
-    assert again.count("cached from run") == 2
-    second = evaluation_output(sorted((home / "runs").iterdir())[-1])
-    before = json.loads((second / "evaluation.json").read_text())["previous_version"]
+    # The next run, same data and settings but an impossible gate (1.0: only a perfect score on the
+    # test split passes, which two epochs on 50 photos never give): Preprocess and Tune come from
+    # the cache, Evaluate compares with version 1, now Approved, read from the registry, and the
+    # gate stops the run before Register with a message naming the metric and the threshold.
+    strict = [a for p in [*TINY, "AccuracyThreshold=1.0"] for a in ("--param", p)]
+    again = invmon("run", "--data", str(tiny_data), *strict, home=home, check=False)
+    assert again.stdout.count("cached from run") == 2
+    second = sorted((home / "runs").iterdir())[-1]
+    before = json.loads((evaluation_output(second) / "evaluation.json").read_text())["previous_version"]
     assert (before["version"], before["status"]) == (1, "Approved")
-    assert "previous version (1, Approved)" in (second / "report.html").read_text()
-
-
-@pytest.mark.slow
-def test_gate_failure_stops_before_register(finished_run, tiny_data, tmp_path):
-    home = tmp_path / "home"
-    # The finished run's step cache, as a second run in its home would have it: Preprocess and
-    # Tune are reused (the gate is what this test is about), Train and Evaluate run again; the
-    # registry starts empty. 1.0: only a perfect score on the test split passes, which two epochs
-    # on 50 photos never give.
-    shutil.copytree(finished_run[0] / "cache", home / "cache")
-    params = [a for p in [*TINY, "AccuracyThreshold=1.0"] for a in ("--param", p)]
-    run = invmon("run", "--data", str(tiny_data), *params, home=home, check=False)
-    assert "(cached from run " in run.stdout + run.stderr
-    assert run.returncode == 1
-    assert "AccuracyTooLow: Test accuracy " in run.stdout
-    assert "is below AccuracyThreshold 1.0; the model was not registered." in run.stdout
-    assert "no registered models yet" in invmon("models", "list", home=home).stdout
-    assert "invmon run --resume" not in run.stdout, "a gate failure is not resumable"
-    run_id = run.stderr.split()[1]  # "run <id> (local recipe) in <dir>"
+    assert "previous version (1, Approved)" in (evaluation_output(second) / "report.html").read_text()
+    assert again.returncode == 1
+    assert "AccuracyTooLow: Test accuracy " in again.stdout
+    assert "is below AccuracyThreshold 1.0; the model was not registered." in again.stdout
+    listed = json.loads(invmon("models", "list", "--json", home=home).stdout)
+    assert [(v["version"], v["status"]) for v in listed] == [(1, "Approved")], "the failed run registered nothing"
+    assert "invmon run --resume" not in again.stdout, "a gate failure is not resumable"
+    run_id = again.stderr.split()[1]  # "run <id> (local recipe) in <dir>"
     resumed = invmon("run", "--resume", run_id, home=home, check=False)
     assert resumed.returncode == 1 and "resuming would stop there again" in resumed.stderr
     # The Fail step executed the definition's request: its message, rendered the same way.
@@ -199,14 +190,13 @@ def test_gate_failure_stops_before_register(finished_run, tiny_data, tmp_path):
     from pipeline.dag.parameters import BY_NAME
     from request_parity import run_differences
 
-    folder = run_dir(home)
-    state = json.loads((folder / "run.json").read_text())
+    state = json.loads((second / "run.json").read_text())
     overrides = {k: v for k, v in state["parameters"].items() if k in BY_NAME}
     overrides["InputDataUrl"] = "s3://parity-check/abid/"
     definition = offline_build(tmp_path / "parity", profile="local", parameter_overrides=overrides)
-    executed = [json.loads(r) for r in (folder / "executed.jsonl").read_text().splitlines()]
+    executed = [json.loads(r) for r in (second / "executed.jsonl").read_text().splitlines()]
     assert executed[-1]["Type"] == "Fail"
-    assert run_differences(folder, definition) == []
+    assert run_differences(second, definition) == []
 
 
 @pytest.mark.slow
