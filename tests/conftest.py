@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny real model artifact, the real ABID sample, an isolated INVMON_HOME."""
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,11 +56,20 @@ def make_artifact(dest: Path, arch: str = "efficientnet_lite0", image_size: int 
 def install_command(python: Path) -> list[str]:
     """The command that installs packages into the venv of `python`, the packages to follow: uv
     where the project's environment has it (`make env` installs it; in parallel, a fraction of
-    pip's time), byte-compiled as pip does, for the runs with PYTHONDONTWRITEBYTECODE set."""
+    pip's time), else pip. Nothing is byte-compiled up front (12 s of CPU for the image-Python
+    environment, most of it modules no test imports): the processes that use the environment
+    compile what they import and keep it there (`bytecode_cache`)."""
     uv = Path(sys.executable).with_name("uv")
     if uv.is_file():
-        return [str(uv), "pip", "install", "--quiet", "--system-certs", "--compile-bytecode", "--python", str(python)]
-    return [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        return [str(uv), "pip", "install", "--quiet", "--system-certs", "--python", str(python)]
+    return [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile"]
+
+
+def bytecode_cache(env: dict, folder: Path) -> dict:
+    """`env` for a process that writes the bytecode it compiles under `folder` (a test environment's
+    own), whatever PYTHONDONTWRITEBYTECODE says here, and leaves the source tree without __pycache__."""
+    env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPYCACHEPREFIX": str(folder)}
 
 
 @pytest.fixture(scope="session")
@@ -91,13 +102,33 @@ def bin_photos(tmp_path_factory) -> Path:
     return out
 
 
+def run_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this test run that its parallel workers share (each worker's own temporary
+    folders sit side by side in one base folder); take `locked` around what is built there."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock on `path` (created if missing), held across processes until the block ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_step_envs(tmp_path_factory):
     """One folder of step environments for the whole run, shared by the parallel workers
     (INVMON_ENVS): each test still has its own INVMON_HOME, but a step's requirements are
     installed once per run, not once per home (a pip check of a second or more each)."""
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "step-envs"
+    folder = run_folder(tmp_path_factory, "step-envs")
     before = os.environ.get("INVMON_ENVS")
     os.environ["INVMON_ENVS"] = str(folder)
     yield folder

@@ -5,12 +5,14 @@ it, the SM_* environment), with the Train step's hyperparameters taken from the 
 defaults (steps/train.py STEP, pipeline/dag/profiles.py): the same arch, head, frozen blocks, tails,
 decoding and TTA, so the artifact holds what that profile's artifact holds. Only the sizes are
 cut: 64 px photos of squares, 2 epochs, a fixed lr and batch size where the tuner would choose.
-Trained once per test process, packed as SageMaker packs SM_MODEL_DIR.
+Trained once per test run and shared by the parallel workers, packed as SageMaker packs SM_MODEL_DIR.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from conftest import locked, run_folder
 from pipeline.dag import profiles
 from pipeline.local.jobs import tar_model
 from steps.base import Param, TunedValue, stage_source
@@ -18,7 +20,6 @@ from steps.train import CODE, STEP
 from test_train import run_train, write_split
 
 SMALL = {"image_size": "64", "epochs": "2", "lr": "0.01", "batch_size": "8"}
-_trained: dict[str, Path] = {}
 
 
 def recipe(profile: str) -> list[str]:
@@ -36,18 +37,23 @@ def recipe(profile: str) -> list[str]:
 
 
 def profile_artifact(profile: str, tmp_path_factory) -> Path:
-    """model.tar.gz trained with `profile`'s recipe (once per process)."""
-    if profile not in _trained:
-        root = tmp_path_factory.mktemp(f"artifact-{profile}")
-        if "data" not in _trained:
-            data = tmp_path_factory.mktemp("squares")
-            write_split(data / "train", 6, seed=1)
-            write_split(data / "validation", 3, seed=2)
-            _trained["data"] = data
-        data = _trained["data"]
+    """model.tar.gz trained with `profile`'s recipe, once per test run: the first worker to ask
+    trains it, under a lock, and the parallel workers reuse it (several test files serve `real`)."""
+    shared = run_folder(tmp_path_factory, "profile-artifacts")
+    tarball = shared / profile / "model.tar.gz"
+    with locked(shared / f"{profile}.lock"):
+        if tarball.is_file():
+            return tarball
+        data = shared / "squares"
+        with locked(shared / "squares.lock"):
+            if not (data / ".written").is_file():
+                write_split(data / "train", 6, seed=1)
+                write_split(data / "validation", 3, seed=2)
+                (data / ".written").touch()
+        root = shared / profile
+        shutil.rmtree(root, ignore_errors=True)  # what a worker that failed here left
         code = stage_source(CODE, root / "code")
         run_train(root, {"train": data / "train", "validation": data / "validation"}, *recipe(profile),
                   script=code / CODE.entry_point,
                   env={"TRAINING_JOB_NAME": f"{profile}-tiny", "INVMON_FEATURE_CACHE": str(root / "cache")})
-        _trained[profile] = tar_model(root / "model", root / "model.tar.gz")
-    return _trained[profile]
+        return tar_model(root / "model", tarball)

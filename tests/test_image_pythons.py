@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, install_command
+from conftest import ROOT, bytecode_cache, install_command
 from steps import images
 
 PYTHONS = sorted({c.image.python_version for c in images.CONTAINERS}
@@ -88,7 +88,7 @@ def run_tests(version: str) -> tuple[str, subprocess.CompletedProcess | str]:
         return version, f"Python {version} is not installed here (neither python{version} on PATH nor under pyenv)"
     venv_python = environment(python, version)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONPATH", "VIRTUAL_ENV"))}
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env = bytecode_cache(env, venv_python.parent.parent / "pycache")
     # The step folders on the path, as /opt/ml/code is in the container (`make env` does the same
     # for the project's environment with a .pth file).
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in sorted((ROOT / "scripts").iterdir()) if p.is_dir())

@@ -32,12 +32,11 @@ import subprocess
 import sys
 import tarfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from conftest import install_command
+from conftest import install_command, locked
 from serving_image import link_serving_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,17 +65,6 @@ def java() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return found if done.returncode == 0 else None
-
-
-@contextmanager
-def locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def toolkit_python() -> tuple[Path, float]:
