@@ -4,23 +4,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Bytecode: every command run through make compiles a module the first time a process imports it
+# and keeps it under .venv/pycache, also where PYTHONDONTWRITEBYTECODE is set (without a cache every
+# process would compile torch and the SageMaker SDK again), and the source tree gets no __pycache__.
+# Compiling the whole environment when it is built (uv's --compile-bytecode) took 28 s of a 47 s
+# install and 60 s of CPU, for modules of which no process imports two thirds; a `make test` that
+# compiles on first use took the same CPU as one on the compiled environment (docs/benchmarks.md).
+export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: run test check bench bench-ingest bench-serve bench-drift gpu-carry env clean deploy-function
 
 # The environment is built once and rebuilt when pyproject.toml changes, by one uv call, which
-# resolves, downloads, installs and byte-compiles in parallel: torch and torchvision at their pins
+# resolves, downloads and installs in parallel: torch and torchvision at their pins
 # (read from pyproject.toml), the project and the rest. uv also looks in the package indexes pip is
 # configured with, as pip would (a machine may keep the torch wheels there, on disk), and, as pip
 # does, takes the best version from any index; uv does not read pip's configuration itself, and a
 # URL there may carry a token, so it goes through the environment, never the echoed command.
-# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set, nothing else would, and every process
-# would compile torch, botocore and the SageMaker SDK again. --system-certs: the machine's
+# Nothing is byte-compiled here (PYTHONPYCACHEPREFIX above). --system-certs: the machine's
 # certificates, as pip uses (uv's own list does not know every network's).
 TORCH_PINS = $(shell $(PYTHON) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(" ".join(d for d in deps if re.match(r"torch(vision)?==", d)))')
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet uv==0.13.9
 	UV_EXTRA_INDEX_URL="$$($(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)" \
-	    $(BIN)/uv pip install --quiet --system-certs --compile-bytecode --index-strategy unsafe-best-match \
+	    $(BIN)/uv pip install --quiet --system-certs --index-strategy unsafe-best-match \
 	    --python $(BIN)/python $(TORCH_PINS) -e '.[test]'
 	$(BIN)/python -c "$$STEP_CODE_PTH"
 	touch $(STAMP)
