@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, import_script
+from in_process import run_main
 from pipeline.home import step_envs
 from pipeline.local.envs import StepEnvironmentError, python_for
 from pipeline.local.jobs import tar_model
@@ -26,7 +27,7 @@ from test_train import FAST, TRAIN, write_split
 
 rules = import_script("evaluate", "rules")
 debugger = import_script("train", "debugger")
-EVALUATE = ROOT / "scripts" / "evaluate" / "evaluate.py"
+evaluate_script = import_script("evaluate", "evaluate")
 DEBUGGER_REQUIREMENTS = ROOT / "scripts" / "train" / "requirements-debugger.txt"
 
 
@@ -56,13 +57,11 @@ def train(python: Path, tmp: Path, data: dict, *args: str, **env) -> subprocess.
 
 def evaluate(tmp: Path) -> tuple[dict, str]:
     """Evaluate's job on the artifact train() left in tmp/model (the same script and arguments on
-    both back-ends): evaluation.json's rule verdicts and the report page."""
+    both back-ends; its main() in this process): evaluation.json's rule verdicts and the report page."""
     tar_model(tmp / "model", tmp / "model.tar.gz")
     test = write_split(tmp / "test", 1, seed=3)
-    done = subprocess.run([sys.executable, str(EVALUATE), "--model", str(tmp / "model.tar.gz"), "--test", str(test),
-                           "--output", str(tmp / "evaluation"), "--corruptions", "none"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_main(evaluate_script.main, "--model", tmp / "model.tar.gz", "--test", test,
+             "--output", tmp / "evaluation", "--corruptions", "none", check=True)
     evaluation = json.loads((tmp / "evaluation" / "evaluation.json").read_text())
     page = (tmp / "evaluation" / "report.html").read_text()
     verdicts = {v["rule"]: v["status"] for v in evaluation["debugger_rules"]["verdicts"]}

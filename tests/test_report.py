@@ -177,9 +177,10 @@ def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):
+def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path, monkeypatch):
     """--model-package-group with the local runner's listing: the newest Approved version is the
-    one compared with, in the page and in evaluation.json."""
+    one compared with, in the page and in evaluation.json (Evaluate's main() in this process; the
+    `report` fixture runs it as its container does)."""
     def evaluation(accuracy):
         return {"multiclass_classification_metrics": {"accuracy": {"value": accuracy}},
                 "regression_metrics": {"rmse": {"value": 2.5}}}
@@ -188,12 +189,10 @@ def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):
     listing.write_text(json.dumps({"group": "bin-count", "versions": [
         {"version": 1, "status": "Approved", "evaluation": evaluation(0.2)},
         {"version": 2, "status": "PendingManualApproval", "evaluation": evaluation(0.9)}]}))
-    args = [sys.executable, str(EVALUATE), "--model", str(run / "model.tar.gz"), "--test", str(run / "test"),
-            "--corruptions", "none", "--model-package-group", "bin-count"]
-    env = {**os.environ, "INVMON_MODEL_REGISTRY": str(listing)}
-    done = subprocess.run([*args, "--output", str(tmp_path / "out")], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr
+    args = ["--model", run / "model.tar.gz", "--test", run / "test", "--corruptions", "none",
+            "--model-package-group", "bin-count"]
+    monkeypatch.setenv("INVMON_MODEL_REGISTRY", str(listing))
+    done = run_main(evaluate_script.main, *args, "--output", tmp_path / "out", check=True)
     assert "compared with: bin-count 1, Approved" in done.stdout
     page = (tmp_path / "out" / "report.html").read_text()
     assert "previous version (1, Approved)" in page and "0.2000" in page and "2.5000" in page
@@ -206,9 +205,7 @@ def test_the_previous_version_is_looked_up_in_the_registry(run, tmp_path):
                                "artifact for it"}
 
     listing.write_text(json.dumps({"group": "bin-count", "versions": []}))  # the first version ever
-    done = subprocess.run([*args, "--output", str(tmp_path / "first")], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    run_main(evaluate_script.main, *args, "--output", tmp_path / "first", check=True)
     page = (tmp_path / "first" / "report.html").read_text()
     assert "No previous registered version to compare with: no version of bin-count is registered yet" in page
 
