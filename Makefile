@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 # Compiling the whole environment when it is built (uv's --compile-bytecode) took 28 s of a 47 s
 # install and 60 s of CPU, for modules of which no process imports two thirds; a `make test` that
 # compiles on first use took the same CPU as one on the compiled environment (docs/benchmarks.md).
+# Outside make, Python keeps bytecode beside the modules as usual; a shell with
+# PYTHONDONTWRITEBYTECODE set shares make's cache with `export PYTHONPYCACHEPREFIX=$PWD/.venv/pycache`.
 export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
 unexport PYTHONDONTWRITEBYTECODE
 
