@@ -162,6 +162,8 @@ def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
                   "regression_metrics": {"rmse": {"value": 0.5}},
                   "constant_answer_baselines": {"majority": {"answer": 3, "accuracy": 0.254, "rmse": 1.28},
                                                 "lowest_rmse": {"answer": 3, "accuracy": 0.254, "rmse": 1.28}},
+                  "per_class": {"1": {"support": 41, "accuracy": 0.561}, "3": {"support": 0, "accuracy": None},
+                                "5": {"support": 63, "accuracy": 0.349}},
                   "debugger_rules": {"verdicts": [{"rule": "Overfit", "status": "IssuesFound"}]}}
     state = {"id": "r1", "status": "Succeeded", "profile": "local",
              "steps": {"Evaluate": {"outputs": {"evaluation": "out/evaluation"},
@@ -173,6 +175,7 @@ def test_the_run_summary_links_the_report_and_lists_the_verdicts(tmp_path):
     text = summarize(state, tmp_path)
     assert f"evaluation report: {report.resolve().as_uri()}" in text and "debugger rules: Overfit IssuesFound" in text
     assert "a constant answer: always 3 scores accuracy 0.2540, always 3 RMSE 1.2800" in text
+    assert "test accuracy per count  1: 0.561  3: -  5: 0.349" in text
 
 
 @pytest.mark.slow

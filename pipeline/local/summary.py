@@ -49,6 +49,11 @@ def summarize(state: dict, run_dir: Path) -> str:
         accuracy = evaluation["multiclass_classification_metrics"]["accuracy"]["value"]
         rmse = evaluation["regression_metrics"]["rmse"]["value"]
         lines.append(f"  test accuracy {accuracy:.4f}   test RMSE {rmse:.4f}")
+        per_count = evaluation.get("per_class") or {}
+        if per_count:
+            shown = "  ".join(f"{count}: {m['accuracy']:.3f}" if m.get("accuracy") is not None else f"{count}: -"
+                              for count, m in per_count.items())  # "-": no test photo of that count
+            lines.append(f"  test accuracy per count  {shown}")
         baselines = evaluation.get("constant_answer_baselines")
         if baselines:
             lines.append(f"  a constant answer: always {baselines['majority']['answer']} scores accuracy "
