@@ -117,3 +117,30 @@ def test_the_frozen_head_learns_a_count_its_features_carry():
     result = real_cv.run({"avg": x, "labels": y}, cfg)
     assert result["accuracy_mean"] > 0.9 and result["rmse_mean"] < 0.5
     assert len(result["folds_accuracy"]) == 5
+
+
+def test_the_rest_chooses_the_most_accurate_setting_that_keeps_every_count():
+    """real_choose_cv's rule: a count under 0.25 rules a setting out; accuracies within 0.01 tie,
+    and the lower RMSE wins the tie."""
+    real_choose_cv = benchmark("real_choose_cv")
+    row = (lambda name, accuracy, rmse, low=0.3: {"name": name, "accuracy": accuracy, "rmse": rmse,
+                                                  "per_class": [0.4, 0.3, low, 0.4, 0.3]})
+    rows = [row("starves a count", 0.40, 1.00, low=0.24), row("best", 0.366, 1.20), row("tie", 0.358, 1.17),
+            row("behind", 0.350, 1.10)]
+    assert real_choose_cv.choose(rows)["name"] == "tie"
+    assert real_choose_cv.choose([rows[0]]) is None
+
+
+def test_every_setting_is_scored_over_every_combination_of_seeds(tmp_path):
+    real_choose_cv = benchmark("real_choose_cv")
+    labels = torch.tensor([0, 1, 2, 3, 4] * 4)
+    folds = torch.tensor([0] * 10 + [1] * 10)
+    right, wrong = one_hot(labels.tolist()), one_hot(((labels + 2) % 5).tolist())
+    sources = {"none": [right, right, wrong], "flips": [wrong, wrong, wrong]}
+    by = {(s["tails"], s["tta"], s["floor"]): real_choose_cv.score_setting(s, sources, labels, folds)
+          for s in real_choose_cv.settings(3)}
+    assert len(by) == 3 * 2 * 4
+    one = by[(1, "none", 0.0)]  # seeds alone: two right, one wrong
+    assert one["combinations"] == 3 and one["accuracy"] == pytest.approx(2 / 3) and one["lowest_accuracy"] == 0.0
+    assert by[(3, "none", 0.0)]["combinations"] == 1
+    assert by[(1, "flips", 0.2)]["accuracy"] == 0.0
