@@ -132,9 +132,9 @@ def test_recall_floor_needs_mean_decoding(tmp_path, squares, monkeypatch):  # no
     done = train_main(monkeypatch, tmp_path, squares, *median, "--recall_floor", "0.2")
     assert done.returncode == 2 and "--recall_floor: moves the cuts of --decode mean, not median" in done.stderr
     values = defaults("real")
-    assert values["RecallFloor"] == 0.2
+    assert values["RecallFloor"] == 0.25
     check_combination(values)
-    with pytest.raises(ValueError, match="RecallFloor=0.2 moves the cuts of Decode=mean, not median"):
+    with pytest.raises(ValueError, match="RecallFloor=0.25 moves the cuts of Decode=mean, not median"):
         check_combination({**values, "Decode": "median"})
     with pytest.raises(ValueError, match="RecallFloor=1.5 refused: RecallFloor takes 0 to 0.9"):
         validate({**values, "RecallFloor": 1.5})

@@ -51,6 +51,14 @@ def test_the_parts_are_stratified_deterministic_and_seeded(parts):
     assert other != dealt and Counter(other) == sizes
 
 
+def test_a_validation_split_smaller_than_the_tails_is_refused_by_name():
+    """Every tail needs a part to answer: 2 validation photos cannot be dealt to 3 tails."""
+    two = photos({1: 1, 4: 1})
+    assert sorted(refit.validation_parts(two, 2, seed=42)) == [0, 1]
+    with pytest.raises(refit.TrainError, match=r"needs at least 3 validation photos; it has 2"):
+        refit.validation_parts(two, 3, seed=42)
+
+
 def test_out_of_fold_puts_each_answer_back_on_its_photo():
     """Each tail's kept outputs are on its own part, in the order its ranks scored them; the
     stitched answers are in the validation split's order and scored as evaluate scores them."""
@@ -79,7 +87,7 @@ def test_refit_needs_two_tails():
     with pytest.raises(ValueError, match="Refit=true needs Tails of 2 or more"):
         check_combination(values)
     check_combination({**values, "Tails": 2})
-    assert defaults("real")["Refit"] == "true" and defaults("real")["Tails"] == 2
+    assert defaults("real")["Refit"] == "true" and defaults("real")["Tails"] == 3
     assert defaults("local")["Refit"] == "false" and defaults("full")["Refit"] == "false"
 
 

@@ -18,6 +18,7 @@ from trainer.features import cached_features, view_augmenter
 from trainer.frozen import partial_fronts, tail_on_fronts
 from trainer.heads import scores
 from trainer.loop import Session
+from trainer.report import TrainError
 
 
 def photo_id(path: Path) -> str:
@@ -29,7 +30,11 @@ def validation_parts(samples: list, parts: int, seed: int) -> list[int]:
     """The part (0..parts-1) of each validation photo (path, class index): each count's photos, in
     the order of their ids, shuffled by `seed` and dealt in turn, the deal going on from one count
     to the next, so that every part holds each count's share and the parts differ by at most one
-    photo. Depends on the photos and the seed only, not on the order they are listed in."""
+    photo. Depends on the photos and the seed only, not on the order they are listed in.
+    Refuses a split with fewer photos than parts: a tail with no part to answer has no validation."""
+    if len(samples) < parts:
+        raise TrainError(f"--refit deals the validation split into one part per tail (--tails {parts}), so it "
+                         f"needs at least {parts} validation photos; it has {len(samples)}")
     part = [0] * len(samples)
     dealt = 0
     for index in range(len(LABELS)):
