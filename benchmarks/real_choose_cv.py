@@ -13,10 +13,11 @@ rounding of the expected count). Each setting is scored over every combination o
 size: the mean of their cross-validated accuracy, RMSE and per-count accuracy, and the lowest
 accuracy among them.
 
-The rule, fixed before the scores: the highest mean accuracy among the settings whose mean
-per-count accuracy is at least 0.25 for every count (issue 27's floor); within 0.01 of it (about
-one standard error of an accuracy over 1,384 photos), the lowest RMSE. The locked part then scores the chosen setting once, through a pipeline run on the
-rest (docs/model.md, "The locked part").
+The rule (docs/model.md says when it was fixed): the highest mean accuracy among the settings whose
+mean per-count accuracy is at least 0.25 for every count (issue 27's floor); within 0.01 of it
+(about one standard error of an accuracy over 1,384 photos), the lowest RMSE. The locked part then
+scores the chosen setting once, through a pipeline run on the rest (docs/model.md, "Chosen on the
+rest, scored on the locked part").
 """
 from __future__ import annotations
 
