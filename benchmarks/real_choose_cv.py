@@ -67,11 +67,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help="write every row and the choice as JSON here")
     args = p.parse_args()
     torch.set_num_threads(2)
-    sources = {}
-    for tta in ("none", "flips"):
-        loaded = [real_blend_cv.oof_source(path, tta) for path in args.oof]
-        sources[tta] = [real_blend_cv.aligned(s, loaded[0]) for s in loaded]
-    first = real_blend_cv.oof_source(args.oof[0], "none")
+    loaded = {tta: [real_blend_cv.oof_source(path, tta) for path in args.oof] for tta in ("none", "flips")}
+    first = loaded["none"][0]  # every source, with TTA or without, in this one photo order
+    sources = {tta: [real_blend_cv.aligned(s, first) for s in group] for tta, group in loaded.items()}
     rows = [score_setting(s, sources, first.labels, first.folds) for s in settings(len(args.oof))]
     chosen = choose(rows)
     print(f"{len(first.photos)} photos, 5 folds, {len(args.oof)} seeds; mean over the combinations of seeds")
