@@ -31,13 +31,14 @@ def train_tails(sessions: list[Session], model, fit, checkpoint: dict | None, re
     `sessions` holds each tail's (the same one N times, or with --refit each tail's own photos:
     trainer.refit, whose `refit` record the combined model carries).
 
-    On a CPU each tail trains in a process of its own with its share of the cores: a tail's small
-    7x7 convolutions keep 2 threads half idle, so 2 tails at once, 1 thread each, train at 72 img/s
-    in all against 45 for one tail on 2 threads (Lite0 at 224 px, batch 32, this 2-core machine).
-    Elsewhere (a GPU, DDP) one after another. Each tail checkpoints and resumes on its own."""
+    On a CPU with 2 or more cores every tail trains at once, in a process of its own with its share
+    of the cores (at least one thread): a tail's small 7x7 convolutions keep 2 threads half idle.
+    The `real` profile's three tails on 2 cores, 1 thread each, train in 249 s against 395 s one
+    after another on 2 threads (docs/benchmarks.md, "Tails side by side"). Elsewhere (a GPU, DDP)
+    one after another. Each tail checkpoints and resumes on its own."""
     session = sessions[0]
     args = session.args
-    parallel = session.device.type == "cpu" and session.place.world == 1 and usable_cpus() >= args.tails
+    parallel = session.device.type == "cpu" and session.place.world == 1 and usable_cpus() >= 2
     threads, share = torch.get_num_threads(), max(1, usable_cpus() // args.tails)
     folder = Path(tempfile.mkdtemp(prefix="tails-")) if parallel else None
     context = torch.multiprocessing.get_context("fork")  # the cached front is shared, not copied
