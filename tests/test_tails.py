@@ -58,27 +58,30 @@ def test_shared_front_answers_the_mean_of_its_members():
 
 
 @pytest.mark.slow
-def test_two_tails_train_serve_and_resume(tmp_path, squares):  # noqa: F811
+def test_three_tails_train_at_once_serve_and_resume(tmp_path, squares):  # noqa: F811
     env = {"INVMON_FEATURE_CACHE": str(tmp_path / "cache")}
     checkpoints = tmp_path / "checkpoints"
-    two = [*ARGS, "--epochs", "2", "--tails", "2", "--checkpoint_dir", str(checkpoints)]  # the last wins
-    done = run_train(tmp_path / "two", squares, *two, env=env)
+    three = [*ARGS, "--epochs", "2", "--tails", "3", "--checkpoint_dir", str(checkpoints)]  # the last wins
+    done = run_train(tmp_path / "three", squares, *three, env=env)
     lines = done.stdout.splitlines()
-    # On this CPU the second tail trains beside the first, in its own process, its lines marked.
-    assert "tail 2| tail 2 of 2: seed 1042" in lines
-    assert sum(line.startswith("tail 2| epoch=") for line in lines) == 2
+    # On a CPU of 2 or more cores every tail trains at once, the others each in a process of their
+    # own, their lines marked: on 2 cores too, where there are more tails than cores.
+    for member, seed in ((2, 1042), (3, 2042)):
+        assert f"tail {member}| tail {member} of 3: seed {seed}" in lines
+        assert sum(line.startswith(f"tail {member}| epoch=") for line in lines) == 2
     assert sum(line.startswith("epoch=") for line in lines) == 2
-    combined = [line for line in lines if line.startswith("tails: 2 averaged")]
+    combined = [line for line in lines if line.startswith("tails: 3 averaged")]
     (last,) = [line for line in lines if line.startswith("best_epoch=")]  # the tuner reads the average
-    assert len(combined) == 1 and last.startswith("best_epoch=2,2 ") and lines.index(last) > lines.index(combined[0])
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-tail2.pth", "checkpoint.pth"]
+    assert len(combined) == 1 and last.startswith("best_epoch=2,2,2 ") and lines.index(last) > lines.index(combined[0])
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-tail2.pth", "checkpoint-tail3.pth",
+                                                             "checkpoint.pth"]
 
-    model_dir = tmp_path / "two" / "model"
+    model_dir = tmp_path / "three" / "model"
     config = json.loads((model_dir / "model_config.json").read_text())
-    assert config["tails"] == 2 and config["shared_blocks"] == LAST2 and config["best_epoch"] == [2, 2]
+    assert config["tails"] == 3 and config["shared_blocks"] == LAST2 and config["best_epoch"] == [2, 2, 2]
     assert f"validation:accuracy={config['validation']['accuracy']:.4f}" in combined[0]
     history = json.loads((model_dir / "history.json").read_text())["epochs"]
-    assert [(e["member"], e["epoch"]) for e in history] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert [(e["member"], e["epoch"]) for e in history] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
 
     # Served through its own code, loaded weights_only, it scores the validation split as training
     # measured it (there on the cached bfloat16 front).
@@ -91,7 +94,7 @@ def test_two_tails_train_serve_and_resume(tmp_path, squares):  # noqa: F811
     assert accuracy == pytest.approx(config["validation"]["accuracy"], abs=1.5 / len(photos))
 
     # The first tail is the model a one-tail run trains (seed 42), given the same threads.
-    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))  # each of two tails' share of the cores
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 3))  # each of three tails' share of the cores
     one = run_train(tmp_path / "one", squares, *ARGS, "--epochs", "2", env={**env, "OMP_NUM_THREADS": threads})
     assert "tail 2" not in one.stdout
     state = torch.load(model_dir / "model.pth", weights_only=True)
@@ -99,11 +102,13 @@ def test_two_tails_train_serve_and_resume(tmp_path, squares):  # noqa: F811
     for name in ("_blocks.11._project_conv.weight", "_conv_head.weight", "_fc.score.weight", "_bn1.running_var"):
         assert torch.allclose(state[f"members.0.{name}"], single[name], atol=1e-5), name
         assert not torch.allclose(state[f"members.1.{name}"], single[name], atol=1e-3), name
+        assert not torch.allclose(state[f"members.2.{name}"], state[f"members.1.{name}"], atol=1e-3), name
 
-    # A restarted job finds both tails done in their checkpoints and writes the same model.
-    again = run_train(tmp_path / "again", squares, *two, env=env)
+    # A restarted job finds every tail done in its checkpoint and writes the same model.
+    again = run_train(tmp_path / "again", squares, *three, env=env)
     assert "checkpoint already holds all 2 epochs of tail 1" in again.stdout
     assert "tail 2| checkpoint already holds all 2 epochs of tail 2" in again.stdout
+    assert "tail 3| checkpoint already holds all 2 epochs of tail 3" in again.stdout
     assert "epoch=1/2" not in again.stdout
     repeated = json.loads((tmp_path / "again" / "model" / "model_config.json").read_text())
     assert repeated["weights_sha256"] == config["weights_sha256"]
