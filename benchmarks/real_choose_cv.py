@@ -53,8 +53,12 @@ def score_setting(setting: dict, sources: dict[str, list[torch.Tensor]], labels,
             "per_class": [statistics.mean(r["per_class"][c] for r in rows) for c in range(real_blend_cv.K)]}
 
 
+def keeps_every_count(row: dict) -> bool:
+    return min(row["per_class"]) >= COUNT_FLOOR
+
+
 def choose(rows: list[dict]) -> dict | None:
-    eligible = [r for r in rows if min(r["per_class"]) >= COUNT_FLOOR]
+    eligible = [r for r in rows if keeps_every_count(r)]
     if not eligible:
         return None
     best = max(r["accuracy"] for r in eligible)
@@ -75,7 +79,7 @@ def main() -> int:
     print(f"{len(first.photos)} photos, 5 folds, {len(args.oof)} seeds; mean over the combinations of seeds")
     print("tails  tta    floor  accuracy (lowest)  RMSE   per count 1..5")
     for r in sorted(rows, key=lambda r: -r["accuracy"]):
-        mark = "  <- chosen" if r is chosen else ("" if min(r["per_class"]) >= COUNT_FLOOR else "  (a count under 0.25)")
+        mark = "  <- chosen" if r is chosen else ("" if keeps_every_count(r) else f"  (a count under {COUNT_FLOOR})")
         print(f"{r['tails']:>5}  {r['tta']:<5}  {r['floor']:<5g}  {r['accuracy']:.3f} ({r['lowest_accuracy']:.3f})"
               f"    {r['rmse']:.3f}  " + " ".join(f"{v:.2f}" for v in r["per_class"]) + mark)
     if chosen is None:
