@@ -39,6 +39,8 @@ Configurations (name: what differs from `ft224`):
                  the photo and 3 augmented views (what the `real` profile caches)
   ft224-last2-cached-4v-bb03, -bb05, -bb10, -classify
                  the same with the backbone at 0.3x, 0.5x or 1x the head's lr, or the 5-way head
+  ft224-lite2-last2-cached-4v-bb05
+                 the `real` tail's recipe on EfficientNet-Lite2: its last two stages (blocks 15-20)
   ft224-last3-cached-4v, -bb03
                  the last three stages (blocks 8-15) on the cached output of blocks 0-7 (at 0.3x)
 """
@@ -75,6 +77,7 @@ from trainer.model import build, load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 LAST3, LAST2, LAST1 = 8, 11, 15  # Lite0's first trained block: stages 5-7 (blocks 8-15), 6-7 (11-15), or block 15 alone
+LITE2_LAST2 = 15  # Lite2's stages 6-7: blocks 15-20
 
 # What the `real` profile can afford to cache: the photo and 3 augmented views, last two stages
 REAL_CACHED = {"first_block": LAST2, "views": 4}
@@ -109,6 +112,10 @@ CONFIGS = {  # in the order they run by default: the most telling first
     "ft256-last2-cached-4v-bb05": {**REAL_CACHED, "size": 256, "backbone_lr": 0.5},
     # Twice the cached training views: the tails reach 0.8 training accuracy on 4 (overfitting).
     "ft224-last2-cached-8v-bb05": {**REAL_CACHED, "views": 8, "backbone_lr": 0.5},
+    # Another backbone for the tails: Lite2's last two stages (blocks 15-20) at the same 224 px, about
+    # 1.3x Lite0's cost here; its tails can be blended with Lite0's (real_choose_cv.py on both files).
+    "ft224-lite2-last2-cached-4v-bb05": {**REAL_CACHED, "arch": "efficientnet_lite2", "first_block": LITE2_LAST2,
+                                         "backbone_lr": 0.5},
     "ft224-last3-cached-4v": {**REAL_CACHED, "first_block": LAST3},
     "ft224-last3-cached-4v-bb03": {**REAL_CACHED, "first_block": LAST3, "backbone_lr": 0.3},
 }
