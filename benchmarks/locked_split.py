@@ -6,6 +6,7 @@
     python benchmarks/locked_split.py score build/locked/counts.csv
     python benchmarks/locked_split.py compare A.csv B.csv [A2.csv B2.csv ...]   # B minus A, paired
     python benchmarks/locked_split.py predict MODEL.tar.gz --tta flips --out B.csv  # a serving setting changed
+    python benchmarks/locked_split.py offset TEST.csv OOF.json [OOF2.json ...]     # a model against the CV's
 
 The split is pipeline/data/locked.py's (20% of each count, by a seeded hash of the photo id).
 `score` reads the count of each photo from its folder name and prints accuracy and RMSE with 95%
@@ -16,6 +17,11 @@ the same resamples of the photos for both, the photos only one of them got right
 more pairs the mean difference over the pairs (each resample drawn once for every pair).
 `predict` answers the locked part with a registered artifact's own code, as a bulk CSV, with its
 model_config.json's serving settings changed (`--tta`): a setting tried without training again.
+`offset` sets a model's expected counts (the p1..p5 of an `invmon predict` CSV, say of its run's
+own test photos) against those of the CV's out-of-fold answers (real_finetune_cv.py --oof files,
+their TTA probabilities averaged) on the same photos: per count, and the paired mean difference
+with its standard error. The rounded expected count decodes a count, so a model whose answers sit
+higher than the CV's loses count 1 first.
 """
 from __future__ import annotations
 
@@ -101,6 +107,36 @@ def compare(pairs: list[tuple[list[dict], list[dict]]], resamples: int = 2000, s
     return result
 
 
+def offset(rows: list[dict], oof: list[Path]) -> dict:
+    """The expected count of each CSV row's p1..p5, against the mean of the out-of-fold sources'
+    (with TTA) for the same photo; every row's photo must be in them, with the same count."""
+    import real_blend_cv  # a sibling; it brings torch, which the other commands do without
+
+    sources = [real_blend_cv.oof_source(path, "flips") for path in oof]
+    first = sources[0]
+    blend = np.mean([real_blend_cv.aligned(s, first).numpy() for s in sources], axis=0)
+    where = {key: i for i, key in enumerate(first.photos)}
+    counts = np.arange(1, real_blend_cv.K + 1)
+    truth, model, cv = [], [], []
+    for row in rows:
+        key = real_blend_cv.photo_key(row["path"])
+        if key not in where:
+            raise ValueError(f"{key} has no out-of-fold answer in {oof[0].name}")
+        truth.append(int(Path(row["path"]).parent.name))
+        if truth[-1] != int(first.labels[where[key]]) + 1:
+            raise ValueError(f"{key} is labelled {int(first.labels[where[key]]) + 1} in {oof[0].name}")
+        model.append(float(np.dot([float(row[f"p{c}"]) for c in counts], counts)))
+        cv.append(float(blend[where[key]] @ counts))
+    truth, model, cv = np.array(truth), np.array(model), np.array(cv)
+    difference = model - cv
+    return {"photos": len(rows), "sources": len(oof),
+            "difference": round(float(difference.mean()), 4),
+            "standard_error": round(float(difference.std(ddof=1) / np.sqrt(len(rows))), 4),
+            "per_count": {str(c): {"photos": int(np.sum(truth == c)),
+                                   "model": round(float(model[truth == c].mean()), 3),
+                                   "cv": round(float(cv[truth == c].mean()), 3)} for c in sorted(set(truth))}}
+
+
 def read(path: Path) -> list[dict]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -136,7 +172,17 @@ def main() -> int:
     predicted.add_argument("--photos", type=Path, default=ROOT / "build" / "locked" / "locked")
     predicted.add_argument("--tta", choices=("none", "flips"), required=True)
     predicted.add_argument("--out", type=Path, required=True)
+    offsets = commands.add_parser("offset", help="a bulk CSV's expected counts against the CV's out-of-fold answers")
+    offsets.add_argument("csv", type=Path, help="an invmon predict CSV (with p1..p5)")
+    offsets.add_argument("oof", type=Path, nargs="+", help="real_finetune_cv.py --oof files of the same photos")
     args = parser.parse_args()
+    if args.command == "offset":
+        try:
+            print(json.dumps(offset(read(args.csv), args.oof), indent=1))
+        except (OSError, KeyError, ValueError) as exc:
+            print(f"locked_split: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "predict":
         photos = sorted(args.photos.glob("*/*.jpg"))
         if not photos:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline.data import locked, synth
-from test_blend_cv import benchmark
+from test_blend_cv import benchmark, real_blend_cv
 
 SCRIPT = ROOT / "benchmarks" / "locked_split.py"
 
@@ -132,6 +132,35 @@ def test_a_serving_setting_tried_on_the_locked_part_without_training(tmp_path):
     empty = subprocess.run([sys.executable, str(SCRIPT), "predict", str(artifact), "--photos", str(tmp_path / "nothing"),
                             "--tta", "none", "--out", str(tmp_path / "x.csv")], capture_output=True, text=True)
     assert empty.returncode == 1 and "no <count>/*.jpg photos under" in empty.stderr
+
+
+def test_a_models_offset_from_the_cross_validation_on_the_same_photos(tmp_path):
+    """offset: a bulk CSV's expected counts against the mean of the out-of-fold sources', photo by
+    photo whatever the order, per count and paired over all; an unknown photo is refused in one line."""
+    import torch
+
+    photos, labels = ["1/a.jpg", "1/b.jpg", "3/c.jpg", "5/d.jpg"], torch.tensor([0, 0, 2, 4])
+    folds = torch.tensor([0, 1, 0, 1])
+    one = lambda count: [1.0 if c == count else 0.0 for c in range(1, 6)]  # noqa: E731
+    for seed, answers in (("s1", [1, 2, 3, 4]), ("s2", [1, 1, 3, 5])):  # expected counts 1, 1.5, 3, 4.5 averaged
+        probabilities = torch.tensor([one(a) for a in answers])
+        real_blend_cv.write_out_of_fold(tmp_path / f"{seed}.json", seed, {}, photos, labels, folds,
+                                        {"none": probabilities, "flips": probabilities})
+    header = "id,path,count,confidence,p1,p2,p3,p4,p5,error\n"
+    (tmp_path / "model.csv").write_text(header + "".join(  # the model: 2, 2, 3, 5 (listed in another order)
+        f"{p[2]},/served/{p},{c},1,{','.join(str(v) for v in one(c))},\n"
+        for p, c in [("5/d.jpg", 5), ("3/c.jpg", 3), ("1/b.jpg", 2), ("1/a.jpg", 2)]))
+    oof = [tmp_path / "s1.json", tmp_path / "s2.json"]
+    result = benchmark("locked_split").offset(benchmark("locked_split").read(tmp_path / "model.csv"), oof)
+    assert result["photos"] == 4 and result["sources"] == 2
+    assert result["difference"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert result["per_count"] == {"1": {"photos": 2, "model": 2.0, "cv": 1.25},
+                                   "3": {"photos": 1, "model": 3.0, "cv": 3.0},
+                                   "5": {"photos": 1, "model": 5.0, "cv": 4.5}}
+    (tmp_path / "other.csv").write_text(header + f"x,/served/2/x.jpg,2,1,{','.join(str(v) for v in one(2))},\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), "offset", str(tmp_path / "other.csv"), *map(str, oof)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == "locked_split: 2/x.jpg has no out-of-fold answer in s1.json\n"
 
 
 @pytest.mark.real_data
