@@ -117,6 +117,8 @@ def offset(rows: list[dict], oof: list[Path]) -> dict:
     blend = np.mean([real_blend_cv.aligned(s, first).numpy() for s in sources], axis=0)
     where = {key: i for i, key in enumerate(first.photos)}
     counts = np.arange(1, real_blend_cv.K + 1)
+    if rows and not all(f"p{c}" in rows[0] for c in counts):
+        raise ValueError("the CSV has no p1..p5 columns: write it with invmon predict --out")
     truth, model, cv = [], [], []
     for row in rows:
         key = real_blend_cv.photo_key(row["path"])

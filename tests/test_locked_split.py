@@ -161,6 +161,10 @@ def test_a_models_offset_from_the_cross_validation_on_the_same_photos(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "offset", str(tmp_path / "other.csv"), *map(str, oof)],
                           capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr == "locked_split: 2/x.jpg has no out-of-fold answer in s1.json\n"
+    (tmp_path / "counts.csv").write_text("path,count\n/served/1/a.jpg,1\n")  # what `predict` writes: no p1..p5
+    done = subprocess.run([sys.executable, str(SCRIPT), "offset", str(tmp_path / "counts.csv"), *map(str, oof)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "has no p1..p5 columns" in done.stderr
 
 
 @pytest.mark.real_data
