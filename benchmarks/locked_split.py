@@ -119,8 +119,11 @@ def offset(rows: list[dict], oof: list[Path]) -> dict:
     counts = np.arange(1, real_blend_cv.K + 1)
     if rows and not all(f"p{c}" in rows[0] for c in counts):
         raise ValueError("the CSV has no p1..p5 columns: write it with invmon predict --out")
+    answered = [row for row in rows if not row.get("error")]  # a photo the model could not read has no p1..p5
+    if not answered:
+        raise ValueError("the CSV answers no photo")
     truth, model, cv = [], [], []
-    for row in rows:
+    for row in answered:
         key = real_blend_cv.photo_key(row["path"])
         if key not in where:
             raise ValueError(f"{key} has no out-of-fold answer in {oof[0].name}")
@@ -131,9 +134,10 @@ def offset(rows: list[dict], oof: list[Path]) -> dict:
         cv.append(float(blend[where[key]] @ counts))
     truth, model, cv = np.array(truth), np.array(model), np.array(cv)
     difference = model - cv
-    return {"photos": len(rows), "sources": len(oof),
+    return {"photos": len(answered), "errors": len(rows) - len(answered), "sources": len(oof),
             "difference": round(float(difference.mean()), 4),
-            "standard_error": round(float(difference.std(ddof=1) / np.sqrt(len(rows))), 4),
+            "standard_error": (round(float(difference.std(ddof=1) / np.sqrt(len(answered))), 4)
+                               if len(answered) > 1 else None),
             "per_count": {str(c): {"photos": int(np.sum(truth == c)),
                                    "model": round(float(model[truth == c].mean()), 3),
                                    "cv": round(float(cv[truth == c].mean()), 3)} for c in sorted(set(truth))}}

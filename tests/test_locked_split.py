@@ -152,11 +152,16 @@ def test_a_models_offset_from_the_cross_validation_on_the_same_photos(tmp_path):
         for p, c in [("5/d.jpg", 5), ("3/c.jpg", 3), ("1/b.jpg", 2), ("1/a.jpg", 2)]))
     oof = [tmp_path / "s1.json", tmp_path / "s2.json"]
     result = benchmark("locked_split").offset(benchmark("locked_split").read(tmp_path / "model.csv"), oof)
-    assert result["photos"] == 4 and result["sources"] == 2
+    assert result["photos"] == 4 and result["errors"] == 0 and result["sources"] == 2
     assert result["difference"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     assert result["per_count"] == {"1": {"photos": 2, "model": 2.0, "cv": 1.25},
                                    "3": {"photos": 1, "model": 3.0, "cv": 3.0},
                                    "5": {"photos": 1, "model": 5.0, "cv": 4.5}}
+    # A photo the model could not read (an error row, no p1..p5) is left out and counted.
+    with_error = benchmark("locked_split").read(tmp_path / "model.csv") + [
+        {"id": "e", "path": "/served/1/a.jpg", "count": "", "p1": "", "p2": "", "p3": "", "p4": "", "p5": "",
+         "error": "not a decodable image"}]
+    assert benchmark("locked_split").offset(with_error, oof)["errors"] == 1
     (tmp_path / "other.csv").write_text(header + f"x,/served/2/x.jpg,2,1,{','.join(str(v) for v in one(2))},\n")
     done = subprocess.run([sys.executable, str(SCRIPT), "offset", str(tmp_path / "other.csv"), *map(str, oof)],
                           capture_output=True, text=True)
