@@ -122,17 +122,17 @@ def offset(rows: list[dict], oof: list[Path]) -> dict:
     answered = [row for row in rows if not row.get("error")]  # a photo the model could not read has no p1..p5
     if not answered:
         raise ValueError("the CSV answers no photo")
-    truth, model, cv = [], [], []
-    for row in answered:
+    truth, _ = truth_and_answers(answered)
+    model, cv = [], []
+    for row, count in zip(answered, truth):
         key = real_blend_cv.photo_key(row["path"])
         if key not in where:
             raise ValueError(f"{key} has no out-of-fold answer in {oof[0].name}")
-        truth.append(int(Path(row["path"]).parent.name))
-        if truth[-1] != int(first.labels[where[key]]) + 1:
+        if count != int(first.labels[where[key]]) + 1:
             raise ValueError(f"{key} is labelled {int(first.labels[where[key]]) + 1} in {oof[0].name}")
         model.append(float(np.dot([float(row[f"p{c}"]) for c in counts], counts)))
         cv.append(float(blend[where[key]] @ counts))
-    truth, model, cv = np.array(truth), np.array(model), np.array(cv)
+    model, cv = np.array(model), np.array(cv)
     difference = model - cv
     return {"photos": len(answered), "errors": len(rows) - len(answered), "sources": len(oof),
             "difference": round(float(difference.mean()), 4),
