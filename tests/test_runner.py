@@ -273,3 +273,29 @@ def test_the_runner_counts_gpus_without_importing_torch_where_there_is_no_driver
     monkeypatch.setitem(sys.modules, "torch", fake)
     monkeypatch.setattr(jobs, "nvidia_driver_present", lambda: True)
     assert jobs.training_env({}, Path("/m"), Path("/o"), "job", {})["SM_NUM_GPUS"] == "3"
+
+
+def test_runner_step_envs_install_nothing_and_name_what_the_interpreter_lacks(setup, tmp_path, monkeypatch):
+    """INVMON_STEP_ENVS=runner (a machine with no package registry whose interpreter already holds
+    the steps' packages): every step runs in the runner's interpreter, no environment is built, and
+    a requirement it lacks is named in the log rather than fetched."""
+    envs_dir = tmp_path / "no-envs"
+    monkeypatch.setenv("INVMON_ENVS", str(envs_dir))
+    monkeypatch.setenv("INVMON_STEP_ENVS", "runner")
+    dag = small_dag(tmp_path / "scripts")
+    (tmp_path / "scripts" / "count" / "requirements.txt").write_text("-r more.txt\npillow>=10  # installed\n")
+    (tmp_path / "scripts" / "count" / "more.txt").write_text("invmon-no-such-distribution==1.0\n")
+    lines = []
+    _, home, params = setup
+    state = LocalRun.create(home, dag, params, "test", echo=lines.append).execute()
+    assert state["status"] == "Succeeded", state["failure"]
+    assert not envs_dir.exists()
+    lacks = [line for line in lines if "lacks" in line]
+    assert len(lacks) == 1 and "invmon-no-such-distribution" in lacks[0] and "pillow" not in lacks[0]
+
+
+def test_an_unknown_step_env_mode_fails_the_run_in_words(setup, monkeypatch):
+    monkeypatch.setenv("INVMON_STEP_ENVS", "none")
+    state = new_run(setup).execute()
+    assert state["status"] == "Failed"
+    assert "INVMON_STEP_ENVS=none: the only value is 'runner'" in state["failure"]

@@ -4,18 +4,27 @@ A step container installs its requirements.txt on top of the framework image. Lo
 "image" is the project's own environment: each step environment is a venv whose site-packages
 also see the project's (a .pth file), so pip installs only what the step adds. Environments are
 built once and cached by the hash of the requirements file and the interpreter.
+
+A machine that reaches no package registry but already holds what the steps need (an image
+built with it, or wheels installed beside the project) sets INVMON_STEP_ENVS=runner: every step
+then runs in the runner's own interpreter and nothing is installed. The requirements it lacks are
+named in the log, since a step fails only if it imports them.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import venv
+from importlib import metadata
 from pathlib import Path
 
 from pipeline.digests import sha256_of
+
+MODES = ("", "runner")  # INVMON_STEP_ENVS: a venv per requirements file (the default), or none
 
 
 class StepEnvironmentError(RuntimeError):
@@ -29,8 +38,47 @@ def env_key(requirements: Path | None) -> str:
     return sha256_of(parts)[:16]
 
 
+def step_env_mode() -> str:
+    mode = os.environ.get("INVMON_STEP_ENVS", "").strip()
+    if mode not in MODES:
+        raise StepEnvironmentError(f"INVMON_STEP_ENVS={mode}: the only value is 'runner' (every step in the runner's "
+                                   "own interpreter, nothing installed); leave it unset for a venv per step")
+    return mode
+
+
+def requirement_names(requirements: Path) -> list[str]:
+    """The distributions a requirements file names, its `-r` includes followed (pip's syntax, the
+    subset step files use: one requirement a line, comments after #)."""
+    names = []
+    for line in requirements.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith(("-r ", "--requirement ")):
+            names += requirement_names(requirements.parent / line.split(None, 1)[1])
+        elif line and not line.startswith("-"):
+            names.append(re.match(r"[A-Za-z0-9._-]+", line).group(0))
+    return names
+
+
+def missing_distributions(requirements: Path | None) -> list[str]:
+    """What `requirements` names that this interpreter has not installed (versions not compared)."""
+    missing = []
+    for name in requirement_names(requirements) if requirements is not None and requirements.is_file() else []:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
 def python_for(requirements: Path | None, envs_dir: Path, log=print) -> Path:
-    """The interpreter of the environment for `requirements`, building it on first use."""
+    """The interpreter of the environment for `requirements`, building it on first use; with
+    INVMON_STEP_ENVS=runner, the runner's own."""
+    if step_env_mode() == "runner":
+        missing = missing_distributions(requirements)
+        if missing:
+            log(f"INVMON_STEP_ENVS=runner: this interpreter lacks {', '.join(missing)} of {requirements}; "
+                "the step fails if it imports them")
+        return Path(sys.executable)
     env_dir = envs_dir / env_key(requirements)
     python = env_dir / "bin" / "python"
     ready = env_dir / ".ready"
