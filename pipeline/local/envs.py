@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline.digests import sha256_of
 
 MODES = ("", "runner")  # INVMON_STEP_ENVS: a venv per requirements file (the default), or none
+_reported: set = set()  # the requirements files whose missing distributions were logged
 
 
 class StepEnvironmentError(RuntimeError):
@@ -75,7 +76,8 @@ def python_for(requirements: Path | None, envs_dir: Path, log=print) -> Path:
     INVMON_STEP_ENVS=runner, the runner's own."""
     if step_env_mode() == "runner":
         missing = missing_distributions(requirements)
-        if missing:
+        if missing and requirements not in _reported:  # once a process (a run), not once a tuning trial
+            _reported.add(requirements)
             log(f"INVMON_STEP_ENVS=runner: this interpreter lacks {', '.join(missing)} of {requirements}; "
                 "the step fails if it imports them")
         return Path(sys.executable)
