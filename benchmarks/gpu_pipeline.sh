@@ -3,7 +3,7 @@
 # profile run whole through the local pipeline on the rest of the real sample, its model brought
 # back and scored here, once, on the locked part (which never travels):
 #
-#   here:    make gpu-pipeline-carry    # build/gpu-pipeline: rest/ (short sides <= 320 px), whl/ (Lite0, optuna)
+#   here:    make gpu-pipeline-carry    # build/gpu-pipeline: rest/ (320x320 JPEGs), whl/ (what the image lacks)
 #   device:  run(command="bash benchmarks/gpu_pipeline.sh", carry=["build/gpu-pipeline"], timeout_s=590)
 #   here:    python benchmarks/locked_split.py predict <files_at>/model.tar.gz --tta flips \
 #                --out build/locked/counts-finetune.csv

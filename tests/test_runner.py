@@ -299,3 +299,17 @@ def test_an_unknown_step_env_mode_fails_the_run_in_words(setup, monkeypatch):
     state = new_run(setup).execute()
     assert state["status"] == "Failed"
     assert "INVMON_STEP_ENVS=none: the only value is 'runner'" in state["failure"]
+
+
+def test_requirement_names_follow_includes_once_and_keep_what_names_no_distribution(tmp_path):
+    """What INVMON_STEP_ENVS=runner checks: every distribution a step's file names, through `-r`
+    includes (a cycle read once), with versions, extras and markers stripped; a path or URL kept
+    whole (it is never installed, so it is reported as lacking)."""
+    from pipeline.local.envs import missing_distributions, requirement_names
+
+    (tmp_path / "a.txt").write_text("-r b.txt\npillow>=10  # why\nfoo[bar]==1 ; python_version<'3.12'\n"
+                                    "./local.whl\n--index-url https://example.invalid/simple\n")
+    (tmp_path / "b.txt").write_text("-ra.txt\nbaz\n--requirement=c.txt\n")
+    (tmp_path / "c.txt").write_text("qux~=1.0\n")
+    assert requirement_names(tmp_path / "a.txt") == ["baz", "qux", "pillow", "foo", "./local.whl"]
+    assert missing_distributions(tmp_path / "a.txt") == ["baz", "qux", "foo", "./local.whl"]

@@ -47,16 +47,21 @@ def step_env_mode() -> str:
     return mode
 
 
-def requirement_names(requirements: Path) -> list[str]:
-    """The distributions a requirements file names, its `-r` includes followed (pip's syntax, the
-    subset step files use: one requirement a line, comments after #)."""
+def requirement_names(requirements: Path, seen: frozenset = frozenset()) -> list[str]:
+    """The distributions a requirements file names, its `-r` includes followed once each (pip's
+    syntax, the subset step files use: one requirement a line, comments after #; other options
+    are skipped, and a line that names no distribution, such as a path, is kept whole)."""
+    seen = seen | {requirements.resolve()}
     names = []
     for line in requirements.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
-        if line.startswith(("-r ", "--requirement ")):
-            names += requirement_names(requirements.parent / line.split(None, 1)[1])
+        if line.startswith(("-r", "--requirement")):
+            included = requirements.parent / re.split(r"[\s=]+", line, maxsplit=1)[-1].removeprefix("-r").strip()
+            if included.resolve() not in seen:
+                names += requirement_names(included, seen)
         elif line and not line.startswith("-"):
-            names.append(re.match(r"[A-Za-z0-9._-]+", line).group(0))
+            name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*(?=\s*(?:[<>=!~;\[@]|$))", line)
+            names.append(name.group(0) if name else line)
     return names
 
 
