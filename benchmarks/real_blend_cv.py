@@ -98,7 +98,8 @@ def oof_source(path: Path, tta: str) -> Source:
     if tta not in available:
         raise SystemExit(f"{path} holds no probabilities with TTA {tta!r} (it has {list(available)})")
     rows = [row if row is not None else [math.nan] * K for row in available[tta]]
-    return Source(saved["name"] + ("+tta" if tta == "flips" else ""), saved["photos"], torch.tensor(saved["labels"]),
+    return Source(saved["name"] + {"none": "", "flips": "+tta"}.get(tta, f"+{tta}"), saved["photos"],
+                  torch.tensor(saved["labels"]),
                   torch.tensor(saved["folds"]), torch.tensor(rows, dtype=torch.float32))
 
 

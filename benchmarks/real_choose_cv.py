@@ -35,9 +35,9 @@ COUNT_FLOOR = 0.25  # every count at least this, on average over the folds (issu
 TIE = 0.01  # accuracies closer than this are a tie, decided by RMSE (the standard error is ~0.013)
 
 
-def settings(seeds: int) -> list[dict]:
+def settings(seeds: int, ttas: tuple[str, ...] = ("none", "flips")) -> list[dict]:
     return [{"tails": n, "tta": tta, "floor": floor}
-            for n in range(1, min(3, seeds) + 1) for tta in ("none", "flips") for floor in (0.0, 0.2, 0.25, 0.3)]
+            for n in range(1, min(3, seeds) + 1) for tta in ttas for floor in (0.0, 0.2, 0.25, 0.3)]
 
 
 def score_setting(setting: dict, sources: dict[str, list[torch.Tensor]], labels, folds) -> dict:
@@ -69,18 +69,21 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("oof", nargs="+", type=Path, help="real_finetune_cv.py --oof files, one per seed")
     p.add_argument("--out", type=Path, default=None, help="write every row and the choice as JSON here")
+    p.add_argument("--tta", nargs="+", default=["none", "flips"],
+                   help="the TTA settings to weigh, as the --oof files name them (crops, flips+crops: the "
+                        "*-crops configuration's files)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    loaded = {tta: [real_blend_cv.oof_source(path, tta) for path in args.oof] for tta in ("none", "flips")}
-    first = loaded["none"][0]  # every source, with TTA or without, in this one photo order
+    loaded = {tta: [real_blend_cv.oof_source(path, tta) for path in args.oof] for tta in args.tta}
+    first = loaded[args.tta[0]][0]  # every source, with TTA or without, in this one photo order
     sources = {tta: [real_blend_cv.aligned(s, first) for s in group] for tta, group in loaded.items()}
-    rows = [score_setting(s, sources, first.labels, first.folds) for s in settings(len(args.oof))]
+    rows = [score_setting(s, sources, first.labels, first.folds) for s in settings(len(args.oof), tuple(args.tta))]
     chosen = choose(rows)
     print(f"{len(first.photos)} photos, 5 folds, {len(args.oof)} seeds; mean over the combinations of seeds")
-    print("tails  tta    floor  accuracy (lowest)  RMSE   per count 1..5")
+    print("tails  tta          floor  accuracy (lowest)  RMSE   per count 1..5")
     for r in sorted(rows, key=lambda r: -r["accuracy"]):
         mark = "  <- chosen" if r is chosen else ("" if keeps_every_count(r) else f"  (a count under {COUNT_FLOOR})")
-        print(f"{r['tails']:>5}  {r['tta']:<5}  {r['floor']:<5g}  {r['accuracy']:.3f} ({r['lowest_accuracy']:.3f})"
+        print(f"{r['tails']:>5}  {r['tta']:<11}  {r['floor']:<5g}  {r['accuracy']:.3f} ({r['lowest_accuracy']:.3f})"
               f"    {r['rmse']:.3f}  " + " ".join(f"{v:.2f}" for v in r["per_class"]) + mark)
     if chosen is None:
         print(f"no setting keeps every count at {COUNT_FLOOR} or more")

@@ -45,6 +45,25 @@ def test_cached_views_are_the_photo_its_augmented_views_and_its_flips():
     assert torch.equal(again["train"], fronts["train"]) and torch.equal(again["flips"], fronts["flips"])
 
 
+def test_crop_views_are_the_centre_and_the_four_corners_of_the_larger_photo():
+    """The multi-crop TTA: each crop is a model-sized window of the photo squashed larger, never
+    resampled, the centre first."""
+    cfg = {**config(ft.LAST1), "tta_crops": True}
+    big = round(SIZE / ft.CROP_SCALE)
+    pixels = torch.randint(0, 256, (3, 3, big, big), dtype=torch.uint8)
+    crops = ft.crop_fronts(cfg, pixels, Place())["crops"]
+    assert crops.shape[:2] == (3, 5) and crops.dtype == torch.bfloat16
+    args = ft.parse_args(ft.train_arguments(cfg))
+    model, _ = ft.pretrained_model(args, Place())
+    model.eval()
+    x, edge, middle = ft.normalizer(args)(pixels), big - SIZE, (big - SIZE) // 2
+    windows = [(middle, middle), (0, 0), (0, edge), (edge, 0), (edge, edge)]
+    with torch.no_grad():
+        for view, (top, left) in enumerate(windows):
+            expected = inference.front(model, cfg["first_block"], x[..., top:top + SIZE, left:left + SIZE])
+            assert torch.allclose(crops[:, view].float(), expected, atol=0.05, rtol=0.02)  # bfloat16
+
+
 @pytest.mark.slow
 def test_cached_fine_tune_trains_the_tail_and_scores_every_held_out_photo():
     cfg = config(ft.LAST1, views=2)
