@@ -176,7 +176,7 @@ def main() -> int:
     predicted = commands.add_parser("predict", help="a bulk CSV of the locked part from an artifact, a setting changed")
     predicted.add_argument("artifact", type=Path)
     predicted.add_argument("--photos", type=Path, default=ROOT / "build" / "locked" / "locked")
-    predicted.add_argument("--tta", choices=("none", "flips"), required=True)
+    predicted.add_argument("--tta", choices=("none", "flips", "crops", "flips+crops"), required=True)
     predicted.add_argument("--out", type=Path, required=True)
     offsets = commands.add_parser("offset", help="a bulk CSV's expected counts against the CV's out-of-fold answers")
     offsets.add_argument("csv", type=Path, help="an invmon predict CSV (with p1..p5)")

@@ -108,3 +108,42 @@ def test_predict_fn_answers_count_probabilities_and_version(tmp_path, head):
     single = inference.predict_fn(images[0], loaded)
     assert single == answers[0]
     json.dumps(single)
+
+
+def test_tta_views_are_the_photo_its_flips_and_the_centre_and_corners_of_it_squashed_larger():
+    """Serving's TTA (inference.tta_views) as benchmarks/real_finetune_cv.py measured it: the crops
+    are model-sized windows of the photo squashed to image_size / 0.875, never resampled."""
+    from PIL import Image
+
+    image = Image.effect_noise((50, 37), 60).convert("RGB")  # not square: the squash is part of it
+    config = {"image_size": 28, "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD)}
+    whole = inference.to_tensor(image, config)[None]
+    larger = inference.to_tensor(image, {**config, "image_size": 32})[None]  # 28 / 0.875
+    windows = [larger[..., t:t + 28, l:l + 28] for t, l in ((2, 2), (0, 0), (0, 4), (4, 0), (4, 4))]
+    flips = [whole, whole.flip(-1), whole.flip(-2), whole.flip(-1).flip(-2)]
+    for tta, expected in (("none", [whole]), ("flips", flips), ("crops", windows), ("flips+crops", flips + windows)):
+        views = inference.tta_views([image], {**config, "tta": tta})
+        assert len(views) == len(expected) and all(torch.equal(v, e) for v, e in zip(views, expected)), tta
+    assert len(inference.tta_views([image], config)) == 1  # an artifact from before TTA
+    with pytest.raises(ValueError, match="tta='mirror'"):
+        inference.tta_views([image], {**config, "tta": "mirror"})
+
+
+def test_predict_fn_averages_the_outputs_of_every_tta_view():
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = inference.build_model("resnet18", 5, head="ordinal")
+    model.eval()
+    config = {"arch": "resnet18", "labels": [1, 2, 3, 4, 5], "image_size": 32, "head": "ordinal", "decode": "mean",
+              "tta": "flips+crops", "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD)}
+    images = [Image.effect_noise((45, 33), 50 + 20 * i).convert("RGB") for i in range(2)]
+    answers = inference.predict_fn(images, {"model": model, "config": config, "device": torch.device("cpu")})
+    with torch.no_grad():
+        outputs = torch.stack([model(v) for v in inference.tta_views(images, config)]).mean(0)
+        expected = inference.class_probabilities(outputs, "ordinal")
+    for answer, row in zip(answers, expected):
+        assert [answer["probabilities"][str(c)] for c in range(1, 6)] == pytest.approx(row.tolist(), abs=1e-5)
+    with torch.no_grad():
+        alone = inference.class_probabilities(model(inference.tta_views(images, {**config, "tta": "none"})[0]), "ordinal")
+    assert not torch.allclose(alone, expected, atol=1e-3)  # the views did change the answer

@@ -158,8 +158,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     _number("RecallFloor", float, 0.0,
             "with Decode=mean: Train moves the cuts of the lowest and highest counts until each reaches "
             "this recall on the validation split; 0 = plain rounding", 0.0, 0.9),
-    _choice("TestTimeAugmentation", "none", "flips: serve the mean over the 4 flips (4x the cost)",
-            "none", "flips"),
+    _choice("TestTimeAugmentation", "none",
+            "flips: serve the mean over the 4 flips (4x the cost); crops: over the centre and 4 corners "
+            "(87.5% windows); flips+crops: over all 9", "none", "flips", "crops", "flips+crops"),
     _number("ResizeShortSide", int, 256, "Preprocess resizes each photo's short side to this", 32, 2048),
     _number("TuneLrMin", float, 0.001, "the lowest learning rate the tuner tries (log scale)", 1e-6, 1.0),
     _number("TuneLrMax", float, 0.1, "the highest learning rate the tuner tries", 1e-6, 1.0),

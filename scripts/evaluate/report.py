@@ -239,8 +239,8 @@ def _decoding(how: dict) -> str:
         if how.get("recall_floor"):
             text += (f" (Train moved the end cuts where count 1 or count 5 was under "
                      f"{how['recall_floor']:g} recall on the validation split; plain rounding cuts at x.5)")
-    if how.get("tta") == "flips":
-        text += ", averaged over the 4 flips"
+    text += {"flips": ", averaged over the 4 flips", "crops": ", averaged over 5 crops",
+             "flips+crops": ", averaged over the 4 flips and 5 crops"}.get(how.get("tta"), "")
     return f"<p class='note'>{_e(text)}.</p>"
 
 

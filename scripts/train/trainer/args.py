@@ -153,9 +153,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the photo as is, then views through the training augmentation at --augment "
                         "strength (with --augment off: its mirror image, upside down, both); auto: 2 with "
                         "--freeze_backbone, 4 with --frozen_blocks")
-    p.add_argument("--tta", type=text, default="none", choices=("flips", "none"),
-                   help="test-time augmentation in validation and serving: mean over the 4 flips "
-                        "(4x the inference cost)")
+    p.add_argument("--tta", type=text, default="none", choices=inference.TTA,
+                   help="test-time augmentation in serving (inference.tta_views): the mean over the 4 flips "
+                        "(4x the inference cost), the 5 crops, or both (9x); validation averages the flips "
+                        "only, the crops need the photo at another size")
     p.add_argument("--backbone_lr", type=positive_float, default=1.0,
                    help="when every layer trains: the backbone's lr as a multiple of --lr (the head "
                         "gets --lr); docs/model.md's fine-tuning recipe uses 0.1")

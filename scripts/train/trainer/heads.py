@@ -36,9 +36,10 @@ def balanced_weights(targets: list[int], device: torch.device) -> torch.Tensor:
 
 
 def with_flips(model, images: torch.Tensor, tta: str) -> torch.Tensor:
-    """The model's outputs, averaged over the 4 flips of each image with tta="flips"."""
+    """The model's outputs, averaged over the 4 flips of each image with tta "flips" (or
+    "flips+crops": the crops are served, not validated)."""
     outputs = model(images)
-    if tta != "flips":
+    if "flips" not in tta.split("+"):
         return outputs
     flips = (images.flip(-1), images.flip(-2), images.flip(-1).flip(-2))
     return torch.stack([outputs, *(model(view) for view in flips)]).float().mean(0)
