@@ -125,8 +125,23 @@ def test_tta_views_are_the_photo_its_flips_and_the_centre_and_corners_of_it_squa
         views = inference.tta_views([image], {**config, "tta": tta})
         assert len(views) == len(expected) and all(torch.equal(v, e) for v, e in zip(views, expected)), tta
     assert len(inference.tta_views([image], config)) == 1  # an artifact from before TTA
-    with pytest.raises(ValueError, match="tta='mirror'"):
+    with pytest.raises(ValueError, match="tta must be one of none, flips, crops, flips\\+crops, got 'mirror'"):
         inference.tta_views([image], {**config, "tta": "mirror"})
+
+
+def test_an_artifact_with_an_unknown_tta_fails_to_load_naming_it(tmp_path):
+    """At load, once (the endpoint does not start), not with a 5xx on every request."""
+    import json
+
+    model = inference.build_model("resnet18", 5, head="ordinal")
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    config = {"arch": "resnet18", "labels": [1, 2, 3, 4, 5], "image_size": 32, "head": "ordinal", "decode": "mean",
+              "tta": "flips+crops", "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD)}
+    (tmp_path / "model_config.json").write_text(json.dumps(config))
+    assert inference.model_fn(str(tmp_path))["config"]["tta"] == "flips+crops"
+    (tmp_path / "model_config.json").write_text(json.dumps({**config, "tta": "rotations"}))
+    with pytest.raises(inference.ModelLoadError, match="tta must be one of .*got 'rotations'"):
+        inference.model_fn(str(tmp_path))
 
 
 def test_predict_fn_averages_the_outputs_of_every_tta_view():

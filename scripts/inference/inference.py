@@ -384,6 +384,14 @@ TTA = ("none", "flips", "crops", "flips+crops")  # model_config "tta": the views
 CROP_SCALE = 0.875  # a TTA crop's side, of the photo's: 224 px windows of the photo squashed to 256
 
 
+def served_tta(config: dict) -> str:
+    """model_config.json's "tta" (none where an artifact has none), or ValueError naming it."""
+    tta = config.get("tta") or "none"
+    if tta not in TTA:
+        raise ValueError(f"model_config.json: tta must be one of {', '.join(TTA)}, got {tta!r}")
+    return tta
+
+
 def tta_views(images: list[Image.Image], config: dict) -> list[torch.Tensor]:
     """The batches whose outputs the model averages (config "tta"): the whole photos; with "flips"
     also their 3 flips; with "crops" the centre and four corners of each photo squashed to
@@ -392,9 +400,7 @@ def tta_views(images: list[Image.Image], config: dict) -> list[torch.Tensor]:
     item at the edge out of view, so crops are averaged with other views, never decoded alone: in
     the CV on the rest, 3 tails over the 9 views counted 0.010 more photos right than over the 4
     flips, count 1 most (docs/model.md)."""
-    tta = config.get("tta") or "none"
-    if tta not in TTA:
-        raise ValueError(f"model_config.json tta={tta!r}: one of {', '.join(TTA)}")
+    tta = served_tta(config)
     views = []
     if tta != "crops":
         whole = torch.stack([to_tensor(image, config) for image in images])
@@ -448,6 +454,7 @@ def _load(model_dir: Path) -> dict:
             raise ModelLoadError(f"the artifact has no {name}")
     config = load_config(model_dir)
     cuts = served_cuts(config)  # read once: a malformed artifact fails here, at load
+    served_tta(config)  # and so does an unknown TTA setting, not each request
     model = build_model(config["arch"], len(config["labels"]), head=config.get("head", "classify"),
                         image_size=int(config["image_size"]), tails=int(config.get("tails", 1)),
                         shared_blocks=int(config.get("shared_blocks", 0)))
