@@ -394,12 +394,12 @@ def served_tta(config: dict) -> str:
 
 def tta_views(images: list[Image.Image], config: dict) -> list[torch.Tensor]:
     """The batches whose outputs the model averages (config "tta"): the whole photos; with "flips"
-    also their 3 flips; with "crops" the centre and four corners of each photo squashed to
-    image_size / CROP_SCALE instead, windows of the model's size that are never resampled (the 5
-    crops alone: as measured, benchmarks/real_finetune_cv.py); "flips+crops" all 9. A crop can cut an
-    item at the edge out of view, so crops are averaged with other views, never decoded alone: in
-    the CV on the rest, 3 tails over the 9 views counted 0.010 more photos right than over the 4
-    flips, count 1 most (docs/model.md)."""
+    also their 3 flips; with "crops" instead the centre and four corners of each photo squashed to
+    image_size / CROP_SCALE, windows of the model's size that are never resampled (as
+    benchmarks/real_finetune_cv.py measured them); "flips+crops" all 9. A crop can cut an item at the
+    edge out of view, and the 5 crops alone scored below the 4 flips in RMSE; with the flips, 3 tails
+    counted 0.010 more photos right than over the flips alone in the CV on the rest, count 1 most
+    (docs/model.md)."""
     tta = served_tta(config)
     views = []
     if tta != "crops":
