@@ -292,12 +292,20 @@ def load_model(artifact: str | Path, model_version: str | None = None) -> Loaded
 
 def early_resize_side(inference: ModuleType, model) -> int | None:
     """The side of the square predict_fn resizes photos to, when resizing them earlier is
-    provably the same: the artifact's own to_pixels must give identical pixels for a detailed
-    photo and for that photo already resized (BILINEAR, whole photo). An inference.py that
-    crops, or resizes another way, fails the check and its photos are passed on untouched."""
+    provably the same: the artifact's own views of a detailed photo (every TTA view, from its
+    tta_views, or its to_pixels where it has none) must be identical for the photo and for that
+    photo already resized (BILINEAR, whole photo). An inference.py that crops, resizes another way
+    or also looks at the photo at another size (the crops of TestTimeAugmentation=flips+crops) fails
+    the check, and its photos are passed on untouched."""
     config = model.get("config") if isinstance(model, dict) else None
-    to_pixels = getattr(inference, "to_pixels", None)
-    if not isinstance(config, dict) or not callable(to_pixels) or "image_size" not in config:
+    tta_views, to_pixels = getattr(inference, "tta_views", None), getattr(inference, "to_pixels", None)
+    if callable(tta_views):
+        views = lambda photo: tta_views([photo], config)  # noqa: E731
+    elif callable(to_pixels):
+        views = lambda photo: [to_pixels(photo, config)]  # noqa: E731
+    else:
+        return None
+    if not isinstance(config, dict) or "image_size" not in config:
         return None
     try:
         side = int(config["image_size"])
@@ -305,8 +313,9 @@ def early_resize_side(inference: ModuleType, model) -> int | None:
         probe = Image.merge("RGB", (probe.getchannel(0), probe.rotate(90, expand=False).getchannel(0),
                                     probe.transpose(Image.FLIP_LEFT_RIGHT).getchannel(0)))
         early = probe.resize((side, side), Image.BILINEAR)
-        full, short = to_pixels(probe, config), to_pixels(early, config)
-        same = tuple(full.shape) == tuple(short.shape) and bool((full == short).all())
+        full, short = views(probe), views(early)
+        same = len(full) == len(short) and all(tuple(a.shape) == tuple(b.shape) and bool((a == b).all())
+                                               for a, b in zip(full, short))
     except Exception:  # noqa: BLE001 - any doubt: do not resize early
         return None
     return side if same else None
