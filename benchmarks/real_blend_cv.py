@@ -90,6 +90,11 @@ def write_out_of_fold(path: Path, name: str, settings: dict, photos: list[str], 
                                 "probabilities": {tta: rows(v) for tta, v in probabilities.items()}}))
 
 
+def tta_suffix(tta: str) -> str:
+    """How a score or source names its TTA setting: "+tta" for the flips (the older files' name)."""
+    return {"none": "", "flips": "+tta"}.get(tta, f"+{tta}")
+
+
 def oof_source(path: Path, tta: str) -> Source:
     saved = json.loads(path.read_text())
     available = saved["probabilities"]
@@ -98,8 +103,7 @@ def oof_source(path: Path, tta: str) -> Source:
     if tta not in available:
         raise SystemExit(f"{path} holds no probabilities with TTA {tta!r} (it has {list(available)})")
     rows = [row if row is not None else [math.nan] * K for row in available[tta]]
-    return Source(saved["name"] + {"none": "", "flips": "+tta"}.get(tta, f"+{tta}"), saved["photos"],
-                  torch.tensor(saved["labels"]),
+    return Source(saved["name"] + tta_suffix(tta), saved["photos"], torch.tensor(saved["labels"]),
                   torch.tensor(saved["folds"]), torch.tensor(rows, dtype=torch.float32))
 
 

@@ -207,25 +207,20 @@ def cached_fronts(cfg: dict, pixels: torch.Tensor, place: Place) -> dict[str, to
             "flips": backbone_features(model, data, 4, args, place)}
 
 
-CROP_SCALE = 0.875  # the crops' side, of the photo's: 224 of 256, the usual multi-crop
-
-
 @torch.inference_mode()
 def crop_fronts(cfg: dict, pixels: torch.Tensor, place: Place) -> dict[str, torch.Tensor]:
     """The frozen part's output for the multi-crop TTA, {"crops": [photos, 5, C, H, W]} (bfloat16):
-    each photo squashed to size / CROP_SCALE (`pixels`), then its centre and four corners at the
-    model's size, so no crop is resampled."""
+    each photo squashed to size / inference.CROP_SCALE (`pixels`), then its centre and four corners
+    at the model's size (inference.crop_windows, as served), so no crop is resampled."""
     args = parse_args(train_arguments(cfg))
     model, _ = pretrained_model(args, place)
     freeze_front(model, args.frozen_blocks)
     model.eval()
-    normalize, size, big = normalizer(args), cfg["size"], pixels.shape[-1]
-    corners = [((big - size) // 2,) * 2, (0, 0), (0, big - size), (big - size, 0), (big - size, big - size)]
+    normalize = normalizer(args)
     out = []
     for batch in pixels.split(8):
         images = normalize(batch).to(place.device)
-        views = [images[..., top:top + size, left:left + size].contiguous(memory_format=torch.channels_last)
-                 for top, left in corners]
+        views = [v.contiguous(memory_format=torch.channels_last) for v in inference.crop_windows(images, cfg["size"])]
         out.append(torch.stack([inference.front(model, args.frozen_blocks, v).to(torch.bfloat16).cpu()
                                 for v in views], 1))
     return {"crops": torch.cat(out)}
@@ -285,9 +280,8 @@ def score_held_out(probabilities: dict, truth: torch.Tensor, head: str) -> dict:
     scored = {}
     for tta, values in probabilities.items():
         for decode in ("median", "argmax") if head == "classify" else ("median", "mean"):
-            suffix = {"none": "", "flips": "+tta"}.get(tta, f"+{tta}")
-            scored[f"{decode}{suffix}"] = scores(inference.decode_counts(values, decode),
-                                                                           truth)
+            scored[f"{decode}{real_blend_cv.tta_suffix(tta)}"] = scores(inference.decode_counts(values, decode),
+                                                                         truth)
     return {"scores": scored, "probabilities": probabilities}
 
 
@@ -377,7 +371,7 @@ def main() -> int:
         if cfg["first_block"]:
             fronts = load_or_cache_fronts(cfg, by_size[size], Place(device=device), args.cache)
             if cfg["tta_crops"]:
-                big = round(size / CROP_SCALE)
+                big = round(size / inference.CROP_SCALE)
                 if big not in by_size:
                     by_size[big] = torch.stack([inference.to_pixels(decoded[p], {"image_size": big}) for p, _ in samples])
                 fronts = {**fronts, **load_or_cache_fronts(cfg, by_size[big], Place(device=device), args.cache,

@@ -29,7 +29,7 @@ def import_script(folder: str, module: str):
 
 
 def make_artifact(dest: Path, arch: str = "efficientnet_lite0", image_size: int = 32, seed: int = 0,
-                  model_id: str = "test-model") -> Path:
+                  model_id: str = "test-model", tta: str | None = None) -> Path:
     """Write a real (randomly initialised) model artifact, as train.py lays it out.
 
     Returns the path of model.tar.gz; the extracted layout is left in dest/model/.
@@ -44,7 +44,7 @@ def make_artifact(dest: Path, arch: str = "efficientnet_lite0", image_size: int 
     torch.save(model.state_dict(), model_dir / "model.pth")
     config = {"arch": arch, "labels": [1, 2, 3, 4, 5], "image_size": image_size,
               "mean": list(inference.IMAGENET_MEAN), "std": list(inference.IMAGENET_STD),
-              "model_id": model_id}
+              "model_id": model_id, **({"tta": tta} if tta else {})}
     (model_dir / "model_config.json").write_text(json.dumps(config))
     for name in ("inference.py", "photos.py"):
         shutil.copy(SCRIPTS / "inference" / name, model_dir / "code" / name)

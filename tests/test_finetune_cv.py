@@ -49,7 +49,7 @@ def test_crop_views_are_the_centre_and_the_four_corners_of_the_larger_photo():
     """The multi-crop TTA: each crop is a model-sized window of the photo squashed larger, never
     resampled, the centre first."""
     cfg = {**config(ft.LAST1), "tta_crops": True}
-    big = round(SIZE / ft.CROP_SCALE)
+    big = round(SIZE / inference.CROP_SCALE)
     pixels = torch.randint(0, 256, (3, 3, big, big), dtype=torch.uint8)
     crops = ft.crop_fronts(cfg, pixels, Place())["crops"]
     assert crops.shape[:2] == (3, 5) and crops.dtype == torch.bfloat16

@@ -38,23 +38,12 @@ def test_an_inference_py_that_crops_is_left_to_resize_itself(tmp_path):
     assert model.decode(bin_photo(7, (640, 480)), "image/jpeg").size == (640, 480)
 
 
-def with_tta(artifact, tta: str):
-    """The artifact's model_config.json with another TTA setting (make_artifact's layout)."""
-    import json
-
-    from pipeline.local.jobs import tar_model
-
-    config_path = artifact.parent / "model" / "model_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "tta": tta}))
-    return tar_model(artifact.parent / "model", artifact)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tta, early", [("flips", 48), ("flips+crops", None), ("crops", None)])
 def test_tta_views_at_another_size_keep_the_photo_whole_and_answer_as_predict_fn_does(tmp_path, tta, early):
     """The crops look at the photo squashed to 55 px for a 48 px model: a photo resized to 48
     first would give other pixels, so it is passed on untouched; the flips allow it."""
-    model = load_model(with_tta(make_artifact(tmp_path, image_size=48), tta))
+    model = load_model(make_artifact(tmp_path, image_size=48, tta=tta))
     assert model.presize == early
     body = bin_photo(7, (640, 480))
     decoded = model.decode(body, "image/jpeg")

@@ -298,14 +298,14 @@ def early_resize_side(inference: ModuleType, model) -> int | None:
     or also looks at the photo at another size (the crops of TestTimeAugmentation=flips+crops) fails
     the check, and its photos are passed on untouched."""
     config = model.get("config") if isinstance(model, dict) else None
+    if not isinstance(config, dict) or "image_size" not in config:
+        return None
     tta_views, to_pixels = getattr(inference, "tta_views", None), getattr(inference, "to_pixels", None)
     if callable(tta_views):
         views = lambda photo: tta_views([photo], config)  # noqa: E731
-    elif callable(to_pixels):
+    elif callable(to_pixels):  # an artifact whose inference.py predates tta_views
         views = lambda photo: [to_pixels(photo, config)]  # noqa: E731
     else:
-        return None
-    if not isinstance(config, dict) or "image_size" not in config:
         return None
     try:
         side = int(config["image_size"])

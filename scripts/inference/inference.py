@@ -384,6 +384,13 @@ TTA = ("none", "flips", "crops", "flips+crops")  # model_config "tta": the views
 CROP_SCALE = 0.875  # a TTA crop's side, of the photo's: 224 px windows of the photo squashed to 256
 
 
+def crop_windows(larger: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The centre and the four corners, `size` square, of images squashed larger ([..., H, W])."""
+    edge_y, edge_x = larger.shape[-2] - size, larger.shape[-1] - size
+    return [larger[..., top:top + size, left:left + size]
+            for top, left in ((edge_y // 2, edge_x // 2), (0, 0), (0, edge_x), (edge_y, 0), (edge_y, edge_x))]
+
+
 def served_tta(config: dict) -> str:
     """model_config.json's "tta" (none where an artifact has none), or ValueError naming it."""
     tta = config.get("tta") or "none"
@@ -411,9 +418,7 @@ def tta_views(images: list[Image.Image], config: dict) -> list[torch.Tensor]:
         size = int(config["image_size"])
         big = round(size / CROP_SCALE)
         larger = torch.stack([to_tensor(image, {**config, "image_size": big}) for image in images])
-        edge, middle = big - size, (big - size) // 2
-        views += [larger[..., top:top + size, left:left + size]
-                  for top, left in ((middle, middle), (0, 0), (0, edge), (edge, 0), (edge, edge))]
+        views += crop_windows(larger, size)
     return views
 
 
