@@ -123,18 +123,20 @@ def aligned(source: Source, first: Source) -> torch.Tensor:
 
 
 def cross_validated(probabilities: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor, how: str,
-                    floor: float = 0.0) -> dict:
+                    floor: float = 0.0, fit_probabilities: torch.Tensor | None = None) -> dict:
     """Accuracy and RMSE of each fold's held-out photos: the fold spread, as the other tables have it.
     A fold with a photo that has no probabilities (a run cut short) is left out. With `floor`
     (mean decoding), each fold is decoded with the cuts inference.floor_cuts fits on the next fold,
-    as Train fits them on its one validation split: 346 photos of another model's held-out output."""
+    as Train fits them on its one validation split: 346 photos of another model's held-out output;
+    on `fit_probabilities` there where given (the same models' answers over other views)."""
+    fit_probabilities = probabilities if fit_probabilities is None else fit_probabilities
     numbers = [f for f in folds.unique().tolist() if f >= 0]
     scored = []
     for i, number in enumerate(numbers):
         test, fit = folds == number, folds == numbers[(i + 1) % len(numbers)]
         if probabilities[test].isnan().any():
             continue
-        cuts = inference.floor_cuts(probabilities[fit], labels[fit], floor) if floor else None
+        cuts = inference.floor_cuts(fit_probabilities[fit], labels[fit], floor) if floor else None
         scored.append(scores(decode_counts(probabilities[test], how, cuts), labels[test]))
     if not scored:
         raise SystemExit("no fold has probabilities for every one of its photos")

@@ -40,12 +40,17 @@ def settings(seeds: int, ttas: tuple[str, ...] = ("none", "flips")) -> list[dict
             for n in range(1, min(3, seeds) + 1) for tta in ttas for floor in (0.0, 0.2, 0.25, 0.3)]
 
 
-def score_setting(setting: dict, sources: dict[str, list[torch.Tensor]], labels, folds) -> dict:
-    """The setting over every combination of `tails` seeds: means of their fold-averaged scores."""
+def score_setting(setting: dict, sources: dict[str, list[torch.Tensor]], labels, folds,
+                  cuts_from: str | None = None) -> dict:
+    """The setting over every combination of `tails` seeds: means of their fold-averaged scores.
+    With `cuts_from`, the floor's cuts are fitted on the seeds' answers over that TTA's views
+    instead of the served ones (as Train fits them over the flips: the crops are not validated)."""
     rows = []
-    for combo in itertools.combinations(sources[setting["tta"]], setting["tails"]):
-        blended = torch.stack(list(combo)).mean(0)
-        rows.append(real_blend_cv.cross_validated(blended, labels, folds, "mean", setting["floor"]))
+    fit_tta = cuts_from or setting["tta"]
+    for combo in itertools.combinations(range(len(sources[setting["tta"]])), setting["tails"]):
+        blended = torch.stack([sources[setting["tta"]][i] for i in combo]).mean(0)
+        fitted_on = torch.stack([sources[fit_tta][i] for i in combo]).mean(0)
+        rows.append(real_blend_cv.cross_validated(blended, labels, folds, "mean", setting["floor"], fitted_on))
     return {**setting, "combinations": len(rows),
             "accuracy": statistics.mean(r["accuracy"] for r in rows),
             "lowest_accuracy": min(r["accuracy"] for r in rows),
@@ -72,12 +77,17 @@ def main() -> int:
     p.add_argument("--tta", nargs="+", default=["none", "flips"],
                    help="the TTA settings to weigh, as the --oof files name them (crops, flips+crops: the "
                         "*-crops configuration's files)")
+    p.add_argument("--cuts-from", default=None, metavar="TTA",
+                   help="fit the floor's cuts on the answers over this TTA's views instead of the served ones "
+                        "(flips: as Train does for an artifact served over flips+crops)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    loaded = {tta: [real_blend_cv.oof_source(path, tta) for path in args.oof] for tta in args.tta}
+    loaded = {tta: [real_blend_cv.oof_source(path, tta) for path in args.oof]
+              for tta in dict.fromkeys([*args.tta, *([args.cuts_from] if args.cuts_from else [])])}
     first = loaded[args.tta[0]][0]  # every source, with TTA or without, in this one photo order
     sources = {tta: [real_blend_cv.aligned(s, first) for s in group] for tta, group in loaded.items()}
-    rows = [score_setting(s, sources, first.labels, first.folds) for s in settings(len(args.oof), tuple(args.tta))]
+    rows = [score_setting(s, sources, first.labels, first.folds, args.cuts_from)
+            for s in settings(len(args.oof), tuple(args.tta))]
     chosen = choose(rows)
     print(f"{len(first.photos)} photos, 5 folds, {len(args.oof)} seeds; mean over the combinations of seeds")
     print("tails  tta          floor  accuracy (lowest)  RMSE   per count 1..5")

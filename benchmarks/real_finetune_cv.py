@@ -85,7 +85,8 @@ LITE2_LAST2 = 15  # Lite2's stages 6-7: blocks 15-20
 REAL_CACHED = {"first_block": LAST2, "views": 4}
 BASE = {"arch": "efficientnet_lite0", "size": 224, "head": "ordinal", "pretrained": "auto", "first_block": 0, "backbone_lr": 0.1,
         "warmup_head_epochs": 1, "augment": 1.0, "lr": 3e-3, "weight_decay": 0.05, "views": 0,
-        "class_weights": "balanced", "label_smoothing": 0.0, "batch_size": 32, "tta_crops": False}
+        "class_weights": "balanced", "label_smoothing": 0.0, "batch_size": 32, "tta_crops": False,
+        "train_crops": False}
 CONFIGS = {  # in the order they run by default: the most telling first
     "ft224": {},
     "ft320": {"size": 320},
@@ -124,6 +125,11 @@ CONFIGS = {  # in the order they run by default: the most telling first
     # The `real` tail, scored also with multi-crop TTA (the issue's "multi-crop feature averaging"):
     # the same training, so its none/flips answers are the shipped recipe's and the crops' are paired.
     "ft224-last2-cached-4v-bb05-crops": {**REAL_CACHED, "backbone_lr": 0.5, "tta_crops": True},
+    # The same, the tail also training on the 5 crops (the views it is served, at their scale): each
+    # epoch draws one of 9 cached views of a photo. In the pipeline the crops would cost 5 more front
+    # passes per training photo.
+    "ft224-last2-cached-4v-bb05-crops-train": {**REAL_CACHED, "backbone_lr": 0.5, "tta_crops": True,
+                                               "train_crops": True},
     "ft224-last3-cached-4v": {**REAL_CACHED, "first_block": LAST3},
     "ft224-last3-cached-4v-bb03": {**REAL_CACHED, "first_block": LAST3, "backbone_lr": 0.3},
 }
@@ -256,7 +262,10 @@ def fit_fold_cached(cfg: dict, fronts: dict, labels, train_idx, test_idx, epochs
     seed_everything(seed)
     model, source = pretrained_model(args, place)
     freeze_front(model, args.frozen_blocks)
-    fit, train_loader, val_loader = tail_on_fronts(model, fronts["train"][train_idx], labels[train_idx].tolist(),
+    train_views = fronts["train"][train_idx]
+    if cfg["train_crops"]:
+        train_views = torch.cat([train_views, fronts["crops"][train_idx]], 1)
+    fit, train_loader, val_loader = tail_on_fronts(model, train_views, labels[train_idx].tolist(),
                                                    fronts["flips"][test_idx][:, :1], labels[test_idx].tolist(),
                                                    args, place)
     session = Session(args, place, train_loader, val_loader, labels[train_idx].tolist())

@@ -144,3 +144,21 @@ def test_every_setting_is_scored_over_every_combination_of_seeds(tmp_path):
     assert one["combinations"] == 3 and one["accuracy"] == pytest.approx(2 / 3) and one["lowest_accuracy"] == 0.0
     assert by[(3, "none", 0.0)]["combinations"] == 1
     assert by[(1, "flips", 0.2)]["accuracy"] == 0.0
+
+
+def test_the_floors_cuts_can_be_fitted_on_other_views_than_the_served_ones():
+    """--cuts-from: as Train fits an artifact's cuts over the flips and it serves over flips+crops.
+    Served, count 5 sits at an expected 4.3 (rounded to 4); over the flips it is counted right,
+    so cuts fitted there do not move and count 5 stays wrong, where cuts fitted on the served
+    answers move and count it right."""
+    real_choose_cv = benchmark("real_choose_cv")
+    labels = torch.tensor([0, 1, 2, 3, 4] * 4)
+    folds = torch.tensor([0] * 10 + [1] * 10)
+    served = one_hot(labels.tolist())
+    served[labels == 4] = torch.tensor([0.0, 0.0, 0.0, 0.7, 0.3])
+    sources = {"flips+crops": [served], "flips": [one_hot(labels.tolist())]}
+    setting = {"tails": 1, "tta": "flips+crops", "floor": 0.25}
+    own = real_choose_cv.score_setting(setting, sources, labels, folds)
+    from_flips = real_choose_cv.score_setting(setting, sources, labels, folds, cuts_from="flips")
+    assert own["accuracy"] == 1.0 and own["per_class"][4] == 1.0
+    assert from_flips["accuracy"] == pytest.approx(0.8) and from_flips["per_class"][4] == 0.0
