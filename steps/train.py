@@ -26,6 +26,7 @@ COMMON_HYPERPARAMETERS = (
     ("backbone_lr", Param("BackboneLr")),
     ("head_warmup_epochs", Param("HeadWarmupEpochs")),
     ("optimizer", Param("Optimizer")),
+    ("mixup", Param("Mixup")),
     ("decode", Param("Decode")),
     ("tta", Param("TestTimeAugmentation")),
     ("keep_epoch", Param("KeepEpoch")),

@@ -162,3 +162,22 @@ def test_predict_fn_averages_the_outputs_of_every_tta_view():
     with torch.no_grad():
         alone = inference.class_probabilities(model(inference.tta_views(images, {**config, "tta": "none"})[0]), "ordinal")
     assert not torch.allclose(alone, expected, atol=1e-3)  # the views did change the answer
+
+
+def test_mixup_pairs_each_input_with_another_of_the_batch_and_mixes_their_targets():
+    """--mixup: a share from Beta(a, a) and a permutation of the batch; the two losses weighted by
+    the share equal the ordinal loss against the mixed targets (what the mixed input shows)."""
+    from trainer.epoch import mixup_partners
+    cpu = torch.device("cpu")
+    assert mixup_partners(8, 0.0, cpu) == (1.0, None)
+    assert mixup_partners(1, 0.2, cpu) == (1.0, None)  # a batch of one has no partner
+    torch.manual_seed(0)
+    share, partner = mixup_partners(8, 0.2, cpu)
+    assert 0.0 < share < 1.0 and sorted(partner.tolist()) == list(range(8))
+    logits, targets = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 4, 0, 4, 2])
+    mixed = share * heads.count_loss(logits, targets, "ordinal") + (1 - share) * heads.count_loss(
+        logits, targets[partner], "ordinal")
+    above = lambda t: (t[:, None] > torch.arange(4)[None, :]).float()  # noqa: E731
+    soft = share * above(targets) + (1 - share) * above(targets[partner])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, soft, reduction="none").sum(1).mean()
+    assert mixed.item() == pytest.approx(expected.item(), rel=1e-5)

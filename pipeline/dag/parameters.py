@@ -145,6 +145,9 @@ PARAMETERS: tuple[Parameter, ...] = (
             "true, with Tails > 1: the tails also learn from the validation split, cross-fitted: tail k trains on "
             "the training split and every validation part but part k of Tails seeded, stratified parts; the "
             "validation metrics and RecallFloor's cuts are their out-of-fold answers", *TRUE_FALSE),
+    _number("Mixup", float, 0.0,
+            "mix each training input with another of its batch, and their targets, the share drawn from "
+            "Beta(a, a) (with FrozenBlocks the frozen part's outputs are mixed); 0 = off", 0.0, 10.0),
     _number("ImageSize", int, 224, "square crop the network sees, in pixels", 32, 1024),
     _number("BackboneLr", float, 1.0,
             "when the backbone trains (every layer, or the blocks after FrozenBlocks): its lr as a "

@@ -184,6 +184,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_epochs", type=non_negative_float, default=0.0,
                    help="linear warm-up from lr/10, in epochs (fractions allowed)")
     p.add_argument("--label_smoothing", type=non_negative_float, default=0.0)
+    p.add_argument("--mixup", type=non_negative_float, default=0.0,
+                   help="mix each training input with another, its share drawn from Beta(a, a); 0: off")
     p.add_argument("--augment", type=augment_strength, default=1.0,
                    help="augmentation strength: on (=1, mild), off (flips only) or 0-3 (see augment.py)")
     p.add_argument("--workers", type=workers_arg, default=-1,

@@ -48,7 +48,7 @@ def checkpoint_dir(args, log) -> Path | None:
 def identity(args, n_train: int) -> dict:
     """What a checkpoint must agree on to be resumed (epochs may grow; workers etc. may change)."""
     keys = ("arch", "image_size", "lr", "batch_size", "seed", "data_fraction", "optimizer", "momentum",
-            "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "augment", "pretrained",
+            "weight_decay", "lr_schedule", "warmup_epochs", "label_smoothing", "mixup", "augment", "pretrained",
             "head", "class_weights", "freeze_backbone", "frozen_blocks", "feature_views", "keep_epoch",
             "tails")
     return {**{k: getattr(args, k) for k in keys}, "refit": getattr(args, "refit", False), "train_images": n_train,

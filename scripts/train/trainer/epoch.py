@@ -37,6 +37,15 @@ def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return images, targets.to(device, non_blocking=True)
 
 
+def mixup_partners(n: int, alpha: float, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    """--mixup: each input mixed with another of the batch, its share drawn from Beta(alpha, alpha)
+    (with --frozen_blocks the frozen part's outputs are mixed: manifold mixup); (1.0, None) when off."""
+    if not alpha or n < 2:
+        return 1.0, None
+    share = float(torch.distributions.Beta(alpha, alpha).sample())
+    return share, torch.randperm(n).to(device)
+
+
 def train_one_epoch(model, loader, steps: int, optimizer, scheduler, scaler, place: Place, dtype, args, epoch: int,
                     class_weight: torch.Tensor | None = None) -> dict:
     """`steps` optimizer steps on `loader`'s batches; returns the epoch's training loss, accuracy
@@ -50,9 +59,15 @@ def train_one_epoch(model, loader, steps: int, optimizer, scheduler, scaler, pla
     start = last_report = time.perf_counter()
     for step, batch in enumerate(itertools.islice(loader, steps), start=1):
         images, targets = to_device(batch, device)
+        share, partner = mixup_partners(len(targets), getattr(args, "mixup", 0.0), device)
+        if partner is not None:
+            images = share * images + (1 - share) * images[partner]
         with autocast(device, dtype):
             logits = model(images)
             loss = count_loss(logits, targets, head, class_weight, args.label_smoothing)
+            if partner is not None:  # the loss is linear in the targets: the mixed photo's targets
+                loss = share * loss + (1 - share) * count_loss(logits, targets[partner], head, class_weight,
+                                                               args.label_smoothing)
         debugger.record("train", loss)
         debugger.learning_rate(optimizer.param_groups[0]["lr"])  # the rate this step applies
         optimizer.zero_grad(set_to_none=True)
