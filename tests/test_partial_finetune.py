@@ -156,6 +156,13 @@ def test_partial_finetune_trains_the_tail_only_and_serves(tmp_path, squares, mon
     # The tuner's next trial on the same photos computes nothing again.
     again = run_train(tmp_path / "b", squares, *ARGS, "--lr", "0.001", env=env)
     assert again.stdout.count("from the cache") == 2
+    # --mixup mixes the cached output (nothing computed again), and the tail learns otherwise.
+    mixed = run_train(tmp_path / "m", squares, *ARGS, "--mixup", "0.2", env=env)
+    assert mixed.stdout.count("from the cache") == 2
+    assert json.loads((tmp_path / "m" / "model" / "model_config.json").read_text())["hyperparameters"]["mixup"] == 0.2
+    tail = torch.load(tmp_path / "m" / "model" / "model.pth", map_location="cpu", weights_only=True)
+    assert not torch.equal(tail["_conv_head.weight"], state["_conv_head.weight"])
+    assert torch.equal(tail["_blocks.10._project_conv.weight"], state["_blocks.10._project_conv.weight"])
     # Pooled features (--freeze_backbone) are another cache entry, not these feature maps.
     frozen = run_train(tmp_path / "c", squares, "--arch", "efficientnet_lite0", "--image_size", str(SIZE),
                        "--freeze_backbone", "true", "--epochs", "1", "--checkpoint_dir", "none", env=env)

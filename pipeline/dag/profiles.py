@@ -57,15 +57,14 @@ REAL: dict[str, object] = {
     # The tail at half the head's lr: 0.1x (the whole-network fine-tune's factor) scored
     # 0.332-0.352 over four seeds, 0.3x 0.352-0.362, 0.5x 0.362-0.367.
     "BackboneLr": 0.5,
-    # Three tails on the one cached front, trained with manifold mixup (each cached view mixed with
-    # another photo's, and their targets; Beta(0.2, 0.2)), their class probabilities averaged over
-    # the photo's 4 flips (TTA), the end cuts moved to a 0.25 recall floor: the setting chosen by
-    # 5-fold CV on the 1,384 photos outside the locked part (benchmarks/real_choose_cv.py, four
-    # seeds: 0.372 / 1.142, against 0.373 / 1.181 without mixup over the flips and the 5 crops,
-    # 0.363 / 1.166 over the flips). docs/model.md, "Chosen on the rest". TTA runs the front 4 times per photo.
+    # Three tails on the one cached front, their class probabilities averaged, each over the photo's
+    # 4 flips and the centre and 4 corners of it squashed to 256 px (TTA, inference.tta_views), the
+    # end cuts moved to a 0.25 recall floor: the setting chosen by 5-fold CV on the 1,384 photos
+    # outside the locked part (benchmarks/real_choose_cv.py, four seeds: 0.373 / 1.181 against
+    # 0.363 / 1.166 for the 4 flips alone, the same tails; 0.356 / 1.193 for two tails, no TTA,
+    # floor 0.2). docs/model.md, "Chosen on the rest". TTA runs the front 9 times per photo.
     "Tails": 3,
-    "Mixup": 0.2,
-    "TestTimeAugmentation": "flips",
+    "TestTimeAugmentation": "flips+crops",
     # The tails also learn from the validation split, cross-fitted (train.py --refit): each trains
     # on the training split and the other tails' parts of the validation photos and answers its own
     # part, and those out-of-fold answers fit the recall floor's cuts. On the locked part of the real sample
