@@ -148,7 +148,8 @@ def train_arguments(cfg: dict, epochs: int = 1, seed: int = 0, workers: int = 0)
             "--feature_views", str(cfg["views"]), "--optimizer", "adamw", "--lr", str(cfg["lr"]),
             "--weight_decay", str(cfg["weight_decay"]), "--backbone_lr", str(cfg["backbone_lr"]),
             "--head_warmup_epochs", str(cfg["warmup_head_epochs"]), "--augment", str(cfg["augment"]),
-            "--class_weights", cfg["class_weights"], "--label_smoothing", str(cfg["label_smoothing"]), "--mixup", str(cfg["mixup"]),
+            "--class_weights", cfg["class_weights"], "--label_smoothing", str(cfg["label_smoothing"]),
+            "--mixup", str(cfg["mixup"]),
             "--epochs", str(epochs), "--batch_size", str(cfg["batch_size"]), "--seed", str(seed), "--workers", str(workers),
             "--keep_epoch", "last", "--tta", "none", "--checkpoint_dir", "none"]
 
