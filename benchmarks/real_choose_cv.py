@@ -49,7 +49,8 @@ def score_setting(setting: dict, sources: dict[str, list[torch.Tensor]], labels,
     fit_tta = cuts_from or setting["tta"]
     for combo in itertools.combinations(range(len(sources[setting["tta"]])), setting["tails"]):
         blended = torch.stack([sources[setting["tta"]][i] for i in combo]).mean(0)
-        fitted_on = torch.stack([sources[fit_tta][i] for i in combo]).mean(0)
+        fitted_on = (blended if fit_tta == setting["tta"]
+                     else torch.stack([sources[fit_tta][i] for i in combo]).mean(0))
         rows.append(real_blend_cv.cross_validated(blended, labels, folds, "mean", setting["floor"], fitted_on))
     return {**setting, "combinations": len(rows),
             "accuracy": statistics.mean(r["accuracy"] for r in rows),

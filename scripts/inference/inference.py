@@ -391,6 +391,11 @@ def crop_windows(larger: torch.Tensor, size: int) -> list[torch.Tensor]:
             for top, left in ((edge_y // 2, edge_x // 2), (0, 0), (0, edge_x), (edge_y, 0), (edge_y, edge_x))]
 
 
+def tta_has(tta: str, part: str) -> bool:
+    """Whether a TTA setting ("flips+crops", ...) averages over `part` ("flips" or "crops")."""
+    return part in tta.split("+")
+
+
 def served_tta(config: dict) -> str:
     """model_config.json's "tta" (none where an artifact has none), or ValueError naming it."""
     tta = config.get("tta") or "none"
@@ -412,9 +417,9 @@ def tta_views(images: list[Image.Image], config: dict) -> list[torch.Tensor]:
     if tta != "crops":
         whole = torch.stack([to_tensor(image, config) for image in images])
         views.append(whole)
-        if "flips" in tta:
+        if tta_has(tta, "flips"):
             views += [whole.flip(-1), whole.flip(-2), whole.flip(-1).flip(-2)]
-    if "crops" in tta:
+    if tta_has(tta, "crops"):
         size = int(config["image_size"])
         big = round(size / CROP_SCALE)
         larger = torch.stack([to_tensor(image, {**config, "image_size": big}) for image in images])

@@ -59,7 +59,7 @@ def train_one_epoch(model, loader, steps: int, optimizer, scheduler, scaler, pla
     start = last_report = time.perf_counter()
     for step, batch in enumerate(itertools.islice(loader, steps), start=1):
         images, targets = to_device(batch, device)
-        share, partner = mixup_partners(len(targets), getattr(args, "mixup", 0.0), device)
+        share, partner = mixup_partners(len(targets), args.mixup, device)
         if partner is not None:
             images = share * images + (1 - share) * images[partner]
         with autocast(device, dtype):

@@ -139,7 +139,7 @@ def frozen_outputs(model, train_set: BinImages, val_set: BinImages, args, place:
     views = feature_views(args)
     augmenter = view_augmenter(args, normalize)
     train_outputs = cached_features(model, train_set, views, args, place, augmenter)
-    val_outputs = cached_features(model, val_set, 4 if "flips" in args.tta.split("+") else 1, args, place)
+    val_outputs = cached_features(model, val_set, 4 if inference.tta_has(args.tta, "flips") else 1, args, place)
     return train_outputs, val_outputs, views
 
 

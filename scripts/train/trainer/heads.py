@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import inference
 import torch
 
 from trainer.data import LABELS
@@ -39,7 +40,7 @@ def with_flips(model, images: torch.Tensor, tta: str) -> torch.Tensor:
     """The model's outputs, averaged over the 4 flips of each image with tta "flips" (or
     "flips+crops": the crops are served, not validated)."""
     outputs = model(images)
-    if "flips" not in tta.split("+"):
+    if not inference.tta_has(tta, "flips"):
         return outputs
     flips = (images.flip(-1), images.flip(-2), images.flip(-1).flip(-2))
     return torch.stack([outputs, *(model(view) for view in flips)]).float().mean(0)
