@@ -240,6 +240,7 @@ def test_bad_parameters_are_refused_with_a_clear_message(tmp_path):
                             (["RecallFloor=0.2"], "RecallFloor=0.2 moves the cuts of Decode=mean, not median"),
                             (["AccuracyThreshold=-inf"], "AccuracyThreshold=-inf refused: AccuracyThreshold takes 0 to 1"),
                             (["Epochs=0"], "Epochs=0 refused: Epochs takes 1 to 200"),
+                            (["Mixup=nan"], "Mixup=nan refused: Mixup takes 0 to 10"),
                             (["TuningMaxJobs=1", "TuningMaxParallelJobs=2"],
                              "TuningMaxParallelJobs (2) cannot exceed TuningMaxJobs (1)")):
         result = invmon("run", *[a for p in params for a in ("--param", p)], home=tmp_path / "home", check=False)
