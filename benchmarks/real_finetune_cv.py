@@ -316,6 +316,20 @@ def save_out_of_fold(path: Path, name: str, cfg: dict, samples, labels, assignme
                                     probabilities)
 
 
+def training_share(train_idx: torch.Tensor, labels: torch.Tensor, fraction: float, fold: int) -> torch.Tensor:
+    """The first `fraction` of each count's training photos in an order fixed per fold, so that a
+    learning curve's smaller shares sit inside its larger ones and every seed learns from the
+    same photos; the held-out fold is never touched."""
+    if fraction >= 1:
+        return train_idx
+    g = torch.Generator().manual_seed(fold)
+    keep = []
+    for c in labels[train_idx].unique():
+        of_count = train_idx[labels[train_idx] == c]
+        keep.append(of_count[torch.randperm(len(of_count), generator=g)][: max(1, round(fraction * len(of_count)))])
+    return torch.cat(keep).sort().values
+
+
 def summarize(name: str, cfg: dict, results: list[dict], epochs: int, seconds: float, seed: int) -> dict:
     summary = {"config": name, "seed": seed, "settings": cfg, "epochs": epochs, "seconds": round(seconds, 1),
                "train_img_per_s": round(statistics.mean(r["train_img_per_s"] for r in results), 1),
@@ -349,6 +363,8 @@ def main() -> int:
                    help="fold f trains with torch seed 1000 * seed + f; several: each configuration once per seed")
     p.add_argument("--fold-seed", type=int, default=0,
                    help="another assignment of the photos to the 5 folds (real_cv.folds' seed; 0: every table's)")
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train each fold on this share of its training photos, stratified (a learning curve)")
     p.add_argument("--out", default="finetune_cv.jsonl")
     p.add_argument("--oof", default=None, metavar="DIR",
                    help="write each configuration's out-of-fold probabilities to DIR/<config>-e<epochs>-s<seed>.json")
@@ -356,6 +372,8 @@ def main() -> int:
                    help="keep the *-cached configurations' frozen outputs in DIR, for the next run to reuse")
     p.add_argument("--pack", default=None, help="write the carried copy of --data here and stop")
     args = p.parse_args()
+    if not 0 < args.train_fraction <= 1:
+        p.error(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     if args.pack:
         pack(Path(args.data), Path(args.pack))
         return 0
@@ -400,6 +418,7 @@ def main() -> int:
             results = []
             for fold in assignment[: args.folds]:
                 train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
+                train_idx = training_share(train_idx, labels, args.train_fraction, len(results))
                 seed = 1000 * run_seed + len(results)
                 place = Place(device=device, prefix=f"{name} s{run_seed} fold {len(results) + 1}| ")
                 if cfg["first_block"]:
@@ -407,11 +426,14 @@ def main() -> int:
                 else:
                     results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs,
                                             args.workers, seed, place))
-            summary = summarize(name, cfg, results, args.epochs, time.perf_counter() - began, run_seed)
+            share = f"-f{round(100 * args.train_fraction):03d}" if args.train_fraction < 1 else ""
+            summary = summarize(name + share, cfg, results, args.epochs, time.perf_counter() - began, run_seed)
             summary["fold_seed"], summary["cache_seconds"] = args.fold_seed, round(cache_seconds, 1)
+            summary["train_fraction"] = args.train_fraction
             if args.oof:
                 folds = f"-folds{args.fold_seed}" if args.fold_seed else ""
-                save_out_of_fold(Path(args.oof) / f"{name}-e{args.epochs}-s{run_seed}{folds}.json", name, cfg, samples,
+                save_out_of_fold(Path(args.oof) / f"{name}{share}-e{args.epochs}-s{run_seed}{folds}.json",
+                                 name + share, {**cfg, "train_fraction": args.train_fraction}, samples,
                                  labels, assignment, results, args.epochs, run_seed, args.fold_seed)
             with open(args.out, "a") as out:
                 out.write(json.dumps(summary) + "\n")

@@ -100,3 +100,16 @@ def test_the_saved_frozen_output_is_reused_only_for_the_same_pixels(tmp_path, mo
     assert not computed  # read back, not computed again
     ft.load_or_cache_fronts(cfg, pixels.flip(-1).contiguous(), Place(), str(tmp_path))
     assert len(computed) == 1 and len(list(tmp_path.glob("fronts-*.pt"))) == 2  # other photos, another file
+
+
+def test_a_learning_curves_training_share_is_stratified_nested_and_never_the_held_out_fold():
+    labels = torch.tensor([0] * 40 + [1] * 20 + [4] * 10)
+    fold = torch.arange(70) % 5 == 2
+    train_idx, test_idx = (~fold).nonzero().flatten(), fold.nonzero().flatten()
+    assert torch.equal(ft.training_share(train_idx, labels, 1.0, fold=2), train_idx)
+    half, quarter = (ft.training_share(train_idx, labels, f, fold=2) for f in (0.5, 0.25))
+    assert torch.bincount(labels[half], minlength=5).tolist() == [16, 8, 0, 0, 4]  # half of 32, 16 and 8
+    assert set(quarter.tolist()) < set(half.tolist()) < set(train_idx.tolist())  # nested, inside training
+    assert not set(half.tolist()) & set(test_idx.tolist())
+    assert torch.equal(ft.training_share(train_idx, labels, 0.5, fold=2), half)  # the same for every seed
+    assert not torch.equal(ft.training_share(train_idx, labels, 0.5, fold=3), half)  # drawn per fold
