@@ -71,6 +71,13 @@ def choose(rows: list[dict]) -> dict | None:
     return min((r for r in eligible if r["accuracy"] >= best - TIE), key=lambda r: r["rmse"])
 
 
+def load_sources(paths: list[Path], ttas: list[str]) -> tuple[real_blend_cv.Source, dict[str, list[torch.Tensor]]]:
+    """Each file's probabilities over each TTA's views, every source in the first one's photo order."""
+    loaded = {tta: [real_blend_cv.oof_source(path, tta) for path in paths] for tta in dict.fromkeys(ttas)}
+    first = loaded[ttas[0]][0]
+    return first, {tta: [real_blend_cv.aligned(s, first) for s in group] for tta, group in loaded.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("oof", nargs="+", type=Path, help="real_finetune_cv.py --oof files, one per seed")
@@ -83,10 +90,7 @@ def main() -> int:
                         "(flips: as Train does for an artifact served over flips+crops)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    loaded = {tta: [real_blend_cv.oof_source(path, tta) for path in args.oof]
-              for tta in dict.fromkeys([*args.tta, *([args.cuts_from] if args.cuts_from else [])])}
-    first = loaded[args.tta[0]][0]  # every source, with TTA or without, in this one photo order
-    sources = {tta: [real_blend_cv.aligned(s, first) for s in group] for tta, group in loaded.items()}
+    first, sources = load_sources(args.oof, [*args.tta, *([args.cuts_from] if args.cuts_from else [])])
     rows = [score_setting(s, sources, first.labels, first.folds, args.cuts_from)
             for s in settings(len(args.oof), tuple(args.tta))]
     chosen = choose(rows)

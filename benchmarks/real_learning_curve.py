@@ -22,8 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-import real_blend_cv
-import real_choose_cv
+import real_choose_cv  # a sibling: the sources, and a setting scored as the choice scores it
 
 GOAL_ACCURACY, GOAL_RMSE = 0.37, 1.10  # issue 27, on the locked part
 
@@ -63,9 +62,7 @@ def main() -> int:
         p.error("need at least two training shares with a seed in common")
     rows, curves = [], {}
     for share, files in groups.items():
-        loaded = {tta: [real_blend_cv.oof_source(files[s], tta) for s in seeds] for tta in ("flips", "flips+crops")}
-        first = loaded["flips"][0]
-        sources = {tta: [real_blend_cv.aligned(s, first) for s in group] for tta, group in loaded.items()}
+        first, sources = real_choose_cv.load_sources([files[s] for s in seeds], ["flips", "flips+crops"])
         # a fold trains on the other four fifths of the photos, cut to the share
         photos = round(share * len(first.photos) * 4 / 5)
         for name, setting in curve_settings(len(seeds)).items():

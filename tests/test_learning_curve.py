@@ -10,7 +10,7 @@ import torch
 
 from test_blend_cv import benchmark, one_hot
 
-benchmark("real_blend_cv")
+real_blend_cv = benchmark("real_blend_cv")
 benchmark("real_choose_cv")
 curve = benchmark("real_learning_curve")
 
@@ -31,8 +31,8 @@ def oof(path, share: float | None, seed: int, right: float):
     answers = [c if (i * 37 % 100) < 100 * right else (c + 2) % 5 for i, c in enumerate(counts)]
     settings = {"seed": seed, **({"train_fraction": share} if share is not None else {})}
     p = one_hot(answers)
-    curve.real_blend_cv.write_out_of_fold(path, path.stem, settings, [f"/d/{c + 1}/{i}.jpg" for i, c in enumerate(counts)],
-                                          torch.tensor(counts), torch.arange(100) % 5, {"flips": p, "flips+crops": p})
+    real_blend_cv.write_out_of_fold(path, path.stem, settings, [f"/d/{c + 1}/{i}.jpg" for i, c in enumerate(counts)],
+                                    torch.tensor(counts), torch.arange(100) % 5, {"flips": p, "flips+crops": p})
     return path
 
 
