@@ -50,7 +50,7 @@ def photos_needed(points: list[tuple[float, float]], goal: float, higher_is_bett
     improving = fit.slope > 0 if higher_is_better else fit.slope < 0
     if not improving:
         return fit.slope, math.inf
-    return fit.slope, 2 ** min((goal - fit.intercept) / fit.slope, 1024.0)
+    return fit.slope, 2 ** min((goal - fit.intercept) / fit.slope, 60.0)  # past 2**60: never
 
 
 def main() -> int:
@@ -82,8 +82,9 @@ def main() -> int:
         gain, for_accuracy = photos_needed([(r["training_photos"], r["accuracy"]) for r in points], GOAL_ACCURACY)
         drop, for_rmse = photos_needed([(r["training_photos"], r["rmse"]) for r in points], GOAL_RMSE,
                                         higher_is_better=False)
-        fits[name] = {"accuracy_per_doubling": gain, "photos_for_accuracy": for_accuracy,
-                      "rmse_per_doubling": drop, "photos_for_rmse": for_rmse}
+        fits[name] = {"accuracy_per_doubling": gain, "rmse_per_doubling": drop,  # null: never, on that line
+                      "photos_for_accuracy": None if math.isinf(for_accuracy) else for_accuracy,
+                      "photos_for_rmse": None if math.isinf(for_rmse) else for_rmse}
         print(f"{name}: accuracy {gain:+.3f} and RMSE {drop:+.3f} per doubling of the photos; the line reaches "
               f"{GOAL_ACCURACY} at {for_accuracy:,.0f} and RMSE {GOAL_RMSE} at {for_rmse:,.0f} training photos")
     if args.out:
