@@ -38,7 +38,9 @@ def by_share(paths: list[Path]) -> dict[float, dict[int, Path]]:
     """The files grouped by training share, each group by seed."""
     groups: dict[float, dict[int, Path]] = {}
     for path in paths:
-        settings = json.loads(path.read_text())["settings"]
+        settings = json.loads(path.read_text()).get("settings")
+        if not settings or "seed" not in settings:
+            raise SystemExit(f"{path} is not a real_finetune_cv.py --oof file (no settings with a seed)")
         groups.setdefault(float(settings.get("train_fraction", 1.0)), {})[int(settings["seed"])] = path
     return dict(sorted(groups.items()))
 
