@@ -322,10 +322,10 @@ def training_share(train_idx: torch.Tensor, labels: torch.Tensor, fraction: floa
     same photos; the held-out fold is never touched."""
     if fraction >= 1:
         return train_idx
-    g = torch.Generator().manual_seed(fold)
+    g, of_train = torch.Generator().manual_seed(fold), labels[train_idx]
     keep = []
-    for c in labels[train_idx].unique():
-        of_count = train_idx[labels[train_idx] == c]
+    for c in of_train.unique():
+        of_count = train_idx[of_train == c]
         keep.append(of_count[torch.randperm(len(of_count), generator=g)][: max(1, round(fraction * len(of_count)))])
     return torch.cat(keep).sort().values
 
@@ -393,6 +393,7 @@ def main() -> int:
     print(f"{len(samples)} photos decoded in {time.perf_counter() - started:.1f}s on {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})", flush=True)
     by_size = {}
+    share = f"-f{round(100 * args.train_fraction):03d}" if args.train_fraction < 1 else ""  # in the files' names
     for name in args.configs:
         if args.budget and time.perf_counter() - started > args.budget:
             print(f"budget of {args.budget:.0f}s spent: {name} and later configurations not run", flush=True)
@@ -426,7 +427,6 @@ def main() -> int:
                 else:
                     results.append(fit_fold(cfg, by_size[size], labels, train_idx, test_idx, args.epochs,
                                             args.workers, seed, place))
-            share = f"-f{round(100 * args.train_fraction):03d}" if args.train_fraction < 1 else ""
             summary = summarize(name + share, cfg, results, args.epochs, time.perf_counter() - began, run_seed)
             summary["fold_seed"], summary["cache_seconds"] = args.fold_seed, round(cache_seconds, 1)
             summary["train_fraction"] = args.train_fraction
